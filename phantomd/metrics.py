@@ -1,0 +1,79 @@
+"""Prometheus metrics (DESIGN section 5), built on a registry passed in.
+
+Every component takes a ``Metrics`` instance; tests build one on a fresh
+``CollectorRegistry`` and read values back with ``sample``.  Label values come
+only from the fixed sets below, never from requests.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+)
+
+CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+CACHE_RESULTS = ("hit", "miss", "negative_hit")
+INTROSPECTION_OUTCOMES = ("active", "inactive", "error", "timeout", "shed")
+
+
+class Metrics:
+    def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "phantomd_requests", "Requests answered, by status class.",
+            ["code"], registry=r)
+        self.cache_lookups = Counter(
+            "phantomd_cache_lookups", "Token cache lookups, by result.",
+            ["result"], registry=r)
+        self.introspections = Counter(
+            "phantomd_introspections", "Introspections, by outcome.",
+            ["outcome"], registry=r)
+        self.coalesced = Counter(
+            "phantomd_coalesced_requests",
+            "Requests that joined an introspection already in flight.",
+            registry=r)
+        self.introspection_duration = Histogram(
+            "phantomd_introspection_duration_seconds",
+            "Time the token service took to answer an introspection.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.upstream_duration = Histogram(
+            "phantomd_upstream_duration_seconds",
+            "Time from sending a request upstream to its response head.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.request_duration = Histogram(
+            "phantomd_request_duration_seconds",
+            "Time from a request's head arriving to its response head sent.",
+            buckets=_LATENCY_BUCKETS, registry=r)
+        self.cache_entries = Gauge(
+            "phantomd_cache_entries", "Entries in the token cache.",
+            registry=r)
+        self.introspections_in_flight = Gauge(
+            "phantomd_introspections_in_flight",
+            "Introspections waiting for the token service.", registry=r)
+        self.connections = Gauge(
+            "phantomd_client_connections", "Open client connections.",
+            registry=r)
+        # Pre-create every label value so dashboards see zeros, not gaps.
+        for c in CODE_CLASSES:
+            self.requests.labels(code=c)
+        for c in CACHE_RESULTS:
+            self.cache_lookups.labels(result=c)
+        for c in INTROSPECTION_OUTCOMES:
+            self.introspections.labels(outcome=c)
+
+    def request_answered(self, status: int) -> None:
+        cls = "%dxx" % (status // 100)
+        if cls not in CODE_CLASSES:
+            cls = "5xx"
+        self.requests.labels(code=cls).inc()
+
+    def sample(self, name: str, labels: Optional[dict] = None) -> float:
+        """The current value of one sample, 0.0 if absent (for tests)."""
+        value = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
