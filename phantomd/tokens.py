@@ -1,0 +1,71 @@
+"""Bearer token extraction (RFC 6750 section 2.1) and token digests.
+
+``parse_authorization`` turns every ``Authorization`` header value the client
+sent into the opaque token or the ``Reject`` the client must get.  The scheme
+name is case-insensitive; the token must match the b64token grammar, so a
+header phantomd cannot read unambiguously never reaches the token service.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Sequence, Union
+
+from phantomd.outcomes import Reject
+
+# b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*\Z")
+_SCHEME = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+)(?:[ ]+(.*))?\Z", re.S)
+
+#: Longer tokens are refused (400) before anything is sent to the token
+#: service; real opaque tokens are tens of bytes, JWT-sized ones ~1-2 KB.
+MAX_TOKEN_LENGTH = 4096
+
+NO_CREDENTIALS = Reject(401, None, "Bearer token required")
+
+
+def _malformed(why: str) -> Reject:
+    return Reject(400, "invalid_request", why)
+
+
+def parse_authorization(values: Sequence[bytes]) -> Union[str, Reject]:
+    """The opaque token from the ``Authorization`` header values, or a Reject.
+
+    No header, or only other schemes: 401 without an error code (RFC 6750
+    section 3.1).  Several credentials, an empty or malformed bearer token:
+    400 ``invalid_request``.
+    """
+    if not values:
+        return NO_CREDENTIALS
+    if len(values) > 1:
+        return _malformed("more than one Authorization header")
+    value = values[0].strip(b" \t")
+    m = _SCHEME.match(value)
+    if m is None:
+        if value[:6].lower() == b"bearer":
+            return _malformed("unreadable bearer credentials")
+        return NO_CREDENTIALS
+    scheme, credentials = m.group(1), m.group(2)
+    if scheme.lower() != b"bearer":
+        return NO_CREDENTIALS
+    if not credentials:
+        return _malformed("empty bearer token")
+    if len(credentials) > MAX_TOKEN_LENGTH:
+        return _malformed("bearer token longer than %d bytes"
+                          % MAX_TOKEN_LENGTH)
+    if _B64TOKEN.match(credentials) is None:
+        if b"," in credentials or b" " in credentials:
+            return _malformed("more than one credential in Authorization")
+        return _malformed("bearer token has characters RFC 6750 forbids")
+    return credentials.decode("ascii")
+
+
+def token_key(token: str) -> bytes:
+    """The cache key: a SHA-256 digest, so the token itself is never kept."""
+    return hashlib.sha256(token.encode("ascii")).digest()
+
+
+def token_id(key: bytes) -> str:
+    """A short, non-reversible name for a token, safe to log."""
+    return key.hex()[:12]

@@ -1,0 +1,66 @@
+"""Bearer token extraction: one row per kind of Authorization header."""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from phantomd.outcomes import Reject
+from phantomd.tokens import (
+    MAX_TOKEN_LENGTH, parse_authorization, token_id, token_key)
+
+# (headers, expected token or (status, error))
+ROWS = [
+    ([], (401, None)),
+    ([b"Basic dXNlcjpwYXNz"], (401, None)),
+    ([b"Digest username=x"], (401, None)),
+    ([b"Bearer abc.DEF-123_~+/"], "abc.DEF-123_~+/"),
+    ([b"bearer abc"], "abc"),
+    ([b"BEARER abc=="], "abc=="),
+    ([b"Bearer   abc"], "abc"),
+    ([b"  Bearer abc  "], "abc"),
+    ([b"Bearer"], (400, "invalid_request")),
+    ([b"Bearer "], (400, "invalid_request")),
+    ([b"Bearer\tabc"], (400, "invalid_request")),
+    ([b"Bearer a=b"], (400, "invalid_request")),
+    ([b"Bearer abc def"], (400, "invalid_request")),
+    ([b"Bearer abc, Bearer def"], (400, "invalid_request")),
+    ([b"Bearer abc", b"Bearer abc"], (400, "invalid_request")),
+    ([b"Bearer abc", b"Basic eA=="], (400, "invalid_request")),
+    ([b"Bearer ab\"c"], (400, "invalid_request")),
+    ([b"Bearer \xc3\xa9t\xc3\xa9"], (400, "invalid_request")),
+    ([b"Bearer abc\x00"], (400, "invalid_request")),
+    ([b"Bearer " + b"a" * MAX_TOKEN_LENGTH], "a" * MAX_TOKEN_LENGTH),
+    ([b"Bearer " + b"a" * (MAX_TOKEN_LENGTH + 1)], (400, "invalid_request")),
+    ([b""], (401, None)),
+]
+
+
+class ParseAuthorizationTests(SynchronousTestCase):
+    def test_rows(self):
+        for headers, expected in ROWS:
+            got = parse_authorization(headers)
+            if isinstance(expected, str):
+                self.assertEqual(got, expected, headers)
+            else:
+                self.assertIsInstance(got, Reject, headers)
+                self.assertEqual((got.status, got.error), expected, headers)
+
+    def test_challenge_without_error_for_missing_credentials(self):
+        r = parse_authorization([])
+        self.assertEqual(r.challenge("api"), b'Bearer realm="api"')
+
+    def test_challenge_with_error(self):
+        r = parse_authorization([b"Bearer"])
+        self.assertEqual(
+            r.challenge("api"),
+            b'Bearer realm="api", error="invalid_request", '
+            b'error_description="empty bearer token"')
+
+
+class DigestTests(SynchronousTestCase):
+    def test_distinct_tokens_distinct_keys(self):
+        keys = {token_key(t) for t in ("a", "A", "a=", "aa", "b")}
+        self.assertEqual(len(keys), 5)
+
+    def test_token_id_is_short_and_not_the_token(self):
+        tid = token_id(token_key("secret-opaque-token"))
+        self.assertEqual(len(tid), 12)
+        self.assertNotIn("secret", tid)
