@@ -1,0 +1,157 @@
+"""TLS client contexts for phantomd's outgoing connections.
+
+Outgoing TLS is verified by default: against the system's CAs, or against
+``ca_file`` alone when one is configured, always with host name checking
+(service-identity).  A client certificate can be presented for mutual TLS
+(RFC 8705 ``tls_client_auth``).  Files are read once, when the policy is
+built, so a bad file stops startup (``ValueError`` with a message naming the
+file) instead of failing the first request, and no file is read on the
+reactor thread while serving.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
+from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.web.iweb import IPolicyForHTTPS
+from zope.interface import implementer
+
+MAX_CACHED_HOSTS = 64
+"""Connection creators kept per host name by ``ClientPolicy``."""
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise ValueError("cannot read %s %r: %s" % (what, path,
+                                                    e.strerror or e))
+
+
+def _pem_certificates(path: str, what: str) -> list[x509.Certificate]:
+    data = _read(path, what)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError as e:
+        raise ValueError("%s %r holds no readable PEM certificate (%s)"
+                         % (what, path, e))
+    if not certs:
+        raise ValueError("%s %r holds no PEM certificate" % (what, path))
+    return certs
+
+
+def _twisted_certificate(cert: x509.Certificate) -> ssl.Certificate:
+    return ssl.Certificate.loadPEM(
+        cert.public_bytes(serialization.Encoding.PEM))
+
+
+def load_trust_root(ca_file: Optional[str] = None):
+    """The CAs to verify servers against: ``ca_file`` only, or the system's.
+
+    Raises ValueError when ``ca_file`` cannot be read or holds no PEM
+    certificate.
+    """
+    if not ca_file:
+        return ssl.platformTrust()
+    certs = _pem_certificates(ca_file, "CA file")
+    return ssl.trustRootFromCertificates(
+        [_twisted_certificate(c) for c in certs])
+
+
+class ClientCertificate:
+    """A client certificate (with any intermediates) and its private key.
+
+    ``client_cert`` is a PEM file whose first certificate is the client's and
+    whose later ones, if any, are sent as its chain; ``client_key`` is an
+    unencrypted PEM private key that must match the first certificate.
+    """
+
+    def __init__(self, client_cert: str, client_key: str) -> None:
+        certs = _pem_certificates(client_cert, "client certificate")
+        key_data = _read(client_key, "client key")
+        try:
+            key = serialization.load_pem_private_key(key_data, password=None)
+        except TypeError:
+            raise ValueError("client key %r is encrypted; phantomd needs an "
+                             "unencrypted PEM key" % client_key)
+        except (ValueError, crypto.Error) as e:
+            raise ValueError("client key %r is not a readable PEM private "
+                             "key (%s)" % (client_key, e))
+        self.certificate = crypto.X509.from_cryptography(certs[0])
+        self.private_key = crypto.PKey.from_cryptography_key(key)
+        self.chain = [crypto.X509.from_cryptography(c) for c in certs[1:]]
+        context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        try:
+            context.use_certificate(self.certificate)
+            context.use_privatekey(self.private_key)
+            context.check_privatekey()
+        except SSL.Error:
+            raise ValueError("client key %r does not belong to the "
+                             "certificate in %r" % (client_key, client_cert))
+
+    def options(self) -> dict:
+        """Keyword arguments for ``CertificateOptions``."""
+        return {"privateKey": self.private_key,
+                "certificate": self.certificate,
+                "extraCertChain": self.chain}
+
+
+def _creator(hostname: str, trust_root,
+             client: Optional[ClientCertificate]
+             ) -> IOpenSSLClientConnectionCreator:
+    extra = client.options() if client is not None else {}
+    return ssl.optionsForClientTLS(hostname, trustRoot=trust_root,
+                                   extraCertificateOptions=extra)
+
+
+def client_tls_options(hostname: str, ca_file: Optional[str] = None,
+                       client_cert: Optional[str] = None,
+                       client_key: Optional[str] = None
+                       ) -> IOpenSSLClientConnectionCreator:
+    """A verifying TLS connection creator for ``hostname``.
+
+    Raises ValueError with a clear message for unreadable or mismatched
+    files; ``client_cert`` and ``client_key`` go together.
+    """
+    if bool(client_cert) != bool(client_key):
+        raise ValueError("client_cert and client_key go together")
+    client = ClientCertificate(client_cert, client_key) if client_cert \
+        else None
+    return _creator(hostname, load_trust_root(ca_file), client)
+
+
+@implementer(IPolicyForHTTPS)
+class ClientPolicy:
+    """The ``IPolicyForHTTPS`` an ``Agent`` uses: ``client_tls_options`` for
+    every host it connects to, with the files loaded once, up front.
+
+    Creators are cached per host name; at ``MAX_CACHED_HOSTS`` the cache is
+    emptied and refilled (phantomd talks to a handful of hosts).
+    """
+
+    def __init__(self, ca_file: Optional[str] = None,
+                 client_cert: Optional[str] = None,
+                 client_key: Optional[str] = None) -> None:
+        if bool(client_cert) != bool(client_key):
+            raise ValueError("client_cert and client_key go together")
+        self._trust_root = load_trust_root(ca_file)
+        self._client = (ClientCertificate(client_cert, client_key)
+                        if client_cert else None)
+        self._creators: dict[str, IOpenSSLClientConnectionCreator] = {}
+
+    def creatorForNetloc(self, hostname: bytes, port: int
+                         ) -> IOpenSSLClientConnectionCreator:
+        name = hostname.decode("ascii")
+        creator = self._creators.get(name)
+        if creator is None:
+            if len(self._creators) >= MAX_CACHED_HOSTS:
+                self._creators.clear()
+            creator = self._creators[name] = _creator(
+                name, self._trust_root, self._client)
+        return creator
