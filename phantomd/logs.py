@@ -1,0 +1,255 @@
+"""Where log events go, and in what shape ([log] format, [log] access).
+
+Three observers for ``twisted.logger``, chosen by ``observer_for``:
+
+* text (the default): ``2026-11-22T15:10:00+0000 [namespace#info] message``;
+* JSON lines (``format = json``): one object per event with ``time``,
+  ``level``, ``namespace``, ``message`` and the event's own fields;
+* journald-friendly: when stdout is the journal (``JOURNAL_STREAM`` names
+  it) every line starts with a ``<N>`` syslog priority so ``journalctl -p``
+  works, and the timestamp is left to journald.
+
+Secrets never reach an observer's output by accident: fields named like
+``token``, ``jwt`` or ``client_secret`` are dropped from JSON and shown as
+``<redacted>`` if a format string names them, and field values that are not
+plain data are written as their type name, because the ``repr`` of an
+outcome or a request would carry a JWT or an Authorization header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import IO, Any, Callable, Mapping, Optional
+
+from twisted.logger import (
+    ILogObserver, LogLevel, Logger, formatEvent, formatEventAsClassicLogText,
+    formatTime)
+from zope.interface import implementer
+
+SENSITIVE = frozenset({
+    "token", "jwt", "secret", "authorization", "client_secret",
+    "access_token", "refresh_token", "password", "phantom_token",
+})
+REDACTED = "<redacted>"
+
+# syslog(3) priorities, as journald reads them from a "<N>" line prefix.
+PRIORITY = {
+    LogLevel.debug: 7,
+    LogLevel.info: 6,
+    LogLevel.warn: 4,
+    LogLevel.error: 3,
+    LogLevel.critical: 2,
+}
+
+_MAX_DEPTH = 4
+
+
+def is_sensitive(name: str) -> bool:
+    return name.lower() in SENSITIVE
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """A JSON-safe copy of ``value`` keeping only plain data."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if depth >= _MAX_DEPTH:
+        return "<%s>" % type(value).__name__
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()
+                if not is_sensitive(str(k))}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v, depth + 1) for v in value]
+    if isinstance(value, BaseException):
+        return "%s: %s" % (type(value).__name__, value)
+    return "<%s>" % type(value).__name__
+
+
+def redacted(event: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``event`` whose sensitive fields read ``<redacted>``."""
+    return {k: (REDACTED if is_sensitive(k) else v) for k, v in event.items()}
+
+
+def _message(event: Mapping[str, Any]) -> str:
+    text = formatEvent(redacted(event))
+    failure = event.get("log_failure")
+    if failure is not None:
+        try:
+            text += "\n" + failure.getTraceback()
+        except Exception:
+            text += "\n(unformattable failure)"
+    return text
+
+
+def _level(event: Mapping[str, Any]) -> LogLevel:
+    level = event.get("log_level")
+    return level if level in PRIORITY else LogLevel.info
+
+
+@implementer(ILogObserver)
+class JSONLinesObserver:
+    """One JSON object per event, one event per line.
+
+    ``time`` is ISO 8601 UTC; ``message`` is the formatted text (with the
+    traceback for failures); other fields are the event's own, minus
+    twisted's ``log_*`` bookkeeping and anything sensitive.
+    """
+
+    def __init__(self, stream: IO[str], prefix: bool = False) -> None:
+        self._stream = stream
+        self._prefix = prefix
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        level = _level(event)
+        record: dict[str, Any] = {
+            "time": formatTime(event.get("log_time"),
+                               timeFormat="%Y-%m-%dT%H:%M:%S.%fZ",
+                               default="-"),
+            "level": level.name,
+            "namespace": event.get("log_namespace", "-"),
+            "message": _message(event),
+        }
+        for key, value in event.items():
+            if key.startswith("log_") or key in record or is_sensitive(key):
+                continue
+            record[key] = _plain(value)
+        line = json.dumps(record, separators=(",", ":"), ensure_ascii=False)
+        if self._prefix:
+            line = "<%d>%s" % (PRIORITY[level], line)
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+
+@implementer(ILogObserver)
+class TextObserver:
+    """Classic twisted text lines; with ``journal=True`` each line gets a
+    ``<N>`` priority prefix and no timestamp (journald stamps its own)."""
+
+    def __init__(self, stream: IO[str], journal: bool = False) -> None:
+        self._stream = stream
+        self._journal = journal
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        if self._journal:
+            text = "[%s] %s" % (event.get("log_namespace", "-"),
+                                _message(event))
+            prefix = "<%d>" % PRIORITY[_level(event)]
+            out = "".join(prefix + line + "\n" for line in text.splitlines())
+        else:
+            safe = redacted(event)
+            safe["log_format"] = "{_phantomd_message}"
+            safe["_phantomd_message"] = _message(event)
+            safe.pop("log_failure", None)
+            out = formatEventAsClassicLogText(safe)
+            if out is None:
+                return
+        self._stream.write(out)
+        self._stream.flush()
+
+
+def journal_stream_matches(environ: Mapping[str, str], stream: IO[str]
+                           ) -> bool:
+    """True when ``stream`` is the journal's stream socket.
+
+    systemd sets ``JOURNAL_STREAM=<dev>:<inode>`` for a service whose output
+    goes to the journal; a process whose output was redirected elsewhere
+    still inherits the variable, so the stream's own identity is checked.
+    """
+    value = environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, inode = (int(part) for part in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, inode)
+
+
+def observer_for(log_settings, stream: IO[str],
+                 environ: Mapping[str, str]) -> ILogObserver:
+    """The observer ``[log] format`` asks for, on ``stream``."""
+    journal = journal_stream_matches(environ, stream)
+    if log_settings.format == "json":
+        return JSONLinesObserver(stream, prefix=journal)
+    return TextObserver(stream, journal=journal)
+
+
+@implementer(ILogObserver)
+class SwitchableObserver:
+    """Forwards events to one observer that a reload may replace."""
+
+    def __init__(self, observer: ILogObserver) -> None:
+        self.observer = observer
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        self.observer(event)
+
+
+# -- the access log -----------------------------------------------------------
+
+ACCESS_FIELDS = ("method", "path", "status", "duration", "upstream_duration",
+                 "cache", "token_id", "bytes_sent")
+
+_QUERY_SECRETS = ("access_token", "token", "code", "client_secret",
+                  "refresh_token", "id_token")
+
+
+def _clean_path(path: Any) -> str:
+    """The request path as printable text, with credentials that RFC 6750
+    section 2.3 lets clients put in the query replaced by ``<redacted>``."""
+    if isinstance(path, bytes):
+        path = path.decode("latin-1")
+    path = str(path)
+    path = "".join(c if 0x20 < ord(c) < 0x7F else "%%%02X" % (ord(c) & 0xFF)
+                   for c in path)
+    base, sep, query = path.partition("?")
+    if not sep:
+        return base
+    parts = []
+    for pair in query.split("&"):
+        name, eq, _ = pair.partition("=")
+        if eq and name.lower() in _QUERY_SECRETS:
+            pair = name + "=" + REDACTED
+        parts.append(pair)
+    return base + "?" + "&".join(parts)
+
+
+def _ms(seconds: Any) -> Optional[float]:
+    if isinstance(seconds, (int, float)):
+        return round(seconds * 1000, 3)
+    return None
+
+
+class AccessLog:
+    """Turns the front's per-request dict into one ``phantomd.access`` event.
+
+    Only the fields in ``ACCESS_FIELDS`` are kept, so whatever else the front
+    puts in the dict (headers, the outcome) cannot leak into the log.
+    Durations arrive in seconds and are logged as ``duration_ms`` and
+    ``upstream_ms``.  Holds nothing between requests.
+    """
+
+    def __init__(self, logger: Optional[Logger] = None) -> None:
+        self._log = logger or Logger(namespace="phantomd.access")
+
+    def __call__(self, record: Mapping[str, Any]) -> None:
+        method = record.get("method", "-")
+        if isinstance(method, bytes):
+            method = method.decode("latin-1")
+        self._log.info(
+            "{method} {path} {status} {bytes_sent}B {duration_ms}ms"
+            " upstream={upstream_ms}ms cache={cache} token_id={token_id}",
+            method=_clean_path(method),
+            path=_clean_path(record.get("path", "-")),
+            status=record.get("status"),
+            bytes_sent=record.get("bytes_sent", 0),
+            duration_ms=_ms(record.get("duration")),
+            upstream_ms=_ms(record.get("upstream_duration")),
+            cache=record.get("cache") or "-",
+            token_id=record.get("token_id") or "-",
+        )
+
+
+def access_logger(log_settings) -> Optional[Callable[[Mapping[str, Any]],
+                                                      None]]:
+    """An ``AccessLog`` when ``[log] access = yes``, else None."""
+    return AccessLog() if log_settings.access else None
