@@ -1,0 +1,297 @@
+"""The object graph of one phantomd process, and its life cycle.
+
+``Gateway`` wires config → cache, coalescer, introspector, gate, upstream
+pool, front and admin listener; ``start`` binds, ``reload`` applies a new
+config in place, ``stop`` drains.  It takes the reactor as a parameter, so
+tests run whole gateways on the real reactor over loopback.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+from urllib.parse import urlsplit
+
+from twisted.internet import defer
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from phantomd import admin
+from phantomd.cache import TokenCache
+from phantomd.coalescer import Coalescer
+from phantomd.config import Config, ConfigError
+from phantomd.gate import Gate
+from phantomd.http.server import FrontFactory
+from phantomd.http.upstream import UpstreamPool
+from phantomd.metrics import Metrics
+
+log = Logger()
+
+
+def _upstream_tls(config: Config):
+    """TLS options for an https upstream; ConfigError for bad files."""
+    s = config.phantomd
+    parts = urlsplit(s.upstream)
+    if parts.scheme != "https":
+        return None
+    from phantomd import tls
+    try:
+        return tls.client_tls_options(
+            parts.hostname, ca_file=s.upstream_ca_file,
+            client_cert=s.upstream_client_cert,
+            client_key=s.upstream_client_key)
+    except ValueError as e:
+        key = "upstream_ca_file"
+        if s.upstream_client_cert and "ca" not in str(e).lower():
+            key = "upstream_client_cert"
+        raise ConfigError(config.path, "phantomd", key, str(e))
+
+
+def _minter(clock, config: Config):
+    if config.introspection.response not in ("json", "token-introspection+jwt"):
+        return None
+    from phantomd import jose
+    m = config.minting
+    try:
+        return jose.Minter.from_file(clock, m.key_file, m.issuer,
+                                     m.audience, m.lifetime)
+    except ValueError as e:
+        raise ConfigError(config.path, "minting", "key_file", str(e))
+
+
+def check(config: Config) -> None:
+    """Load every file the config names (keys, certificates) without a
+    reactor, so ``twistd`` refuses a bad file before it starts anything."""
+    from twisted.internet.task import Clock
+    _upstream_tls(config)
+    _minter(Clock(), config)
+    _introspection_tls(config)
+    i = config.introspection
+    if i.auth_method == "private_key_jwt":
+        from phantomd import clientauth
+        try:
+            clientauth.load_private_key(i.private_key_file)
+        except ValueError as e:
+            raise ConfigError(config.path, "introspection",
+                              "private_key_file", str(e))
+
+
+def _introspection_tls(config: Config):
+    i = config.introspection
+    parts = urlsplit(i.url)
+    if parts.scheme != "https":
+        return None
+    from phantomd import tls
+    try:
+        return tls.client_tls_options(
+            parts.hostname, ca_file=i.ca_file, client_cert=i.client_cert,
+            client_key=i.client_key)
+    except ValueError as e:
+        raise ConfigError(config.path, "introspection",
+                          "client_cert" if i.client_cert else "ca_file",
+                          str(e))
+
+
+class _IntrospectionStack:
+    """The introspector and what it needs (HTTP client, minter, keys);
+    rebuilt as one piece on reload."""
+
+    def __init__(self, reactor, config: Config) -> None:
+        from phantomd import introspection
+        i = config.introspection
+        self.settings = (i, config.minting, config.client_secret)
+        self.http = introspection.make_http_client(reactor, i)
+        self.minter = _minter(reactor, config)
+        keys = response_verifier = jwt_verifier = None
+        if i.response == "token-introspection+jwt" or i.verify_jwt:
+            from phantomd import jose
+            keys = jose.KeySource(reactor, self.http.client, jwks_url=i.jwks_url,
+                                  issuer=i.issuer)
+            if i.response == "token-introspection+jwt":
+                response_verifier = jose.IntrospectionResponseVerifier(
+                    reactor, keys, i.issuer, i.client_id)
+            if i.verify_jwt:
+                jwt_verifier = jose.JWTVerifier(reactor, keys)
+        self.introspector = introspection.Introspector(
+            reactor, self.http.client, i, config.client_secret,
+            minter=self.minter, response_verifier=response_verifier,
+            jwt_verifier=jwt_verifier)
+
+    def jwks(self) -> Optional[bytes]:
+        return self.minter.jwks_json() if self.minter is not None else None
+
+    def close(self) -> defer.Deferred:
+        return self.http.close()
+
+
+class Gateway:
+    def __init__(self, reactor, config: Config,
+                 metrics: Optional[Metrics] = None,
+                 access_log: Optional[Callable[[dict], None]] = None,
+                 admin_registry=None) -> None:
+        check(config)
+        self.reactor = reactor
+        self.config = config
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.readiness = admin.Readiness(reactor)
+        c = config.cache
+        self.cache = TokenCache(reactor, self.metrics, c.max_entries,
+                                c.max_ttl, c.default_ttl, c.negative_ttl)
+        self.coalescer = Coalescer(reactor, self.metrics,
+                                   config.introspection.max_in_flight)
+        self._stack = _IntrospectionStack(reactor, config)
+        self.gate = Gate(reactor, self.cache, self.coalescer,
+                         self._stack.introspector, self.metrics,
+                         config.phantomd.realm,
+                         config.phantomd.required_scopes, self.readiness)
+        self.upstream = UpstreamPool(reactor, config.phantomd, self.metrics,
+                                     tls_options=_upstream_tls(config))
+        self.front = FrontFactory(reactor, self.gate, self.upstream,
+                                  config.phantomd, self.metrics,
+                                  access_log=access_log)
+        self.admin_site = admin.make_admin_site(
+            reactor, self.metrics, self.readiness,
+            jwks=self._jwks if self._stack.minter is not None else None,
+            jwks_path=config.minting.jwks_path, registry=admin_registry)
+        self.front_ports: list = []
+        self.admin_ports: list = []
+
+    def _jwks(self) -> bytes:
+        return self._stack.jwks() or b'{"keys":[]}'
+
+    # -- life cycle -----------------------------------------------------------
+
+    def start(self, front_ports=None) -> defer.Deferred:
+        """Bind every listener; fail (and unbind) if any cannot bind.
+
+        ``front_ports`` lets a worker process use listening ports adopted
+        from its parent instead of binding ``[phantomd] listen`` itself.
+        """
+        front = ([self._listen(d, self.front)
+                  for d in self.config.phantomd.listen]
+                 if front_ports is None else
+                 [defer.succeed(p) for p in front_ports])
+        admin_ds = [self._listen(d, self.admin_site)
+                    for d in self.config.metrics.listen]
+        d = defer.DeferredList(front + admin_ds, consumeErrors=True)
+
+        def bound(results):
+            ports = [r for ok, r in results if ok]
+            failures = [r for ok, r in results if not ok]
+            if failures:
+                for p in ports:
+                    p.stopListening()
+                return failures[0]
+            self.front_ports = ports[:len(front)]
+            self.admin_ports = ports[len(front):]
+            self.readiness.mark_listening()
+            log.info("phantomd listening on {front} (admin {admin}), "
+                     "upstream {upstream}",
+                     front=[_where(p) for p in self.front_ports],
+                     admin=[_where(p) for p in self.admin_ports],
+                     upstream=self.config.phantomd.upstream)
+            return self
+        return d.addCallback(bound)
+
+    def _listen(self, description: str, factory) -> defer.Deferred:
+        try:
+            return serverFromString(self.reactor, description).listen(factory)
+        except Exception:
+            return defer.fail()
+
+    def reload(self, new: Config) -> None:
+        """Apply ``new`` without closing client connections.
+
+        Raises ConfigError (and changes nothing) if the new config names a
+        file that cannot be used.  Cached answers survive unless the token
+        service, its answer format or the minting keys changed: then they
+        are dropped, since they may not be valid under the new settings.
+        """
+        check(new)
+        old = self.config
+        if new.phantomd.listen != old.phantomd.listen or \
+                new.metrics.listen != old.metrics.listen:
+            log.warn("listen addresses changed in {path}; they take effect "
+                     "only after a restart", path=new.path)
+        if new.phantomd.workers != old.phantomd.workers:
+            log.warn("[phantomd] workers changed in {path}; it takes effect "
+                     "only after a restart", path=new.path)
+        old_stack = None
+        if (new.introspection, new.minting, new.client_secret) != \
+                self._stack.settings:
+            old_stack, self._stack = self._stack, _IntrospectionStack(
+                self.reactor, new)
+        old_upstream = None
+        if _upstream_keys(new) != _upstream_keys(old):
+            old_upstream, self.upstream = self.upstream, UpstreamPool(
+                self.reactor, new.phantomd, self.metrics,
+                tls_options=_upstream_tls(new))
+        c = new.cache
+        if old_stack is not None and _identity(new) != _identity(old):
+            self.cache.reconfigure(max_entries=c.max_entries, max_ttl=0,
+                                   default_ttl=0, negative_ttl=0)
+        self.cache.reconfigure(max_entries=c.max_entries, max_ttl=c.max_ttl,
+                               default_ttl=c.default_ttl,
+                               negative_ttl=c.negative_ttl)
+        self.coalescer.reconfigure(new.introspection.max_in_flight)
+        self.gate.reconfigure(realm=new.phantomd.realm,
+                              required_scopes=new.phantomd.required_scopes,
+                              introspector=self._stack.introspector)
+        self.front.reconfigure(gate=self.gate, upstream=self.upstream,
+                               settings=new.phantomd)
+        self.config = new
+        if old_stack is not None:
+            old_stack.close()
+        if old_upstream is not None:
+            old_upstream.close()
+        log.info("configuration reloaded from {path}", path=new.path)
+
+    def stop(self) -> defer.Deferred:
+        """Stop accepting, let in-flight requests finish for up to
+        ``drain_timeout`` seconds, then close everything."""
+        stops = [defer.maybeDeferred(p.stopListening)
+                 for p in self.front_ports]
+        self.front_ports = []
+        d = defer.DeferredList(stops)
+        timeout = self.config.phantomd.drain_timeout
+
+        def drain(_):
+            drained = self.front.drain()
+            drained.addTimeout(timeout, self.reactor)
+            drained.addErrback(lambda f: log.warn(
+                "drain_timeout ({timeout}s) reached; closing the "
+                "connections still open", timeout=timeout))
+            return drained
+
+        def close(_):
+            closing = [defer.maybeDeferred(self.upstream.close),
+                       defer.maybeDeferred(self._stack.close)]
+            closing += [defer.maybeDeferred(p.stopListening)
+                        for p in self.admin_ports]
+            self.admin_ports = []
+            return defer.DeferredList(closing)
+
+        return d.addCallback(drain).addCallback(close).addCallback(
+            lambda _: None)
+
+
+def _upstream_keys(c: Config):
+    s = c.phantomd
+    return (s.upstream, s.upstream_ca_file, s.upstream_client_cert,
+            s.upstream_client_key, s.upstream_connect_timeout,
+            s.upstream_max_idle)
+
+
+def _identity(c: Config):
+    """What makes a cached answer mean what it meant."""
+    return (c.introspection.url, c.introspection.response,
+            c.introspection.client_id, c.minting.key_file,
+            c.minting.issuer, c.minting.audience)
+
+
+def _where(port) -> str:
+    try:
+        h = port.getHost()
+        return "%s:%s" % (getattr(h, "host", "?"), getattr(h, "port", "?"))
+    except Exception:
+        return repr(port)
+

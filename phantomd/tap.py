@@ -1,0 +1,106 @@
+"""The twistd plugin: ``twistd -n phantomd --config FILE`` (or ``--demo``).
+
+The only module that touches the global reactor; everything it builds takes
+the reactor as a parameter.
+"""
+
+from __future__ import annotations
+
+import signal
+
+from twisted.application import service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from phantomd import config as configmod
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE | --demo]"
+    longdesc = (
+        "Run the phantomd phantom-token gateway: clients send opaque bearer "
+        "tokens, the API receives JWTs.  --config names the ini file (see "
+        "etc/phantomd.ini); --demo runs against a built-in demo token "
+        "service and echo API on loopback and prints curl commands to try.")
+    optParameters = [
+        ["config", "c", None, "Path to the phantomd ini file."],
+    ]
+    optFlags = [
+        ["demo", None, "Run a self-contained demo on loopback."],
+    ]
+
+    def postOptions(self) -> None:
+        if self["demo"]:
+            if self["config"]:
+                raise usage.UsageError("--demo and --config exclude each "
+                                       "other")
+            return
+        if not self["config"]:
+            raise usage.UsageError("--config FILE is required (or --demo)")
+        from phantomd import app
+        try:
+            self["parsed"] = configmod.load(self["config"])
+            app.check(self["parsed"])
+        except configmod.ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+class GatewayService(service.Service):
+    """Runs one ``Gateway``; binds in ``privilegedStartService`` so that a
+    listener that cannot bind stops twistd instead of being logged."""
+
+    def __init__(self, reactor, config, gateway_factory=None) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.gateway = None
+        self._factory = gateway_factory
+
+    def privilegedStartService(self) -> None:
+        from phantomd.app import Gateway
+        make = self._factory or Gateway
+        self.gateway = make(self.reactor, self.config)
+        failures = []
+        self.gateway.start().addErrback(failures.append)
+        if failures:
+            failures[0].raiseException()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        if hasattr(signal, "SIGHUP"):
+            self.reactor.addSystemEventTrigger(
+                "after", "startup", self._install_sighup)
+
+    def _install_sighup(self) -> None:
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(
+            self.reload))
+
+    def reload(self) -> None:
+        """Re-read the ini; on any mistake keep running on the old one."""
+        path = self.config.path
+        try:
+            new = configmod.load(path)
+            self.gateway.reload(new)
+        except configmod.ConfigError as e:
+            log.error("reload refused, still running on the previous "
+                      "configuration: {error}", error=str(e))
+            return
+        self.config = new
+
+    def stopService(self):
+        super().stopService()
+        if self.gateway is not None:
+            return self.gateway.stop()
+
+
+def makeService(options) -> service.IService:
+    from twisted.internet import reactor
+
+    if options["demo"]:
+        from phantomd.demo import DemoService
+        return DemoService(reactor)
+    top = service.MultiService()
+    GatewayService(reactor, options["parsed"]).setServiceParent(top)
+    return top
