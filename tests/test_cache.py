@@ -1,0 +1,259 @@
+"""The token cache: TTLs by the injected clock, LRU bound, reloads."""
+
+import base64
+import hashlib
+import json
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from phantomd.cache import TokenCache
+from phantomd.metrics import Metrics
+from phantomd.outcomes import Active, Inactive
+
+T0 = 1_000_000.0
+
+
+def key(token):
+    return hashlib.sha256(token.encode()).digest()
+
+
+def make_jwt(claims):
+    def seg(obj):
+        return base64.urlsafe_b64encode(
+            json.dumps(obj).encode()).rstrip(b"=").decode()
+    return "%s.%s.%s" % (seg({"alg": "RS256"}), seg(claims), "c2ln")
+
+
+def active(lifetime=None, exp=None, **claims):
+    if exp is not None:
+        claims["exp"] = exp
+    claims.setdefault("sub", "alice")
+    return Active(jwt=make_jwt(claims), claims=claims, lifetime=lifetime)
+
+
+class CacheTestCase(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(T0)
+        self.metrics = Metrics()
+
+    def cache(self, max_entries=100, max_ttl=3600, default_ttl=0,
+              negative_ttl=10, **kw):
+        return TokenCache(self.clock, self.metrics, max_entries, max_ttl,
+                          default_ttl, negative_ttl, **kw)
+
+    def entries_gauge(self):
+        return self.metrics.sample("phantomd_cache_entries")
+
+
+class TTLTests(CacheTestCase):
+    def test_hit_returns_the_jwt_and_claims(self):
+        c = self.cache()
+        c.put(key("t"), active(lifetime=60, scope="read"))
+        got = c.get(key("t"))
+        self.assertIsInstance(got, Active)
+        self.assertEqual(got.claims, {"sub": "alice", "scope": "read"})
+        self.assertEqual(got.jwt, active(scope="read").jwt)
+
+    def test_expires_exactly_at_put_time_plus_ttl(self):
+        c = self.cache()
+        c.put(key("t"), active(lifetime=60))
+        self.clock.advance(59.999)
+        self.assertIsNotNone(c.get(key("t")))
+        self.clock.advance(0.001)
+        self.assertIsNone(c.get(key("t")))
+        self.assertEqual(len(c), 0)
+        self.assertEqual(self.entries_gauge(), 0)
+
+    def test_hit_reports_remaining_lifetime(self):
+        c = self.cache()
+        c.put(key("t"), active(lifetime=60))
+        self.clock.advance(20)
+        self.assertEqual(c.get(key("t")).lifetime, 40)
+
+    def test_ttl_table(self):
+        # (description, result, seconds the entry is kept; 0 = not stored)
+        cases = [
+            ("lifetime", active(lifetime=60), 60),
+            ("no freshness info: default_ttl", active(lifetime=None), 30),
+            ("lifetime 0 means not stored", active(lifetime=0), 0),
+            ("capped by max_ttl", active(lifetime=10_000), 600),
+            ("capped by exp", active(lifetime=60, exp=T0 + 25), 25),
+            ("exp already past", active(lifetime=60, exp=T0 - 1), 0),
+            ("exp exactly now", active(lifetime=60, exp=T0), 0),
+            ("exp later than lifetime", active(lifetime=60, exp=T0 + 999),
+             60),
+            ("exp not a number", active(lifetime=60, exp="soon"), 0),
+            ("exp a boolean", active(lifetime=60, exp=True), 0),
+            ("inactive lifetime capped by negative_ttl",
+             Inactive(lifetime=60), 10),
+            ("inactive shorter lifetime", Inactive(lifetime=4), 4),
+            ("inactive without freshness info: default_ttl, capped",
+             Inactive(lifetime=None), 10),
+            ("inactive no-store", Inactive(lifetime=0), 0),
+        ]
+        for description, result, kept in cases:
+            with self.subTest(description):
+                self.clock = Clock()
+                self.clock.advance(T0)
+                c = self.cache(max_ttl=600, default_ttl=30, negative_ttl=10)
+                c.put(key("t"), result)
+                if kept == 0:
+                    self.assertIsNone(c.get(key("t")))
+                    continue
+                self.clock.advance(kept - 0.5)
+                self.assertEqual(type(c.get(key("t"))), type(result))
+                self.clock.advance(0.5)
+                self.assertIsNone(c.get(key("t")))
+
+    def test_default_ttl_zero_does_not_store(self):
+        c = self.cache(default_ttl=0)
+        c.put(key("t"), active(lifetime=None))
+        self.assertIsNone(c.get(key("t")))
+        self.assertEqual(self.entries_gauge(), 0)
+
+    def test_unstorable_answer_drops_the_older_entry(self):
+        c = self.cache()
+        c.put(key("t"), active(lifetime=60))
+        c.put(key("t"), Inactive(lifetime=0))
+        self.assertIsNone(c.get(key("t")))
+        self.assertEqual(self.entries_gauge(), 0)
+
+    def test_inactive_hit(self):
+        c = self.cache()
+        c.put(key("t"), Inactive(lifetime=5))
+        self.assertEqual(c.get(key("t")), Inactive(lifetime=5))
+
+    def test_claims_other_than_the_jwt_payload_are_kept(self):
+        c = self.cache()
+        result = Active(jwt="not-a-jws", claims={"scope": "read"},
+                        lifetime=60)
+        c.put(key("t"), result)
+        self.assertEqual(c.get(key("t")).claims, {"scope": "read"})
+        other = Active(jwt=make_jwt({"sub": "a"}),
+                       claims={"sub": "a", "scope": "from-json"}, lifetime=60)
+        c.put(key("u"), other)
+        self.assertEqual(c.get(key("u")).claims, other.claims)
+
+    def test_claims_without_memo(self):
+        c = self.cache(claims_memo=0)
+        c.put(key("t"), active(lifetime=60, scope="a b"))
+        self.assertEqual(c.get(key("t")).claims["scope"], "a b")
+        self.assertEqual(c.get(key("t")).claims["scope"], "a b")
+
+
+class BoundTests(CacheTestCase):
+    def test_lru_eviction_at_the_bound(self):
+        c = self.cache(max_entries=3)
+        for t in "abc":
+            c.put(key(t), active(lifetime=60))
+        self.assertIsNotNone(c.get(key("a")))  # a is now most recent
+        c.put(key("d"), active(lifetime=60))
+        self.assertIsNone(c.get(key("b")))
+        for t in "acd":
+            self.assertIsNotNone(c.get(key(t)), t)
+        self.assertEqual(len(c), 3)
+        self.assertEqual(self.entries_gauge(), 3)
+
+    def test_replacing_an_entry_does_not_evict(self):
+        c = self.cache(max_entries=2)
+        c.put(key("a"), active(lifetime=60))
+        c.put(key("b"), active(lifetime=60))
+        c.put(key("a"), Inactive(lifetime=5))
+        self.assertEqual(len(c), 2)
+        self.assertIsInstance(c.get(key("a")), Inactive)
+
+    def test_random_token_flood_stays_bounded(self):
+        c = self.cache(max_entries=50)
+        for i in range(1000):
+            c.put(key("flood-%d" % i), Inactive(lifetime=10))
+        self.assertEqual(len(c), 50)
+        self.assertEqual(self.entries_gauge(), 50)
+        self.assertIsNotNone(c.get(key("flood-999")))
+        self.assertIsNone(c.get(key("flood-949")))
+
+    def test_gauge_follows_traffic(self):
+        c = self.cache()
+        c.put(key("a"), active(lifetime=10))
+        c.put(key("b"), active(lifetime=20))
+        c.put(key("c"), Inactive(lifetime=5))
+        self.assertEqual(self.entries_gauge(), 3)
+        self.clock.advance(10)
+        c.get(key("a"))
+        c.get(key("c"))
+        self.assertEqual(self.entries_gauge(), 1)
+
+    def test_bad_limits_are_refused(self):
+        for kwargs in ({"max_entries": 0}, {"max_ttl": -1},
+                       {"negative_ttl": float("inf")}):
+            with self.subTest(kwargs):
+                self.assertRaises(ValueError, self.cache, **kwargs)
+
+
+class ReconfigureTests(CacheTestCase):
+    def test_keeps_valid_entries(self):
+        c = self.cache(max_ttl=3600)
+        c.put(key("a"), active(lifetime=100))
+        c.reconfigure(max_entries=100, max_ttl=3600, default_ttl=0,
+                      negative_ttl=10)
+        self.clock.advance(99)
+        self.assertIsNotNone(c.get(key("a")))
+
+    def test_shortens_expiry_to_new_caps(self):
+        c = self.cache(max_ttl=3600, negative_ttl=60)
+        c.put(key("a"), active(lifetime=1000))
+        c.put(key("b"), active(lifetime=5))
+        c.put(key("n"), Inactive(lifetime=60))
+        self.clock.advance(1)
+        c.reconfigure(max_entries=100, max_ttl=30, default_ttl=0,
+                      negative_ttl=2)
+        self.clock.advance(2)
+        self.assertIsNone(c.get(key("n")))
+        self.assertIsNotNone(c.get(key("b")))
+        self.clock.advance(2)
+        self.assertIsNone(c.get(key("b")))
+        self.clock.advance(26 - 0.5)
+        self.assertIsNotNone(c.get(key("a")))
+        self.clock.advance(0.5)
+        self.assertIsNone(c.get(key("a")))
+
+    def test_zero_caps_drop_everything_of_that_kind(self):
+        c = self.cache()
+        c.put(key("a"), active(lifetime=100))
+        c.put(key("n"), Inactive(lifetime=5))
+        c.reconfigure(max_entries=100, max_ttl=3600, default_ttl=0,
+                      negative_ttl=0)
+        self.assertEqual(len(c), 1)
+        self.assertIsNone(c.get(key("n")))
+        self.assertEqual(self.entries_gauge(), 1)
+
+    def test_evicts_least_recently_used_down_to_new_bound(self):
+        c = self.cache(max_entries=10)
+        for t in "abcde":
+            c.put(key(t), active(lifetime=60))
+        c.get(key("a"))
+        c.reconfigure(max_entries=2, max_ttl=3600, default_ttl=0,
+                      negative_ttl=10)
+        self.assertEqual(len(c), 2)
+        self.assertEqual(self.entries_gauge(), 2)
+        self.assertIsNotNone(c.get(key("a")))
+        self.assertIsNotNone(c.get(key("e")))
+        c.put(key("f"), active(lifetime=60))
+        self.assertEqual(len(c), 2)
+
+    def test_new_default_ttl_applies_to_later_puts(self):
+        c = self.cache(default_ttl=0)
+        c.reconfigure(max_entries=100, max_ttl=3600, default_ttl=30,
+                      negative_ttl=10)
+        c.put(key("a"), active(lifetime=None))
+        self.clock.advance(29)
+        self.assertIsNotNone(c.get(key("a")))
+
+    def test_bad_limits_leave_the_cache_as_it_was(self):
+        c = self.cache(max_entries=10)
+        c.put(key("a"), active(lifetime=60))
+        self.assertRaises(ValueError, c.reconfigure, max_entries=0,
+                          max_ttl=1, default_ttl=0, negative_ttl=0)
+        self.assertEqual(c.max_entries, 10)
+        self.assertIsNotNone(c.get(key("a")))
