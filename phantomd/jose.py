@@ -43,6 +43,10 @@ class JOSEError(Exception):
     """A JWT, JWS or JWKS that phantomd must not accept; ``str()`` says why."""
 
 
+class _NotThere(JOSEError):
+    """A metadata URL answered with a status other than 200."""
+
+
 # -- algorithms and the key types that go with them ---------------------------
 
 #: alg -> (kty, curve or None).  A key may only verify or sign with an alg of
@@ -515,15 +519,19 @@ class KeySource:
             "/.well-known/oauth-authorization-server"
             + parts.path.rstrip("/"), "", "")))
 
-        def attempt(_: Any, remaining: list[str]) -> Deferred:
+        def attempt(remaining: list[str]) -> Deferred:
             url = remaining[0]
             d = self._get_json(url, "discovery document")
             d.addCallback(self._jwks_uri_from, url)
             if len(remaining) > 1:
-                d.addErrback(lambda f: attempt(None, remaining[1:]))
+                d.addErrback(next_one, remaining[1:])
             return d
 
-        return attempt(None, urls)
+        def next_one(failure: Failure, remaining: list[str]) -> Deferred:
+            failure.trap(_NotThere)
+            return attempt(remaining)
+
+        return attempt(urls)
 
     def _jwks_uri_from(self, doc: dict[str, Any], url: str) -> str:
         if doc.get("issuer") != self._issuer:
@@ -541,7 +549,7 @@ class KeySource:
         def got(response: Any) -> Deferred:
             if response.code != 200:
                 response.deliverBody(_Discard())
-                raise JOSEError("%s %s answered HTTP %d" % (
+                raise _NotThere("%s %s answered HTTP %d" % (
                     what, url, response.code))
             length = response.length
             if isinstance(length, int) and length > self._max_bytes:
