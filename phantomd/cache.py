@@ -29,9 +29,10 @@ class TokenCache:
     ``get`` hit counts as use).  An entry is gone from the instant
     put-time + TTL: a ``get`` at exactly that clock value misses.
 
-    Each entry is one ``(expiry, jwt, claims)`` tuple in an ``OrderedDict``
-    (``jwt`` is None for an inactive token).  ``claims`` is None when it is
-    exactly the JWT's own payload, which is then decoded again on a hit: the
+    Each entry is one tuple in an ``OrderedDict``: ``(expiry,)`` for an
+    inactive token, ``(expiry, jwt)`` when the claims are exactly the JWT's
+    own payload, else ``(expiry, jwt, claims)``.  A payload is decoded again
+    on a hit: the
     decoded claims of the ``claims_memo`` most recently hit JWTs are kept
     (least recently used dropped beyond that), so hot tokens are not
     decoded on every request and cold ones cost no more than their JWT.
@@ -78,17 +79,17 @@ class TokenCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        expiry, jwt, claims = entry
+        expiry = entry[0]
         now = self._clock.seconds()
         if now >= expiry:
             del self._entries[key]
             self._update_gauge()
             return None
         self._entries.move_to_end(key)
-        if jwt is None:
+        if len(entry) == 1:
             return Inactive(lifetime=expiry - now)
-        if claims is None:
-            claims = self._decoded(jwt)
+        jwt = entry[1]
+        claims = entry[2] if len(entry) == 3 else self._decoded(jwt)
         return Active(jwt=jwt, claims=claims, lifetime=expiry - now)
 
     def put(self, key: bytes, result: Result) -> None:
@@ -107,13 +108,13 @@ class TokenCache:
             if self._entries.pop(key, None) is not None:
                 self._update_gauge()
             return
-        if isinstance(result, Active):
-            claims = result.claims
-            if _payload(result.jwt) == claims:
-                claims = None
-            entry = (now + ttl, result.jwt, claims)
+        entry: tuple
+        if isinstance(result, Inactive):
+            entry = (now + ttl,)
+        elif _payload(result.jwt) == result.claims:
+            entry = (now + ttl, result.jwt)
         else:
-            entry = (now + ttl, None, None)
+            entry = (now + ttl, result.jwt, result.claims)
         entries = self._entries
         entries[key] = entry
         entries.move_to_end(key)
@@ -141,13 +142,13 @@ class TokenCache:
             active_until = now + self.max_ttl
             inactive_until = now + self.negative_ttl
             changed = []
-            for key, (expiry, jwt, claims) in entries.items():
-                until = inactive_until if jwt is None else active_until
-                if expiry > until:
-                    changed.append((key, until, jwt, claims))
-            for key, until, jwt, claims in changed:
-                if until > now:
-                    entries[key] = (until, jwt, claims)
+            for key, entry in entries.items():
+                until = inactive_until if len(entry) == 1 else active_until
+                if entry[0] > until:
+                    changed.append((key, (until,) + entry[1:]))
+            for key, entry in changed:
+                if entry[0] > now:
+                    entries[key] = entry
                 else:
                     del entries[key]
         while len(entries) > self.max_entries:
