@@ -372,7 +372,10 @@ class Minter:
         the lifetime caps it (the JWT then may outlive a revoked token by at
         most ``lifetime`` seconds, as a cached answer would).  ``aud`` is the
         introspection ``aud`` if present, else the configured audience, else
-        absent.  An answer whose ``exp`` has passed raises
+        absent.  RFC 9068 requires ``sub``; token services that leave it out
+        (Django OAuth Toolkit does) get ``username``, else ``client_id`` (the
+        RFC's advice for client-credentials tokens).  An answer whose ``exp``
+        has passed raises
         ``JOSEError("expired")``: an active token cannot be expired.
         """
         now = self._clock.seconds()
@@ -391,6 +394,10 @@ class Minter:
         for name in _COPIED_CLAIMS:
             if introspection_claims.get(name) is not None:
                 claims[name] = introspection_claims[name]
+        if "sub" not in claims:
+            subject = claims.get("username") or claims.get("client_id")
+            if subject is not None:
+                claims["sub"] = subject
         aud = introspection_claims.get("aud") or self.audience
         if aud:
             claims["aud"] = aud

@@ -190,6 +190,13 @@ class MinterTests(SynchronousTestCase):
             "username": "alice@x", "acr": "urn:mace:incommon:iap:silver",
             "iat": int(NOW), "exp": int(NOW) + 300})
 
+    def test_sub_falls_back_to_username_then_client_id(self):
+        intro = dict(INTRO)
+        del intro["sub"]
+        self.assertEqual(self.minter().mint(intro)[1]["sub"], "alice@x")
+        del intro["username"]
+        self.assertEqual(self.minter().mint(intro)[1]["sub"], "web-app")
+
     def test_jti_is_fresh_each_time(self):
         m = self.minter()
         self.assertNotEqual(m.mint(INTRO)[1]["jti"], m.mint(INTRO)[1]["jti"])
