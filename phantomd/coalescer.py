@@ -1,0 +1,112 @@
+"""One introspection per token at a time, however many requests want it.
+
+Shaped like ``DeferredLock``/``DeferredSemaphore``: every caller gets a
+``Deferred`` of its own, fed from the one shared work, so cancelling one
+caller (a client that went away) detaches only that caller and never the
+introspection the others are waiting for.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from phantomd.outcomes import Shed
+
+__all__ = ["Coalescer"]
+
+
+class _Flight:
+    """The callers waiting on one running work, in arrival order."""
+
+    __slots__ = ("waiters",)
+
+    def __init__(self) -> None:
+        self.waiters: dict[Deferred, None] = {}
+
+
+class Coalescer:
+    """Runs ``work`` once per key while earlier work for it is in flight.
+
+    The map of in-flight works holds at most ``max_in_flight`` keys: at the
+    bound a call for a new key fails at once with ``outcomes.Shed`` (the
+    caller answers 503), while a call for a key already in flight still
+    joins it, since that costs the token service nothing.  Waiters per key
+    are bounded by the callers the front admits (``max_connections``).
+    The gate counts the shed outcome; this class counts joins
+    (``metrics.coalesced``) and keeps ``metrics.introspections_in_flight``
+    equal to the number of running works.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: Any, metrics: Any, max_in_flight: int) -> None:
+        self._clock = clock
+        self._metrics = metrics
+        self._flights: dict[bytes, _Flight] = {}
+        self.reconfigure(max_in_flight)
+        self._update_gauge()
+
+    def reconfigure(self, max_in_flight: int) -> None:
+        """A new bound; works already running finish, new keys are shed
+        until fewer than ``max_in_flight`` are running."""
+        if not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ValueError("max_in_flight must be a whole number >= 1, "
+                             "not %r" % (max_in_flight,))
+        self.max_in_flight = max_in_flight
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    def run(self, key: bytes, work: Callable[[], Any]) -> Deferred:
+        """A new ``Deferred`` with the result of the (shared) ``work()``.
+
+        ``work`` may return a Deferred or a plain value, or raise; it is
+        called only when no work for ``key`` is in flight.  Its result or
+        failure reaches every waiter in the same reactor turn, and the key
+        is free again before any waiter's callbacks run.
+        """
+        flight = self._flights.get(key)
+        if flight is not None:
+            self._metrics.coalesced.inc()
+            return self._wait(flight)
+        if len(self._flights) >= self.max_in_flight:
+            return defer.fail(Shed())
+        flight = self._flights[key] = _Flight()
+        self._update_gauge()
+        waiter = self._wait(flight)
+        shared = defer.maybeDeferred(work)
+        shared.addBoth(self._finished, key, flight)
+        return waiter
+
+    def _wait(self, flight: _Flight) -> Deferred:
+        def detach(waiter: Deferred) -> None:
+            flight.waiters.pop(waiter, None)
+
+        waiter: Deferred = Deferred(canceller=detach)
+        flight.waiters[waiter] = None
+        return waiter
+
+    def _finished(self, result: Any, key: bytes, flight: _Flight) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+            self._update_gauge()
+        waiters = list(flight.waiters)
+        flight.waiters.clear()
+        if isinstance(result, Failure) and not waiters:
+            self.log.debug("shared work failed with no caller left: {error}",
+                           error=result.getErrorMessage())
+        for waiter in waiters:
+            if waiter.called:  # cancelled by an earlier waiter's callback
+                continue
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    def _update_gauge(self) -> None:
+        self._metrics.introspections_in_flight.set(len(self._flights))
