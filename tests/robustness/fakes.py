@@ -764,6 +764,7 @@ class RawClient(protocol.Protocol):
         self.is_closed = False
         self.close_reason = None
         self.data_waiters: list = []
+        self.aborted_by_us = False
 
     def dataReceived(self, data):
         self.received += data
@@ -814,6 +815,7 @@ async def wait_closed(reactor, client: RawClient, timeout: float) -> bool:
     if timer.active():
         timer.cancel()
     if not closed:
+        client.aborted_by_us = True
         client.transport.abortConnection()
         await client.closed
     return closed

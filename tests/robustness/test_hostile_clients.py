@@ -1,0 +1,425 @@
+"""Hostile clients as raw bytes (DESIGN section 2).
+
+Every request below carries a token the token service says is active, so a
+wrong answer cannot hide behind a 401: what is refused is refused for its
+framing.  The fake API only counts a request it received completely, so
+"the API saw nothing" means no request, smuggled or not, got through.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import reactor, task
+from twisted.trial import unittest
+
+from .fakes import (
+    Scene, async_test, connect_http, connect_raw, exchange, request_bytes,
+    sleep, wait_closed, wait_for,
+)
+
+
+class Hostile(unittest.TestCase):
+    timeout = 10
+    limits = {"max_request_line": "1024", "max_header_bytes": "8192",
+              "max_headers": "20"}
+
+    async def scene(self, **phantomd):
+        settings = dict(self.limits, **phantomd)
+        self.s = await Scene.build(self, reactor, phantomd=settings)
+        self.token, self.jwt = self.s.good_token()
+        return self.s
+
+    async def send(self, data: bytes, timeout: float = 3.0):
+        return await exchange(reactor, self.s.front, data, timeout)
+
+    async def refused(self, data: bytes, statuses=(400,), closed=True):
+        """``data`` gets one error answer from ``statuses``, then (if
+        ``closed``) the connection is closed; the API sees nothing."""
+        if not hasattr(self, "s"):
+            await self.scene()
+        client = await self.send(data)
+        responses = client.responses()
+        self.assertTrue(responses, "no answer at all (silent drop); got %r"
+                        % client.received[:200])
+        self.assertIn(responses[0].status, statuses, responses[0].body)
+        self.assertEqual(responses[0].first(b"cache-control"), b"no-store")
+        if closed:
+            self.assertFalse(client.aborted_by_us,
+                             "the connection stayed open after the error")
+            self.assertEqual(len(responses), 1,
+                             "answered more after a framing error")
+        self.assertEqual(self.s.api.requests, [],
+                         "a request reached the API")
+        return responses[0]
+
+    def head(self, *lines: bytes, token: bool = True) -> bytes:
+        out = list(lines)
+        out.insert(1, b"Host: api.example.test")
+        if token:
+            out.insert(2, b"Authorization: Bearer " + self.token.encode())
+        return b"\r\n".join(out) + b"\r\n\r\n"
+
+
+class MalformedRequestLines(Hostile):
+
+    @async_test
+    async def test_malformed_request_lines(self):
+        await self.scene()
+        for line in (b"GET /resource", b"GET  /resource HTTP/1.1",
+                     b"GET /resource HTTP/1.1 extra", b"GET\t/ HTTP/1.1",
+                     b"G@T / HTTP/1.1", b"GET / HTTP/1.1x",
+                     b"GET / FTP/1.1", b"\x16\x03\x01\x02\x00\x01\x00",
+                     b"GET /a b HTTP/1.1", b"GET /\x00 HTTP/1.1"):
+            await self.refused(self.head(line), statuses=(400, 505))
+
+    @async_test
+    async def test_unsupported_version(self):
+        await self.scene()
+        await self.refused(self.head(b"GET / HTTP/2.0"), statuses=(400, 505))
+        await self.refused(self.head(b"GET / HTTP/9.9"), statuses=(400, 505))
+
+    @async_test
+    async def test_request_line_too_long(self):
+        await self.scene()
+        await self.refused(self.head(
+            b"GET /" + b"a" * 20000 + b" HTTP/1.1"), statuses=(414,))
+        self.assertEqual(self.s.ts.calls, 0)
+
+
+class HeaderSection(Hostile):
+
+    @async_test
+    async def test_header_section_too_large(self):
+        await self.scene()
+        await self.refused(self.head(
+            b"GET / HTTP/1.1", b"X-Big: " + b"b" * 20000), statuses=(431,))
+
+    @async_test
+    async def test_too_many_headers(self):
+        await self.scene()
+        await self.refused(self.head(
+            b"GET / HTTP/1.1", *[b"X-H%d: v" % i for i in range(60)]),
+            statuses=(431,))
+
+    @async_test
+    async def test_100kb_bearer_token_is_431(self):
+        await self.scene(max_header_bytes="65536")
+        await self.refused(request_bytes(token="t" * 100_000, close=True),
+                           statuses=(431,))
+        self.assertEqual(self.s.ts.calls, 0)
+
+    @async_test
+    async def test_10kb_bearer_token_is_400_without_introspection(self):
+        await self.scene(max_header_bytes="65536")
+        client = await self.send(request_bytes(token="t" * 10_000,
+                                               close=True))
+        r = client.responses()[0]
+        self.assertEqual(r.status, 400)
+        self.assertIn(b'error="invalid_request"',
+                      r.first(b"www-authenticate", b""))
+        self.assertEqual(self.s.ts.calls, 0)
+        self.assertEqual(self.s.api.requests, [])
+
+    @async_test
+    async def test_nul_in_header_value(self):
+        await self.scene()
+        await self.refused(self.head(b"GET / HTTP/1.1", b"X-A: a\x00b"))
+
+    @async_test
+    async def test_bare_cr_in_header_value(self):
+        await self.scene()
+        await self.refused(self.head(b"GET / HTTP/1.1", b"X-A: a\rb"))
+
+    @async_test
+    async def test_space_before_colon(self):
+        await self.scene()
+        await self.refused(self.head(b"GET / HTTP/1.1",
+                                     b"Content-Length : 0"))
+
+    @async_test
+    async def test_obs_fold(self):
+        """RFC 9112 section 5.2: reject with 400, or unfold to SP.  A fold
+        must never reach the API as a header line of its own."""
+        await self.scene()
+        client = await self.send(self.head(
+            b"GET / HTTP/1.1", b"X-Folded: first", b" second",
+            b"Connection: close"))
+        status = client.responses()[0].status
+        self.assertIn(status, (400, 200))
+        self.assertEqual(self.s.api.framing_errors, [])
+        for req in self.s.api.requests:
+            for v in req.header(b"x-folded"):
+                self.assertNotIn(b"\r", v)
+                self.assertNotIn(b"\n", v)
+
+    @async_test
+    async def test_obs_fold_in_authorization(self):
+        await self.scene()
+        data = (b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer\r\n "
+                + self.token.encode() + b"\r\nConnection: close\r\n\r\n")
+        client = await self.send(data)
+        self.assertIn(client.responses()[0].status, (400, 401))
+        self.assertEqual(self.s.api.requests, [])
+
+
+class Credentials(Hostile):
+    """Token syntax (RFC 6750): every case answered without asking the
+    token service or the API."""
+
+    async def answered(self, auth_lines, status, error):
+        client = await self.send(self.head(
+            b"GET / HTTP/1.1", *auth_lines, b"Connection: close",
+            token=False))
+        r = client.responses()[0]
+        self.assertEqual(r.status, status, (auth_lines, r.body))
+        challenge = r.first(b"www-authenticate", b"")
+        self.assertTrue(challenge.startswith(b"Bearer realm="), challenge)
+        if error:
+            self.assertIn(b'error="%s"' % error, challenge)
+        else:
+            self.assertNotIn(b"error=", challenge)
+        self.assertEqual(self.s.ts.calls, 0)
+        self.assertEqual(self.s.api.requests, [])
+
+    @async_test
+    async def test_token_syntax(self):
+        await self.scene()
+        await self.answered([], 401, None)
+        await self.answered([b"Authorization: Basic dXNlcjpwYXNz"], 401,
+                            None)
+        await self.answered([b"Authorization: Bearer"], 400,
+                            b"invalid_request")
+        await self.answered([b"Authorization: Bearer "], 400,
+                            b"invalid_request")
+        await self.answered(["Authorization: Bearer t\u00f6k\u20acn".encode(
+            "utf-8")], 400, b"invalid_request")
+        await self.answered([b"Authorization: Bearer a b"], 400,
+                            b"invalid_request")
+        await self.answered([b"Authorization: Bearer a,b"], 400,
+                            b"invalid_request")
+        await self.answered([b"Authorization: Bearer tok\x7fen"], 400,
+                            b"invalid_request")
+        await self.answered([b"Authorization: Bearer abc",
+                             b"Authorization: Bearer abc"], 400,
+                            b"invalid_request")
+        await self.answered([b"Authorization: Bearer " + self.token.encode(),
+                             b"Authorization: Basic dXNlcjpwYXNz"], 400,
+                            b"invalid_request")
+
+    @async_test
+    async def test_latin1_token(self):
+        await self.scene()
+        await self.answered([b"Authorization: Bearer caf\xe9"], 400,
+                            b"invalid_request")
+
+    @async_test
+    async def test_scheme_is_case_insensitive(self):
+        await self.scene()
+        client = await self.send(self.head(
+            b"GET / HTTP/1.1", b"Authorization: bEaReR " + self.token.encode(),
+            b"Connection: close", token=False))
+        self.assertEqual(client.responses()[0].status, 200)
+
+
+class AmbiguousFraming(Hostile):
+    """CL with TE, two CLs, bad chunk sizes: 400, closed, nothing forwarded
+    (DESIGN section 2) -- the classic request-smuggling openings."""
+
+    def post(self, *headers: bytes, body: bytes = b"") -> bytes:
+        return self.head(b"POST /upload HTTP/1.1", *headers) + body
+
+    @async_test
+    async def test_content_length_with_transfer_encoding(self):
+        await self.scene()
+        smuggled = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        await self.refused(self.post(
+            b"Content-Length: %d" % (5 + len(smuggled)),
+            b"Transfer-Encoding: chunked",
+            body=b"0\r\n\r\n" + smuggled))
+        await self.refused(self.post(
+            b"Transfer-Encoding: chunked", b"Content-Length: 4",
+            body=b"5c\r\n" + smuggled + b"\r\n0\r\n\r\n"))
+
+    @async_test
+    async def test_two_different_content_lengths(self):
+        await self.scene()
+        await self.refused(self.post(b"Content-Length: 5",
+                                     b"Content-Length: 41",
+                                     body=b"hello" + b"x" * 36))
+        await self.refused(self.post(b"Content-Length: 5, 41",
+                                     body=b"hello" + b"x" * 36))
+
+    @async_test
+    async def test_bad_content_length_values(self):
+        await self.scene()
+        for value in (b"-1", b"+5", b"0x5", b"5.0", b"five",
+                      b"99999999999999999999999999"):
+            await self.refused(self.post(b"Content-Length: " + value,
+                                         body=b"hello"))
+
+    @async_test
+    async def test_bad_chunk_sizes(self):
+        await self.scene()
+        for chunk in (b"zz\r\nhello\r\n0\r\n\r\n",
+                      b"-5\r\nhello\r\n0\r\n\r\n",
+                      b"0x5\r\nhello\r\n0\r\n\r\n",
+                      b"5 5\r\nhello\r\n0\r\n\r\n",
+                      b"ffffffffffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+                      b"5\r\nhelloXX0\r\n\r\n",
+                      b"\r\nhello\r\n0\r\n\r\n"):
+            await self.refused(self.post(b"Transfer-Encoding: chunked",
+                                         body=chunk))
+
+    @async_test
+    async def test_unknown_or_misplaced_transfer_codings(self):
+        """RFC 9112 section 6.3: a request whose final coding is not chunked
+        cannot be framed; ``xchunked`` and friends must not be guessed."""
+        await self.scene()
+        for te in (b"Transfer-Encoding: xchunked",
+                   b"Transfer-Encoding: chunked, identity",
+                   b"Transfer-Encoding: gzip",
+                   b"Transfer-Encoding: identity",
+                   b"Transfer-Encoding: \x0bchunked"):
+            await self.refused(self.post(
+                te, body=b"5\r\nhello\r\n0\r\n\r\n"), statuses=(400, 501))
+
+
+class Smuggling(Hostile):
+
+    @async_test
+    async def test_request_hidden_in_a_body_stays_a_body(self):
+        """A well-framed body that looks like a request is forwarded as
+        that body, never as a second request."""
+        await self.scene()
+        hidden = (b"GET /smuggled HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                  b"Bearer " + self.token.encode() + b"\r\n\r\n")
+        client = await self.send(self.head(
+            b"POST /upload HTTP/1.1", b"Content-Length: %d" % len(hidden),
+            b"Connection: close") + hidden)
+        self.assertEqual([r.status for r in client.responses()], [200])
+        self.assertEqual([r.target for r in self.s.api.requests],
+                         [b"/upload"])
+        self.assertEqual(self.s.api.requests[0].body, hidden)
+
+    @async_test
+    async def test_request_hidden_in_a_chunked_body_stays_a_body(self):
+        await self.scene()
+        hidden = b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(hidden), hidden)
+        client = await self.send(self.head(
+            b"POST /upload HTTP/1.1", b"Transfer-Encoding: chunked",
+            b"Connection: close") + body)
+        self.assertEqual([r.status for r in client.responses()], [200])
+        self.assertEqual([r.target for r in self.s.api.requests],
+                         [b"/upload"])
+        self.assertEqual(self.s.api.requests[0].body, hidden)
+
+    @async_test
+    async def test_pipelined_requests_are_each_authorized(self):
+        """Pipelining: every request needs its own token; answers come in
+        order; an unauthorised one in the middle is not forwarded."""
+        await self.scene()
+        good = self.head(b"GET /one HTTP/1.1")
+        bad = (b"GET /two HTTP/1.1\r\nHost: x\r\n"
+               b"Authorization: Bearer not-active\r\n\r\n")
+        anon = b"GET /three HTTP/1.1\r\nHost: x\r\n\r\n"
+        last = self.head(b"GET /four HTTP/1.1", b"Connection: close")
+        client = await self.send(good + bad + anon + last)
+        self.assertEqual([r.status for r in client.responses()],
+                         [200, 401, 401, 200])
+        self.assertEqual([r.target for r in self.s.api.requests],
+                         [b"/one", b"/four"])
+
+    @async_test
+    async def test_pipelined_after_framing_error_is_dropped(self):
+        """Bytes after a framing error are never parsed as a request."""
+        await self.scene()
+        bad = self.head(b"POST /x HTTP/1.1", b"Content-Length: 1",
+                        b"Content-Length: 2") + b"ab"
+        follow = self.head(b"GET /after HTTP/1.1")
+        await self.refused(bad + follow)
+
+
+class SlowAndIdle(Hostile):
+    """Timeouts here are ``header_timeout = 0.5``, ``idle_timeout = 1``."""
+
+    @async_test
+    async def test_slowloris_gets_408_and_close(self):
+        """A header byte every 0.2 s: faster than any per-read timer, but
+        the head is never complete within header_timeout."""
+        await self.scene()
+        client = await connect_raw(reactor, self.s.front)
+        data = iter(self.head(b"GET / HTTP/1.1", b"X-Slow: " + b"s" * 200))
+
+        def drip():
+            if not client.is_closed:
+                client.send(bytes([next(data)]))
+        loop = task.LoopingCall(drip)
+        loop.clock = reactor
+        loop.start(0.2)
+        self.addCleanup(lambda: loop.running and loop.stop())
+        closed = await wait_closed(reactor, client, 4.0)
+        loop.stop()
+        self.assertTrue(closed, "slowloris connection still open after 4 s")
+        self.assertEqual([r.status for r in client.responses()], [408])
+        self.assertEqual(self.s.api.requests, [])
+
+    @async_test
+    async def test_silent_connection_is_closed(self):
+        await self.scene()
+        client = await connect_raw(reactor, self.s.front)
+        self.assertTrue(await wait_closed(reactor, client, 4.0),
+                        "a connection that sends nothing stays open")
+        for r in client.responses():
+            self.assertEqual(r.status, 408)
+
+    @async_test
+    async def test_idle_keep_alive_is_closed(self):
+        await self.scene()
+        client = await connect_http(reactor, self.s.front)
+        r = await client.request(request_bytes(token=self.token))
+        self.assertEqual(r.status, 200)
+        closed = await wait_for(reactor, lambda: client.lost, 4.0)
+        if not closed:
+            client.transport.abortConnection()
+        self.assertTrue(closed, "idle keep-alive connection still open "
+                        "after 4 s (idle_timeout = 1)")
+
+    @async_test
+    async def test_keep_alive_within_idle_timeout_is_kept(self):
+        await self.scene(idle_timeout="3")
+        client = await connect_http(reactor, self.s.front)
+        self.addCleanup(client.transport.abortConnection)
+        for _ in range(3):
+            r = await client.request(request_bytes(token=self.token))
+            self.assertEqual(r.status, 200)
+            await sleep(reactor, 0.3)
+        self.assertFalse(client.lost)
+
+    @async_test
+    async def test_max_connections(self):
+        """With max_connections = 4, a fifth client is not served while
+        four are open; once they go, new clients are served again."""
+        await self.scene(max_connections="4", idle_timeout="5",
+                         header_timeout="5")
+        held = []
+        for _ in range(4):
+            c = await connect_http(reactor, self.s.front)
+            self.addCleanup(c.transport.abortConnection)
+            self.assertEqual((await c.request(
+                request_bytes(token=self.token))).status, 200)
+            held.append(c)
+        extra = await connect_raw(reactor, self.s.front)
+        self.addCleanup(extra.transport.abortConnection)
+        extra.send(request_bytes(token=self.token))
+        await sleep(reactor, 0.5)
+        statuses = [r.status for r in extra.responses()]
+        self.assertNotIn(200, statuses,
+                         "served a fifth connection with max_connections=4")
+        self.assertEqual(len(self.s.api.requests), 4)
+        for c in held:
+            c.transport.loseConnection()
+        await wait_for(reactor, lambda: all(c.lost for c in held), 2.0)
+        await sleep(reactor, 0.2)
+        fresh = await exchange(reactor, self.s.front, request_bytes(
+            token=self.token, close=True), 3.0)
+        self.assertEqual([r.status for r in fresh.responses()], [200])

@@ -1,0 +1,284 @@
+"""The token service misbehaves; phantomd fails closed (DESIGN section 2).
+
+Every fault case checks the same four things a user would notice:
+
+1. the client gets the documented status (502 unreadable/unreachable/5xx,
+   503 + Retry-After for the service's 503, 504 when too slow) as a small
+   JSON error with ``Cache-Control: no-store``;
+2. the API received nothing;
+3. nothing was cached: the next request for the same token introspects again;
+4. once the token service recovers, that next request succeeds with the
+   JWT the service issued.
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from .fakes import (
+    Dribble, Hang, Raw, Reply, Scene, Stream, async_test, json_reply,
+    jwt_reply, make_jwt, new_token, response_head, wait_for,
+)
+
+JWT_TYPE = ((b"Content-Type", b"application/jwt"),)
+
+
+class FailClosed(unittest.TestCase):
+    timeout = 10
+
+    async def check_fault(self, make_behaviour, status, response="jwt",
+                          statuses=None):
+        """Run one fault case; ``make_behaviour(token, jwt)`` builds the
+        token service's misbehaviour for the first request."""
+        scene = await Scene.build(self, reactor, response=response)
+        token, jwt = scene.good_token()
+        scene.ts.behaviour = make_behaviour(token, jwt)
+
+        r = await scene.get(token)
+        if statuses:
+            self.assertIn(r.status, statuses, r.body)
+        else:
+            self.assertEqual(r.status, status, r.body)
+        self.assertError(r)
+        if r.status == 503:
+            self.assertTrue(r.header(b"retry-after"),
+                            "503 without Retry-After")
+        self.assertEqual(scene.api.requests, [],
+                         "a request reached the API on a failed introspection")
+        calls = scene.ts.calls
+        self.assertGreaterEqual(calls, 1)
+
+        scene.ts.behaviour = None  # recovered: answers active with `jwt`
+        r = await scene.get(token)
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(scene.ts.calls, calls + 1,
+                         "the failure was cached (or the retry skipped)")
+        self.assertEqual(len(scene.api.requests), 1)
+        self.assertEqual(scene.api.requests[0].header(b"authorization"),
+                         [b"Bearer " + jwt.encode()])
+        return scene
+
+    def assertError(self, r):
+        """DESIGN section 2: error bodies are small JSON, never stored."""
+        self.assertEqual(r.first(b"cache-control"), b"no-store")
+        doc = json.loads(r.body)
+        self.assertIsInstance(doc.get("error"), str)
+        self.assertLess(len(r.body), 1024)
+
+
+def case(make_behaviour, status, response="jwt", statuses=None):
+    @async_test
+    async def test(self):
+        await self.check_fault(make_behaviour, status, response, statuses)
+    return test
+
+
+class StatusFaults(FailClosed):
+    """Non-success statuses: 5xx and our credentials refused are 502; the
+    service's own 503 is passed on as 503 with Retry-After."""
+
+    test_500 = case(lambda t, j: Reply(500, body=b"internal"), 502)
+    test_502 = case(lambda t, j: Reply(502, body=b"bad gateway"), 502)
+    test_503 = case(lambda t, j: Reply(
+        503, ((b"Retry-After", b"7"),), b"busy"), 503)
+    test_503_without_retry_after = case(
+        lambda t, j: Reply(503, body=b"busy"), 503)
+    test_401_to_our_credentials = case(lambda t, j: Reply(
+        401, ((b"WWW-Authenticate", b'Basic realm="x"'),), b"no"), 502)
+    test_403_to_our_credentials = case(lambda t, j: Reply(403, body=b"no"),
+                                       502)
+    test_404_wrong_url = case(lambda t, j: Reply(404, body=b"not found"), 502)
+    test_400 = case(lambda t, j: Reply(
+        400, ((b"Content-Type", b"application/json"),),
+        b'{"error":"invalid_request"}'), 502)
+    test_500_with_a_jwt_body = case(
+        lambda t, j: Reply(500, JWT_TYPE, j.encode()), 502)
+
+
+class BodyFaults(FailClosed):
+    """200 answers that cannot be understood are 502, never forwarded."""
+
+    test_empty_200 = case(lambda t, j: Reply(200, JWT_TYPE, b""), 502)
+    test_truncated_body = case(lambda t, j: Raw(response_head(
+        200, JWT_TYPE + ((b"Content-Length", len(j) + 100),)) + j.encode(),
+        then="close"), 502)
+    test_truncated_chunked_body = case(lambda t, j: Raw(response_head(
+        200, JWT_TYPE + ((b"Transfer-Encoding", b"chunked"),))
+        + b"%x\r\n%s\r\n" % (len(j) // 2, j[:len(j) // 2].encode()),
+        then="close"), 502)
+    test_reset_mid_answer = case(lambda t, j: Raw(response_head(
+        200, JWT_TYPE + ((b"Content-Length", len(j)),)) + j[:20].encode(),
+        then="reset"), 502)
+    test_closed_without_answer = case(lambda t, j: Raw(b"", then="close"),
+                                      502)
+    test_reset_without_answer = case(lambda t, j: Raw(b"", then="reset"),
+                                     502)
+    test_garbage_status_line = case(
+        lambda t, j: Raw(b"HTTP/1.1 2OO fine\r\n\r\n" + j.encode()), 502)
+    test_body_larger_than_max_response_bytes = case(
+        lambda t, j: jwt_reply(make_jwt({"pad": "p" * 8000})), 502)
+    test_endless_chunked_body = case(lambda t, j: Stream(
+        total=None, chunked=True, headers=JWT_TYPE, block=1024), 502)
+    test_wrong_content_type = case(lambda t, j: Reply(
+        200, ((b"Content-Type", b"text/html"),),
+        b"<html><body>Please log in</body></html>"), 502)
+    test_not_a_jwt = case(lambda t, j: Reply(200, JWT_TYPE, b"not-a-jwt"),
+                          502)
+    test_jwt_with_unreadable_payload = case(lambda t, j: Reply(
+        200, JWT_TYPE, b"eyJhbGciOiJSUzI1NiJ9.%%%%.c2ln"), 502)
+    test_jwt_with_non_json_payload = case(lambda t, j: Reply(
+        200, JWT_TYPE, b"eyJhbGciOiJSUzI1NiJ9.bm90IGpzb24.c2ln"), 502)
+    # DESIGN is silent between 401 (expired) and 502 (unusable answer);
+    # either fails closed.  Forwarding it, or caching it, does not.
+    test_expired_jwt = case(lambda t, j: jwt_reply(make_jwt(
+        lifetime=-600)), None, statuses=(401, 502))
+    test_not_yet_valid_jwt = case(lambda t, j: jwt_reply(make_jwt(
+        {"nbf": 4102444800, "exp": 4102448400})), None, statuses=(401, 502))
+
+
+class PhantomTokenJSONFaults(FailClosed):
+    """``response = phantom_token``: the JSON must be RFC 7662 with a
+    boolean ``active`` and, when active, a ``phantom_token``."""
+
+    test_invalid_json = case(lambda t, j: json_reply(b'{"active": tru'),
+                             502, response="phantom_token")
+    test_json_not_an_object = case(lambda t, j: json_reply(b'[true]'),
+                                   502, response="phantom_token")
+    test_active_missing = case(lambda t, j: json_reply(
+        {"phantom_token": j, "sub": "x"}), 502, response="phantom_token")
+    test_active_not_a_boolean = case(lambda t, j: json_reply(
+        {"active": "true", "phantom_token": j}), 502,
+        response="phantom_token")
+    test_active_one = case(lambda t, j: json_reply(
+        {"active": 1, "phantom_token": j}), 502, response="phantom_token")
+    test_active_without_phantom_token = case(lambda t, j: json_reply(
+        {"active": True, "sub": "x"}), 502, response="phantom_token")
+    test_phantom_token_not_a_jwt = case(lambda t, j: json_reply(
+        {"active": True, "phantom_token": "opaque-again"}), 502,
+        response="phantom_token")
+
+
+class SlowFaults(FailClosed):
+    """Too slow is 504 after ``[introspection] timeout`` (0.5 s here), even
+    when bytes keep trickling in faster than any per-read timer."""
+
+    test_accept_and_never_answer = case(lambda t, j: Hang(), 504)
+    test_head_one_byte_at_a_time = case(lambda t, j: Dribble(
+        response_head(200, JWT_TYPE + ((b"Content-Length", len(j)),))
+        + j.encode(), interval=0.1), 504)
+    test_body_one_byte_at_a_time = case(lambda t, j: Dribble(
+        j.encode(), interval=0.1, prefix=response_head(
+            200, JWT_TYPE + ((b"Content-Length", len(j)),))), 504)
+
+
+class GoodButUnusualAnswers(unittest.TestCase):
+    """Valid answers in less common framing must work (Curity's nginx module
+    crashes without Content-Length; DESIGN section 6)."""
+
+    timeout = 10
+
+    async def forwarded(self, make_behaviour):
+        scene = await Scene.build(self, reactor)
+        token, jwt = scene.good_token()
+        scene.ts.behaviour = make_behaviour(jwt)
+        r = await scene.get(token)
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(scene.api.requests[0].header(b"authorization"),
+                         [b"Bearer " + jwt.encode()])
+
+    @async_test
+    async def test_chunked_jwt(self):
+        await self.forwarded(lambda j: Raw(response_head(
+            200, JWT_TYPE + ((b"Transfer-Encoding", b"chunked"),
+                             (b"Cache-Control", b"max-age=60")))
+            + b"".join(b"%x\r\n%s\r\n" % (len(p), p.encode())
+                       for p in (j[:10], j[10:])) + b"0\r\n\r\n",
+            then="keep"))
+
+    @async_test
+    async def test_body_delimited_by_close(self):
+        await self.forwarded(lambda j: Raw(response_head(
+            200, JWT_TYPE + ((b"Connection", b"close"),)) + j.encode(),
+            then="close"))
+
+    @async_test
+    async def test_jwt_content_type_with_parameters(self):
+        await self.forwarded(lambda j: jwt_reply(
+            j, content_type=b"application/jwt; charset=utf-8"))
+
+
+class InactiveTokens(unittest.TestCase):
+    timeout = 10
+
+    async def rejected(self, scene, token):
+        r = await scene.get(token)
+        self.assertEqual(r.status, 401, r.body)
+        challenge = r.first(b"www-authenticate", b"")
+        self.assertTrue(challenge.lower().startswith(b"bearer "), challenge)
+        self.assertIn(b'error="invalid_token"', challenge)
+        self.assertEqual(scene.api.requests, [])
+
+    @async_test
+    async def test_204_is_401_and_remembered(self):
+        """A client hammering a bad token does not hammer the token
+        service (DESIGN section 4, capped by negative_ttl)."""
+        scene = await Scene.build(self, reactor)
+        scene.ts.default = Reply(204, ((b"Cache-Control", b"max-age=60"),))
+        token = new_token()
+        await self.rejected(scene, token)
+        await self.rejected(scene, token)
+        self.assertEqual(scene.ts.calls_for(token), 1)
+
+    @async_test
+    async def test_204_no_store_is_asked_again(self):
+        scene = await Scene.build(self, reactor)
+        token = new_token()  # the default answer is 204 no-store
+        await self.rejected(scene, token)
+        await self.rejected(scene, token)
+        self.assertEqual(scene.ts.calls_for(token), 2)
+
+    @async_test
+    async def test_active_false_json(self):
+        scene = await Scene.build(self, reactor, response="phantom_token")
+        scene.ts.default = json_reply({"active": False}, "no-store")
+        await self.rejected(scene, new_token())
+
+
+class Unreachable(unittest.TestCase):
+    timeout = 10
+
+    @async_test
+    async def test_refused_then_back(self):
+        """Nothing listening: 502; when it listens again (same port), the
+        same token works, so the failure was not remembered."""
+        scene = await Scene.build(self, reactor)
+        token, jwt = scene.good_token()
+        port = scene.ts.portnum
+        await scene.ts.stop()
+        r = await scene.get(token)
+        self.assertEqual(r.status, 502, r.body)
+        self.assertEqual(scene.api.requests, [])
+        scene.ts.listen(port)
+        r = await scene.get(token)
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(scene.ts.calls_for(token), 1)
+
+    @async_test
+    async def test_hung_introspection_connection_is_not_reused(self):
+        """After a timeout, the hung token-service connection is closed,
+        not returned to the pool where the next request would wait on it."""
+        scene = await Scene.build(self, reactor)
+        token, jwt = scene.good_token()
+        scene.ts.behaviour = Hang()
+        r = await scene.get(token)
+        self.assertEqual(r.status, 504, r.body)
+        self.assertTrue(await wait_for(
+            reactor, lambda: not scene.ts.connections, 2.0),
+            "the timed-out connection to the token service is still open")
+        scene.ts.behaviour = None
+        r = await scene.get(token)
+        self.assertEqual(r.status, 200, r.body)
+

@@ -1,0 +1,191 @@
+"""The API misbehaves; clients get 502/504 or a visibly broken response,
+phantomd's memory stays bounded and no upstream connection is leaked.
+
+Timeouts here: ``upstream_timeout = 1``, ``upstream_connect_timeout = 1``.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from .fakes import (
+    Hang, Raw, Reply, Scene, Stream, async_test, closed_port, connect_raw,
+    exchange, request_bytes, response_head, wait_for,
+)
+
+MB = 1 << 20
+
+
+class UpstreamFaults(unittest.TestCase):
+    timeout = 15
+
+    async def scene(self, **kw):
+        self.s = await Scene.build(self, reactor, **kw)
+        self.token, self.jwt = self.s.good_token()
+        return self.s
+
+    async def status_for(self, behaviour):
+        self.s.api.behaviour = behaviour
+        r = await self.s.get(self.token)
+        return r
+
+    def assertError(self, r, status):
+        self.assertEqual(r.status, status, r.body)
+        self.assertEqual(r.first(b"cache-control"), b"no-store")
+
+    async def recovers(self):
+        self.s.api.behaviour = None
+        r = await self.s.get(self.token)
+        self.assertEqual(r.status, 200, r.body)
+
+    @async_test
+    async def test_refused_is_502(self):
+        await self.scene(api_port=closed_port(reactor))
+        self.assertError(await self.s.get(self.token), 502)
+
+    @async_test
+    async def test_closed_without_answer_is_502(self):
+        await self.scene()
+        self.assertError(await self.status_for(Raw(b"", then="close")), 502)
+        await self.recovers()
+
+    @async_test
+    async def test_reset_without_answer_is_502(self):
+        await self.scene()
+        self.assertError(await self.status_for(Raw(b"", then="reset")), 502)
+        await self.recovers()
+
+    @async_test
+    async def test_reset_mid_head_is_502(self):
+        await self.scene()
+        self.assertError(await self.status_for(
+            Raw(b"HTTP/1.1 200 OK\r\nContent-Ty", then="reset")), 502)
+        await self.recovers()
+
+    @async_test
+    async def test_garbage_answer_is_502(self):
+        await self.scene()
+        self.assertError(await self.status_for(
+            Raw(b"SSH-2.0-OpenSSH_9.6\r\n\r\n", then="close")), 502)
+        await self.recovers()
+
+    @async_test
+    async def test_hang_past_upstream_timeout_is_504(self):
+        await self.scene()
+        self.assertError(await self.status_for(Hang()), 504)
+        await self.recovers()
+
+    @async_test
+    async def test_reset_mid_body_is_not_a_complete_response(self):
+        """The head has gone to the client already; the only honest thing
+        left is to break the client connection, so the client sees a
+        truncated response -- never a complete-looking one."""
+        await self.scene()
+        for chunked in (True, False):
+            self.s.api.behaviour = Stream(total=4 * MB, chunked=chunked,
+                                          reset_after=256 * 1024)
+            client = await exchange(reactor, self.s.front, request_bytes(
+                token=self.token), 5.0)
+            self.assertFalse(client.aborted_by_us,
+                             "client connection left open after the "
+                             "upstream reset (chunked=%s)" % chunked)
+            complete = client.responses()
+            if complete:  # a 502 is fine if nothing had been sent yet
+                self.assertEqual([r.status for r in complete], [502])
+        await self.recovers()
+
+    @async_test
+    async def test_stall_mid_body_does_not_hold_the_client_forever(self):
+        await self.scene()
+        self.s.api.behaviour = Raw(response_head(
+            200, [(b"Content-Length", 1000)]) + b"x" * 100, then="hang")
+        client = await exchange(reactor, self.s.front, request_bytes(
+            token=self.token), 6.0)
+        self.assertFalse(client.aborted_by_us, "client still waiting 6 s "
+                         "after the upstream stalled (upstream_timeout=1)")
+        self.assertEqual(client.responses(), [])
+        self.assertTrue(await wait_for(
+            reactor, lambda: not self.s.api.connections, 2.0),
+            "the stalled upstream connection was not closed")
+
+    @async_test
+    async def test_buffering_is_bounded_when_client_does_not_read(self):
+        """The API offers 256 MB; the client reads nothing.  With
+        backpressure, the API can only fill socket buffers (a few MB each
+        on loopback) plus phantomd's bounded buffers; without it, phantomd
+        reads all 256 MB into memory."""
+        await self.scene(phantomd={"upstream_timeout": "30",
+                                   "idle_timeout": "30"})
+        self.s.api.behaviour = Stream(total=256 * MB, chunked=True)
+        client = await connect_raw(reactor, self.s.front)
+        self.addCleanup(lambda: client.is_closed or
+                        client.transport.abortConnection())
+        client.transport.pauseProducing()  # never read
+        client.send(request_bytes(token=self.token))
+
+        last = [-1]
+
+        def stalled():
+            if self.s.api.written == last[0] and last[0] > 0:
+                return True
+            last[0] = self.s.api.written
+            return False
+        await wait_for(reactor, stalled, 10.0, interval=0.5)
+        written = self.s.api.written
+        self.assertLess(written, 64 * MB,
+                        "phantomd accepted %d MB from the API for a client "
+                        "that read nothing" % (written // MB))
+        client.transport.abortConnection()
+        self.assertTrue(await wait_for(
+            reactor, lambda: not self.s.api.connections, 3.0),
+            "the upstream connection outlived the client")
+
+    @async_test
+    async def test_client_disconnect_mid_response_closes_upstream(self):
+        """An endless response cannot be finished and pooled, so when the
+        client goes away the upstream connection must be closed."""
+        await self.scene(phantomd={"upstream_timeout": "30"})
+        self.s.api.behaviour = Stream(total=None, chunked=True)
+        client = await connect_raw(reactor, self.s.front)
+        client.send(request_bytes(token=self.token))
+        got = await wait_for(reactor, lambda: len(client.received) > MB, 5.0)
+        self.assertTrue(got, "the streamed response never arrived")
+        self.assertEqual(len(self.s.api.connections), 1)
+        client.transport.abortConnection()
+        self.assertTrue(await wait_for(
+            reactor, lambda: not self.s.api.connections, 3.0),
+            "upstream connection leaked after the client disconnected")
+        await self.recovers()
+
+    @async_test
+    async def test_client_disconnect_while_upstream_hangs(self):
+        await self.scene(phantomd={"upstream_timeout": "30"})
+        self.s.api.behaviour = Hang()
+        client = await connect_raw(reactor, self.s.front)
+        client.send(request_bytes(token=self.token))
+        await wait_for(reactor, lambda: self.s.api.requests, 3.0)
+        self.assertEqual(len(self.s.api.connections), 1)
+        client.transport.abortConnection()
+        self.assertTrue(await wait_for(
+            reactor, lambda: not self.s.api.connections, 3.0),
+            "upstream connection leaked after the client disconnected")
+
+    @async_test
+    async def test_many_sequential_requests_reuse_few_connections(self):
+        """Completed responses release their connection to the pool: 30
+        sequential requests do not need 30 upstream connections."""
+        await self.scene()
+        for _ in range(30):
+            r = await self.s.get(self.token)
+            self.assertEqual(r.status, 200)
+        self.assertLessEqual(self.s.api.connections_made, 3)
+
+    @async_test
+    async def test_upstream_error_statuses_pass_through(self):
+        """The API's own errors are its answer, not phantomd's."""
+        await self.scene()
+        for status in (500, 503, 404):
+            r = await self.status_for(Reply(status, body=b"api says no"))
+            self.assertEqual(r.status, status)
+            self.assertEqual(r.body, b"api says no")
