@@ -1,0 +1,198 @@
+"""The admin listener: /metrics, /healthz, /readyz, the JWKS, readiness."""
+
+import treq
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter
+from treq.testing import StubTreq
+from twisted.internet import reactor
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.client import HTTPConnectionPool
+
+from phantomd.admin import Readiness, make_admin_site
+from phantomd.metrics import Metrics
+
+JWKS = b'{"keys":[{"kty":"OKP","crv":"Ed25519","x":"abc","kid":"k1"}]}'
+
+
+def always_ready():
+    return True, "ok"
+
+
+class AdminSiteTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.metrics = Metrics()
+        self.ready = (True, "ok")
+        self.jwks_calls = 0
+
+    def jwks(self):
+        self.jwks_calls += 1
+        return JWKS
+
+    def client(self, **kwargs):
+        kwargs.setdefault("jwks", self.jwks)
+        site = make_admin_site(self.clock, self.metrics,
+                               lambda: self.ready, **kwargs)
+        return StubTreq(site.resource)
+
+    def fetch(self, stub, path, method="GET"):
+        response = self.successResultOf(
+            stub.request(method, "http://admin" + path))
+        return response, self.successResultOf(response.content())
+
+    def test_metrics_shows_known_traffic(self):
+        self.metrics.request_answered(200)
+        self.metrics.request_answered(204)
+        self.metrics.request_answered(503)
+        self.metrics.coalesced.inc(7)
+        self.metrics.cache_entries.set(42)
+        response, body = self.fetch(self.client(), "/metrics")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders("content-type"),
+                         [CONTENT_TYPE_LATEST])
+        lines = body.decode().splitlines()
+        for line in ['phantomd_requests_total{code="2xx"} 2.0',
+                     'phantomd_requests_total{code="5xx"} 1.0',
+                     'phantomd_requests_total{code="4xx"} 0.0',
+                     "phantomd_coalesced_requests_total 7.0",
+                     "phantomd_cache_entries 42.0"]:
+            self.assertIn(line, lines)
+
+    def test_metrics_from_another_registry(self):
+        registry = CollectorRegistry()
+        Counter("phantomd_workers_aggregated", "x", registry=registry).inc(3)
+        _, body = self.fetch(self.client(registry=registry), "/metrics")
+        self.assertIn("phantomd_workers_aggregated_total 3.0",
+                      body.decode().splitlines())
+        self.assertNotIn(b"phantomd_requests_total", body)
+
+    def test_healthz(self):
+        self.ready = (False, "listeners are not up yet")
+        response, body = self.fetch(self.client(), "/healthz")
+        self.assertEqual((response.code, body), (200, b"ok\n"))
+
+    def test_readyz(self):
+        stub = self.client()
+        response, body = self.fetch(stub, "/readyz")
+        self.assertEqual((response.code, body), (200, b"ok\n"))
+        self.ready = (False, "token service down")
+        response, body = self.fetch(stub, "/readyz")
+        self.assertEqual((response.code, body), (503, b"token service down\n"))
+
+    def test_readyz_when_the_check_raises(self):
+        site = make_admin_site(self.clock, self.metrics, lambda: 1 / 0)
+        response, body = self.fetch(StubTreq(site.resource), "/readyz")
+        self.assertEqual(response.code, 503)
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_jwks(self):
+        response, body = self.fetch(self.client(), "/.well-known/jwks.json")
+        self.assertEqual((response.code, body), (200, JWKS))
+        self.assertEqual(response.headers.getRawHeaders("cache-control"),
+                         ["max-age=300"])
+        self.assertEqual(response.headers.getRawHeaders("content-type"),
+                         ["application/json"])
+
+    def test_jwks_at_a_configured_path(self):
+        stub = self.client(jwks_path="/keys")
+        response, body = self.fetch(stub, "/keys")
+        self.assertEqual((response.code, body), (200, JWKS))
+        response, _ = self.fetch(stub, "/.well-known/jwks.json")
+        self.assertEqual(response.code, 404)
+
+    def test_no_jwks_callable_means_404(self):
+        response, _ = self.fetch(self.client(jwks=None),
+                                 "/.well-known/jwks.json")
+        self.assertEqual(response.code, 404)
+
+    def test_unknown_paths_are_404(self):
+        stub = self.client()
+        for path in ["/", "/metrics/", "/metricsx", "/healthz/x", "/admin"]:
+            with self.subTest(path):
+                response, _ = self.fetch(stub, path)
+                self.assertEqual(response.code, 404)
+
+    def test_query_string_is_ignored(self):
+        response, _ = self.fetch(self.client(), "/healthz?verbose=1")
+        self.assertEqual(response.code, 200)
+
+    def test_other_methods_are_405(self):
+        response, _ = self.fetch(self.client(), "/metrics", method="POST")
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders("allow"),
+                         ["GET, HEAD"])
+
+
+class ReadinessTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.readiness = Readiness(self.clock, window=60)
+
+    def test_not_ready_before_listening(self):
+        self.assertEqual(self.readiness(),
+                         (False, "listeners are not up yet"))
+
+    def test_ready_when_listening_and_token_service_not_asked_yet(self):
+        self.readiness.mark_listening()
+        self.assertEqual(self.readiness(), (True, "ok"))
+
+    def test_not_ready_when_every_attempt_in_the_window_failed(self):
+        r = self.readiness
+        r.mark_listening()
+        r.token_service_ok()
+        self.clock.advance(30)
+        r.token_service_failed()
+        self.assertTrue(r()[0], "an answer 30 s ago is within the window")
+        self.clock.advance(30)
+        r.token_service_failed()
+        ready, reason = r()
+        self.assertFalse(ready)
+        self.assertIn("last 60 s failed", reason)
+
+    def test_one_good_answer_makes_it_ready_again(self):
+        r = self.readiness
+        r.mark_listening()
+        r.token_service_failed()
+        self.assertFalse(r()[0])
+        self.clock.advance(5)
+        r.token_service_ok()
+        self.assertEqual(r(), (True, "ok"))
+
+    def test_old_failures_with_no_attempt_since_are_forgotten(self):
+        r = self.readiness
+        r.mark_listening()
+        r.token_service_failed()
+        self.clock.advance(59.9)
+        self.assertFalse(r()[0])
+        self.clock.advance(0.1)
+        self.assertEqual(r(), (True, "ok"))
+
+    def test_window_must_be_positive(self):
+        self.assertRaises(ValueError, Readiness, self.clock, window=0)
+
+
+class LoopbackTests(TestCase):
+    """The admin site on a real socket, as Prometheus would scrape it."""
+
+    def setUp(self):
+        self.metrics = Metrics()
+        site = make_admin_site(reactor, self.metrics, always_ready,
+                               jwks=lambda: JWKS)
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.addCleanup(self.pool.closeCachedConnections)
+        self.base = "http://127.0.0.1:%d" % self.port.getHost().port
+
+    async def test_scrapes_see_live_values(self):
+        for expected in (1, 2):
+            self.metrics.request_answered(201)
+            response = await treq.get(self.base + "/metrics", pool=self.pool)
+            self.assertEqual(response.code, 200)
+            body = await response.text()
+            self.assertIn('phantomd_requests_total{code="2xx"} %d.0'
+                          % expected, body.splitlines())
+        response = await treq.get(self.base + "/readyz", pool=self.pool)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(await response.text(), "ok\n")
