@@ -1,0 +1,464 @@
+"""``[phantomd] workers = N``: one process per core behind the same ports.
+
+The parent process (``Supervisor``) binds every client listener once (or
+takes systemd's sockets), stops accepting on them itself, and starts N
+worker processes that inherit the listening descriptors and adopt them
+(``reactor.adoptStreamPort``): the kernel spreads connections between them.
+Each worker is a full ``twistd phantomd`` with its own cache; only the parent
+talks to systemd, serves ``/metrics`` and restarts workers that die.
+
+Why each piece is shaped as it is:
+
+* Metrics: prometheus_client's multiprocess mode.  Workers write their
+  samples to files in a private directory (``PROMETHEUS_MULTIPROC_DIR``);
+  the parent's metrics listener renders them with ``MultiProcessCollector``.
+  A dead worker's live gauges are removed (``mark_process_dead``, and its
+  ``gauge_all`` file, so its cache size stops counting); its counters stay,
+  so totals never go backwards.
+* Readiness: workers tell the parent through their own ``NOTIFY_SOCKET``
+  (a datagram socket in the same private directory); the parent sends
+  READY=1 to systemd only when every worker is serving, after start and
+  after each reload, so ``NotifyAccess=main`` is enough.
+* Signals: SIGHUP is checked by the parent first (a bad file is refused
+  once, in one log line, and workers are not disturbed), then forwarded;
+  SIGTERM is forwarded and the parent waits for every worker to drain.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from typing import Callable, Mapping, Optional, Sequence
+
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import (
+    AdoptedStreamServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint,
+    UNIXServerEndpoint, serverFromString)
+from twisted.logger import Logger
+
+from phantomd import config as configmod
+from phantomd.sdnotify import Notifier
+
+log = Logger()
+
+# Environment of a worker: "fd:family,fd:family" of its listening sockets.
+WORKER_FDS = "PHANTOMD_WORKER_FDS"
+WORKER_INDEX = "PHANTOMD_WORKER"
+_FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6,
+             "UNIX": socket.AF_UNIX}
+_SHAREABLE = (TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint,
+              AdoptedStreamServerEndpoint)
+
+
+# -- the worker side ------------------------------------------------------------
+
+def is_worker(environ: Mapping[str, str]) -> bool:
+    return WORKER_FDS in environ
+
+
+def inherited_fds(environ: Mapping[str, str]) -> list[tuple[int, int]]:
+    """(descriptor, address family) pairs the parent passed to this worker."""
+    out = []
+    for item in environ.get(WORKER_FDS, "").split(","):
+        if item:
+            fd, _, family = item.partition(":")
+            out.append((int(fd), _FAMILIES[family]))
+    return out
+
+
+def worker_config(path: str) -> configmod.Config:
+    """The config as a worker sees it: no metrics listener of its own (the
+    parent serves every worker's metrics on the one configured address)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise configmod.ConfigError(path, "", None, "cannot read: %s" % (
+            getattr(e, "strerror", None) or e))
+    return configmod.parse(source, path, overrides={"metrics": {"listen": ""}})
+
+
+def adopt(reactor, factory, environ: Mapping[str, str]) -> list:
+    """Listening ports for ``factory`` on the inherited descriptors.
+
+    ``adoptStreamPort`` duplicates the descriptor, so the original is closed
+    here; the socket stays open in the parent and the other workers.
+    """
+    ports = []
+    for fd, family in inherited_fds(environ):
+        ports.append(reactor.adoptStreamPort(fd, family, factory))
+        os.close(fd)
+    return ports
+
+
+# -- the pool of worker processes ----------------------------------------------
+
+class _WorkerProtocol(protocol.ProcessProtocol):
+    def __init__(self, pool: "WorkerPool", slot: int) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.pid: Optional[int] = None  # the transport forgets it at exit
+
+    def processEnded(self, reason) -> None:
+        self.pool._ended(self, reason)
+
+
+class WorkerPool:
+    """Keeps ``count`` worker processes running.
+
+    A worker that exits while the pool runs is started again after a delay
+    that doubles (``backoff`` up to ``max_backoff`` seconds) each time a
+    worker in that slot dies within ``stable_after`` seconds of starting, so
+    a worker that cannot start does not spin the CPU; the delay resets once
+    a worker has lived ``stable_after`` seconds.  At most one process and one
+    pending restart exist per slot, so the pool holds at most ``count`` of
+    each.  ``on_exit(pid)`` runs for every worker that ended.
+    """
+
+    def __init__(self, reactor, count: int, argv: Sequence[str],
+                 env: Mapping[str, str], child_fds: Mapping[int, int],
+                 backoff: float = 0.5, max_backoff: float = 30.0,
+                 stable_after: float = 10.0,
+                 on_exit: Callable[[int], None] = lambda pid: None,
+                 path: Optional[str] = None) -> None:
+        self.reactor = reactor
+        self.count = count
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.child_fds = {0: 0, 1: 1, 2: 2, **child_fds}
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.stable_after = stable_after
+        self.on_exit = on_exit
+        self.path = path
+        self.running = False
+        self.restarts = 0
+        self._procs: dict[int, tuple[_WorkerProtocol, float]] = {}
+        self._failures = [0] * count
+        self._pending: dict[int, object] = {}
+        self._waiters: list[defer.Deferred] = []
+        self._kill_timer = None
+
+    def pids(self) -> list[int]:
+        return sorted(p.pid for p, _ in self._procs.values() if p.pid)
+
+    def __len__(self) -> int:
+        return len(self._procs)
+
+    def start(self) -> None:
+        self.running = True
+        for slot in range(self.count):
+            self._spawn(slot)
+
+    def _spawn(self, slot: int) -> None:
+        self._pending.pop(slot, None)
+        if not self.running:
+            return
+        proto = _WorkerProtocol(self, slot)
+        env = dict(self.env)
+        env[WORKER_INDEX] = str(slot)
+        self.reactor.spawnProcess(proto, self.argv[0], self.argv, env=env,
+                                  path=self.path, childFDs=self.child_fds)
+        proto.pid = proto.transport.pid
+        self._procs[slot] = (proto, self.reactor.seconds())
+        log.info("worker {slot} started (pid {pid})", slot=slot,
+                 pid=proto.pid)
+
+    def _ended(self, proto: _WorkerProtocol, reason) -> None:
+        slot = proto.slot
+        current = self._procs.get(slot)
+        pid = proto.pid
+        if current is None or current[0] is not proto:
+            return
+        del self._procs[slot]
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        if pid:
+            self.on_exit(pid)
+        if not self.running:
+            if not self._procs:
+                self._all_stopped()
+            return
+        lived = self.reactor.seconds() - current[1]
+        if lived >= self.stable_after:
+            self._failures[slot] = 0
+        self._failures[slot] += 1
+        delay = min(self.max_backoff,
+                    self.backoff * 2 ** (self._failures[slot] - 1))
+        log.error("worker {slot} (pid {pid}) exited (code {code}, signal "
+                  "{signal}); starting a new one in {delay:.1f}s",
+                  slot=slot, pid=pid, code=code, signal=sig, delay=delay)
+        self.restarts += 1
+        self._pending[slot] = self.reactor.callLater(delay, self._spawn, slot)
+
+    def signal_all(self, signum: int) -> None:
+        """Send ``signum`` to every live worker (a gone one is skipped)."""
+        for proto, _ in list(self._procs.values()):
+            try:
+                proto.transport.signalProcess(signum)
+            except Exception:  # ProcessExitedAlready, OSError
+                pass
+
+    def stop(self, signum: int = signal.SIGTERM,
+             timeout: float = 30.0) -> defer.Deferred:
+        """Send ``signum`` to every worker; fire when all have exited.
+
+        Workers still alive after ``timeout`` seconds are killed (SIGKILL).
+        No worker is restarted from here on.
+        """
+        first = self.running or self._pending
+        self.running = False
+        for call in self._pending.values():
+            if call.active():
+                call.cancel()
+        self._pending.clear()
+        if not self._procs:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._waiters.append(d)
+        if first:
+            self.signal_all(signum)
+            self._kill_timer = self.reactor.callLater(
+                timeout, self._kill_remaining, timeout)
+        return d
+
+    def _kill_remaining(self, timeout: float) -> None:
+        self._kill_timer = None
+        log.warn("{n} worker(s) still running {timeout}s after the stop "
+                 "signal; killing them", n=len(self._procs), timeout=timeout)
+        self.signal_all(signal.SIGKILL)
+
+    def _all_stopped(self) -> None:
+        if self._kill_timer is not None and self._kill_timer.active():
+            self._kill_timer.cancel()
+        self._kill_timer = None
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+
+# -- readiness relay ------------------------------------------------------------
+
+class ReadinessRelay(protocol.DatagramProtocol):
+    """Counts READY=1 datagrams from workers on the parent's notify socket.
+
+    ``expect(n, then)`` arms it: ``then()`` runs once ``n`` READY=1 have
+    arrived.  READY=1 while nothing is expected (a restarted worker) is only
+    counted in ``ready_total``.  Holds two integers, whatever arrives.
+    """
+
+    def __init__(self) -> None:
+        self.ready_total = 0
+        self._waiting = 0
+        self._then: Optional[Callable[[], None]] = None
+
+    def expect(self, n: int, then: Callable[[], None]) -> None:
+        self._waiting, self._then = n, then
+        if n <= 0:
+            self._fire()
+
+    def datagramReceived(self, data: bytes, addr) -> None:
+        if b"READY=1" not in data.split(b"\n"):
+            return
+        self.ready_total += 1
+        if self._then is not None:
+            self._waiting -= 1
+            if self._waiting <= 0:
+                self._fire()
+
+    def _fire(self) -> None:
+        then, self._then = self._then, None
+        if then is not None:
+            then()
+
+
+# -- the parent -----------------------------------------------------------------
+
+class UnshareableListener(Exception):
+    """A listener kind that workers cannot share (TLS is set up per port)."""
+
+
+def bind_shared(reactor, descriptions: Sequence[str]) -> defer.Deferred:
+    """Bind each endpoint in the parent and stop accepting on it there.
+
+    Fires with the listening ports (the parent keeps them open so workers
+    can be restarted on the same sockets), or fails on the first listener
+    that cannot bind (closing the others) or cannot be shared.
+    """
+    endpoints = []
+    for d in descriptions:
+        ep = serverFromString(reactor, d)
+        if not isinstance(ep, _SHAREABLE):
+            return defer.fail(UnshareableListener(
+                "listener %r cannot be shared by workers (workers > 1 supports "
+                "tcp:, tcp6:, unix: and systemd: listeners; terminate TLS in "
+                "front of phantomd or use workers = 1)" % d))
+        endpoints.append(ep)
+    results = defer.DeferredList(
+        [ep.listen(protocol.Factory()) for ep in endpoints],
+        consumeErrors=True)
+
+    def bound(results):
+        ports = [r for ok, r in results if ok]
+        failures = [r for ok, r in results if not ok]
+        if failures:
+            for p in ports:
+                p.stopListening()
+            return failures[0]
+        for p in ports:
+            p.stopReading()
+        return ports
+    return results.addCallback(bound)
+
+
+def _family_name(port) -> str:
+    family = getattr(port, "addressFamily", None)
+    for name, value in _FAMILIES.items():
+        if value == family:
+            return name
+    raise UnshareableListener("unknown address family %r" % (family,))
+
+
+def worker_argv(config_path: str) -> list[str]:
+    """twistd in the foreground, as the parent was, on the same ini."""
+    return [sys.executable, "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "--nodaemon", "--pidfile=", "phantomd", "--config",
+            os.path.abspath(config_path)]
+
+
+class Supervisor(service.Service):
+    """The parent process when ``[phantomd] workers`` is more than 1.
+
+    ``gateway_factory(reactor, config, admin_registry=...)`` builds the
+    parent's ``Gateway``, used only for its metrics listener: started with no
+    front ports, it serves ``/metrics`` from every worker's files.
+    """
+
+    def __init__(self, reactor, config: configmod.Config,
+                 environ: Mapping[str, str], gateway_factory=None,
+                 argv: Optional[Sequence[str]] = None,
+                 load: Callable[[str], configmod.Config] = configmod.load
+                 ) -> None:
+        self.reactor = reactor
+        self.config = config
+        self.environ = dict(environ)
+        self.notifier = Notifier(reactor, environ)
+        self._gateway_factory = gateway_factory
+        self._argv = list(argv) if argv else worker_argv(config.path)
+        self._load = load
+        self.ports: list = []
+        self.pool: Optional[WorkerPool] = None
+        self.gateway = None
+        self.relay = ReadinessRelay()
+        self._relay_port = None
+        self._dir: Optional[str] = None
+
+    def privilegedStartService(self) -> None:
+        failures: list = []
+        bind_shared(self.reactor, self.config.phantomd.listen).addCallbacks(
+            self.ports.extend, failures.append)
+        if failures:
+            failures[0].raiseException()
+        self._dir = tempfile.mkdtemp(prefix="phantomd-")
+        metrics_dir = os.path.join(self._dir, "metrics")
+        os.mkdir(metrics_dir)
+        self._metrics_dir = metrics_dir
+        self._relay_port = self.reactor.listenUNIXDatagram(
+            os.path.join(self._dir, "notify"), self.relay)
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=metrics_dir)
+        make = self._gateway_factory
+        if make is None:
+            from phantomd.app import Gateway as make
+        self.gateway = make(self.reactor, self.config, admin_registry=registry)
+        self.gateway.start(front_ports=[]).addErrback(failures.append)
+        if failures:
+            failures[0].raiseException()
+        super().privilegedStartService()
+
+    def _worker_env(self) -> dict[str, str]:
+        env = {k: v for k, v in self.environ.items()
+               if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
+                            "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")}
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(
+            [here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
+                      if p])
+        env["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
+        env["NOTIFY_SOCKET"] = os.path.join(self._dir, "notify")
+        first = 3
+        env[WORKER_FDS] = ",".join(
+            "%d:%s" % (first + i, _family_name(p))
+            for i, p in enumerate(self.ports))
+        return env
+
+    def startService(self) -> None:
+        super().startService()
+        first = 3
+        self.pool = WorkerPool(
+            self.reactor, self.config.phantomd.workers, self._argv,
+            self._worker_env(),
+            {first + i: p.fileno() for i, p in enumerate(self.ports)},
+            on_exit=self._worker_exited)
+        self.relay.expect(self.pool.count, lambda: self.notifier.ready(
+            "%d workers serving" % self.pool.count))
+        self.pool.start()
+        if hasattr(signal, "SIGHUP"):
+            self.reactor.addSystemEventTrigger(
+                "after", "startup", signal.signal, signal.SIGHUP,
+                lambda *_: self.reactor.callFromThread(self.reload))
+
+    def _worker_exited(self, pid: int) -> None:
+        from prometheus_client.multiprocess import mark_process_dead
+        mark_process_dead(pid, self._metrics_dir)
+        for f in glob.glob(os.path.join(self._metrics_dir,
+                                        "gauge_all_%d.db" % pid)):
+            os.remove(f)
+
+    def reload(self) -> None:
+        """Check the ini here; forward SIGHUP to workers only if it is good."""
+        self.notifier.reloading()
+        try:
+            new = self._load(self.config.path)
+            if self.gateway is not None:
+                self.gateway.reload(new)
+        except configmod.ConfigError as e:
+            log.error("reload refused, still running on the previous "
+                      "configuration: {error}", error=str(e))
+            self.notifier.ready("reload refused: %s" % e)
+            return
+        self.config = new
+        live = len(self.pool)
+        self.relay.expect(live, lambda: self.notifier.ready(
+            "%d workers serving (reloaded)" % live))
+        self.pool.signal_all(signal.SIGHUP)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        self.notifier.stopping("draining %d workers" % len(self.pool or ()))
+        timeout = self.config.phantomd.drain_timeout + 10
+        d = (self.pool.stop(signal.SIGTERM, timeout) if self.pool
+             else defer.succeed(None))
+
+        def cleanup(_):
+            for p in self.ports:
+                p.stopListening()
+            self.ports = []
+            if self._relay_port is not None:
+                self._relay_port.stopListening()
+            stopped = (self.gateway.stop() if self.gateway is not None
+                       else None)
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
+            self.notifier.close()
+            return stopped
+        return d.addCallback(cleanup)

@@ -1,0 +1,402 @@
+"""phantomd.workers: the worker pool, the readiness relay, shared listeners.
+
+The pool's logic runs on a fake process reactor; a few tests start real
+processes that inherit a real listening socket.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import textwrap
+
+import twisted.test
+from twisted.internet import defer, error, reactor
+from twisted.internet.task import Clock, deferLater
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from phantomd import config as configmod
+from phantomd import workers
+from phantomd.sdnotify import Notifier
+
+INI = """\
+[phantomd]
+listen = tcp:0:interface=127.0.0.1
+upstream = http://127.0.0.1:1
+workers = 2
+drain_timeout = 2
+[introspection]
+url = http://127.0.0.1:1/introspect
+client_id = gw
+client_secret = s3cret
+[metrics]
+listen = tcp:0:interface=127.0.0.1
+"""
+
+
+class FakeProcess:
+    def __init__(self, pid):
+        self.pid = pid
+        self.signals = []
+
+    def signalProcess(self, signum):
+        if self.pid is None:
+            raise error.ProcessExitedAlready()
+        self.signals.append(signum)
+
+
+class ProcessClock(Clock):
+    """A Clock that records spawnProcess calls instead of forking."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+        self._next_pid = 1000
+
+    def spawnProcess(self, proto, executable, args, env, path, childFDs):
+        self._next_pid += 1
+        proto.makeConnection(FakeProcess(self._next_pid))
+        self.spawned.append((proto, executable, args, env, childFDs))
+        return proto.transport
+
+
+def end(proto, code=1, sig=None):
+    reason = (error.ProcessDone(0) if code == 0 and sig is None
+              else error.ProcessTerminated(code, sig))
+    proto.processEnded(Failure(reason))
+
+
+class WorkerPoolTests(SynchronousTestCase):
+    def pool(self, count=2, **kw):
+        self.clock = ProcessClock()
+        self.exited = []
+        pool = workers.WorkerPool(
+            self.clock, count, ["/usr/bin/python3", "-c", "pass"],
+            {"KEEP": "1"}, {3: 7}, on_exit=self.exited.append, **kw)
+        pool.start()
+        return pool
+
+    def live(self):
+        return [p for p, *_ in self.clock.spawned]
+
+    def test_start_spawns_each_worker_with_the_listening_fds(self):
+        pool = self.pool(3)
+        self.assertEqual(len(pool), 3)
+        self.assertEqual(pool.pids(), [1001, 1002, 1003])
+        _, exe, args, env, fds = self.clock.spawned[1]
+        self.assertEqual((exe, args), ("/usr/bin/python3",
+                                       ["/usr/bin/python3", "-c", "pass"]))
+        self.assertEqual(env, {"KEEP": "1", workers.WORKER_INDEX: "1"})
+        self.assertEqual(fds, {0: 0, 1: 1, 2: 2, 3: 7})
+
+    def test_dead_worker_is_replaced_with_doubling_backoff(self):
+        pool = self.pool(1, backoff=0.5, max_backoff=2.0)
+        delays = []
+        for _ in range(4):
+            end(self.live()[-1], sig=signal.SIGKILL)
+            self.assertEqual(len(pool), 0)
+            before = len(self.clock.spawned)
+            delay = self.clock.getDelayedCalls()[0].getTime() - \
+                self.clock.seconds()
+            delays.append(delay)
+            self.clock.advance(delay)
+            self.assertEqual(len(self.clock.spawned), before + 1)
+        self.assertEqual(delays, [0.5, 1.0, 2.0, 2.0])
+        self.assertEqual(self.exited, [1001, 1002, 1003, 1004])
+        self.assertEqual(pool.restarts, 4)
+
+    def test_backoff_resets_after_a_stable_run(self):
+        self.pool(1, backoff=0.5, stable_after=10)
+        end(self.live()[-1])
+        self.clock.advance(0.5)
+        end(self.live()[-1])
+        self.clock.advance(1.0)
+        self.clock.advance(60)  # the third worker runs a long time
+        end(self.live()[-1])
+        [call] = self.clock.getDelayedCalls()
+        self.assertEqual(call.getTime() - self.clock.seconds(), 0.5)
+
+    def test_signal_forwarded_to_every_live_worker(self):
+        pool = self.pool(2)
+        pool.signal_all(signal.SIGHUP)
+        self.assertEqual([p.transport.signals for p in self.live()],
+                         [[signal.SIGHUP], [signal.SIGHUP]])
+
+    def test_stop_waits_for_every_worker_and_restarts_none(self):
+        pool = self.pool(2)
+        done = pool.stop(timeout=30)
+        self.assertEqual([p.transport.signals for p in self.live()],
+                         [[signal.SIGTERM], [signal.SIGTERM]])
+        end(self.live()[0], code=0)
+        self.assertNoResult(done)
+        end(self.live()[1], code=0)
+        self.successResultOf(done)
+        self.assertEqual(len(self.clock.spawned), 2)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_kills_workers_that_outlive_the_timeout(self):
+        pool = self.pool(1)
+        done = pool.stop(timeout=5)
+        self.clock.advance(5)
+        self.assertEqual(self.live()[0].transport.signals,
+                         [signal.SIGTERM, signal.SIGKILL])
+        end(self.live()[0], sig=signal.SIGKILL)
+        self.successResultOf(done)
+
+    def test_stop_cancels_a_pending_restart(self):
+        pool = self.pool(1)
+        end(self.live()[0])
+        self.successResultOf(pool.stop())
+        self.clock.advance(100)
+        self.assertEqual(len(self.clock.spawned), 1)
+
+
+class RelayTests(SynchronousTestCase):
+    def test_fires_once_all_expected_ready(self):
+        relay = workers.ReadinessRelay()
+        fired = []
+        relay.expect(2, lambda: fired.append(True))
+        relay.datagramReceived(b"STATUS=starting\n", None)
+        relay.datagramReceived(b"READY=1\n", None)
+        self.assertEqual(fired, [])
+        relay.datagramReceived(b"READY=1\nSTATUS=ok\n", None)
+        self.assertEqual(fired, [True])
+        relay.datagramReceived(b"READY=1\n", None)  # a restarted worker
+        self.assertEqual(fired, [True])
+        self.assertEqual(relay.ready_total, 3)
+
+    def test_expect_nothing_fires_now(self):
+        fired = []
+        workers.ReadinessRelay().expect(0, lambda: fired.append(1))
+        self.assertEqual(fired, [1])
+
+
+class WorkerSideTests(SynchronousTestCase):
+    def test_inherited_fds(self):
+        table = [
+            ({}, []),
+            ({workers.WORKER_FDS: ""}, []),
+            ({workers.WORKER_FDS: "3:INET"}, [(3, socket.AF_INET)]),
+            ({workers.WORKER_FDS: "3:INET6,4:UNIX"},
+             [(3, socket.AF_INET6), (4, socket.AF_UNIX)]),
+        ]
+        for env, expected in table:
+            self.assertEqual(workers.inherited_fds(env), expected, env)
+            self.assertEqual(workers.is_worker(env), workers.WORKER_FDS in env)
+
+    def test_worker_config_has_no_metrics_listener(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(INI)
+        self.assertNotEqual(configmod.load(path).metrics.listen, ())
+        cfg = workers.worker_config(path)
+        self.assertEqual(cfg.metrics.listen, ())
+        self.assertEqual(cfg.phantomd.workers, 2)
+
+    def test_worker_config_errors_name_the_file(self):
+        e = self.assertRaises(configmod.ConfigError, workers.worker_config,
+                              "/nonexistent/phantomd.ini")
+        self.assertIn("/nonexistent/phantomd.ini", str(e))
+
+
+class BindSharedTests(TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_binds_and_does_not_accept_in_the_parent(self):
+        [port] = yield workers.bind_shared(reactor,
+                                           ["tcp:0:interface=127.0.0.1"])
+        self.addCleanup(port.stopListening)
+        self.assertEqual(workers._family_name(port), "INET")
+        self.assertNotIn(port, reactor.getReaders())
+
+    def test_tls_listeners_are_refused(self):
+        pem = os.path.join(os.path.dirname(twisted.test.__file__),
+                           "server.pem")
+        f = self.failureResultOf(workers.bind_shared(
+            reactor, ["ssl:0:privateKey=%s:certKey=%s" % (pem, pem)]),
+            workers.UnshareableListener)
+        self.assertIn("workers = 1", str(f.value))
+
+    @defer.inlineCallbacks
+    def test_a_failed_bind_releases_the_others(self):
+        [taken] = yield workers.bind_shared(reactor,
+                                            ["tcp:0:interface=127.0.0.1"])
+        self.addCleanup(taken.stopListening)
+        busy = "tcp:%d:interface=127.0.0.1" % taken.getHost().port
+        with self.assertRaises(error.CannotListenError):
+            yield workers.bind_shared(
+                reactor, ["tcp:0:interface=127.0.0.1", busy])
+
+
+# A stand-in worker: serves its pid on the inherited socket and talks to the
+# parent's notify socket the way a phantomd worker does.
+FAKE_WORKER = textwrap.dedent("""\
+    import os, select, signal, socket, sys
+    fd, family = os.environ["PHANTOMD_WORKER_FDS"].split(",")[0].split(":")
+    listener = socket.socket(fileno=int(fd))
+    def notify(msg):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        s.sendto(msg, os.environ["NOTIFY_SOCKET"])
+        s.close()
+    signal.signal(signal.SIGHUP, lambda *a: notify(b"READY=1\\n"))
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    with open(os.path.join(os.environ["PROMETHEUS_MULTIPROC_DIR"],
+              "gauge_all_%d.db" % os.getpid()), "w"):
+        pass
+    notify(b"READY=1\\n")
+    while True:
+        try:
+            r, _, _ = select.select([listener], [], [], 5)
+        except InterruptedError:
+            continue
+        if r:
+            try:  # the socket is non-blocking and shared: another may win
+                conn, _ = listener.accept()
+            except BlockingIOError:
+                continue
+            conn.sendall(b"%d\\n" % os.getpid())
+            conn.close()
+    """)
+
+
+class FakeGateway:
+    def __init__(self, reactor, config, admin_registry=None):
+        self.registry = admin_registry
+        self.reloaded = []
+        self.stopped = False
+
+    def start(self, front_ports=None):
+        assert front_ports == []
+        return defer.succeed(self)
+
+    def reload(self, config):
+        self.reloaded.append(config)
+
+    def stop(self):
+        self.stopped = True
+        return defer.succeed(None)
+
+
+class SupervisorTests(TestCase):
+    """A real Supervisor with real child processes on loopback."""
+
+    timeout = 30
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="phantomd-wt-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.ini = os.path.join(self.tmp, "phantomd.ini")
+        with open(self.ini, "w") as f:
+            f.write(INI)
+        self.systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.addCleanup(self.systemd.close)
+        self.systemd.bind(os.path.join(self.tmp, "systemd-notify"))
+        self.systemd.setblocking(False)
+        script = os.path.join(self.tmp, "worker.py")
+        with open(script, "w") as f:
+            f.write(FAKE_WORKER)
+        self.sup = workers.Supervisor(
+            reactor, configmod.load(self.ini),
+            {"NOTIFY_SOCKET": self.systemd.getsockname(),
+             "PATH": os.environ.get("PATH", "")},
+            gateway_factory=FakeGateway, argv=[sys.executable, script])
+        self.sup.privilegedStartService()
+        self.sup.startService()
+        self.addCleanup(self._stop)
+
+    def _stop(self):
+        if self.sup.running:
+            return self.sup.stopService()
+
+    def notifications(self):
+        out = []
+        while True:
+            try:
+                out.append(self.systemd.recv(4096).decode())
+            except BlockingIOError:
+                return out
+
+    @defer.inlineCallbacks
+    def until(self, predicate, what):
+        for _ in range(200):
+            if predicate():
+                return
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.fail("timed out waiting for " + what)
+
+    def ask(self):
+        port = self.sup.ports[0].getHost().port
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            return int(s.makefile().readline())
+
+    @defer.inlineCallbacks
+    def test_ready_after_every_worker_then_serving_and_replacing(self):
+        seen = []
+        yield self.until(lambda: seen.extend(self.notifications()) or seen,
+                         "READY=1")
+        self.assertEqual(seen[0].splitlines()[0], "READY=1")
+        pids = self.sup.pool.pids()
+        self.assertEqual(len(pids), 2)
+        answers = yield deferToThreadAsk(self, 8)
+        self.assertTrue(set(answers) <= set(pids), (answers, pids))
+
+        victim = pids[0]
+        mdir = self.sup._metrics_dir
+        os.kill(victim, signal.SIGKILL)
+        yield self.until(lambda: len(self.sup.pool) == 2 and
+                         victim not in self.sup.pool.pids(), "a new worker")
+        self.assertFalse(os.path.exists(
+            os.path.join(mdir, "gauge_all_%d.db" % victim)))
+        answers = yield deferToThreadAsk(self, 8)
+        self.assertNotIn(victim, answers)
+
+    @defer.inlineCallbacks
+    def test_reload_forwards_good_and_refuses_bad(self):
+        seen = []
+        yield self.until(lambda: seen.extend(self.notifications()) or seen,
+                         "READY=1")
+        with open(self.ini, "a") as f:
+            f.write("[cache]\nmax_entries = 5\n")
+        self.sup.reload()
+        seen = []
+        yield self.until(lambda: seen.extend(self.notifications()) or
+                         any(m.startswith("READY=1") for m in seen),
+                         "READY=1 after reload")
+        self.assertTrue(seen[0].startswith("RELOADING=1\nMONOTONIC_USEC="))
+        self.assertEqual(self.sup.config.cache.max_entries, 5)
+        self.assertEqual(len(self.sup.gateway.reloaded), 1)
+
+        with open(self.ini, "a") as f:
+            f.write("bogus = 1\n")
+        pids = self.sup.pool.pids()
+        self.sup.reload()
+        self.assertEqual(self.sup.config.cache.max_entries, 5)
+        msgs = self.notifications()
+        self.assertEqual(msgs[0].splitlines()[0], "RELOADING=1")
+        self.assertIn("READY=1\nSTATUS=reload refused:", msgs[1])
+        self.assertIn("[cache] bogus: unknown key", msgs[1])
+        self.assertEqual(self.sup.pool.pids(), pids)
+        self.flushLoggedErrors()
+
+    @defer.inlineCallbacks
+    def test_stop_sends_stopping_and_waits_for_workers(self):
+        yield self.until(lambda: len(self.sup.pool) == 2, "workers")
+        pids = self.sup.pool.pids()
+        tmpdir = self.sup._dir
+        yield self.sup.stopService()
+        self.assertIn("STOPPING=1", self.notifications()[-1])
+        for pid in pids:
+            self.assertRaises(ProcessLookupError, os.kill, pid, 0)
+        self.assertFalse(os.path.exists(tmpdir))
+        self.assertTrue(self.sup.gateway.stopped)
+
+
+def deferToThreadAsk(case, n):
+    from twisted.internet.threads import deferToThread
+    return deferToThread(lambda: [case.ask() for _ in range(n)])
