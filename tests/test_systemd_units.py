@@ -68,6 +68,9 @@ class UnitContentTests(SynchronousTestCase):
         self.assertEqual(reload_argv[1:], ["-HUP", "$MAINPID"])
         self.assertEqual(os.path.basename(reload_argv[0]), "kill")
         self.assertEqual(one(SERVICE, "Service", "KillSignal"), "SIGTERM")
+        # Workers get SIGTERM from the parent, once, not from systemd too.
+        self.assertEqual(one(SERVICE, "Service", "KillMode"), "mixed")
+        self.assertEqual(one(SERVICE, "Service", "NotifyAccess"), "main")
 
     def test_stop_timeout_covers_the_default_drain(self):
         """systemd SIGKILLs after TimeoutStopSec; the default drain_timeout
