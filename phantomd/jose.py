@@ -449,8 +449,13 @@ class KeySource:
         self._waiters: list[Deferred] = []
 
     def key(self, kid: Optional[str], alg: str) -> Deferred:
-        """``Deferred[JWK]`` for ``kid`` usable with ``alg``, or JOSEError."""
-        if self._keys is not None and kid in self._keys:
+        """``Deferred[JWK]`` for ``kid`` usable with ``alg``, or JOSEError.
+
+        A JWS without ``kid`` is accepted only while exactly one key of the
+        set fits ``alg`` (a single-key token service); otherwise it is an
+        unknown key.
+        """
+        if self._keys is not None and self._find(kid, alg) is not None:
             return self._pick(kid, alg)
         if self._fetching is None and self._last_attempt is not None and \
                 self._clock.seconds() - self._last_attempt < self._min_refresh:
@@ -461,8 +466,15 @@ class KeySource:
                                   "recently)" % (kid,)))
         return self._refresh().addCallback(lambda _: self._pick(kid, alg))
 
+    def _find(self, kid: Optional[str], alg: str) -> Optional[_jwk.JWK]:
+        keys = self._keys or {}
+        if kid is None and None not in keys:
+            fitting = [k for k in keys.values() if _key_fits(k, alg) is None]
+            return fitting[0] if len(fitting) == 1 else None
+        return keys.get(kid)
+
     def _pick(self, kid: Optional[str], alg: str) -> Deferred:
-        key = (self._keys or {}).get(kid)
+        key = self._find(kid, alg)
         if key is None:
             return fail(JOSEError("unknown key id %r" % (kid,)))
         why = _key_fits(key, alg)

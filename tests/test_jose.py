@@ -34,6 +34,7 @@ RSA_KEY = jwk.JWK.generate(kty="RSA", size=2048, kid="rsa-1")
 EC_KEY = jwk.JWK.generate(kty="EC", crv="P-256", kid="ec-1")
 ED_KEY = jwk.JWK.generate(kty="OKP", crv="Ed25519", kid="ed-1")
 OTHER_RSA = jwk.JWK.generate(kty="RSA", size=2048, kid="rsa-1")
+OTHER_RSA_2 = jwk.JWK(**dict(OTHER_RSA.export(as_dict=True), kid="rsa-2"))
 
 
 def b64(data: bytes) -> str:
@@ -548,6 +549,15 @@ class KeySourceTests(SynchronousTestCase):
         source = self.source(max_keys=2)
         self.get(source, "ec-1", "ES256")
         self.refused(source, "ed-1", "EdDSA")
+
+    def test_no_kid_needs_exactly_one_fitting_key(self):
+        source = self.source()
+        self.assertEqual(self.get(source, None, "ES256").get("kid"), "ec-1")
+        self.service.serve(b"/jwks", public_jwks(RSA_KEY, OTHER_RSA_2))
+        self.clock.advance(30)
+        source = self.source()
+        self.assertIn("unknown key id None",
+                      str(self.refused(source, None, "RS256")))
 
     def test_needs_a_url_or_issuer(self):
         self.assertRaises(ValueError, jose.KeySource, self.clock, self.stub)
