@@ -89,6 +89,15 @@ def ensure_tools(need_phantomd: bool, need_pyspy: bool) -> None:
         subprocess.check_call([sys.executable, "-m", "pip", "install",
                                "--quiet", "-e", REPO])
         if not phantomd_installed():
+            # setuptools' default editable mode installs an import hook that
+            # Twisted's plugin discovery (twisted/plugins/ on sys.path) does
+            # not see; the compat mode puts the tree on sys.path.
+            log("twistd does not list phantomd: pip install -e again with "
+                "editable_mode=compat")
+            subprocess.check_call([sys.executable, "-m", "pip", "install",
+                                   "--quiet", "-e", REPO, "--config-settings",
+                                   "editable_mode=compat"])
+        if not phantomd_installed():
             sys.exit("phantomd is still not runnable as a twistd plugin "
                      "after pip install -e %s" % REPO)
     if need_pyspy and not pyspy_path():
