@@ -1,0 +1,551 @@
+"""RFC 7662 token introspection: one opaque token in, one JWT (or "inactive")
+out.
+
+``Introspector.introspect(token)`` POSTs ``token=<raw>`` to the token
+service with phantomd's client credentials (phantomd.clientauth) and reads
+the answer in the configured ``response`` form:
+
+==========================  ==========================================  ====================================
+``response``                Accept                                      active answer
+==========================  ==========================================  ====================================
+``jwt`` (Curity)            ``application/jwt``                         200, the body is the JWT; 204 or
+                                                                        200 ``{"active": false}`` = inactive
+``phantom_token``           ``application/json``                        JSON ``phantom_token`` field
+``json`` (RFC 7662)         ``application/json``                        phantomd mints the JWT (jose.Minter)
+``token-introspection+jwt`` ``application/token-introspection+jwt``     RFC 9701 signed answer, verified,
+                                                                        then minted
+==========================  ==========================================  ====================================
+
+Whatever the form, the JWT that goes upstream must be well formed and
+unexpired, and with ``verify_jwt`` its signature must check out against the
+token service's keys.  A 503 is ``unavailable`` (with ``Retry-After``), a
+timeout is ``timeout``, everything else that is not a clear answer is
+``error``.  Nothing is retried or cached here: the cache and coalescer
+above decide that.
+"""
+
+from __future__ import annotations
+
+import json
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any, Callable, Optional, Union
+from urllib.parse import urlencode
+
+from twisted.internet.defer import (CancelledError, Deferred, maybeDeferred,
+                                    succeed)
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IBodyProducer
+from treq.client import HTTPClient
+from zope.interface import implementer
+
+from phantomd import tokens
+from phantomd.clientauth import ClientAuth
+from phantomd.outcomes import Active, Inactive, IntrospectionFailed
+
+log = Logger()
+
+ACCEPT = {
+    "jwt": b"application/jwt",
+    "phantom_token": b"application/json",
+    "json": b"application/json",
+    "token-introspection+jwt": b"application/token-introspection+jwt",
+}
+
+RETRY_AFTER_DEFAULT = 5
+RETRY_AFTER_MIN = 1
+RETRY_AFTER_MAX = 60
+
+IDLE_CONNECTION_SECONDS = 4
+"""Idle pooled connections to the token service are closed after this.
+
+Short on purpose: introspection is a POST, which is never retried, so a
+connection the token service has already closed on its side (many servers
+drop idle keep-alive connections after 5 s) would cost a client a 502."""
+
+LOG_INTERVAL = 10.0
+"""Repeats of the same failure (kind, status) are logged at most this often."""
+
+_MAX_LOG_KEYS = 64
+
+
+def _failed(kind: str, description: str,
+            retry_after: Optional[int] = None) -> IntrospectionFailed:
+    return IntrospectionFailed(kind, description, retry_after)
+
+
+class _TooLarge(Exception):
+    """The answer body passed ``max_response_bytes``."""
+
+
+class _BoundedBody(Protocol):
+    """Reads a response body of at most ``limit`` bytes.
+
+    Past the bound it stops reading and closes the connection (the rest is
+    never read) and reports ``_TooLarge``; with ``keep`` false the bytes are
+    counted but not kept (bodies of error statuses).  ``done`` is called
+    exactly once, with the body bytes or a Failure.  Bodies delimited by the
+    connection closing (no Content-Length, not chunked) are complete.
+    """
+
+    def __init__(self, limit: int, keep: bool,
+                 done: Callable[[Union[bytes, Failure]], None]) -> None:
+        self._limit = limit
+        self._keep = keep
+        self._done: Optional[Callable[[Union[bytes, Failure]], None]] = done
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._finished = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._finished:
+            return
+        self._size += len(data)
+        if self._size > self._limit:
+            self._stop()
+            self._report(Failure(_TooLarge()))
+        elif self._keep:
+            self._parts.append(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._report(b"".join(self._parts))
+        else:
+            self._report(reason)
+
+    def abort(self) -> None:
+        """Stop reading and drop the connection; ``done`` is not called."""
+        self._done = None
+        self._stop()
+
+    def _stop(self) -> None:
+        self._finished = True
+        self._parts = []
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _report(self, result: Union[bytes, Failure]) -> None:
+        done, self._done = self._done, None
+        if done is not None:
+            done(result)
+
+
+def _media_type(headers: dict[str, list[str]]) -> Optional[str]:
+    values = headers.get("content-type", [])
+    if len(values) != 1:
+        return None
+    return values[0].split(";", 1)[0].strip().lower()
+
+
+def _json_object(body: bytes) -> dict:
+    try:
+        doc = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _failed("error", "token service answered malformed JSON")
+    if not isinstance(doc, dict):
+        raise _failed("error", "token service answered JSON that is not an "
+                      "object")
+    return doc
+
+
+def _active(doc: dict) -> bool:
+    active = doc.get("active")
+    if not isinstance(active, bool):
+        raise _failed("error", "token service answer has %s" % (
+            "no \"active\" member" if "active" not in doc
+            else "a non-boolean \"active\" member"))
+    return active
+
+
+class Introspector:
+    """Asks the token service about one token at a time (many concurrently).
+
+    ``settings`` is ``config.introspection``; ``minter`` is needed for
+    ``response = json`` and ``token-introspection+jwt``,
+    ``response_verifier`` for the latter, ``jwt_verifier`` for
+    ``verify_jwt = yes`` (which applies to the JWTs the token service hands
+    over: ``jwt`` and ``phantom_token``; minted JWTs are phantomd's own).
+    Missing ones raise ValueError here, not on the first request.
+    """
+
+    def __init__(self, clock: Any, http_client: Any, settings: Any,
+                 client_secret: Optional[str], minter: Any = None,
+                 response_verifier: Any = None,
+                 jwt_verifier: Any = None) -> None:
+        self._clock = clock
+        self._http = http_client
+        self._settings = settings
+        self._mode = settings.response
+        if self._mode not in ACCEPT:
+            raise ValueError("unknown response form %r" % self._mode)
+        if self._mode in ("json", "token-introspection+jwt") \
+                and minter is None:
+            raise ValueError("response = %s needs a minter" % self._mode)
+        if self._mode == "token-introspection+jwt" \
+                and response_verifier is None:
+            raise ValueError("response = token-introspection+jwt needs a "
+                             "response verifier")
+        self._verify_jwt = bool(settings.verify_jwt) and self._mode in (
+            "jwt", "phantom_token")
+        if self._verify_jwt and jwt_verifier is None:
+            raise ValueError("verify_jwt needs a JWT verifier")
+        self._minter = minter
+        self._response_verifier = response_verifier
+        self._jwt_verifier = jwt_verifier
+        self._auth = ClientAuth.from_settings(clock, settings, client_secret)
+        self._url = settings.url
+        self._logged: dict[tuple[str, int], list[float]] = {}
+        self.last_success: Optional[float] = None
+
+    def introspect(self, token: str) -> Deferred:
+        """Deferred firing ``Active`` or ``Inactive``, or failing with
+        ``IntrospectionFailed``; cancelling it aborts the exchange."""
+        return _Exchange(self, token).start()
+
+    # -- used by _Exchange ---------------------------------------------------
+
+    def _request(self, token: str) -> Deferred:
+        form, headers = self._auth.credentials()
+        fields = [("token", token)]
+        if self._settings.token_type_hint:
+            fields.append(("token_type_hint", self._settings.token_type_hint))
+        body = urlencode(fields + form).encode("ascii")
+        headers[b"Accept"] = [ACCEPT[self._mode]]
+        headers[b"Content-Type"] = [b"application/x-www-form-urlencoded"]
+        return self._http.request(
+            "POST", self._url, data=body, headers=headers, unbuffered=True,
+            allow_redirects=False, reactor=self._clock)
+
+    def _answer(self, status: int, headers: dict[str, list[str]],
+                body: bytes) -> Deferred:
+        """Deferred[Active | Inactive] for a complete answer, or failing
+        with IntrospectionFailed."""
+        now = self._clock.seconds()
+        if status in (401, 403):
+            raise _failed("error", "token service refused phantomd's client "
+                          "credentials (HTTP %d)" % status)
+        if status == 503:
+            raise _failed("unavailable", "token service unavailable (HTTP "
+                          "503)", self._retry_after(headers, now))
+        if status == 204 and self._mode == "jwt":
+            return succeed(Inactive(self._lifetime(headers, now)))
+        if status != 200:
+            raise _failed("error", "token service answered HTTP %d" % status)
+        media_type = _media_type(headers)
+        expected = ACCEPT[self._mode].decode("ascii")
+        if self._mode == "jwt" and media_type == "application/json":
+            if _active(_json_object(body)):
+                raise _failed("error", "token service answered active JSON "
+                              "to a request for application/jwt")
+            return succeed(Inactive(self._lifetime(headers, now)))
+        if media_type != expected:
+            raise _failed("error", "token service answered Content-Type %s, "
+                          "expected %s" % (
+                              "(none or several)" if media_type is None
+                              else media_type[:64], expected))
+        if self._mode == "jwt":
+            try:
+                jwt = body.decode("ascii").strip()
+            except UnicodeDecodeError:
+                raise _failed("error", "token service answered a JWT that "
+                              "is not ASCII")
+            return self._check_jwt(jwt, headers, now)
+        if self._mode == "token-introspection+jwt":
+            d = self._response_verifier.verify(body)
+            d.addErrback(self._jose_failed, "signed introspection answer")
+            d.addCallback(self._from_claims, headers, now)
+            return d
+        doc = _json_object(body)
+        if self._mode == "json":
+            return self._from_claims(doc, headers, now)
+        if not _active(doc):
+            return succeed(Inactive(self._lifetime(headers, now)))
+        jwt = doc.get("phantom_token")
+        if not isinstance(jwt, str) or not jwt:
+            raise _failed("error", "token service answered active without "
+                          "a phantom_token")
+        return self._check_jwt(jwt, headers, now)
+
+    def _from_claims(self, doc: dict, headers: dict[str, list[str]],
+                     now: float) -> Any:
+        from phantomd import jose
+        if not _active(doc):
+            return Inactive(self._lifetime(headers, now))
+        try:
+            jwt, claims = self._minter.mint(doc)
+            jose.unverified_claims(jwt, self._clock.seconds())
+        except jose.JOSEError as e:
+            raise _failed("error", "cannot mint a JWT from the token "
+                          "service's answer: %s" % e)
+        return Active(jwt, claims, self._lifetime(headers, now))
+
+    def _check_jwt(self, jwt: str, headers: dict[str, list[str]],
+                   now: float) -> Deferred:
+        from phantomd import jose
+        try:
+            claims = jose.unverified_claims(jwt, self._clock.seconds())
+        except jose.JOSEError as e:
+            raise _failed("error", "token service answered an unusable JWT: "
+                          "%s" % e)
+        lifetime = self._lifetime(headers, now)
+        if not self._verify_jwt:
+            return succeed(Active(jwt, claims, lifetime))
+        d = self._jwt_verifier.verify(jwt)
+        d.addErrback(self._jose_failed, "JWT")
+        d.addCallback(lambda verified: Active(jwt, verified, lifetime))
+        return d
+
+    @staticmethod
+    def _jose_failed(failure: Failure, what: str) -> Failure:
+        from phantomd import jose
+        if failure.check(jose.JOSEError):
+            raise _failed("error", "the token service's %s did not verify: "
+                          "%s" % (what, failure.value))
+        return failure
+
+    @staticmethod
+    def _lifetime(headers: dict[str, list[str]], now: float
+                  ) -> Optional[float]:
+        from phantomd import cachecontrol
+        return cachecontrol.freshness_lifetime(headers, now)
+
+    @staticmethod
+    def _retry_after(headers: dict[str, list[str]], now: float) -> int:
+        from phantomd import cachecontrol
+        values = headers.get("retry-after", [])
+        seconds: Optional[float] = None
+        if len(values) == 1:
+            value = values[0].strip()
+            if value.isdigit() and value.isascii():
+                seconds = int(value[:6])
+            else:
+                when = cachecontrol.parse_http_date(value, now)
+                if when is not None:
+                    seconds = when - now
+        if seconds is None:
+            return RETRY_AFTER_DEFAULT
+        return int(min(max(seconds, RETRY_AFTER_MIN), RETRY_AFTER_MAX))
+
+    def _log_failure(self, token: str, failure: Failure,
+                     status: Optional[int]) -> None:
+        e = failure.value
+        key = (getattr(e, "kind", "error"), status or 0)
+        now = self._clock.seconds()
+        seen = self._logged.get(key)
+        if seen is not None and now - seen[0] < LOG_INTERVAL:
+            seen[1] += 1
+            return
+        if seen is None and len(self._logged) >= _MAX_LOG_KEYS:
+            self._logged.clear()
+        suppressed = int(seen[1]) if seen else 0
+        self._logged[key] = [now, 0]
+        token_id = tokens.token_id(tokens.token_key(token))
+        if not isinstance(e, IntrospectionFailed):
+            log.failure("introspection of {token_id} failed unexpectedly",
+                        failure, token_id=token_id)
+        elif status in (401, 403):
+            log.error(
+                "token service at {url} refused phantomd's client "
+                "credentials (HTTP {status}, client_id={client_id}, "
+                "auth_method={auth_method}): check them; every "
+                "introspection fails until they are fixed",
+                url=self._settings.url, status=status,
+                client_id=self._settings.client_id,
+                auth_method=self._settings.auth_method,
+                token_id=token_id, suppressed=suppressed)
+        else:
+            log.warn("introspection of {token_id} failed ({kind}): "
+                     "{description}", token_id=token_id, kind=e.kind,
+                     description=e.description, status=status,
+                     suppressed=suppressed)
+
+
+class _Exchange:
+    """One introspection: request, bounded body, answer, under one timer.
+
+    The timer covers everything (connect, request, answer head and body,
+    signature checks); when it fires the request is cancelled or the body
+    reading aborted and the result fails with ``timeout``.
+    """
+
+    def __init__(self, introspector: Introspector, token: str) -> None:
+        self._intro = introspector
+        self._token = token
+        self._status: Optional[int] = None
+        self._request: Optional[Deferred] = None
+        self._body: Optional[_BoundedBody] = None
+        self._finished = False
+        self.result: Deferred = Deferred(self._cancel)
+        self._timer = introspector._clock.callLater(
+            introspector._settings.timeout, self._timed_out)
+
+    def start(self) -> Deferred:
+        try:
+            self._request = self._intro._request(self._token)
+        except Exception:
+            self._finish(Failure())
+            return self.result
+        self._request.addCallbacks(self._got_response, self._request_failed)
+        self._request.addErrback(self._unexpected)
+        return self.result
+
+    def _got_response(self, response: Any) -> None:
+        if self._finished:
+            return
+        self._status = response.code
+        headers: dict[str, list[str]] = {}
+        for name, values in response.headers.getAllRawHeaders():
+            headers.setdefault(name.decode("latin-1").lower(), []).extend(
+                v.decode("latin-1") for v in values)
+        self._body = _BoundedBody(
+            self._intro._settings.max_response_bytes,
+            keep=response.code == 200,
+            done=lambda body: self._got_body(response.code, headers, body))
+        response.deliverBody(self._body)
+
+    def _unexpected(self, failure: Failure) -> None:
+        if not self._finished:
+            self._finish(failure)
+
+    def _request_failed(self, failure: Failure) -> None:
+        if self._finished:
+            return
+        self._finish(Failure(_failed(
+            "error", "cannot reach the token service: %s"
+            % (failure.getErrorMessage() or failure.type.__name__))))
+
+    def _got_body(self, status: int, headers: dict[str, list[str]],
+                  body: Union[bytes, Failure]) -> None:
+        if self._finished:
+            return
+        if isinstance(body, Failure):
+            if body.check(_TooLarge):
+                limit = self._intro._settings.max_response_bytes
+                if status != 200:
+                    body = b""
+                else:
+                    self._finish(Failure(_failed(
+                        "error", "token service answer larger than "
+                        "max_response_bytes (%d)" % limit)))
+                    return
+            else:
+                self._finish(Failure(_failed(
+                    "error", "token service answer cut short: %s"
+                    % (body.getErrorMessage() or body.type.__name__))))
+                return
+        d = maybeDeferred(self._intro._answer, status, headers, body)
+        d.addBoth(self._answered)
+
+    def _answered(self, result: Any) -> None:
+        if not self._finished:
+            self._finish(result)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._finished:
+            return
+        self._finish(Failure(_failed(
+            "timeout", "token service did not answer within %g s"
+            % self._intro._settings.timeout)))
+        self._abort()
+
+    def _abort(self) -> None:
+        if self._body is not None:
+            self._body.abort()
+        elif self._request is not None:
+            self._request.cancel()
+
+    def _cancel(self, result: Deferred) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        self._stop_timer()
+        self._abort()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _finish(self, result: Any) -> None:
+        self._finished = True
+        self._stop_timer()
+        intro = self._intro
+        if isinstance(result, Failure):
+            if not result.check(IntrospectionFailed, CancelledError):
+                intro._log_failure(self._token, result, self._status)
+                result = Failure(_failed("error", "internal error while "
+                                         "introspecting"))
+            elif result.check(IntrospectionFailed):
+                intro._log_failure(self._token, result, self._status)
+            self.result.errback(result)
+        else:
+            intro.last_success = intro._clock.seconds()
+            self.result.callback(result)
+
+
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """A request body already in memory, written in one go (no cooperator,
+    so no global reactor)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def _refuse_cookies() -> CookieJar:
+    """A cookie jar that stores nothing: introspection is stateless, and a
+    token service setting cookies must not grow phantomd's memory."""
+    return CookieJar(DefaultCookiePolicy(allowed_domains=[]))
+
+
+def make_http_client(reactor: Any, settings: Any) -> "PooledHTTPClient":
+    """The treq client the introspector uses in production.
+
+    One persistent pool keeps up to ``max_in_flight`` idle connections to
+    the token service (the coalescer never runs more at once), closing idle
+    ones after ``IDLE_CONNECTION_SECONDS``; TLS is verified per
+    phantomd.tls, presenting ``client_cert`` when configured.  Raises
+    ValueError for unusable CA/certificate/key files.  ``close()`` closes
+    the pool.
+    """
+    from phantomd import tls
+    policy = tls.ClientPolicy(settings.ca_file, settings.client_cert,
+                              settings.client_key)
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = settings.max_in_flight
+    pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
+    pool.retryAutomatically = False
+    agent = Agent(reactor, contextFactory=policy,
+                  connectTimeout=settings.timeout, pool=pool)
+    return PooledHTTPClient(agent, pool)
+
+
+class PooledHTTPClient(HTTPClient):
+    """A treq ``HTTPClient`` that owns its connection pool."""
+
+    def __init__(self, agent: Any, pool: HTTPConnectionPool) -> None:
+        super().__init__(agent, cookiejar=_refuse_cookies(),
+                         data_to_body_producer=_BytesProducer)
+        self.pool = pool
+
+    def close(self) -> Deferred:
+        """Close every pooled connection; fires when they are closed."""
+        return self.pool.closeCachedConnections()
