@@ -10,6 +10,7 @@ at DOT and phantomd must answer 401.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -194,6 +195,39 @@ class DjangoOAuthToolkitTests(TestCase):
         yield self.revoke(token)
         answer = yield self.introspect(token)
         self.assertEqual(answer, {"active": False})
+
+    @inlineCallbacks
+    def test_discovered_jwks_verifies_dot_id_token(self):
+        """KeySource finds DOT's keys from its issuer (OpenID discovery) and
+        JWTVerifier accepts DOT's RS256 id_token, refusing a forged one."""
+        user = self.info["user"]
+        code, body = yield self.post("/o/token/", {
+            "grant_type": "password", "username": user["username"],
+            "password": user["password"], "scope": "openid read"},
+            self.info["webapp"])
+        self.assertEqual(code, 200, body)
+        # DOT issues id_tokens on refresh, not on the password grant itself.
+        code, body = yield self.post("/o/token/", {
+            "grant_type": "refresh_token",
+            "refresh_token": json.loads(body)["refresh_token"]},
+            self.info["webapp"])
+        self.assertEqual(code, 200, body)
+        id_token = json.loads(body)["id_token"]
+
+        issuer = self.base + "/o"
+        keys = jose.KeySource(reactor, self.http, issuer=issuer)
+        claims = yield jose.JWTVerifier(reactor, keys).verify(id_token)
+        self.assertEqual((claims["iss"], claims["aud"]),
+                         (issuer, self.info["webapp"]["client_id"]))
+
+        head, payload, signature = id_token.split(".")
+        forged = dict(claims, sub="admin")
+        forged_token = "%s.%s.%s" % (head, base64.urlsafe_b64encode(
+            json.dumps(forged).encode()).rstrip(b"=").decode(), signature)
+        error = yield self.assertFailure(
+            jose.JWTVerifier(reactor, keys).verify(forged_token),
+            jose.JOSEError)
+        self.assertIn("bad signature", str(error))
 
     @inlineCallbacks
     def test_gateway_swaps_dot_token_and_honours_revocation(self):

@@ -37,7 +37,10 @@ OAUTH2_PROVIDER = {
         "read": "Read",
         "write": "Write",
         "introspection": "Introspect tokens",
+        "openid": "OpenID Connect",
     },
+    "OIDC_ENABLED": True,
+    "OIDC_RSA_PRIVATE_KEY": os.environ["PHANTOMD_DOT_OIDC_KEY"],
     "ACCESS_TOKEN_EXPIRE_SECONDS": 3600,
 }
 

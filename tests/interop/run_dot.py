@@ -30,10 +30,22 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+def _oidc_key():
+    """A fresh RSA key for DOT's id_tokens and its published JWKS."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode("ascii")
+
+
 def _setup(state):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     os.environ["PHANTOMD_DOT_STATE"] = state
     os.environ["DJANGO_SETTINGS_MODULE"] = "dot_settings"
+    os.environ["PHANTOMD_DOT_OIDC_KEY"] = _oidc_key()
     import django
     django.setup()
     from django.contrib.auth import get_user_model
@@ -52,7 +64,7 @@ def _setup(state):
         name="webapp", user=user,
         client_type=Application.CLIENT_CONFIDENTIAL,
         authorization_grant_type=Application.GRANT_PASSWORD,
-        **WEBAPP)
+        algorithm=Application.RS256_ALGORITHM, **WEBAPP)
     from django.core.wsgi import get_wsgi_application
     return get_wsgi_application()
 
