@@ -644,6 +644,7 @@ class Bench:
         self.introspect_url = "http://127.0.0.1:%d/introspect" % (
             self.mocks.token_port)
         self.fill_seconds = 0.0
+        self.failures: list[dict] = []
         self.wrk_cpu = None if args.no_pin else "0"
         self.proxy_cpu = None if args.no_pin else "1"
 
@@ -657,8 +658,14 @@ class Bench:
             finally:
                 self.procs.stop(ref.proc, signal.SIGQUIT)
         if not self.args.nginx_only:
-            ph = Phantomd(self.procs, self.tmp, tag, url or self.introspect_url,
-                          self.mocks.api_port, self.proxy_cpu)
+            try:
+                ph = Phantomd(self.procs, self.tmp, tag,
+                              url or self.introspect_url, self.mocks.api_port,
+                              self.proxy_cpu)
+            except RuntimeError as e:  # keep the reference's figures
+                log("phantomd did not start: %s" % e)
+                self.failures.append({"tag": tag, "error": str(e)})
+                return
             try:
                 yield ph
             finally:
@@ -1046,10 +1053,17 @@ def main() -> None:
                     continue
                 log("run %d/%d, scenario %d: %s" % (run, args.runs, sc,
                                                    title(sc, args)))
-                result[str(sc)] = getattr(bench, "scenario%d" % sc)(run)
+                try:
+                    result[str(sc)] = getattr(bench, "scenario%d" % sc)(run)
+                except Exception as e:  # report it, go on with the rest
+                    log("scenario %d failed: %s" % (sc, e))
+                    bench.failures.append({"tag": "s%d-r%d" % (sc, run),
+                                           "error": str(e)})
             runs.append(result)
         med = summarise(runs)
         text = table(med, runs, args)
+        for f in bench.failures:
+            text += "\nFAILED %(tag)s: %(error)s" % f
         print(text)
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started))
         path = args.json or os.path.join(RESULTS, stamp + ".json")
@@ -1059,7 +1073,8 @@ def main() -> None:
                        "args": vars(args), "environment": environment(),
                        "jwt_bytes": {"s1-4": len(bench.jwt),
                                      "s5": len(bench.jwt1k)},
-                       "median": med, "runs": runs, "table": text}, f,
+                       "median": med, "runs": runs, "failures": bench.failures,
+                       "table": text}, f,
                       indent=1, sort_keys=True)
         print("results: %s (%.0f s)" % (os.path.relpath(path),
                                        time.time() - started))
