@@ -1037,6 +1037,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="phantomd-bench-")
     procs = Procs()
     started = time.time()
+    load_before = open("/proc/loadavg").read().split()[:3]
     try:
         bench = Bench(args, tmp, procs)
         if args.profile:
@@ -1070,7 +1071,8 @@ def main() -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump({"started": stamp, "seconds": time.time() - started,
-                       "args": vars(args), "environment": environment(),
+                       "args": vars(args), "environment": dict(environment(),
+                                           loadavg_before=load_before),
                        "jwt_bytes": {"s1-4": len(bench.jwt),
                                      "s5": len(bench.jwt1k)},
                        "median": med, "runs": runs, "failures": bench.failures,
