@@ -1,0 +1,814 @@
+"""The front: an HTTP/1.1 server that asks the gate about every request and
+forwards the ones it allows through the upstream pool.
+
+One request at a time per connection.  While a request is in flight the
+client's socket is not read (pipelined requests wait in the kernel), except
+for the request's own body once it is streaming upstream; so what phantomd
+holds per connection is bounded by one read (64 KiB) plus the transports'
+send buffers, whatever the body sizes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from typing import Any, Callable, Optional
+
+from httptools import (
+    HttpParserError, HttpParserInvalidMethodError, HttpParserInvalidURLError,
+    HttpParserUpgrade, HttpRequestParser)
+from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from phantomd.http.headers import REQUEST_DROP
+from phantomd.http.upstream import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
+from phantomd.outcomes import Forward, error_response
+
+log = Logger()
+
+_REASONS = {
+    200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
+    404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout", 413: b"Content Too Large",
+    414: b"URI Too Long", 431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error", 501: b"Not Implemented",
+    502: b"Bad Gateway", 503: b"Service Unavailable",
+    504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+}
+
+_JWT = re.compile(rb"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]*)*\Z").match
+
+# Where the current request is (FrontProtocol._phase).
+_IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE = range(5)
+# Why the client's socket is not being read (bits of FrontProtocol._paused).
+_BUSY, _UPSTREAM_FULL = 1, 2
+# What the connection timer is measuring.
+_HEADER, _IDLE_KA = 1, 2
+
+
+class _Limit(Exception):
+    """Raised inside a parser callback to stop llhttp at a limit."""
+
+
+class _Request:
+    """One request as parsed; ``body`` holds chunks read before the request
+    could stream upstream (at most one socket read's worth)."""
+
+    __slots__ = ("url", "headers", "method", "version", "keep_alive",
+                 "head_done", "complete", "body", "error", "chunked", "length",
+                 "raw", "hbytes", "started_at", "target", "host", "kept",
+                 "head")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list = []
+        self.method = b"GET"
+        self.version = "1.1"
+        self.keep_alive = False
+        self.head_done = False
+        self.complete = False
+        self.body: Optional[list] = None
+        self.error: Optional[tuple] = None
+        self.chunked = False
+        self.length: Optional[bytes] = None
+        self.raw = 0
+        self.hbytes = 0
+        self.started_at = 0.0
+        self.target = b""
+        self.host: Optional[bytes] = None
+        self.kept: list = []
+        self.head = b""
+
+
+class FrontProtocol(Protocol):
+    """One client connection.
+
+    It is also its transport's streaming producer (registered once): when
+    the client reads slowly and the send buffer fills, the upstream
+    connection feeding it is paused, so a response is never held whole.
+    """
+
+    def __init__(self, factory: "FrontFactory") -> None:
+        self.factory = factory
+        self.reactor = factory.reactor
+        self._parser = HttpRequestParser(self)
+        self._queue: deque = deque()
+        self._parsing: Optional[_Request] = None
+        self._req: Optional[_Request] = None
+        self._phase = _IDLE
+        self._paused = 0
+        self._timer: Any = None
+        self._timer_kind = _HEADER
+        self._dead = False
+        self._closing = False
+        self._rejected = False
+        self._advancing = False
+        self._client_full = False
+        self._limit: Optional[tuple] = None
+        self._gate_d: Any = None
+        self._connect_d: Any = None
+        self._upstream: Any = None
+        self._outcome: Any = None
+        self._status = 0
+        self._chunk_out = False
+        self._resp_close = False
+        self._bytes_sent = 0
+        self._upstream_duration: Optional[float] = None
+        self._fwd = b""
+
+    # -- connection lifetime -------------------------------------------------
+
+    def connectionMade(self) -> None:
+        f = self.factory
+        transport = self.transport
+        if len(f.connections) >= f.max_connections:
+            self._rejected = True
+            self._dead = True
+            body = error_response(503, "temporarily_unavailable",
+                                  "too many connections").body()
+            transport.write(
+                b"HTTP/1.1 503 Service Unavailable\r\n"
+                b"Content-Type: application/json\r\nCache-Control: no-store\r\n"
+                b"Retry-After: 1\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            transport.loseConnection()
+            f.metrics.request_answered(503)
+            return
+        f.connections.add(self)
+        f.metrics.connections.inc()
+        transport.registerProducer(self, True)
+        host = getattr(transport.getPeer(), "host", None)
+        fwd = b""
+        if host:
+            fwd = b"X-Forwarded-For: " + host.encode("ascii") + b"\r\n"
+        if ISSLTransport.providedBy(transport):
+            fwd += b"X-Forwarded-Proto: https\r\n"
+        else:
+            fwd += b"X-Forwarded-Proto: http\r\n"
+        self._fwd = fwd
+        self._arm(f.header_timeout, _HEADER)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._rejected:
+            return
+        self._dead = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        f = self.factory
+        f.connections.discard(self)
+        f.metrics.connections.dec()
+        self._req = None
+        self._queue.clear()
+        d, self._gate_d = self._gate_d, None
+        if d is not None:
+            d.cancel()
+        d, self._connect_d = self._connect_d, None
+        if d is not None:
+            d.cancel()
+        conn, self._upstream = self._upstream, None
+        if conn is not None:
+            conn.abort()
+        f._gone(self)
+
+    def drain(self) -> None:
+        """Close now if idle, else after the current response."""
+        self._closing = True
+        if self._req is None:
+            self._close()
+
+    def _close(self) -> None:
+        if self._dead and self.transport.disconnecting:
+            return
+        self._dead = True
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    # -- IPushProducer: the client's send buffer -----------------------------
+
+    def pauseProducing(self) -> None:
+        self._client_full = True
+        if self._upstream is not None:
+            self._upstream.pause_reading()
+
+    def resumeProducing(self) -> None:
+        self._client_full = False
+        if self._upstream is not None:
+            self._upstream.resume_reading()
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- reading -------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._dead:
+            return
+        while True:
+            try:
+                self._parser.feed_data(data)
+            except HttpParserUpgrade as e:
+                data = self._upgraded(data, e.args[0])
+                if data:
+                    continue
+            except HttpParserError as e:
+                self._parse_failed(e)
+            else:
+                r = self._parsing
+                if r is not None and not r.head_done:
+                    r.raw += len(data)
+                    if r.raw > self.factory.max_head:
+                        self._limit = (431, "request_header_fields_too_large",
+                                       "the request head is too large")
+                        self._parse_failed(None)
+            break
+        self._advance()
+
+    def _upgraded(self, data: bytes, offset: int) -> bytes:
+        """llhttp stopped after a request asking to switch protocols.
+
+        phantomd never switches (Upgrade is dropped as hop-by-hop), so a
+        body-less request goes on as a plain one and parsing resumes after
+        it; CONNECT, or an Upgrade request with a body llhttp skipped, is
+        refused and the connection closed."""
+        r = self._queue[-1] if self._queue else None
+        if r is None:
+            self._limit = (400, "invalid_request", "malformed request")
+            self._parse_failed(None)
+            return b""
+        if r.method == b"CONNECT":
+            r.error = (501, "not_implemented", "CONNECT is not supported")
+        else:
+            for name, value in r.headers:
+                n = name.lower()
+                if (n == b"content-length" and value.strip() != b"0") or \
+                        n == b"transfer-encoding":
+                    r.error = (400, "invalid_request",
+                               "a request body with Upgrade is not supported")
+                    break
+            else:
+                return data[offset:]
+        self._dead = True
+        return b""
+
+    def _parse_failed(self, exc: Optional[Exception]) -> None:
+        limit, self._limit = self._limit, None
+        if limit is not None:
+            status, err, desc = limit
+        elif isinstance(exc, HttpParserInvalidMethodError):
+            status, err, desc = 400, "invalid_request", "unknown method"
+        elif isinstance(exc, HttpParserInvalidURLError):
+            status, err, desc = 400, "invalid_request", "malformed request target"
+        else:
+            status, err = 400, "invalid_request"
+            desc = "malformed request: %s" % (exc,)
+            if exc is not None and exc.__context__ is not None:
+                log.failure("request parser callback failed",
+                            _failure_of(exc.__context__))
+        self._dead = True
+        r = self._parsing
+        self._parsing = None
+        if r is None:
+            r = _Request()
+            r.started_at = self.reactor.seconds()
+            self._queue.append(r)
+        elif not r.head_done:
+            r.started_at = self.reactor.seconds()
+            self._queue.append(r)
+        r.error = (status, err, desc)
+        r.complete = False
+        if r is self._req:
+            self._broken_mid_request(r)
+
+    # -- httptools callbacks -------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._parsing = _Request()
+        if self._req is None and self._timer_kind == _IDLE_KA:
+            self._arm(self.factory.header_timeout, _HEADER)
+
+    def on_url(self, url: bytes) -> None:
+        r = self._parsing
+        r.url += url
+        if len(r.url) > self.factory.max_request_line:
+            self._limit = (414, "uri_too_long", "the request line is too long")
+            raise _Limit()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        r = self._parsing
+        if r.head_done:
+            return  # a trailer field: not forwarded
+        r.headers.append((name, value))
+        r.hbytes += len(name) + len(value) + 4
+        f = self.factory
+        if r.hbytes > f.max_header_bytes or len(r.headers) > f.max_headers:
+            self._limit = (431, "request_header_fields_too_large",
+                           "the request header section is too large")
+            raise _Limit()
+
+    def on_headers_complete(self) -> None:
+        r = self._parsing
+        p = self._parser
+        r.method = p.get_method()
+        r.version = p.get_http_version()
+        r.keep_alive = p.should_keep_alive()
+        r.head_done = True
+        r.started_at = self.reactor.seconds()
+        self._queue.append(r)
+
+    def on_body(self, data: bytes) -> None:
+        r = self._parsing
+        if r is self._req and self._phase >= _UPSTREAM:
+            if self._upstream is not None:
+                self._send_body(r, data)
+        elif r.body is None:
+            r.body = [data]
+        else:
+            r.body.append(data)
+
+    def on_message_complete(self) -> None:
+        r = self._parsing
+        self._parsing = None
+        r.complete = True
+        if r is self._req and self._upstream is not None:
+            self._end_body(r)
+
+    # -- the request state machine -------------------------------------------
+
+    def _advance(self) -> None:
+        if self._advancing:
+            return
+        self._advancing = True
+        try:
+            while self._req is None and self._queue and not self._closing:
+                r = self._queue.popleft()
+                self._req = r
+                self._start(r)
+        finally:
+            self._advancing = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        r = self._req
+        busy = self._dead or (r is not None and (
+            r.complete or self._phase < _UPSTREAM or self._upstream is None))
+        paused = self._paused
+        if busy:
+            if not paused & _BUSY:
+                self._paused = paused | _BUSY
+                if not paused:
+                    self.transport.pauseProducing()
+        elif paused & _BUSY:
+            self._paused = paused & ~_BUSY
+            if not self._paused:
+                self.transport.resumeProducing()
+
+    def upstream_write_blocked(self, blocked: bool) -> None:
+        paused = self._paused
+        if blocked:
+            if not paused & _UPSTREAM_FULL:
+                self._paused = paused | _UPSTREAM_FULL
+                if not paused:
+                    self.transport.pauseProducing()
+        elif paused & _UPSTREAM_FULL:
+            self._paused = paused & ~_UPSTREAM_FULL
+            if not self._paused:
+                self.transport.resumeProducing()
+
+    def _start(self, r: _Request) -> None:
+        if r.error is not None:
+            self._answer_error(r, *r.error, close=True)
+            return
+        auth = []
+        host = None
+        hosts = 0
+        kept = []
+        te = None
+        connection = None
+        for item in r.headers:
+            name = item[0].lower()
+            if name in REQUEST_DROP:
+                if name == b"authorization":
+                    auth.append(item[1])
+                elif name == b"host":
+                    host = item[1]
+                    hosts += 1
+                elif name == b"content-length":
+                    r.length = item[1]
+                elif name == b"transfer-encoding":
+                    te = item[1]
+                elif name == b"connection":
+                    connection = (connection or []) + item[1].split(b",")
+                continue
+            kept.append(item)
+        r.headers = []
+        if connection:
+            tokens = {t.strip().lower() for t in connection}
+            kept = [h for h in kept if h[0].lower() not in tokens]
+        problem = None
+        if r.version != "1.1" and r.version != "1.0":
+            problem = ((400, "invalid_request", "malformed request line")
+                       if r.version[0] == "0" else
+                       (505, "invalid_request", "only HTTP/1.x is supported"))
+        elif hosts > 1 or (hosts == 0 and r.version == "1.1"):
+            problem = (400, "invalid_request",
+                       "exactly one Host header is required")
+        elif te is not None and te.strip().lower() != b"chunked":
+            problem = (501, "not_implemented",
+                       "only the chunked transfer coding is supported")
+        elif r.method == b"CONNECT":
+            problem = (501, "not_implemented", "CONNECT is not supported")
+        url = r.url
+        if url[:1] == b"/":
+            r.target = url
+        elif url == b"*" and r.method == b"OPTIONS":
+            r.target = b"*"
+        else:
+            lowered = url[:8].lower()
+            if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
+                rest = url[url.index(b"//") + 2:]
+                cut = len(rest)
+                for sep in (b"/", b"?"):
+                    i = rest.find(sep)
+                    if 0 <= i < cut:
+                        cut = i
+                path = rest[cut:]
+                if path[:1] != b"/":
+                    path = b"/" + path
+                r.target = path
+            elif problem is None:
+                problem = (400, "invalid_request", "malformed request target")
+        if problem is not None:
+            self._answer_error(r, *problem, close=True)
+            return
+        r.chunked = te is not None
+        r.host = host
+        r.kept = kept
+        self._phase = _GATE
+        d = self.factory.gate.authorize(auth)
+        if self._req is r and self._phase == _GATE:
+            self._gate_d = d
+            d.addCallbacks(self._authorized, self._gate_failed,
+                           callbackArgs=(r,), errbackArgs=(r,))
+
+    def _gate_failed(self, failure: Any, r: _Request) -> None:
+        if failure.check(defer.CancelledError) or r is not self._req:
+            return
+        self._gate_d = None
+        log.failure("the gate failed", failure)
+        self._answer_error(r, 500, "server_error", "internal error",
+                           close=not r.complete)
+
+    def _authorized(self, outcome: Any, r: _Request) -> None:
+        if r is not self._req:
+            return
+        self._gate_d = None
+        self._outcome = outcome
+        if type(outcome) is not Forward:
+            self._answer(r, outcome.status,
+                         outcome.headers(self.factory.realm), outcome.body(),
+                         close=not r.complete)
+            return
+        jwt = outcome.jwt.encode("ascii", "replace")
+        if not _JWT(jwt):
+            log.error("the gate produced a malformed JWT for {token_id}",
+                      token_id=outcome.token_id)
+            self._answer_error(r, 502, "bad_gateway",
+                               "the token service returned an unusable token",
+                               close=not r.complete)
+            return
+        pool = self.factory.upstream
+        target = r.target
+        if pool.base_path:
+            target = pool.base_path + (target if target != b"*" else b"")
+        parts = [r.method, b" ", target, b" HTTP/1.1\r\nHost: ",
+                 pool.authority, b"\r\nAuthorization: Bearer ", jwt, b"\r\n"]
+        for name, value in r.kept:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(self._fwd)
+        if r.host is not None:
+            parts += (b"X-Forwarded-Host: ", r.host, b"\r\n")
+        if r.chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        elif r.length is not None:
+            parts += (b"Content-Length: ", r.length, b"\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        r.head = b"".join(parts)
+        r.kept = []
+        self._phase = _CONNECT
+        self.upstream_connecting(pool.connect(self))
+
+    # -- what the upstream pool and connection call --------------------------
+
+    def upstream_connecting(self, d: Any) -> None:
+        if d is not None and self._phase == _CONNECT and not d.called:
+            self._connect_d = d
+
+    def upstream_retry(self) -> None:
+        self._upstream = None
+        self._phase = _CONNECT
+
+    def upstream_ready(self, conn: Any) -> None:
+        r = self._req
+        self._connect_d = None
+        if r is None or self._phase != _CONNECT:
+            conn.abort()
+            return
+        self._upstream = conn
+        self._phase = _UPSTREAM
+        conn.send(self, r.head, r.method == b"HEAD",
+                  not r.chunked and (r.length is None or r.length == b"0"))
+        if self._client_full:
+            conn.pause_reading()
+        body = r.body
+        if body is not None:
+            r.body = None
+            for chunk in body:
+                self._send_body(r, chunk)
+        if r.complete:
+            self._end_body(r)
+        self._update_reading()
+
+    def _send_body(self, r: _Request, data: bytes) -> None:
+        if not data:
+            return
+        if r.chunked:
+            self._upstream.write_sequence(
+                [b"%x\r\n" % len(data), data, b"\r\n"])
+        else:
+            self._upstream.write(data)
+
+    def _end_body(self, r: _Request) -> None:
+        if r.chunked:
+            self._upstream.write(b"0\r\n\r\n")
+        self._upstream.request_sent()
+        self._update_reading()
+
+    def upstream_failed(self, status: int, error: str,
+                        description: str) -> None:
+        r = self._req
+        self._upstream = None
+        self._connect_d = None
+        if r is None or self._phase >= _RESPONSE:
+            return
+        self._answer_error(r, status, error, description,
+                           close=not r.complete)
+
+    def response_continue(self) -> None:
+        r = self._req
+        if r is not None and r.version == "1.1" and self._phase == _UPSTREAM:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def response_head(self, status: int, reason: bytes, headers: list,
+                      mode: int, length: Optional[int],
+                      duration: float) -> None:
+        r = self._req
+        self._phase = _RESPONSE
+        self._upstream_duration = duration
+        self._status = status
+        close = self._closing or not r.keep_alive
+        http11 = r.version == "1.1"
+        parts = [b"HTTP/1.1 %d %s\r\n" % (
+            status, reason or _REASONS.get(status, b"Unknown"))]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        chunk_out = False
+        if mode == MODE_LENGTH:
+            parts += (b"Content-Length: %d\r\n" % length,)
+        elif mode == MODE_CHUNKED or mode == MODE_EOF:
+            if http11:
+                chunk_out = True
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                close = True
+        if close:
+            parts.append(b"Connection: close\r\n\r\n")
+        elif not http11:
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
+        self._chunk_out = chunk_out
+        self._resp_close = close
+        head = b"".join(parts)
+        self._bytes_sent = len(head)
+        self.transport.write(head)
+        self.factory.metrics.request_duration.observe(
+            self.reactor.seconds() - r.started_at)
+
+    def response_body(self, data: bytes) -> None:
+        if self._chunk_out:
+            size = b"%x\r\n" % len(data)
+            self.transport.writeSequence([size, data, b"\r\n"])
+            self._bytes_sent += len(size) + len(data) + 2
+        else:
+            self.transport.write(data)
+            self._bytes_sent += len(data)
+
+    def response_end(self) -> None:
+        r = self._req
+        self._upstream = None
+        if r is None:
+            return
+        if self._chunk_out:
+            self.transport.write(b"0\r\n\r\n")
+            self._bytes_sent += 5
+        self._finish(r, self._resp_close or not r.complete)
+
+    def response_aborted(self) -> None:
+        """The upstream broke off after the response head went out: the
+        client must see a broken response, not a short one."""
+        r = self._req
+        self._upstream = None
+        if r is None:
+            return
+        self._log_access(r)
+        self._req = None
+        self._dead = True
+        self.transport.abortConnection()
+
+    def _broken_mid_request(self, r: _Request) -> None:
+        """The body of the request in flight turned out malformed."""
+        conn, self._upstream = self._upstream, None
+        if conn is not None:
+            conn.abort()
+        d, self._gate_d = self._gate_d, None
+        if d is not None:
+            d.cancel()
+        d, self._connect_d = self._connect_d, None
+        if d is not None:
+            d.cancel()
+        if self._phase >= _RESPONSE:
+            self.response_aborted()
+        else:
+            self._answer_error(r, *r.error, close=True)
+
+    # -- answering -----------------------------------------------------------
+
+    def _answer_error(self, r: _Request, status: int, error: str,
+                      description: str, close: bool) -> None:
+        reject = error_response(status, error, description)
+        self._answer(r, status, reject.headers(self.factory.realm),
+                     reject.body(), close)
+
+    def _answer(self, r: _Request, status: int, headers: list, body: bytes,
+                close: bool) -> None:
+        close = close or self._closing or not r.keep_alive
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status,
+                                         _REASONS.get(status, b"Unknown"))]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        parts.append(b"Content-Length: %d\r\n" % len(body))
+        if close:
+            parts.append(b"Connection: close\r\n")
+        elif r.version != "1.1":
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        if r.method != b"HEAD":
+            parts.append(body)
+        data = b"".join(parts)
+        self._status = status
+        self._bytes_sent = len(data)
+        self._phase = _RESPONSE
+        self.transport.write(data)
+        self.factory.metrics.request_duration.observe(
+            self.reactor.seconds() - r.started_at)
+        self._finish(r, close)
+
+    def _finish(self, r: _Request, close: bool) -> None:
+        self._log_access(r)
+        self._req = None
+        self._phase = _IDLE
+        self._outcome = None
+        self._upstream_duration = None
+        if close or self._closing:
+            self._close()
+            return
+        f = self.factory
+        if self._parsing is not None:
+            self._arm(f.header_timeout, _HEADER)
+        else:
+            self._arm(f.idle_timeout, _IDLE_KA)
+        self._advance()
+
+    def _log_access(self, r: _Request) -> None:
+        f = self.factory
+        status = self._status
+        f.metrics.request_answered(status)
+        access_log = f.access_log
+        if access_log is None:
+            return
+        outcome = self._outcome
+        url = r.url
+        q = url.find(b"?")
+        access_log({
+            "method": r.method.decode("ascii", "replace"),
+            "path": (url if q < 0 else url[:q]).decode("latin-1"),
+            "status": status,
+            "duration": self.reactor.seconds() - r.started_at,
+            "upstream_duration": self._upstream_duration,
+            "cache": getattr(outcome, "cache", None) or None,
+            "token_id": getattr(outcome, "token_id", None) or None,
+            "bytes_sent": self._bytes_sent,
+        })
+
+    # -- timers --------------------------------------------------------------
+
+    def _arm(self, seconds: float, kind: int) -> None:
+        self._timer_kind = kind
+        t = self._timer
+        if t is not None and t.active():
+            t.reset(seconds)
+        else:
+            self._timer = self.reactor.callLater(seconds, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._req is not None or self._dead or self._queue:
+            return
+        if self._timer_kind == _IDLE_KA:
+            self._close()
+            return
+        r = self._parsing or _Request()
+        self._parsing = None
+        self._dead = True
+        if not r.started_at:
+            r.started_at = self.reactor.seconds()
+        self._req = r
+        self._answer_error(r, 408, "request_timeout",
+                           "the request head did not arrive within "
+                           "header_timeout", close=True)
+
+
+def _failure_of(exc: BaseException) -> Any:
+    from twisted.python.failure import Failure
+    return Failure(exc, type(exc), exc.__traceback__)
+
+
+class FrontFactory(Factory):
+    """Builds ``FrontProtocol`` for every accepted client connection.
+
+    ``connections`` is bounded by ``max_connections``: a connection accepted
+    beyond it is answered 503 and closed at once.
+    """
+
+    noisy = False
+
+    def __init__(self, reactor: Any, gate: Any, upstream: Any, settings: Any,
+                 metrics: Any, access_log: Optional[Callable] = None) -> None:
+        self.reactor = reactor
+        self.gate = gate
+        self.upstream = upstream
+        self.metrics = metrics
+        self.access_log = access_log
+        self.connections: set = set()
+        self._drain_waiters: list = []
+        self._draining = False
+        self._apply(settings)
+
+    def _apply(self, settings: Any) -> None:
+        self.settings = settings
+        self.realm = settings.realm
+        self.header_timeout = settings.header_timeout
+        self.idle_timeout = settings.idle_timeout
+        self.max_connections = settings.max_connections
+        self.max_request_line = settings.max_request_line
+        self.max_header_bytes = settings.max_header_bytes
+        self.max_headers = settings.max_headers
+        self.max_head = settings.max_request_line + settings.max_header_bytes
+
+    def buildProtocol(self, addr: Any) -> FrontProtocol:
+        return FrontProtocol(self)
+
+    def reconfigure(self, gate: Any = None, upstream: Any = None,
+                    settings: Any = None) -> None:
+        """Use new parts for requests that start from now on; open
+        connections stay open (limits apply to their next request)."""
+        if gate is not None:
+            self.gate = gate
+        if upstream is not None:
+            self.upstream = upstream
+        if settings is not None:
+            self._apply(settings)
+
+    def drain(self) -> defer.Deferred:
+        """For shutdown, once the listeners have stopped: close idle
+        connections now, let busy ones finish their current response (sent
+        with ``Connection: close``) and fire when none is left."""
+        self._draining = True
+        d: defer.Deferred = defer.Deferred()
+        if not self.connections:
+            d.callback(None)
+            return d
+        self._drain_waiters.append(d)
+        for p in list(self.connections):
+            p.drain()
+        return d
+
+    def _gone(self, protocol: FrontProtocol) -> None:
+        if self._draining and not self.connections and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for d in waiters:
+                d.callback(None)

@@ -1,0 +1,468 @@
+"""Persistent HTTP/1.1 connections to the API, and the pool that reuses them.
+
+The pool hands a connection to a *front* (one client request in flight, see
+``server.FrontProtocol``) and the connection reports the response back to it
+through plain method calls, no Deferred per request:
+
+* ``front.upstream_ready(conn)``: send the request on ``conn`` now;
+* ``front.upstream_failed(status, error, description)``: no response head
+  will come (502: refused, reset or garbled; 504: timed out);
+* ``front.response_head(status, reason, headers, mode, length, duration)``,
+  then ``front.response_body(data)`` any number of times, then
+  ``front.response_end()`` (or ``front.response_aborted()`` when the
+  upstream breaks off mid-response);
+* ``front.upstream_write_blocked(flag)``: the upstream's socket buffer is
+  full (or has drained), so stop (or resume) reading the request body.
+
+``mode`` is one of ``MODE_NONE`` (no body follows), ``MODE_LENGTH``
+(``length`` bytes), ``MODE_CHUNKED`` or ``MODE_EOF`` (read until close).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Optional
+from urllib.parse import urlsplit
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+from twisted.internet import defer, error
+from twisted.internet.endpoints import (
+    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from phantomd.http.headers import RESPONSE_DROP
+
+MODE_NONE, MODE_LENGTH, MODE_CHUNKED, MODE_EOF = range(4)
+
+log = Logger()
+
+
+class UpstreamConnection(Protocol):
+    """One HTTP/1.1 connection to the API; one request at a time on it.
+
+    The connection is its transport's streaming producer (registered once):
+    a full upstream send buffer pauses the client's request body, through
+    ``front.upstream_write_blocked``.
+    """
+
+    def __init__(self, pool: "UpstreamPool") -> None:
+        self.pool = pool
+        self.front: Any = None
+        self.reused = False
+        self.idle_since = 0.0
+        self.lost = False
+        self._parser = HttpResponseParser(self)
+        self._timer: Any = None
+        self._write_blocked = False
+        self._read_paused = False
+        self._broken = False
+        self._reset_exchange()
+
+    def _reset_exchange(self) -> None:
+        self._head = b""
+        self._retryable = False
+        self._got_bytes = False
+        self._head_method = False
+        self._head_done = False
+        self._headers: list = []
+        self._reason = b""
+        self._mode = MODE_NONE
+        self._keep_alive = False
+        self._request_sent = False
+        self._sent_at = 0.0
+
+    # -- Protocol ------------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.front is None:
+            # Bytes on an idle connection: the server is not speaking
+            # HTTP/1.1 as we understand it, so never reuse it.
+            self._broken = True
+            self.transport.abortConnection()
+            return
+        self._got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade:
+            self._garbled("the upstream switched protocols, which phantomd "
+                          "never asks for")
+        except HttpParserError as e:
+            self._garbled("the upstream sent a malformed response: %s" % e)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+        self._cancel_timer()
+        front = self.front
+        self.front = None
+        self.pool._lost(self)
+        if front is None:
+            return
+        if self._head_done:
+            if self._mode == MODE_EOF and reason is not None and \
+                    reason.check(error.ConnectionDone):
+                self._finished(front, reuse=False)
+            else:
+                front.response_aborted()
+        elif not self._got_bytes and self.reused and self._retryable \
+                and not self.pool._closed:
+            self.pool._retry(front)
+        elif self._got_bytes:
+            front.upstream_failed(502, "bad_gateway",
+                                  "the upstream sent an incomplete response")
+        else:
+            front.upstream_failed(502, "bad_gateway",
+                                  "the upstream closed the connection "
+                                  "without responding")
+
+    # -- IPushProducer, for our transport's send buffer ----------------------
+
+    def pauseProducing(self) -> None:
+        self._write_blocked = True
+        if self.front is not None:
+            self.front.upstream_write_blocked(True)
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        if self.front is not None:
+            self.front.upstream_write_blocked(False)
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- what the front calls ------------------------------------------------
+
+    def send(self, front: Any, head: bytes, head_method: bool,
+             retryable: bool) -> None:
+        """Start an exchange: write the request head for ``front``."""
+        self.front = front
+        self._head = head
+        self._head_method = head_method
+        self._retryable = retryable
+        self._sent_at = self.pool.reactor.seconds()
+        self.transport.write(head)
+        self._arm_timer()
+        if self._write_blocked:
+            front.upstream_write_blocked(True)
+
+    def write(self, data: bytes) -> None:
+        self.transport.write(data)
+        if not self._head_done:
+            self._arm_timer()
+
+    def write_sequence(self, parts: list) -> None:
+        self.transport.writeSequence(parts)
+        if not self._head_done:
+            self._arm_timer()
+
+    def request_sent(self) -> None:
+        """The whole request (head and body) has been written."""
+        self._request_sent = True
+
+    def pause_reading(self) -> None:
+        if not self._read_paused:
+            self._read_paused = True
+            self.transport.pauseProducing()
+            if self._head_done:
+                self._cancel_timer()
+
+    def resume_reading(self) -> None:
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resumeProducing()
+            if self.front is not None:
+                self._arm_timer()
+
+    def abort(self) -> None:
+        """Give up on the exchange; the connection is never reused."""
+        self.front = None
+        self._broken = True
+        self._cancel_timer()
+        if not self.lost:
+            self.transport.abortConnection()
+
+    # -- httptools callbacks -------------------------------------------------
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._head_done:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        status = parser.get_status_code()
+        headers = self._headers
+        self._headers = []
+        reason = self._reason
+        self._reason = b""
+        if status < 200:
+            if status == 100 and self.front is not None:
+                self.front.response_continue()
+            return
+        self._keep_alive = parser.should_keep_alive()
+        self._head_done = True
+        kept = []
+        length = None
+        chunked = False
+        connection = None
+        for item in headers:
+            name = item[0].lower()
+            if name in RESPONSE_DROP:
+                if name == b"content-length":
+                    length = item[1]
+                elif name == b"transfer-encoding":
+                    chunked = True
+                elif name == b"connection":
+                    connection = (connection or []) + item[1].split(b",")
+                continue
+            kept.append(item)
+        if connection:
+            tokens = {t.strip().lower() for t in connection}
+            kept = [h for h in kept if h[0].lower() not in tokens]
+        if self._head_method or status == 204 or status == 304:
+            mode = MODE_NONE
+            if status != 204 and length is not None:
+                kept.append((b"Content-Length", length))
+        elif chunked:
+            mode = MODE_CHUNKED
+        elif length is not None:
+            mode = MODE_LENGTH
+        else:
+            mode = MODE_EOF
+        self._mode = mode
+        now = self.pool.reactor.seconds()
+        duration = now - self._sent_at
+        self.pool.metrics.upstream_duration.observe(duration)
+        self._arm_timer()
+        front = self.front
+        if front is not None:
+            front.response_head(status, reason, kept, mode,
+                                None if length is None else int(length),
+                                duration)
+        if self._head_method and self.front is not None:
+            # llhttp cannot be told that a HEAD response has no body, so the
+            # connection ends here instead of being reused.
+            self._broken = True
+            self._finished(self.front, reuse=False)
+
+    def on_body(self, data: bytes) -> None:
+        front = self.front
+        if front is None:
+            self._broken = True
+            return
+        if self._timer is not None and not self._read_paused:
+            self._timer.reset(self.pool.timeout)
+        front.response_body(data)
+
+    def on_message_complete(self) -> None:
+        front = self.front
+        if front is None or not self._head_done:
+            return
+        self._finished(front, reuse=self._keep_alive)
+
+    # -- internals -----------------------------------------------------------
+
+    def _finished(self, front: Any, reuse: bool) -> None:
+        """The response is complete: pool or close, then tell the front
+        (which may start its next request on this very connection)."""
+        self._cancel_timer()
+        self.front = None
+        reuse = reuse and self._request_sent and not self._broken
+        self._reset_exchange()
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resumeProducing()
+        if not self.lost:
+            if reuse:
+                self.pool._release(self)
+            else:
+                self._broken = True
+                self.transport.loseConnection()
+        front.response_end()
+
+    def _garbled(self, description: str) -> None:
+        front = self.front
+        self.abort()
+        if front is None:
+            return
+        if self._head_done:
+            front.response_aborted()
+        else:
+            front.upstream_failed(502, "bad_gateway", description)
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.pool.timeout)
+        else:
+            self._timer = self.pool.reactor.callLater(
+                self.pool.timeout, self._timed_out)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        front = self.front
+        if front is None:
+            return
+        head_done = self._head_done
+        self.abort()
+        if head_done:
+            front.response_aborted()
+        else:
+            front.upstream_failed(
+                504, "gateway_timeout",
+                "the upstream did not respond within upstream_timeout")
+
+
+class _ConnectionFactory(Factory):
+    def __init__(self, pool: "UpstreamPool") -> None:
+        self.pool = pool
+
+    def buildProtocol(self, addr: Any) -> UpstreamConnection:
+        return UpstreamConnection(self.pool)
+
+
+class UpstreamPool:
+    """Persistent connections to the ``upstream`` URL.
+
+    Idle connections are kept most-recently-used first, at most
+    ``upstream_max_idle`` of them: a connection released beyond that bound
+    is closed.  An idle connection older than ``idle_timeout`` is closed when
+    it is next picked instead of being used.  Connections in use are bounded
+    by the requests in flight (the front's ``max_connections``).
+    """
+
+    def __init__(self, reactor: Any, settings: Any, metrics: Any,
+                 tls_options: Any = None) -> None:
+        self.reactor = reactor
+        self.metrics = metrics
+        url = urlsplit(settings.upstream)
+        self.secure = url.scheme == "https"
+        host = url.hostname or ""
+        port = url.port or (443 if self.secure else 80)
+        self.authority = url.netloc.encode("idna" if not host.isascii()
+                                           else "ascii")
+        self.base_path = url.path.rstrip("/").encode("ascii")
+        self.timeout = settings.upstream_timeout
+        self.max_idle = settings.upstream_max_idle
+        self.max_idle_age = settings.idle_timeout
+        self._idle: list[UpstreamConnection] = []
+        self._closed = False
+        self._close_waiters: list[defer.Deferred] = []
+        self._factory = _ConnectionFactory(self)
+        connect_timeout = settings.upstream_connect_timeout
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            endpoint: Any = HostnameEndpoint(reactor, host, port,
+                                             timeout=connect_timeout)
+        else:
+            kind = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
+            endpoint = kind(reactor, host, port, timeout=connect_timeout)
+        if self.secure:
+            if tls_options is None:
+                tls_options = _default_tls(host, settings)
+            endpoint = wrapClientTLS(tls_options, endpoint)
+        self.endpoint = endpoint
+
+    def connect(self, front: Any) -> Optional[defer.Deferred]:
+        """Attach ``front`` to a connection.
+
+        With an idle connection at hand, ``front.upstream_ready`` is called
+        before this returns ``None``; otherwise the returned Deferred is the
+        pending connection attempt, which the front cancels if its client
+        goes away.
+        """
+        idle = self._idle
+        if idle:
+            horizon = self.reactor.seconds() - self.max_idle_age
+            while idle:
+                conn = idle.pop()
+                if conn.idle_since < horizon:
+                    conn.transport.loseConnection()
+                    continue
+                conn.reused = True
+                front.upstream_ready(conn)
+                return None
+        return self._connect(front)
+
+    def _connect(self, front: Any) -> defer.Deferred:
+        d = self.endpoint.connect(self._factory)
+        d.addCallbacks(self._connected, self._connect_failed,
+                       callbackArgs=(front,), errbackArgs=(front,))
+        return d
+
+    def _connected(self, conn: UpstreamConnection, front: Any) -> None:
+        front.upstream_ready(conn)
+
+    def _connect_failed(self, failure: Any, front: Any) -> None:
+        if failure.check(defer.CancelledError, error.ConnectingCancelledError):
+            return None
+        if failure.check(error.TimeoutError):
+            front.upstream_failed(
+                504, "gateway_timeout", "could not connect to the upstream "
+                "within upstream_connect_timeout")
+        else:
+            log.warn("cannot connect to the upstream: {reason}",
+                     reason=failure.getErrorMessage())
+            front.upstream_failed(502, "bad_gateway",
+                                  "cannot connect to the upstream")
+        return None
+
+    def _retry(self, front: Any) -> None:
+        """A reused connection closed before answering a request without a
+        body: the server had timed it out; send once more, on a new one."""
+        front.upstream_retry()
+        front.upstream_connecting(self._connect(front))
+
+    def _release(self, conn: UpstreamConnection) -> None:
+        if self._closed or len(self._idle) >= self.max_idle:
+            conn.transport.loseConnection()
+            return
+        conn.idle_since = self.reactor.seconds()
+        self._idle.append(conn)
+
+    def _lost(self, conn: UpstreamConnection) -> None:
+        try:
+            self._idle.remove(conn)
+        except ValueError:
+            pass
+        if self._closed and not self._idle and self._close_waiters:
+            waiters, self._close_waiters = self._close_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def close(self) -> defer.Deferred:
+        """Close the idle connections; fires once they are all gone.
+
+        Connections still in use are closed when their response ends."""
+        self._closed = True
+        if not self._idle:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._close_waiters.append(d)
+        for conn in list(self._idle):
+            conn.transport.loseConnection()
+        return d
+
+
+def _default_tls(host: str, settings: Any) -> Any:
+    if settings.upstream_ca_file or settings.upstream_client_cert:
+        from phantomd.tls import client_tls_options
+        return client_tls_options(host, settings.upstream_ca_file,
+                                  settings.upstream_client_cert,
+                                  settings.upstream_client_key)
+    from twisted.internet.ssl import optionsForClientTLS
+    return optionsForClientTLS(host)
