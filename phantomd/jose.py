@@ -420,7 +420,9 @@ class KeySource:
     one refetch, at most one per ``min_refresh_interval`` seconds (a burst
     of unknown kids shares one fetch; a flood of forged kids cannot turn into
     a flood of fetches).  At most ``max_keys`` keys are kept: a larger set is
-    truncated (logged).  Bodies beyond ``max_bytes`` are refused.  A fetch
+    truncated (logged).  Bodies beyond ``max_bytes`` are refused, and so are
+    redirects (the key set decides what phantomd trusts; it comes from the
+    configured or discovered URL, nowhere else).  A fetch
     failure is a ``JOSEError``: the caller answers 502, never lets the
     request pass.
     """
@@ -580,7 +582,8 @@ class KeySource:
         def parse(body: bytes) -> dict[str, Any]:
             return _json_object(body, "%s %s" % (what, url))
 
-        d = self._http.get(url, headers={b"Accept": [b"application/json"]})
+        d = self._http.get(url, headers={b"Accept": [b"application/json"]},
+                           allow_redirects=False)
         d.addCallback(got)
         d.addCallback(parse)
         return d

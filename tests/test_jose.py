@@ -385,6 +385,7 @@ class TokenService(Resource):
         self.hits: dict[bytes, int] = {}
         self.hold = False
         self.held: list = []
+        self.locations: dict[bytes, bytes] = {}
 
     def serve(self, path: bytes, body, code=200):
         if not isinstance(body, bytes):
@@ -402,6 +403,8 @@ class TokenService(Resource):
         code, body = self.documents.get(request.path, (404, b"{}"))
         request.setResponseCode(code)
         request.setHeader(b"content-type", b"application/json")
+        if request.path in self.locations:
+            request.setHeader(b"location", self.locations[request.path])
         return body
 
     def release(self):
@@ -511,6 +514,14 @@ class KeySourceTests(SynchronousTestCase):
             e = self.refused(self.source(), "rsa-1")
             self.assertIn("token service keys unavailable", str(e))
             self.assertIn(message, str(e))
+
+    def test_redirect_is_not_followed(self):
+        self.service.serve(b"/jwks", b"", 302)
+        self.service.locations[b"/jwks"] = b"https://login.example.com/elsewhere"
+        self.service.serve(b"/elsewhere", public_jwks(RSA_KEY))
+        e = self.refused(self.source(), "rsa-1")
+        self.assertIn("answered HTTP 302", str(e))
+        self.assertEqual(self.service.count(b"/elsewhere"), 0)
 
     def test_outage_is_not_retried_at_every_request(self):
         self.service.serve(b"/jwks", b"down", 503)
