@@ -31,6 +31,8 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Callable, Optional, Union
 from urllib.parse import urlencode
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet.defer import (CancelledError, Deferred, maybeDeferred,
                                     succeed)
 from twisted.internet.protocol import Protocol
@@ -131,6 +133,31 @@ class _BoundedBody(Protocol):
         done, self._done = self._done, None
         if done is not None:
             done(result)
+
+
+def _describe(failure: Failure) -> str:
+    """A one-line reason for a connection-level failure, for logs and the
+    502 description (Twisted wraps the real cause in lists of Failures)."""
+    e = failure.value
+    while isinstance(getattr(e, "reasons", None), list) and e.reasons:
+        inner = e.reasons[0]
+        e = inner.value if isinstance(inner, Failure) else inner
+    if isinstance(e, VerificationError):
+        names = []
+        for mismatch in e.errors:
+            ident = getattr(mismatch, "mismatched_id", None)
+            name = getattr(ident, "hostname", None) or getattr(ident, "ip", "")
+            names.append(name.decode("ascii", "replace")
+                         if isinstance(name, bytes) else str(name))
+        return "its TLS certificate is not valid for %s" % (
+            ", ".join(names) or "this host")
+    if isinstance(e, SSL.Error):
+        details = [part[-1] for part in e.args[0]
+                   if isinstance(part, tuple) and part] \
+            if e.args and isinstance(e.args[0], list) else []
+        return "TLS handshake failed (%s)" % (
+            ", ".join(details) or "no details")
+    return (str(e) or type(e).__name__)[:200]
 
 
 def _media_type(headers: dict[str, list[str]]) -> Optional[str]:
@@ -415,7 +442,7 @@ class _Exchange:
             return
         self._finish(Failure(_failed(
             "error", "cannot reach the token service: %s"
-            % (failure.getErrorMessage() or failure.type.__name__))))
+            % _describe(failure))))
 
     def _got_body(self, status: int, headers: dict[str, list[str]],
                   body: Union[bytes, Failure]) -> None:
@@ -434,7 +461,7 @@ class _Exchange:
             else:
                 self._finish(Failure(_failed(
                     "error", "token service answer cut short: %s"
-                    % (body.getErrorMessage() or body.type.__name__))))
+                    % _describe(body))))
                 return
         d = maybeDeferred(self._intro._answer, status, headers, body)
         d.addBoth(self._answered)
