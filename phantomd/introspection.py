@@ -573,6 +573,12 @@ class PooledHTTPClient(HTTPClient):
                          data_to_body_producer=_BytesProducer)
         self.pool = pool
 
+    @property
+    def client(self) -> "PooledHTTPClient":
+        """This client itself, for callers that hold a (client, pool) pair
+        under ``.client``."""
+        return self
+
     def close(self) -> Deferred:
         """Close every pooled connection; fires when they are closed."""
         return self.pool.closeCachedConnections()
