@@ -1002,7 +1002,7 @@ def gateway_ini(ts_port: int, api_port: int, response: str = "jwt",
 
 
 async def start_gateway(testcase, reactor, ini_text: str,
-                        overrides=None) -> RunningGateway:
+                        overrides=None, access_log=None) -> RunningGateway:
     """Build and start a Gateway; ``testcase.addCleanup`` stops it."""
     try:
         from phantomd.app import Gateway
@@ -1013,7 +1013,7 @@ async def start_gateway(testcase, reactor, ini_text: str,
 
     config = configmod.parse(ini_text, "<robustness.ini>", overrides)
     metrics = Metrics()
-    gw = Gateway(reactor, config, metrics)
+    gw = Gateway(reactor, config, metrics, access_log=access_log)
     await gw.start()
     testcase.addCleanup(gw.stop)
     front = gw.front_ports[0].getHost().port
@@ -1033,7 +1033,8 @@ class Scene:
 
     @classmethod
     async def build(cls, testcase, reactor, response: str = "jwt",
-                    api_port: Optional[int] = None, **sections) -> "Scene":
+                    api_port: Optional[int] = None, access_log=None,
+                    **sections) -> "Scene":
         self = cls()
         self.reactor = reactor
         self.ts = TokenService(reactor, response)
@@ -1044,7 +1045,8 @@ class Scene:
             api_port = self.api.listen()
             testcase.addCleanup(self.api.stop)
         self.ini = gateway_ini(ts_port, api_port, response, **sections)
-        self.gw = await start_gateway(testcase, reactor, self.ini)
+        self.gw = await start_gateway(testcase, reactor, self.ini,
+                                      access_log=access_log)
         return self
 
     @property

@@ -64,12 +64,23 @@ class MalformedRequestLines(Hostile):
     @async_test
     async def test_malformed_request_lines(self):
         await self.scene()
-        for line in (b"GET /resource", b"GET  /resource HTTP/1.1",
-                     b"GET /resource HTTP/1.1 extra", b"GET\t/ HTTP/1.1",
+        for line in (b"GET /resource", b"GET /resource HTTP/1.1 extra", b"GET\t/ HTTP/1.1",
                      b"G@T / HTTP/1.1", b"GET / HTTP/1.1x",
                      b"GET / FTP/1.1", b"\x16\x03\x01\x02\x00\x01\x00",
                      b"GET /a b HTTP/1.1", b"GET /\x00 HTTP/1.1"):
             await self.refused(self.head(line), statuses=(400, 505))
+
+    @async_test
+    async def test_extra_spaces_are_refused_or_normalised(self):
+        """RFC 9112 section 3 lets a server split the request line on any
+        run of whitespace; then the API must get one clean request line."""
+        await self.scene()
+        client = await self.send(self.head(b"GET  /resource  HTTP/1.1",
+                                           b"Connection: close"))
+        self.assertIn(client.responses()[0].status, (400, 200))
+        self.assertEqual(self.s.api.framing_errors, [])
+        for req in self.s.api.requests:
+            self.assertEqual(req.target, b"/resource")
 
     @async_test
     async def test_unsupported_version(self):
