@@ -117,6 +117,8 @@ class FrontProtocol(Protocol):
         self._bytes_sent = 0
         self._upstream_duration: Optional[float] = None
         self._fwd = b""
+        self._registered = False
+        self._closed = False
 
     # -- connection lifetime -------------------------------------------------
 
@@ -139,6 +141,7 @@ class FrontProtocol(Protocol):
         f.connections.add(self)
         f.metrics.connections.inc()
         transport.registerProducer(self, True)
+        self._registered = True
         host = getattr(transport.getPeer(), "host", None)
         fwd = b""
         if host:
@@ -154,6 +157,7 @@ class FrontProtocol(Protocol):
         if self._rejected:
             return
         self._dead = True
+        self._closed = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -180,10 +184,12 @@ class FrontProtocol(Protocol):
             self._close()
 
     def _close(self) -> None:
-        if self._dead and self.transport.disconnecting:
-            return
         self._dead = True
-        self.transport.unregisterProducer()
+        self._closed = True
+        if self._registered:
+            # TLS transports wait for the producer to go before closing.
+            self._registered = False
+            self.transport.unregisterProducer()
         self.transport.loseConnection()
 
     # -- IPushProducer: the client's send buffer -----------------------------
@@ -351,6 +357,8 @@ class FrontProtocol(Protocol):
         self._update_reading()
 
     def _update_reading(self) -> None:
+        if self._closed:
+            return
         r = self._req
         busy = self._dead or (r is not None and (
             r.complete or self._phase < _UPSTREAM or self._upstream is None))
@@ -366,6 +374,8 @@ class FrontProtocol(Protocol):
                 self.transport.resumeProducing()
 
     def upstream_write_blocked(self, blocked: bool) -> None:
+        if self._closed:
+            return
         paused = self._paused
         if blocked:
             if not paused & _UPSTREAM_FULL:

@@ -1,0 +1,635 @@
+"""The front protocol on a StringTransport, with a fake gate and pool."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import httptools
+from hypothesis import given, settings as hsettings, strategies as st
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.trial import unittest
+
+from phantomd.http.server import FrontFactory
+from phantomd.http.upstream import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
+from phantomd.metrics import Metrics
+from phantomd.outcomes import Forward
+from tests.helpers_http import JWT, OPAQUE, FakeGate, settings
+
+AUTH = b"Authorization: Bearer " + OPAQUE.encode() + b"\r\n"
+
+
+def get(target: bytes = b"/", extra: bytes = b"", auth: bytes = AUTH) -> bytes:
+    return (b"GET " + target + b" HTTP/1.1\r\nHost: front.example\r\n"
+            + auth + extra + b"\r\n")
+
+
+class FakeConn:
+    """Stands for an UpstreamConnection: records what the front sends."""
+
+    def __init__(self) -> None:
+        self.front: Any = None
+        self.head = b""
+        self.body = bytearray()
+        self.sent = False
+        self.aborted = False
+        self.paused = False
+        self.retryable: Optional[bool] = None
+
+    def send(self, front: Any, head: bytes, head_method: bool,
+             retryable: bool) -> None:
+        self.front, self.head, self.retryable = front, head, retryable
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+
+    def write_sequence(self, parts: list) -> None:
+        self.body += b"".join(parts)
+
+    def request_sent(self) -> None:
+        self.sent = True
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def respond(self, status: int = 200, body: bytes = b"ok",
+                headers: Optional[list] = None, mode: int = MODE_LENGTH) -> None:
+        front = self.front
+        front.response_head(status, b"", headers or [], mode,
+                            len(body) if mode == MODE_LENGTH else None, 0.001)
+        if body:
+            front.response_body(body)
+        front.response_end()
+
+
+class FakePool:
+    base_path = b""
+    authority = b"api.internal:3000"
+
+    def __init__(self) -> None:
+        self.conns: list = []
+        self.pending: list = []
+        self.immediate = True
+
+    def connect(self, front: Any) -> Optional[defer.Deferred]:
+        conn = FakeConn()
+        self.conns.append(conn)
+        if self.immediate:
+            front.upstream_ready(conn)
+            return None
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append((d, front, conn))
+        return d
+
+
+class FrontCase(unittest.SynchronousTestCase):
+    keys: dict = {}
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.gate = FakeGate()
+        self.pool = FakePool()
+        self.metrics = Metrics()
+        self.access: list = []
+        self.settings = settings(**self.keys)
+        self.factory = FrontFactory(self.reactor, self.gate, self.pool,
+                                    self.settings, self.metrics,
+                                    access_log=self.access.append)
+
+    def connect(self) -> tuple:
+        proto = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def responses(self, transport: StringTransport) -> list:
+        """(status, headers, body) of each complete response written."""
+        out: list = []
+
+        class P:
+            def on_message_begin(s) -> None:
+                s.headers, s.body = [], b""
+
+            def on_header(s, n: bytes, v: bytes) -> None:
+                s.headers.append((n.lower(), v))
+
+            def on_body(s, b: bytes) -> None:
+                s.body += b
+
+            def on_message_complete(s) -> None:
+                out.append((parser.get_status_code(), dict(s.headers),
+                            s.body))
+        parser = httptools.HttpResponseParser(P())
+        parser.feed_data(transport.value())
+        return out
+
+
+class MalformedRequestTests(FrontCase):
+    keys = {"max_request_line": 300, "max_header_bytes": 1024,
+            "max_headers": 10}
+
+    ROWS = [
+        ("CL with TE", b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+         b"Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+         400),
+        ("two Content-Lengths", b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+         b"Content-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+        ("Content-Length list", b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+         b"Content-Length: 3, 3\r\n\r\nabc", 400),
+        ("negative Content-Length", b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+         b"Content-Length: -1\r\n\r\n", 400),
+        ("bad chunk size", b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+         b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400),
+        ("chunk size with space", b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+         b"Transfer-Encoding: chunked\r\n\r\n3 \r\nabc\r\n0\r\n\r\n", 400),
+        ("TE twice", b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+         b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"
+         b"0\r\n\r\n", 400),
+        ("obs-fold", get(extra=b"X-A: a\r\n b\r\n"), 400),
+        ("NUL in value", get(extra=b"X-A: a\x00b\r\n"), 400),
+        ("CR in value", get(extra=b"X-A: a\rb\r\n"), 400),
+        ("LF in value", get(extra=b"X-A: a\nX-B: b\r\n"), 400),
+        ("space before colon", get(extra=b"X-A : a\r\n"), 400),
+        ("empty header name", get(extra=b": a\r\n"), 400),
+        ("bare LF line ends", b"GET / HTTP/1.1\nHost: h\n\n", 400),
+        ("space in target", b"GET /a b HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+        ("unknown method", b"FOO / HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+        ("lower-case method", b"get / HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+        ("HTTP/0.9", b"GET /\r\n\r\n", 400),
+        ("HTTP/2.0 line", b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", 505),
+        ("no Host", b"GET / HTTP/1.1\r\n" + AUTH + b"\r\n", 400),
+        ("two Hosts", get(extra=b"Host: other\r\n"), 400),
+        ("target not a path", b"GET foo HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+        ("TE gzip", b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+         b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+        ("CONNECT", b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501),
+        ("Upgrade with a body", b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+         b"Connection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\n"
+         b"abc", 400),
+        ("request line too long", b"GET /" + b"a" * 400 + b" HTTP/1.1\r\n"
+         b"Host: h\r\n\r\n", 414),
+        ("header section too large",
+         get(extra=b"X-Big: " + b"b" * 2000 + b"\r\n"), 431),
+        ("too many headers",
+         get(extra=b"".join(b"X-%d: 1\r\n" % i for i in range(12))), 431),
+    ]
+
+    def test_rows(self) -> None:
+        """Each is answered with its status, closed, and never forwarded."""
+        for name, data, status in self.ROWS:
+            proto, transport = self.connect()
+            proto.dataReceived(data)
+            got = self.responses(transport)
+            self.assertEqual([r[0] for r in got], [status], name)
+            self.assertEqual(got[0][1][b"connection"], b"close", name)
+            self.assertEqual(got[0][1][b"cache-control"], b"no-store", name)
+            self.assertTrue(transport.disconnecting, name)
+            self.assertEqual(self.pool.conns, [], name)
+            self.assertEqual(self.gate.calls, [], name)
+
+    def test_rows_byte_by_byte(self) -> None:
+        """The same answers when the bytes trickle in one at a time."""
+        for name, data, status in self.ROWS:
+            proto, transport = self.connect()
+            for i in range(len(data)):
+                if transport.disconnecting:
+                    break
+                proto.dataReceived(data[i:i + 1])
+            got = self.responses(transport)
+            self.assertEqual([r[0] for r in got], [status], name)
+            # A body error found after the head went upstream: the upstream
+            # connection is aborted before the request is complete.
+            for conn in self.pool.conns:
+                self.assertTrue(conn.aborted and not conn.sent, name)
+
+    def test_header_value_growing_over_many_reads(self) -> None:
+        """One endless header value is cut off at the limit, not buffered."""
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\nX-Long: ")
+        for _ in range(100):
+            if transport.disconnecting:
+                break
+            proto.dataReceived(b"v" * 100)
+        self.assertEqual([r[0] for r in self.responses(transport)], [431])
+
+    def test_earlier_pipelined_request_still_answered(self) -> None:
+        """A bad request after a good one: the good one first, then 400."""
+        proto, transport = self.connect()
+        proto.dataReceived(get(b"/good") + b"GET / HTTP/1.1\r\nX : y\r\n\r\n")
+        [conn] = self.pool.conns
+        self.assertEqual(self.responses(transport), [])
+        conn.respond()
+        self.assertEqual([r[0] for r in self.responses(transport)],
+                         [200, 400])
+        self.assertTrue(transport.disconnecting)
+
+    def test_bad_chunk_mid_stream_aborts_upstream(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+                           b"Transfer-Encoding: chunked\r\n\r\n")
+        [conn] = self.pool.conns
+        proto.dataReceived(b"3\r\nabc\r\n")
+        self.assertEqual(bytes(conn.body), b"3\r\nabc\r\n")
+        proto.dataReceived(b"zz\r\n")
+        self.assertTrue(conn.aborted)
+        self.assertFalse(conn.sent)
+        self.assertEqual([r[0] for r in self.responses(transport)], [400])
+        self.assertTrue(transport.disconnecting)
+
+
+class ForwardingTests(FrontCase):
+
+    def test_gate_gets_every_authorization_value(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(
+            b"GET /p%20q?x=%2F&y HTTP/1.1\r\nHost: front.example\r\n" + AUTH +
+            b"authorization: Bearer other\r\nX-Forwarded-For: 1.2.3.4\r\n"
+            b"Forwarded: for=1.2.3.4\r\nConnection: X-Drop\r\nX-Drop: 1\r\n"
+            b"Accept: */*\r\n\r\n")
+        self.assertEqual(self.gate.calls,
+                         [[b"Bearer " + OPAQUE.encode(), b"Bearer other"]])
+
+    def test_head_sent_upstream(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(
+            b"GET /p%20q?x=%2F&y HTTP/1.1\r\nHost: front.example\r\n" + AUTH +
+            b"X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Host: evil\r\n"
+            b"Forwarded: for=1.2.3.4\r\nConnection: X-Drop\r\nX-Drop: 1\r\n"
+            b"Accept: */*\r\n\r\n")
+        [conn] = self.pool.conns
+        self.assertEqual(conn.head, (
+            b"GET /p%20q?x=%2F&y HTTP/1.1\r\n"
+            b"Host: api.internal:3000\r\n"
+            b"Authorization: Bearer " + JWT.encode() + b"\r\n"
+            b"Accept: */*\r\n"
+            b"X-Forwarded-For: 192.168.1.1\r\n"
+            b"X-Forwarded-Proto: http\r\n"
+            b"X-Forwarded-Host: front.example\r\n\r\n"))
+        self.assertTrue(conn.sent)
+        self.assertTrue(conn.retryable)
+
+    def test_targets(self) -> None:
+        """Absolute-form becomes origin-form; the base path is prefixed."""
+        self.pool.base_path = b"/api"
+        rows = [
+            (b"/x?y=%41", b"/api/x?y=%41"),
+            (b"http://front.example/a/b?c", b"/api/a/b?c"),
+            (b"HTTPS://front.example?q", b"/api/?q"),
+            (b"http://front.example", b"/api/"),
+        ]
+        for target, upstream in rows:
+            proto, transport = self.connect()
+            proto.dataReceived(get(target))
+            self.assertEqual(self.pool.conns[-1].head.split(b" ")[1],
+                             upstream, target)
+        proto, transport = self.connect()
+        proto.dataReceived(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n" + AUTH +
+                           b"\r\n")
+        self.assertEqual(self.pool.conns[-1].head.split(b" ")[1], b"/api")
+
+    def test_body_waits_for_the_gate(self) -> None:
+        """While the gate decides, the client is not read."""
+        self.gate.hold = True
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+                           b"Content-Length: 10\r\n\r\n01234")
+        self.assertEqual(transport.producerState, "paused")
+        self.assertEqual(self.pool.conns, [])
+        self.gate.release()
+        [conn] = self.pool.conns
+        self.assertEqual(bytes(conn.body), b"01234")
+        self.assertEqual(transport.producerState, "producing")
+        self.assertIn(b"Content-Length: 10\r\n", conn.head)
+        self.assertFalse(conn.retryable)
+        proto.dataReceived(b"56789")
+        self.assertEqual(bytes(conn.body), b"0123456789")
+        self.assertTrue(conn.sent)
+        self.assertEqual(transport.producerState, "paused")
+
+    def test_chunked_request_rechunked(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+                           b"Transfer-Encoding: chunked\r\n\r\n"
+                           b"3;ext\r\nabc\r\n1\r\nd\r\n0\r\nX-T: 1\r\n\r\n")
+        [conn] = self.pool.conns
+        self.assertIn(b"Transfer-Encoding: chunked\r\n", conn.head)
+        self.assertEqual(bytes(conn.body),
+                         b"3\r\nabc\r\n1\r\nd\r\n0\r\n\r\n")
+
+    def test_upstream_write_blocked_pauses_client(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"PUT / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+                           b"Content-Length: 100\r\n\r\n")
+        self.assertEqual(transport.producerState, "producing")
+        proto.upstream_write_blocked(True)
+        self.assertEqual(transport.producerState, "paused")
+        proto.upstream_write_blocked(False)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_slow_client_pauses_upstream(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(get())
+        [conn] = self.pool.conns
+        proto.pauseProducing()
+        self.assertTrue(conn.paused)
+        proto.resumeProducing()
+        self.assertFalse(conn.paused)
+
+    def test_response_framing(self) -> None:
+        """Length kept; chunked or until-close re-chunked for HTTP/1.1,
+        sent raw and closed for HTTP/1.0."""
+        rows = [
+            (b"1.1", MODE_LENGTH, b"Content-Length: 3\r\n\r\nabc", False),
+            (b"1.1", MODE_CHUNKED,
+             b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", False),
+            (b"1.1", MODE_EOF,
+             b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", False),
+            (b"1.0", MODE_EOF, b"Connection: close\r\n\r\nabc", True),
+        ]
+        for version, mode, tail, closed in rows:
+            proto, transport = self.connect()
+            proto.dataReceived(b"GET / HTTP/" + version + b"\r\nHost: h\r\n"
+                               + AUTH + (b"Connection: keep-alive\r\n"
+                                         if version == b"1.0" else b"")
+                               + b"\r\n")
+            self.pool.conns[-1].respond(
+                200, b"abc", [(b"X-A", b"1")], mode)
+            self.assertEqual(transport.value(),
+                             b"HTTP/1.1 200 OK\r\nX-A: 1\r\n" + tail, mode)
+            self.assertEqual(transport.disconnecting, closed, mode)
+
+    def test_continue_relayed(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+                           b"Expect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        [conn] = self.pool.conns
+        self.assertIn(b"Expect: 100-continue\r\n", conn.head)
+        proto.response_continue()
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def test_malformed_jwt_from_gate_is_not_forwarded(self) -> None:
+        self.gate.decide = lambda auth: Forward(jwt="a.b\r\nX-Evil: 1")
+        proto, transport = self.connect()
+        proto.dataReceived(get())
+        self.assertEqual(self.pool.conns, [])
+        self.assertEqual([r[0] for r in self.responses(transport)], [502])
+
+    def test_upstream_failure_answers(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(get())
+        proto.upstream_failed(504, "gateway_timeout", "slow")
+        [(status, headers, body)] = self.responses(transport)
+        self.assertEqual(status, 504)
+        self.assertIn(b'"gateway_timeout"', body)
+        self.assertFalse(transport.disconnecting)
+
+    def test_response_aborted_aborts_client(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(get())
+        [conn] = self.pool.conns
+        proto.response_head(200, b"OK", [], MODE_LENGTH, 10, 0.0)
+        proto.response_body(b"12345")
+        proto.response_aborted()
+        self.assertTrue(transport.disconnected)
+
+    def test_access_log_and_metrics(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(get(b"/a?b=c"))
+        self.reactor.advance(0.5)
+        self.pool.conns[-1].respond(200, b"abc")
+        [entry] = self.access
+        self.assertEqual(entry, {
+            "method": "GET", "path": "/a", "status": 200, "duration": 0.5,
+            "upstream_duration": 0.001, "cache": "hit",
+            "token_id": "abcdef012345",
+            "bytes_sent": len(transport.value())})
+        self.assertEqual(self.metrics.sample(
+            "phantomd_requests_total", {"code": "2xx"}), 1)
+        self.assertEqual(self.metrics.sample(
+            "phantomd_request_duration_seconds_count"), 1)
+
+
+class RejectTests(FrontCase):
+
+    def test_reject_keeps_alive_when_body_consumed(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\n"
+                           b"Authorization: Bearer bad\r\n"
+                           b"Content-Length: 3\r\n\r\nabc")
+        [(status, headers, body)] = self.responses(transport)
+        self.assertEqual(status, 401)
+        self.assertIn(b'error="invalid_token"', headers[b"www-authenticate"])
+        self.assertEqual(headers[b"content-length"], b"%d" % len(body))
+        self.assertFalse(transport.disconnecting)
+
+    def test_reject_closes_when_body_unread(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\n"
+                           b"Authorization: Bearer bad\r\n"
+                           b"Content-Length: 30\r\n\r\nabc")
+        [(status, headers, body)] = self.responses(transport)
+        self.assertEqual(status, 401)
+        self.assertEqual(headers[b"connection"], b"close")
+        self.assertTrue(transport.disconnecting)
+
+    def test_head_request_gets_no_body(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n")
+        value = transport.value()
+        self.assertTrue(value.startswith(b"HTTP/1.1 401 "))
+        self.assertTrue(value.endswith(b"\r\n\r\n"))
+
+
+class PipelineTests(FrontCase):
+
+    def test_one_at_a_time_in_order(self) -> None:
+        self.gate.hold = True
+        proto, transport = self.connect()
+        proto.dataReceived(get(b"/1") + get(b"/2") + get(b"/3", auth=b""))
+        self.assertEqual(len(self.gate.calls), 1)
+        self.assertEqual(transport.producerState, "paused")
+        self.gate.release()
+        self.pool.conns[0].respond(body=b"one")
+        self.assertEqual(len(self.gate.calls), 2)
+        self.gate.release()
+        self.pool.conns[1].respond(body=b"two")
+        self.gate.release()
+        got = self.responses(transport)
+        self.assertEqual([(s, b) for s, _, b in got][:2],
+                         [(200, b"one"), (200, b"two")])
+        self.assertEqual(got[2][0], 401)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_many_synchronous_rejects_do_not_recurse(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(get(auth=b"") * 3000)
+        self.assertEqual(len(self.responses(transport)), 3000)
+
+
+class DisconnectTests(FrontCase):
+
+    def test_disconnect_cancels_gate(self) -> None:
+        self.gate.hold = True
+        proto, transport = self.connect()
+        proto.dataReceived(get())
+        proto.connectionLost(None)
+        self.assertEqual(self.gate.cancelled, 1)
+        self.assertEqual(self.factory.connections, set())
+
+    def test_disconnect_cancels_connect(self) -> None:
+        self.pool.immediate = False
+        proto, transport = self.connect()
+        proto.dataReceived(get())
+        [(d, front, conn)] = self.pool.pending
+        cancelled = []
+        d.addErrback(cancelled.append)
+        proto.connectionLost(None)
+        self.assertEqual(len(cancelled), 1)
+
+    def test_disconnect_aborts_upstream(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"PUT / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+                           b"Content-Length: 100\r\n\r\nabc")
+        [conn] = self.pool.conns
+        proto.connectionLost(None)
+        self.assertTrue(conn.aborted)
+
+
+class TimeoutTests(FrontCase):
+    keys = {"header_timeout": 5, "idle_timeout": 30}
+
+    def test_partial_head_gets_408(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost")
+        self.reactor.advance(4.9)
+        self.assertEqual(transport.value(), b"")
+        self.reactor.advance(0.2)
+        self.assertEqual([r[0] for r in self.responses(transport)], [408])
+        self.assertTrue(transport.disconnecting)
+
+    def test_idle_keep_alive_closed_silently(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(get())
+        self.pool.conns[0].respond()
+        transport.clear()
+        self.reactor.advance(29)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(2)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value(), b"")
+
+    def test_slow_next_head_after_keep_alive(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(get())
+        self.pool.conns[0].respond()
+        self.reactor.advance(20)
+        proto.dataReceived(b"GET / HT")
+        self.reactor.advance(6)
+        self.assertEqual([r[0] for r in self.responses(transport)],
+                         [200, 408])
+
+    def test_no_timeout_while_upstream_works(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(get())
+        self.reactor.advance(100)
+        self.assertFalse(transport.disconnecting)
+        self.pool.conns[0].respond()
+        self.assertEqual([r[0] for r in self.responses(transport)], [200])
+
+
+class FactoryTests(FrontCase):
+    keys = {"max_connections": 2}
+
+    def test_max_connections(self) -> None:
+        self.connect()
+        self.connect()
+        proto, transport = self.connect()
+        [(status, headers, body)] = self.responses(transport)
+        self.assertEqual(status, 503)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(self.factory.connections), 2)
+        self.assertEqual(self.metrics.sample("phantomd_client_connections"),
+                         2)
+
+    def test_drain(self) -> None:
+        idle, idle_t = self.connect()
+        busy, busy_t = self.connect()
+        busy.dataReceived(get() + get(b"/queued"))
+        d = self.factory.drain()
+        self.assertTrue(idle_t.disconnecting)
+        idle.connectionLost(None)
+        self.assertFalse(busy_t.disconnecting)
+        self.assertNoResult(d)
+        self.pool.conns[0].respond()
+        [(status, headers, body)] = self.responses(busy_t)
+        self.assertEqual(headers[b"connection"], b"close")
+        self.assertTrue(busy_t.disconnecting)
+        self.assertEqual(len(self.pool.conns), 1)
+        busy.connectionLost(None)
+        self.successResultOf(d)
+
+    def test_reconfigure_applies_to_new_requests(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(get())
+        other = FakeGate()
+        self.factory.reconfigure(gate=other,
+                                 settings=settings(realm="new"))
+        self.pool.conns[0].respond()
+        proto.dataReceived(get(auth=b""))
+        self.assertEqual(len(other.calls), 1)
+        [_, (status, headers, _)] = self.responses(transport)
+        self.assertEqual(headers[b"www-authenticate"], b'Bearer realm="new"')
+
+
+_name = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)
+_value = st.binary(max_size=40)
+
+
+class NoInjectionTests(FrontCase):
+
+    @hsettings(derandomize=True, max_examples=300, deadline=None)
+    @given(st.lists(st.tuples(_name, _value), max_size=8))
+    def test_forwarded_headers_are_exactly_the_kept_ones(self, headers: list
+                                                         ) -> None:
+        """Whatever bytes a client puts in header values, the upstream head
+        carries the same values and no header the client did not send."""
+        self.pool.conns = []
+        self.gate.calls = []
+        extra = b"".join(b"X-" + n.encode() + b": " + v + b"\r\n"
+                         for n, v in headers)
+        proto, transport = self.connect()
+        proto.dataReceived(get(extra=extra))
+        reference: list = []
+
+        class Ref:
+            def on_header(s, n: bytes, v: bytes) -> None:
+                reference.append((n, v))
+
+            def on_headers_complete(s) -> None:
+                raise StopIteration()  # only the first request counts
+        try:
+            httptools.HttpRequestParser(Ref()).feed_data(get(extra=extra))
+        except httptools.HttpParserCallbackError:
+            pass
+        except httptools.HttpParserError:
+            self.assertEqual(self.pool.conns, [])
+            self.assertEqual(self.responses(transport)[0][0], 400)
+            return
+        seen: list = []
+
+        class P:
+            def on_header(s, n: bytes, v: bytes) -> None:
+                seen.append((n, v))
+        [conn] = self.pool.conns
+        httptools.HttpRequestParser(P()).feed_data(conn.head)
+
+        def client_headers(hs: list) -> list:
+            return [h for h in hs if h[0].startswith(b"X-")
+                    and not h[0].startswith(b"X-Forwarded")]
+        self.assertEqual(client_headers(seen), client_headers(reference))
