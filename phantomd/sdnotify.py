@@ -17,6 +17,7 @@ import socket
 import time
 from typing import Callable, Mapping, Optional
 
+from twisted.application import service
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -157,3 +158,44 @@ class Notifier:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+
+
+def where(ports) -> str:
+    """``host:port`` of each listening port, for STATUS= lines."""
+    out = []
+    for p in ports:
+        try:
+            h = p.getHost()
+        except Exception:
+            continue
+        if hasattr(h, "port"):
+            out.append("%s:%s" % (h.host, h.port))
+        else:
+            name = getattr(h, "name", None) or h
+            out.append(name.decode("utf-8", "replace")
+                       if isinstance(name, bytes) else str(name))
+    return " ".join(out) or "-"
+
+
+class NotifyService(service.Service):
+    """READY=1 when started, STOPPING=1 when stopping.
+
+    Add it to the top service after the services that bind listeners:
+    ``MultiService`` starts children in order and stops them in reverse,
+    so systemd hears READY only once every port is bound, and STOPPING
+    before the gateway begins to drain.  ``describe()`` gives the STATUS=
+    text (for ``systemctl status``).
+    """
+
+    def __init__(self, notifier: Notifier,
+                 describe: Callable[[], str] = lambda: "") -> None:
+        self.notifier = notifier
+        self._describe = describe
+
+    def startService(self) -> None:
+        super().startService()
+        self.notifier.ready(self._describe() or None)
+
+    def stopService(self):
+        super().stopService()
+        self.notifier.stopping("draining")

@@ -10,7 +10,7 @@ import tempfile
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.sdnotify import Notifier
+from phantomd.sdnotify import Notifier, NotifyService, where
 
 
 class Receiver:
@@ -134,3 +134,49 @@ class NotifierTests(SynchronousTestCase):
         for env, expected in table:
             n = Notifier(Clock(), env, pid=1)
             self.assertEqual(n.watchdog_interval, expected, env)
+
+
+class NotifyServiceTests(SynchronousTestCase):
+    def test_ready_after_listeners_stopping_before_drain(self):
+        """Children start in order and stop in reverse: READY follows the
+        binding service, STOPPING precedes its drain."""
+        from twisted.application.service import MultiService, Service
+        r = Receiver(self)
+        n = Notifier(Clock(), {"NOTIFY_SOCKET": r.env_value})
+        self.addCleanup(n.close)
+        events = []
+
+        class Binder(Service):
+            def startService(self):
+                events.append(("bound", r.messages()))
+                super().startService()
+
+            def stopService(self):
+                events.append(("drain", r.messages()))
+                return super().stopService()
+
+        top = MultiService()
+        Binder().setServiceParent(top)
+        NotifyService(n, lambda: "serving on 127.0.0.1:8080").setServiceParent(
+            top)
+        top.startService()
+        self.assertEqual(r.messages(), [
+            {"READY": "1", "STATUS": "serving on 127.0.0.1:8080"}])
+        top.stopService()
+        self.assertEqual(events, [
+            ("bound", []), ("drain", [{"STOPPING": "1",
+                                       "STATUS": "draining"}])])
+
+    def test_where(self):
+        from twisted.internet.address import IPv4Address, UNIXAddress
+
+        class P:
+            def __init__(self, a):
+                self.a = a
+
+            def getHost(self):
+                return self.a
+        self.assertEqual(where([P(IPv4Address("TCP", "127.0.0.1", 8080)),
+                                P(UNIXAddress(b"/run/m.sock"))]),
+                         "127.0.0.1:8080 /run/m.sock")
+        self.assertEqual(where([]), "-")
