@@ -22,9 +22,11 @@ import json
 import os
 from typing import IO, Any, Callable, Mapping, Optional
 
+from twisted.application.service import MultiService
 from twisted.logger import (
     ILogObserver, LogLevel, Logger, formatEvent, formatEventAsClassicLogText,
     formatTime)
+from twisted.python.components import Componentized
 from zope.interface import implementer
 
 SENSITIVE = frozenset({
@@ -253,3 +255,24 @@ def access_logger(log_settings) -> Optional[Callable[[Mapping[str, Any]],
                                                       None]]:
     """An ``AccessLog`` when ``[log] access = yes``, else None."""
     return AccessLog() if log_settings.access else None
+
+
+class ObservedService(MultiService):
+    """A top-level service that chooses twistd's log observer.
+
+    twistd creates the application, attaches the plugin's service to it,
+    then starts logging with the application's ``ILogObserver`` component
+    if it has one, else with plain text on stdout.  Registering ours while
+    being attached is the one moment a plugin can choose it, so every event
+    (twistd's own included) goes through ``observer`` and no other.
+    ``observer`` is a ``SwitchableObserver``: a reload can change the format.
+    """
+
+    def __init__(self, observer: ILogObserver) -> None:
+        super().__init__()
+        self.observer = SwitchableObserver(observer)
+
+    def setServiceParent(self, parent) -> None:
+        if isinstance(parent, Componentized):
+            parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)

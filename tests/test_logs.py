@@ -12,7 +12,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from phantomd.logs import (
-    AccessLog, JSONLinesObserver, SwitchableObserver, TextObserver,
+    AccessLog, JSONLinesObserver, ObservedService, SwitchableObserver,
+    TextObserver,
     access_logger, journal_stream_matches, observer_for)
 from phantomd.outcomes import Forward
 
@@ -190,3 +191,26 @@ class AccessLogTests(SynchronousTestCase):
         event = self.record(authorization="Bearer " + TOKEN, jwt=JWT)
         self.assertNotIn("authorization", event)
         self.assertNotIn("jwt", event)
+
+
+class ObservedServiceTests(SynchronousTestCase):
+    def test_twistd_uses_our_observer(self):
+        """twistd's AppLogger asks the application for ILogObserver after
+        makeService; attaching the service must have registered ours."""
+        from twisted.application.service import Application, IService
+        from twisted.logger import ILogObserver
+        out = io.StringIO()
+        top = ObservedService(JSONLinesObserver(out))
+        app = Application("phantomd")
+        top.setServiceParent(app)
+        observer = app.getComponent(ILogObserver)
+        self.assertIs(observer, top.observer)
+        self.assertIn(top, list(IService(app)))
+        emit(observer, what="x")
+        self.assertEqual(json.loads(out.getvalue())["message"], "x happened")
+
+    def test_plain_parent_is_fine(self):
+        from twisted.application.service import MultiService
+        parent = MultiService()
+        ObservedService(TextObserver(io.StringIO())).setServiceParent(parent)
+        self.assertEqual(len(list(parent)), 1)
