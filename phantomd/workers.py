@@ -72,16 +72,28 @@ def inherited_fds(environ: Mapping[str, str]) -> list[tuple[int, int]]:
     return out
 
 
+# What a worker's config says for [phantomd] listen.  The worker never binds
+# it (it adopts the parent's sockets), but the key must parse, and a
+# systemd: endpoint only parses where systemd's descriptors were inherited.
+WORKER_LISTEN_PLACEHOLDER = "tcp:0:interface=127.0.0.1"
+
+
 def worker_config(path: str) -> configmod.Config:
-    """The config as a worker sees it: no metrics listener of its own (the
-    parent serves every worker's metrics on the one configured address)."""
+    """The config as a worker sees it: no listener of its own.
+
+    The parent serves every worker's metrics on the one ``[metrics]``
+    address, and the client sockets come from the parent (``adopt``), so
+    both listen keys are overridden; every other key is the file's.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise configmod.ConfigError(path, "", None, "cannot read: %s" % (
             getattr(e, "strerror", None) or e))
-    return configmod.parse(source, path, overrides={"metrics": {"listen": ""}})
+    return configmod.parse(source, path, overrides={
+        "metrics": {"listen": ""},
+        "phantomd": {"listen": WORKER_LISTEN_PLACEHOLDER}})
 
 
 def adopt(reactor, factory, environ: Mapping[str, str]) -> list:

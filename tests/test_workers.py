@@ -189,13 +189,18 @@ class WorkerSideTests(SynchronousTestCase):
             self.assertEqual(workers.inherited_fds(env), expected, env)
             self.assertEqual(workers.is_worker(env), workers.WORKER_FDS in env)
 
-    def test_worker_config_has_no_metrics_listener(self):
+    def test_worker_config_has_no_listeners_of_its_own(self):
+        """Even a systemd: listener, whose descriptors only the parent
+        inherited, must not stop a worker from loading the file."""
         path = self.mktemp()
         with open(path, "w") as f:
-            f.write(INI)
-        self.assertNotEqual(configmod.load(path).metrics.listen, ())
+            f.write(INI.replace("listen = tcp:0:interface=127.0.0.1\nup",
+                                "listen = systemd:domain=INET:name=web\nup"))
+        self.assertRaises(configmod.ConfigError, configmod.load, path)
         cfg = workers.worker_config(path)
         self.assertEqual(cfg.metrics.listen, ())
+        self.assertEqual(cfg.phantomd.listen,
+                         (workers.WORKER_LISTEN_PLACEHOLDER,))
         self.assertEqual(cfg.phantomd.workers, 2)
 
     def test_worker_config_errors_name_the_file(self):
