@@ -264,13 +264,21 @@ class ObservedService(MultiService):
     then starts logging with the application's ``ILogObserver`` component
     if it has one, else with plain text on stdout.  Registering ours while
     being attached is the one moment a plugin can choose it, so every event
-    (twistd's own included) goes through ``observer`` and no other.
-    ``observer`` is a ``SwitchableObserver``: a reload can change the format.
+    (twistd's own included) goes through it and no other.  ``reconfigure``
+    applies a reloaded ``[log]`` section.
     """
 
-    def __init__(self, observer: ILogObserver) -> None:
+    def __init__(self, log_settings, stream: IO[str],
+                 environ: Mapping[str, str]) -> None:
         super().__init__()
-        self.observer = SwitchableObserver(observer)
+        self._stream = stream
+        self._environ = environ
+        self.observer = SwitchableObserver(
+            observer_for(log_settings, stream, environ))
+
+    def reconfigure(self, log_settings) -> None:
+        self.observer.observer = observer_for(log_settings, self._stream,
+                                              self._environ)
 
     def setServiceParent(self, parent) -> None:
         if isinstance(parent, Componentized):

@@ -200,7 +200,7 @@ class ObservedServiceTests(SynchronousTestCase):
         from twisted.application.service import Application, IService
         from twisted.logger import ILogObserver
         out = io.StringIO()
-        top = ObservedService(JSONLinesObserver(out))
+        top = ObservedService(SimpleNamespace(format="json"), out, {})
         app = Application("phantomd")
         top.setServiceParent(app)
         observer = app.getComponent(ILogObserver)
@@ -209,8 +209,16 @@ class ObservedServiceTests(SynchronousTestCase):
         emit(observer, what="x")
         self.assertEqual(json.loads(out.getvalue())["message"], "x happened")
 
+    def test_reconfigure_switches_format(self):
+        out = io.StringIO()
+        top = ObservedService(SimpleNamespace(format="json"), out, {})
+        top.reconfigure(SimpleNamespace(format="text"))
+        emit(top.observer, what="y")
+        self.assertRegex(out.getvalue(), r"\[phantomd\.test#info\] y happened")
+
     def test_plain_parent_is_fine(self):
         from twisted.application.service import MultiService
         parent = MultiService()
-        ObservedService(TextObserver(io.StringIO())).setServiceParent(parent)
+        ObservedService(SimpleNamespace(format="text"), io.StringIO(),
+                        {}).setServiceParent(parent)
         self.assertEqual(len(list(parent)), 1)
