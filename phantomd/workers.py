@@ -351,12 +351,15 @@ class Supervisor(service.Service):
     ``gateway_factory(reactor, config, admin_registry=...)`` builds the
     parent's ``Gateway``, used only for its metrics listener: started with no
     front ports, it serves ``/metrics`` from every worker's files.
+    ``on_reload(config)`` runs after a good reload (e.g. to switch the log
+    format).
     """
 
     def __init__(self, reactor, config: configmod.Config,
                  environ: Mapping[str, str], gateway_factory=None,
                  argv: Optional[Sequence[str]] = None,
-                 load: Callable[[str], configmod.Config] = configmod.load
+                 load: Callable[[str], configmod.Config] = configmod.load,
+                 on_reload: Callable[[configmod.Config], None] = lambda c: None
                  ) -> None:
         self.reactor = reactor
         self.config = config
@@ -365,6 +368,7 @@ class Supervisor(service.Service):
         self._gateway_factory = gateway_factory
         self._argv = list(argv) if argv else worker_argv(config.path)
         self._load = load
+        self._on_reload = on_reload
         self.ports: list = []
         self.pool: Optional[WorkerPool] = None
         self.gateway = None
@@ -449,6 +453,7 @@ class Supervisor(service.Service):
             self.notifier.ready("reload refused: %s" % e)
             return
         self.config = new
+        self._on_reload(new)
         live = len(self.pool)
         self.relay.expect(live, lambda: self.notifier.ready(
             "%d workers serving (reloaded)" % live))

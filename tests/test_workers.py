@@ -299,6 +299,7 @@ class SupervisorTests(TestCase):
         self.ini = os.path.join(self.tmp, "phantomd.ini")
         with open(self.ini, "w") as f:
             f.write(INI)
+        self.reloads = []
         self.systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.addCleanup(self.systemd.close)
         self.systemd.bind(os.path.join(self.tmp, "systemd-notify"))
@@ -310,7 +311,8 @@ class SupervisorTests(TestCase):
             reactor, configmod.load(self.ini),
             {"NOTIFY_SOCKET": self.systemd.getsockname(),
              "PATH": os.environ.get("PATH", "")},
-            gateway_factory=FakeGateway, argv=[sys.executable, script])
+            gateway_factory=FakeGateway, argv=[sys.executable, script],
+            on_reload=self.reloads.append)
         self.sup.privilegedStartService()
         self.sup.startService()
         self.addCleanup(self._stop)
@@ -376,6 +378,7 @@ class SupervisorTests(TestCase):
         self.assertTrue(seen[0].startswith("RELOADING=1\nMONOTONIC_USEC="))
         self.assertEqual(self.sup.config.cache.max_entries, 5)
         self.assertEqual(len(self.sup.gateway.reloaded), 1)
+        self.assertEqual(self.reloads, [self.sup.config])
 
         with open(self.ini, "a") as f:
             f.write("bogus = 1\n")
