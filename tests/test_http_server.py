@@ -574,6 +574,19 @@ class FactoryTests(FrontCase):
         busy.connectionLost(None)
         self.successResultOf(d)
 
+    def test_drain_cancelled_by_timeout_then_abort(self) -> None:
+        """A caller's timeout cancels the drain; abort() drops the rest."""
+        busy, busy_t = self.connect()
+        busy.dataReceived(get())
+        d = self.factory.drain()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.factory.abort()
+        self.assertTrue(busy_t.disconnected)
+        busy.connectionLost(None)
+        self.assertEqual(self.factory.connections, set())
+        self.assertTrue(self.pool.conns[0].aborted)
+
     def test_reconfigure_applies_to_new_requests(self) -> None:
         proto, transport = self.connect()
         proto.dataReceived(get())

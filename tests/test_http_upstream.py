@@ -330,6 +330,16 @@ class PoolingTests(PoolCase):
         self.assertEqual(front.events[1:], [("blocked", True),
                                             ("blocked", False)])
 
+    def test_reconfigure_lowers_idle_bound(self) -> None:
+        conns = [self.request()[1] for _ in range(2)]
+        for conn in conns:
+            self.finish(conn)
+        self.pool.reconfigure(settings(upstream_max_idle=1,
+                                       upstream_timeout=3))
+        self.assertEqual(self.pool.idle_count(), 1)
+        self.assertEqual(self.pool.timeout, 3)
+        self.assertTrue(conns[0].transport.disconnecting)
+
     def test_close(self) -> None:
         _, a = self.request()
         front, b = self.request()

@@ -817,8 +817,14 @@ class FrontFactory(Factory):
             p.drain()
         return d
 
+    def abort(self) -> None:
+        """Drop every connection at once (when ``drain`` took too long)."""
+        for p in list(self.connections):
+            p.transport.abortConnection()
+
     def _gone(self, protocol: FrontProtocol) -> None:
         if self._draining and not self.connections and self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
             for d in waiters:
-                d.callback(None)
+                if not d.called:  # a caller's timeout may have cancelled it
+                    d.callback(None)

@@ -352,10 +352,8 @@ class UpstreamPool:
         self.authority = url.netloc.encode("idna" if not host.isascii()
                                            else "ascii")
         self.base_path = url.path.rstrip("/").encode("ascii")
-        self.timeout = settings.upstream_timeout
-        self.max_idle = settings.upstream_max_idle
-        self.max_idle_age = settings.idle_timeout
         self._idle: list[UpstreamConnection] = []
+        self.reconfigure(settings)
         self._closed = False
         self._close_waiters: list[defer.Deferred] = []
         self._factory = _ConnectionFactory(self)
@@ -373,6 +371,15 @@ class UpstreamPool:
                 tls_options = _default_tls(host, settings)
             endpoint = wrapClientTLS(tls_options, endpoint)
         self.endpoint = endpoint
+
+    def reconfigure(self, settings: Any) -> None:
+        """Apply new timeouts and idle bound (the upstream URL and TLS
+        settings need a new pool)."""
+        self.timeout = settings.upstream_timeout
+        self.max_idle = settings.upstream_max_idle
+        self.max_idle_age = settings.idle_timeout
+        while len(self._idle) > self.max_idle:
+            self._idle.pop(0).transport.loseConnection()
 
     def connect(self, front: Any) -> Optional[defer.Deferred]:
         """Attach ``front`` to a connection.
