@@ -104,7 +104,7 @@ class _IntrospectionStack:
         keys = response_verifier = jwt_verifier = None
         if i.response == "token-introspection+jwt" or i.verify_jwt:
             from phantomd import jose
-            keys = jose.KeySource(reactor, self.http.client, jwks_url=i.jwks_url,
+            keys = jose.KeySource(reactor, self.http, jwks_url=i.jwks_url,
                                   issuer=i.issuer)
             if i.response == "token-introspection+jwt":
                 response_verifier = jose.IntrospectionResponseVerifier(
@@ -112,7 +112,7 @@ class _IntrospectionStack:
             if i.verify_jwt:
                 jwt_verifier = jose.JWTVerifier(reactor, keys)
         self.introspector = introspection.Introspector(
-            reactor, self.http.client, i, config.client_secret,
+            reactor, self.http, i, config.client_secret,
             minter=self.minter, response_verifier=response_verifier,
             jwt_verifier=jwt_verifier)
 
@@ -257,10 +257,12 @@ class Gateway:
         def drain(_):
             drained = self.front.drain()
             drained.addTimeout(timeout, self.reactor)
-            drained.addErrback(lambda f: log.warn(
-                "drain_timeout ({timeout}s) reached; closing the "
-                "connections still open", timeout=timeout))
-            return drained
+
+            def overdue(f):
+                log.warn("drain_timeout ({timeout}s) reached; closing the "
+                         "connections still open", timeout=timeout)
+                self.front.abort()
+            return drained.addErrback(overdue)
 
         def close(_):
             closing = [defer.maybeDeferred(self.upstream.close),
