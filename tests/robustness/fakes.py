@@ -1069,3 +1069,125 @@ def async_test(f):
     def run(*args, **kwargs):
         return defer.ensureDeferred(f(*args, **kwargs))
     return run
+
+
+# -- phantomd in a process of its own (floods: its RSS is then its own) -----------
+
+def serve_gateway(ini_path: str) -> None:
+    """Entry point of the child process: run a Gateway from ``ini_path``
+    and print ``READY <front> <admin>`` once it listens.  Warnings and
+    errors go to stderr."""
+    import sys
+
+    from twisted.internet import reactor
+    from twisted.logger import (
+        FilteringLogObserver, LogLevel, LogLevelFilterPredicate,
+        globalLogBeginner, textFileLogObserver)
+
+    from phantomd import config as configmod
+    from phantomd.app import Gateway
+
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(
+        textFileLogObserver(sys.stderr),
+        [LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)])],
+        redirectStandardIO=False)
+    gw = Gateway(reactor, configmod.load(ini_path))
+
+    def ready(_):
+        print("READY %d %d" % (gw.front_ports[0].getHost().port,
+                               gw.admin_ports[0].getHost().port),
+              flush=True)
+        reactor.addSystemEventTrigger("before", "shutdown", gw.stop)
+
+    def failed(f):
+        print("FAILED %s" % f.getErrorMessage(), flush=True)
+        reactor.stop()
+    reactor.callWhenRunning(lambda: gw.start().addCallbacks(ready, failed))
+    reactor.run()
+
+
+class GatewayProcess(protocol.ProcessProtocol):
+    """A child process running ``serve_gateway``; ``ready`` fires with
+    (front, admin) ports, ``ended`` when it exits."""
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.ready = defer.Deferred()
+        self.ended = defer.Deferred()
+        self.pid = None
+        self.front = self.admin = None
+
+    def connectionMade(self):
+        self.pid = self.transport.pid
+
+    def outReceived(self, data):
+        self.out += data
+        if not self.ready.called and b"\n" in self.out:
+            line = self.out.split(b"\n", 1)[0].split()
+            if line[:1] == [b"READY"]:
+                self.front, self.admin = int(line[1]), int(line[2])
+                self.ready.callback((self.front, self.admin))
+            else:
+                self.ready.errback(RuntimeError(self.out.decode(
+                    "utf-8", "replace")))
+
+    def errReceived(self, data):
+        self.err = (self.err + data)[-20000:]
+
+    def processEnded(self, reason):
+        if not self.ready.called:
+            self.ready.errback(RuntimeError("gateway exited: %s" % (
+                self.err[-2000:].decode("utf-8", "replace"))))
+        self.ended.callback(None)
+
+    def rss_bytes(self) -> int:
+        with open("/proc/%d/status" % self.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    async def stop(self, reactor) -> None:
+        from twisted.internet.error import ProcessExitedAlready
+        if self.ended.called:
+            return
+        try:
+            self.transport.signalProcess("TERM")
+        except ProcessExitedAlready:
+            pass
+
+        def kill():
+            try:
+                self.transport.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass
+        timer = reactor.callLater(5, lambda: self.ended.called or kill())
+        await self.ended
+        if timer.active():
+            timer.cancel()
+
+
+async def spawn_gateway(testcase, reactor, ini_text: str) -> GatewayProcess:
+    import sys
+    path = os.path.abspath(testcase.mktemp() + ".ini")
+    with open(path, "w") as f:
+        f.write(ini_text)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get(
+        "PYTHONPATH", ""))
+    proc = GatewayProcess()
+    reactor.spawnProcess(proc, sys.executable, [
+        sys.executable, "-c",
+        "import sys; from tests.robustness.fakes import serve_gateway; "
+        "serve_gateway(sys.argv[1])", path], env=env, path=root)
+    testcase.addCleanup(lambda: defer.ensureDeferred(proc.stop(reactor)))
+    timer = reactor.callLater(15, lambda: proc.ready.called or
+                              proc.ready.errback(RuntimeError("not ready")))
+    try:
+        await proc.ready
+    finally:
+        if timer.active():
+            timer.cancel()
+    return proc
