@@ -4,6 +4,7 @@ import base64
 import hashlib
 import json
 
+from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -257,3 +258,48 @@ class ReconfigureTests(CacheTestCase):
                           max_ttl=1, default_ttl=0, negative_ttl=0)
         self.assertEqual(c.max_entries, 10)
         self.assertIsNotNone(c.get(key("a")))
+
+
+class ModelTests(CacheTestCase):
+    """Random puts, gets and clock steps agree with a plain reference model
+    of "LRU at the bound, gone at put-time + TTL"."""
+
+    @settings(derandomize=True, max_examples=300, deadline=None)
+    @given(st.lists(st.one_of(
+        st.tuples(st.just("put"), st.integers(0, 3),
+                  st.sampled_from([0, 2, 12, 12]), st.booleans()),
+        st.tuples(st.just("get"), st.integers(0, 3)),
+        st.tuples(st.just("get"), st.integers(0, 3)),
+        st.tuples(st.just("advance"), st.integers(1, 2))),
+        min_size=10, max_size=40))
+    def test_against_model(self, ops):
+        clock = Clock()
+        clock.advance(T0)
+        c = TokenCache(clock, Metrics(), 3, 10, 0, 3)
+        model = {}  # key -> (expiry, kind); dict order = recency, oldest first
+        for op in ops:
+            now = clock.seconds()
+            if op[0] == "advance":
+                clock.advance(op[1])
+            elif op[0] == "put":
+                _, k, lifetime, is_active = op
+                result = (active(lifetime=lifetime) if is_active
+                          else Inactive(lifetime=lifetime))
+                c.put(key(str(k)), result)
+                ttl = min(lifetime, 10 if is_active else 3)
+                model.pop(k, None)
+                if ttl > 0:
+                    model[k] = (now + ttl, type(result))
+                    while len(model) > 3:
+                        del model[next(iter(model))]
+            else:
+                k = op[1]
+                got = c.get(key(str(k)))
+                entry = model.pop(k, None)
+                if entry is not None and now < entry[0]:
+                    model[k] = entry
+                    self.assertIsInstance(got, entry[1])
+                    self.assertEqual(got.lifetime, entry[0] - now)
+                else:
+                    self.assertIsNone(got)
+        self.assertLessEqual(len(c), 3)
