@@ -465,6 +465,39 @@ class StreamingTests(ProxyCase):
         self.assertLess(peak[0], 1 << 20)
 
 
+class DisconnectTests(ProxyCase):
+
+    @defer.inlineCallbacks
+    def wait_for(self, condition: Any) -> Any:
+        for _ in range(400):
+            if condition():
+                return
+            yield task.deferLater(reactor, 0.005, lambda: None)
+        self.fail("condition never became true")
+
+    @defer.inlineCallbacks
+    def test_disconnect_while_gate_decides_cancels_it(self) -> Any:
+        self.gate.hold = True
+        client = RawClient()
+        yield self.connect(client)
+        client.transport.write(get())
+        yield self.wait_for(lambda: self.gate.pending)
+        client.transport.loseConnection()
+        yield self.wait_for(lambda: self.gate.cancelled == 1)
+        self.assertEqual(self.front.connections, set())
+
+    @defer.inlineCallbacks
+    def test_disconnect_while_upstream_works_aborts_it(self) -> Any:
+        self.api.handler = lambda request, proto: None
+        client = RawClient()
+        yield self.connect(client)
+        client.transport.write(get())
+        yield self.wait_for(lambda: self.api.requests)
+        client.transport.loseConnection()
+        yield self.wait_for(lambda: self.api.lost)
+        self.assertEqual(self.pool.idle_count(), 0)
+
+
 class DrainTests(ProxyCase):
 
     @defer.inlineCallbacks

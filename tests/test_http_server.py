@@ -310,7 +310,12 @@ class ForwardingTests(FrontCase):
         proto.dataReceived(b"56789")
         self.assertEqual(bytes(conn.body), b"0123456789")
         self.assertTrue(conn.sent)
+        # The next pipelined request stops reading until this one is done.
+        self.assertEqual(transport.producerState, "producing")
+        proto.dataReceived(b"GET /next HT")
         self.assertEqual(transport.producerState, "paused")
+        conn.respond()
+        self.assertEqual(transport.producerState, "producing")
 
     def test_chunked_request_rechunked(self) -> None:
         proto, transport = self.connect()
@@ -491,6 +496,13 @@ class DisconnectTests(FrontCase):
         d.addErrback(cancelled.append)
         proto.connectionLost(None)
         self.assertEqual(len(cancelled), 1)
+
+    def test_reading_on_while_bodyless_request_waits(self) -> None:
+        """A disconnect shows at once, so the gate is cancelled then."""
+        self.gate.hold = True
+        proto, transport = self.connect()
+        proto.dataReceived(get())
+        self.assertEqual(transport.producerState, "producing")
 
     def test_disconnect_aborts_upstream(self) -> None:
         proto, transport = self.connect()

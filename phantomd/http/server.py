@@ -2,8 +2,9 @@
 forwards the ones it allows through the upstream pool.
 
 One request at a time per connection.  While a request is in flight the
-client's socket is not read (pipelined requests wait in the kernel), except
-for the request's own body once it is streaming upstream; so what phantomd
+client's socket is not read once anything beyond that request has arrived
+(pipelined requests wait in the kernel), nor while its body waits for the
+gate; its body is read only while it streams upstream.  So what phantomd
 holds per connection is bounded by one read (64 KiB) plus the transports'
 send buffers, whatever the body sizes.
 """
@@ -360,8 +361,17 @@ class FrontProtocol(Protocol):
         if self._closed:
             return
         r = self._req
-        busy = self._dead or (r is not None and (
-            r.complete or self._phase < _UPSTREAM or self._upstream is None))
+        if self._dead:
+            busy = True
+        elif r is None:
+            busy = False
+        elif r.complete:
+            # Reading on costs nothing until the client sends more (and
+            # shows a disconnect at once): the read that brings a pipelined
+            # request pauses the socket.
+            busy = self._parsing is not None or len(self._queue) > 0
+        else:
+            busy = self._phase < _UPSTREAM or self._upstream is None
         paused = self._paused
         if busy:
             if not paused & _BUSY:

@@ -269,8 +269,10 @@ class UpstreamConnection(Protocol):
 
     def _finished(self, front: Any, reuse: bool) -> None:
         """The response is complete: pool or close, then tell the front
-        (which may start its next request on this very connection)."""
-        self._cancel_timer()
+        (which may start its next request on this very connection).
+
+        The timer is left running: ``_timed_out`` ignores an idle
+        connection, and resetting it is cheaper than a new one per request."""
         self.front = None
         reuse = reuse and self._request_sent and not self._broken
         self._reset_exchange()
