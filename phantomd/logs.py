@@ -237,15 +237,17 @@ class AccessLog:
         method = record.get("method", "-")
         if isinstance(method, bytes):
             method = method.decode("latin-1")
+        upstream_ms = _ms(record.get("upstream_duration"))
         self._log.info(
             "{method} {path} {status} {bytes_sent}B {duration_ms}ms"
-            " upstream={upstream_ms}ms cache={cache} token_id={token_id}",
+            " upstream={upstream} cache={cache} token_id={token_id}",
             method=_clean_path(method),
             path=_clean_path(record.get("path", "-")),
             status=record.get("status"),
             bytes_sent=record.get("bytes_sent", 0),
             duration_ms=_ms(record.get("duration")),
-            upstream_ms=_ms(record.get("upstream_duration")),
+            upstream_ms=upstream_ms,
+            upstream="-" if upstream_ms is None else "%sms" % upstream_ms,
             cache=record.get("cache") or "-",
             token_id=record.get("token_id") or "-",
         )

@@ -172,6 +172,7 @@ class AccessLogTests(SynchronousTestCase):
         event = self.record(upstream_duration=None, cache="", token_id="",
                             status=401)
         self.assertIsNone(event["upstream_ms"])
+        self.assertIn(" upstream=- ", formatEvent(event))
         self.assertEqual(event["cache"], "-")
         self.assertEqual(event["token_id"], "-")
 
