@@ -82,8 +82,8 @@ def main() -> None:
     for i in range(n):
         cache.get(hashlib.sha256(b"token-%d" % i).digest())
     gc.collect()
-    print("after one hit on every entry (claims memo: 4096 most recent): overhead "
-          "%.0f bytes/entry" % ((rss() - before - jwt_bytes) / n))
+    print("after one hit on every entry (claims memo: 4096 most recent): "
+          "overhead %.0f bytes/entry" % ((rss() - before - jwt_bytes) / n))
 
     del cache
     gc.collect()

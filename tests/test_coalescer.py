@@ -1,4 +1,4 @@
-"""The coalescer: one work per key, a Deferred per caller, Shed at the bound."""
+"""The coalescer: one work per key, a Deferred per caller, Shed at a bound."""
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
