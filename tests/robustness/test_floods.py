@@ -16,9 +16,9 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from .fakes import (
-    Delayed, FakeAPI, TokenService, async_test, connect_http, exchange,
-    gateway_ini, jwt_reply, make_jwt, new_token, request_bytes,
-    spawn_gateway,
+    Delayed, FakeAPI, Scene, TokenService, async_test, connect_http,
+    connect_raw, exchange, gateway_ini, jwt_reply, make_jwt, new_token,
+    request_bytes, spawn_gateway, wait_for,
 )
 
 MB = 1 << 20
@@ -134,3 +134,86 @@ class RandomTokenFlood(unittest.TestCase):
         self.assertEqual(len(entries), 1, summary)
         self.assertLessEqual(entries[0], MAX_ENTRIES, summary)
         print("\n" + summary)
+
+
+class SmallerFloods(unittest.TestCase):
+    """In-process floods of one kind each."""
+
+    timeout = 30
+
+    @async_test
+    async def test_shedding_answers_503_with_retry_after(self):
+        """max_in_flight = 2, a slow token service, 12 distinct tokens at
+        once: the service sees at most 2, the rest are told to come back."""
+        s = await Scene.build(self, reactor, introspection={
+            "max_in_flight": "2", "timeout": "3"})
+        s.ts.behaviour = lambda req: Delayed(0.3, jwt_reply(
+            s.ts.activate(req.token), "max-age=60"))
+        tokens = [new_token() for _ in range(12)]
+        rs = await defer.gatherResults([defer.ensureDeferred(s.get(t))
+                                        for t in tokens])
+        codes = Counter(r.status for r in rs)
+        self.assertLessEqual(s.ts.max_in_flight, 2)
+        self.assertEqual(codes[200], s.ts.calls, codes)
+        self.assertGreater(codes[503], 0, codes)
+        self.assertEqual(codes[200] + codes[503], 12, codes)
+        for r in rs:
+            if r.status == 503:
+                self.assertTrue(r.header(b"retry-after"))
+                self.assertEqual(r.first(b"cache-control"), b"no-store")
+        self.assertEqual(len(s.api.requests), codes[200])
+        # shed answers are not remembered: the same tokens work now
+        for t, r in zip(tokens, rs):
+            if r.status == 503:
+                self.assertEqual((await s.get(t)).status, 200)
+                break
+
+    @async_test
+    async def test_one_token_many_clients_one_introspection(self):
+        """200 concurrent requests for one token during a slow answer:
+        one introspection (coalesced), every client gets 200."""
+        s = await Scene.build(self, reactor, introspection={
+            "max_in_flight": "2", "timeout": "3"})
+        token, jwt = s.good_token()
+        s.ts.behaviour = lambda req: Delayed(0.3, jwt_reply(jwt))
+        rs = await defer.gatherResults([defer.ensureDeferred(s.get(token))
+                                        for _ in range(200)])
+        self.assertEqual(Counter(r.status for r in rs), {200: 200})
+        self.assertEqual(s.ts.calls, 1)
+
+    @async_test
+    async def test_slowloris_crowd_does_not_starve_a_real_client(self):
+        """100 connections dribbling a head: each gets 408 and is closed
+        after header_timeout, while a real client is served meanwhile."""
+        s = await Scene.build(self, reactor)
+        token, _ = s.good_token()
+        crowd = [await connect_raw(reactor, s.front) for _ in range(100)]
+        for c in crowd:
+            self.addCleanup(lambda c=c: c.is_closed or
+                            c.transport.abortConnection())
+            c.send(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        r = await s.get(token)
+        self.assertEqual(r.status, 200)
+        closed = await wait_for(reactor, lambda: all(
+            c.is_closed for c in crowd), 5.0)
+        self.assertTrue(closed, "%d of 100 slow connections still open" % (
+            sum(not c.is_closed for c in crowd)))
+        self.assertEqual({tuple(x.status for x in c.responses())
+                          for c in crowd}, {(408,)})
+
+    @async_test
+    async def test_pipelined_burst_is_answered_in_order(self):
+        """300 pipelined requests in one write: 300 answers, in order."""
+        s = await Scene.build(self, reactor, phantomd={"idle_timeout": "5"})
+        token, _ = s.good_token()
+        burst = b"".join(request_bytes(target="/p%d" % i, token=token)
+                         for i in range(299))
+        burst += request_bytes(target="/p299", token=token, close=True)
+        client = await exchange(reactor, s.front, burst, 15.0)
+        self.assertFalse(client.aborted_by_us)
+        rs = client.responses()
+        self.assertEqual(len(rs), 300)
+        self.assertEqual({r.status for r in rs}, {200})
+        self.assertEqual([r.json()["target"] for r in rs],
+                         ["/p%d" % i for i in range(300)])
+        self.assertEqual(s.ts.calls, 1)

@@ -19,7 +19,7 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from .fakes import (
-    Dribble, Hang, Raw, Reply, Scene, Stream, async_test, json_reply,
+    Delayed, Dribble, Hang, Raw, Reply, Scene, Stream, async_test, json_reply,
     jwt_reply, make_jwt, new_token, response_head, wait_for,
 )
 
@@ -282,3 +282,73 @@ class Unreachable(unittest.TestCase):
         r = await scene.get(token)
         self.assertEqual(r.status, 200, r.body)
 
+
+
+class CoalescedFaults(unittest.TestCase):
+    """Many clients, one token, the token service failing: one
+    introspection, every waiter gets the failure, nothing is remembered."""
+
+    timeout = 10
+
+    async def crowd(self, behaviour, expected):
+        from twisted.internet import defer
+        scene = await Scene.build(self, reactor)
+        token, jwt = scene.good_token()
+        scene.ts.behaviour = behaviour
+        rs = await defer.gatherResults([defer.ensureDeferred(
+            scene.get(token)) for _ in range(30)])
+        self.assertEqual({r.status for r in rs}, {expected})
+        self.assertEqual(scene.ts.calls, 1)
+        self.assertEqual(scene.api.requests, [])
+        scene.ts.behaviour = None
+        self.assertEqual((await scene.get(token)).status, 200)
+        self.assertEqual(scene.ts.calls, 2)
+
+    @async_test
+    async def test_slow_500_reaches_every_waiter(self):
+        await self.crowd(Delayed(0.2, Reply(500)), 502)
+
+    @async_test
+    async def test_timeout_reaches_every_waiter(self):
+        await self.crowd(Hang(), 504)
+
+    async def leave_while_waiting(self):
+        """10 clients ask and disconnect while the introspection is slow;
+        10 others ask and stay."""
+        from twisted.internet import defer
+        from .fakes import connect_raw, exchange, request_bytes, sleep
+        scene = await Scene.build(self, reactor)
+        token, jwt = scene.good_token()
+        scene.ts.behaviour = Delayed(0.3, jwt_reply(jwt))
+        leavers = [await connect_raw(reactor, scene.front)
+                   for _ in range(10)]
+        for c in leavers:
+            c.send(request_bytes(token=token, target="/leaver"))
+        stayers = [defer.ensureDeferred(exchange(
+            reactor, scene.front, request_bytes(
+                token=token, target="/stayer", close=True), 3.0))
+            for _ in range(10)]
+        await sleep(reactor, 0.1)
+        for c in leavers:
+            c.transport.abortConnection()
+        done = await defer.gatherResults(stayers)
+        return scene, done
+
+    @async_test
+    async def test_waiters_that_leave_do_not_cancel_the_others(self):
+        """The shared introspection is not cancelled by the leavers."""
+        scene, done = await self.leave_while_waiting()
+        self.assertEqual([c.responses()[0].status for c in done], [200] * 10)
+        self.assertEqual(scene.ts.calls, 1)
+        self.assertEqual(sum(r.target == b"/stayer"
+                             for r in scene.api.requests), 10)
+
+    @async_test
+    async def test_clients_that_left_are_not_forwarded(self):
+        """A request whose client disconnected while it waited for the
+        token service is not sent to the API afterwards."""
+        scene, done = await self.leave_while_waiting()
+        from .fakes import sleep
+        await sleep(reactor, 0.2)
+        self.assertEqual([r.target for r in scene.api.requests
+                          if r.target == b"/leaver"], [])
