@@ -50,6 +50,7 @@ log = Logger()
 # Environment of a worker: "fd:family,fd:family" of its listening sockets.
 WORKER_FDS = "PHANTOMD_WORKER_FDS"
 WORKER_INDEX = "PHANTOMD_WORKER"
+PARENT_PID = "PHANTOMD_PARENT_PID"
 _FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6,
              "UNIX": socket.AF_UNIX}
 _SHAREABLE = (TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint,
@@ -107,6 +108,29 @@ def adopt(reactor, factory, environ: Mapping[str, str]) -> list:
         ports.append(reactor.adoptStreamPort(fd, family, factory))
         os.close(fd)
     return ports
+
+
+def die_with_parent(environ: Mapping[str, str]) -> bool:
+    """Ask Linux to send this worker SIGTERM when its parent dies.
+
+    A parent killed outright (SIGKILL, OOM) cannot forward signals; without
+    this its workers would keep serving on the shared sockets with nobody
+    watching them.  Returns False where prctl(2) is unavailable.  The
+    parent's pid travels in the environment to close the race where the
+    parent died before the request was made.
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    parent = environ.get(PARENT_PID, "")
+    if parent and parent != str(os.getppid()):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 # -- the pool of worker processes ----------------------------------------------
@@ -312,9 +336,10 @@ def bind_shared(reactor, descriptions: Sequence[str]) -> defer.Deferred:
                 "tcp:, tcp6:, unix: and systemd: listeners; terminate TLS in "
                 "front of phantomd or use workers = 1)" % d))
         endpoints.append(ep)
+    placeholder = protocol.Factory()  # never accepts: reading is stopped
+    placeholder.noisy = False
     results = defer.DeferredList(
-        [ep.listen(protocol.Factory()) for ep in endpoints],
-        consumeErrors=True)
+        [ep.listen(placeholder) for ep in endpoints], consumeErrors=True)
 
     def bound(results):
         ports = [r for ok, r in results if ok]
@@ -410,6 +435,7 @@ class Supervisor(service.Service):
             [here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
                       if p])
         env["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
+        env[PARENT_PID] = str(os.getpid())
         env["NOTIFY_SOCKET"] = os.path.join(self._dir, "notify")
         first = 3
         env[WORKER_FDS] = ",".join(

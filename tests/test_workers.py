@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -408,3 +409,42 @@ class SupervisorTests(TestCase):
 def deferToThreadAsk(case, n):
     from twisted.internet.threads import deferToThread
     return deferToThread(lambda: [case.ask() for _ in range(n)])
+
+
+class DieWithParentTests(TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_orphaned_worker_gets_sigterm(self):
+        """A middle process starts a 'worker' that asks for SIGTERM on its
+        parent's death, then the middle process is SIGKILLed."""
+        tmp = tempfile.mkdtemp(prefix="phantomd-pd-")
+        self.addCleanup(shutil.rmtree, tmp, True)
+        flag = os.path.join(tmp, "terminated")
+        child = textwrap.dedent("""\
+            import os, signal, sys, time
+            sys.path.insert(0, %r)
+            from phantomd.workers import die_with_parent
+            def done(*a):
+                open(%r, "w").close()
+                os._exit(0)
+            signal.signal(signal.SIGTERM, done)
+            assert die_with_parent({"PHANTOMD_PARENT_PID": str(os.getppid())})
+            print(os.getpid(), flush=True)
+            time.sleep(20)
+            """ % (os.path.dirname(os.path.dirname(workers.__file__)), flag))
+        middle = ("import subprocess, sys, time\n"
+                  "p = subprocess.Popen([sys.executable, '-c', %r])\n"
+                  "time.sleep(20)\n" % child)
+        proc = subprocess.Popen([sys.executable, "-c", middle],
+                                stdout=subprocess.PIPE)
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.stdout.close)
+        from twisted.internet.threads import deferToThread
+        worker = int((yield deferToThread(proc.stdout.readline)))
+        proc.kill()
+        for _ in range(100):
+            if os.path.exists(flag):
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(os.path.exists(flag), "worker %d not told" % worker)
