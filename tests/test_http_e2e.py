@@ -114,6 +114,20 @@ class HappyPathTests(ProxyCase):
         self.assertGreater(entry["bytes_sent"], 16)
 
     @defer.inlineCallbacks
+    def test_reject_of_an_upload_reaches_the_client(self) -> Any:
+        """The client still sending its body gets the 401, not a reset."""
+        size = 8 << 20
+        client = RawClient()
+        yield self.connect(client)
+        client.transport.write(b"PUT / HTTP/1.1\r\nHost: h\r\n"
+                               b"Authorization: Bearer bad\r\n"
+                               b"Content-Length: %d\r\n\r\n" % size)
+        client.transport.write(b"u" * size)
+        [resp] = yield client.done
+        self.assertEqual(resp.status, 401)
+        self.assertEqual(resp.header(b"connection"), [b"close"])
+
+    @defer.inlineCallbacks
     def test_reject_answers_without_upstream(self) -> Any:
         _, [resp] = yield self.exchange(get(auth=b""), expect=1)
         self.assertEqual(resp.status, 401)

@@ -46,7 +46,9 @@ _IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE = range(5)
 # Why the client's socket is not being read (bits of FrontProtocol._paused).
 _BUSY, _UPSTREAM_FULL = 1, 2
 # What the connection timer is measuring.
-_HEADER, _IDLE_KA = 1, 2
+_HEADER, _IDLE_KA, _LINGER = 1, 2, 3
+# Seconds a closing connection discards what the client still sends.
+LINGER = 2.0
 
 
 class _Limit(Exception):
@@ -120,6 +122,7 @@ class FrontProtocol(Protocol):
         self._fwd = b""
         self._registered = False
         self._closed = False
+        self._tls = False
 
     # -- connection lifetime -------------------------------------------------
 
@@ -136,18 +139,20 @@ class FrontProtocol(Protocol):
                 b"Content-Type: application/json\r\nCache-Control: no-store\r\n"
                 b"Retry-After: 1\r\nConnection: close\r\n"
                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            transport.loseConnection()
             f.metrics.request_answered(503)
+            self._tls = ISSLTransport.providedBy(transport)
+            self._close()
             return
         f.connections.add(self)
         f.metrics.connections.inc()
         transport.registerProducer(self, True)
         self._registered = True
+        self._tls = ISSLTransport.providedBy(transport)
         host = getattr(transport.getPeer(), "host", None)
         fwd = b""
         if host:
             fwd = b"X-Forwarded-For: " + host.encode("ascii") + b"\r\n"
-        if ISSLTransport.providedBy(transport):
+        if self._tls:
             fwd += b"X-Forwarded-Proto: https\r\n"
         else:
             fwd += b"X-Forwarded-Proto: http\r\n"
@@ -155,13 +160,13 @@ class FrontProtocol(Protocol):
         self._arm(f.header_timeout, _HEADER)
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         if self._rejected:
             return
         self._dead = True
         self._closed = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
         f = self.factory
         f.connections.discard(self)
         f.metrics.connections.dec()
@@ -182,16 +187,32 @@ class FrontProtocol(Protocol):
         """Close now if idle, else after the current response."""
         self._closing = True
         if self._req is None:
-            self._close()
+            self._close(linger=False)
 
-    def _close(self) -> None:
+    def _close(self, linger: bool = True) -> None:
+        """Close after what was written is sent.
+
+        With ``linger``, a plain TCP connection first shuts down only its
+        sending side and discards what the client still sends for
+        ``LINGER`` seconds: closing with unread bytes makes the kernel send
+        a reset that can destroy the answer before the client reads it
+        (a 401 to an upload, say)."""
         self._dead = True
         self._closed = True
+        transport = self.transport
         if self._registered:
             # TLS transports wait for the producer to go before closing.
             self._registered = False
-            self.transport.unregisterProducer()
-        self.transport.loseConnection()
+            transport.unregisterProducer()
+        if linger and not self._tls and \
+                getattr(transport, "loseWriteConnection", None) is not None:
+            transport.loseWriteConnection()
+            if self._paused:
+                self._paused = 0
+                transport.resumeProducing()
+            self._arm(LINGER, _LINGER)
+        else:
+            transport.loseConnection()
 
     # -- IPushProducer: the client's send buffer -----------------------------
 
@@ -746,10 +767,13 @@ class FrontProtocol(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
+        if self._timer_kind == _LINGER:
+            self.transport.abortConnection()
+            return
         if self._req is not None or self._dead or self._queue:
             return
         if self._timer_kind == _IDLE_KA:
-            self._close()
+            self._close(linger=False)
             return
         r = self._parsing or _Request()
         self._parsing = None
