@@ -83,6 +83,7 @@ class Request:
     headers: list  # [(name bytes as sent, value bytes)]
     body: bytes = b""
     received_at: float = 0.0
+    trailers: bytes = b""
 
     def header(self, name: bytes) -> list:
         name = name.lower()
@@ -106,7 +107,7 @@ class Request:
         return b"".join([self.method, b" ", self.target, b" ", self.version,
                          b"\r\n"] + [k + b": " + v + b"\r\n"
                                      for k, v in self.headers]
-                        + [b"\r\n", self.body])
+                        + [b"\r\n", self.body, self.trailers])
 
 
 class RequestParser:
@@ -203,6 +204,7 @@ class RequestParser:
                 if self.buf[end:end + 4] == b"\r\n\r\n":
                     self.buf = self.buf[end + 4:]
                 elif trailer_end >= 0:
+                    self.current.trailers = self.buf[end + 2:trailer_end]
                     self.buf = self.buf[trailer_end + 4:]
                 else:
                     return False
@@ -408,6 +410,9 @@ class ServerConnection(protocol.Protocol):
         self.server.connections_made += 1
 
     def dataReceived(self, data):
+        self.server.bytes_received += len(data)
+        if self.server.stop_reading_after_head and b"\r\n\r\n" in data:
+            self.transport.pauseProducing()
         try:
             self.queue.extend(self.parser.feed(data))
         except (BadFraming, ValueError) as e:
@@ -484,6 +489,8 @@ class FakeServer(protocol.Factory):
         self.in_flight = 0
         self.max_in_flight = 0
         self.written = 0
+        self.bytes_received = 0
+        self.stop_reading_after_head = False
         self._lost_waiters: list = []
 
     def buildProtocol(self, addr):
@@ -843,6 +850,40 @@ async def exchange(reactor, port: int, data: bytes, timeout: float = 3.0):
     client.send(data)
     await wait_closed(reactor, client, timeout)
     return client
+
+
+class UploadPump:
+    """Streams ``total`` body bytes (chunked) into a RawClient's transport
+    as fast as the peer takes them; ``sent`` counts what the transport
+    accepted."""
+
+    def __init__(self, client: "RawClient", total: int,
+                 block: int = 65536) -> None:
+        self.client, self.total, self.block = client, total, block
+        self.sent = 0
+        self.paused = self.stopped = False
+
+    def start(self, reactor) -> None:
+        self.client.transport.registerProducer(self, True)
+        reactor.callLater(0, self.resumeProducing)
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def stopProducing(self):
+        self.stopped = True
+
+    def resumeProducing(self):
+        self.paused = False
+        data = b"x" * self.block
+        while not (self.paused or self.stopped or self.client.is_closed):
+            if self.sent >= self.total:
+                self.stopped = True
+                self.client.transport.unregisterProducer()
+                self.client.send(b"0\r\n\r\n")
+                return
+            self.sent += len(data)
+            self.client.send(b"%x\r\n%s\r\n" % (len(data), data))
 
 
 def request_bytes(method: str = "GET", target: str = "/resource",

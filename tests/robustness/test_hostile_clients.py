@@ -434,3 +434,103 @@ class SlowAndIdle(Hostile):
         fresh = await exchange(reactor, self.s.front, request_bytes(
             token=self.token, close=True), 3.0)
         self.assertEqual([r.status for r in fresh.responses()], [200])
+
+
+class Desync(Hostile):
+    """A request refused before its body was read must not let that body
+    be parsed as the next request: behind a shared front proxy that is a
+    desync, whatever token the hidden request carries."""
+
+    def hidden(self) -> bytes:
+        return (b"GET /smuggled HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                + self.token.encode() + b"\r\n\r\n")
+
+    async def not_smuggled(self, data: bytes, expected=(401,)):
+        client = await self.send(data)
+        statuses = [r.status for r in client.responses()]
+        self.assertTrue(statuses, "no answer")
+        self.assertIn(statuses[0], expected, statuses)
+        self.assertEqual([r.target for r in self.s.api.requests], [],
+                         "the body of a refused request was forwarded as "
+                         "a request of its own; answers %s" % statuses)
+        self.assertEqual(statuses[1:], [], "answered the hidden request")
+
+    @async_test
+    async def test_body_of_unauthenticated_request(self):
+        await self.scene()
+        hidden = self.hidden()
+        await self.not_smuggled(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+            % len(hidden) + hidden)
+
+    @async_test
+    async def test_body_of_request_with_inactive_token(self):
+        await self.scene()
+        hidden = self.hidden()
+        await self.not_smuggled(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            b"inactive-token\r\nContent-Length: %d\r\n\r\n" % len(hidden)
+            + hidden)
+
+    @async_test
+    async def test_chunked_body_of_request_with_malformed_token(self):
+        await self.scene()
+        hidden = self.hidden()
+        await self.not_smuggled(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a,b"
+            b"\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+            % (len(hidden), hidden), expected=(400,))
+
+    @async_test
+    async def test_body_sent_after_an_early_401_with_expect_continue(self):
+        """The client announces a body with ``Expect: 100-continue``, is
+        refused, and sends the body anyway (RFC 9110 lets it)."""
+        await self.scene()
+        hidden = self.hidden()
+        client = await connect_raw(reactor, self.s.front)
+        client.send(b"POST /upload HTTP/1.1\r\nHost: x\r\nExpect: 100-continue"
+                    b"\r\nContent-Length: %d\r\n\r\n" % len(hidden))
+        await wait_for(reactor, lambda: b"\r\n\r\n" in client.received
+                       or client.is_closed, 2.0)
+        if not client.is_closed:
+            client.send(hidden)
+        await wait_closed(reactor, client, 2.5)
+        statuses = [r.status for r in client.responses()]
+        self.assertEqual(statuses[:1], [401], client.received[:200])
+        self.assertEqual(self.s.api.requests, [])
+
+    @async_test
+    async def test_trailers_cannot_carry_credentials_or_forwarding(self):
+        """Chunked trailers naming Authorization or X-Forwarded-For must
+        not reach the API (they would override what phantomd set)."""
+        await self.scene()
+        client = await self.send(self.head(
+            b"POST /upload HTTP/1.1", b"Transfer-Encoding: chunked",
+            b"Connection: close") + b"5\r\nhello\r\n0\r\nAuthorization: "
+            b"Bearer " + self.token.encode() + b"\r\nX-Forwarded-For: 6.6.6.6"
+            b"\r\n\r\n")
+        statuses = [r.status for r in client.responses()]
+        self.assertIn(statuses[:1], ([200], [400]))
+        for req in self.s.api.requests:
+            raw = req.raw()
+            self.assertNotIn(self.token.encode(), raw)
+            self.assertNotIn(b"6.6.6.6", raw)
+
+    @async_test
+    async def test_two_host_headers(self):
+        """RFC 9112 section 3.2: more than one Host is a 400."""
+        await self.scene()
+        await self.refused(self.head(b"GET / HTTP/1.1", b"Host: other.test"))
+
+    @async_test
+    async def test_upgrade_headers_are_not_forwarded(self):
+        """Upgrade is hop-by-hop: an h2c or websocket upgrade request goes
+        upstream as a plain request (no tunnel can bypass the gate)."""
+        await self.scene()
+        client = await self.send(self.head(
+            b"GET /ws HTTP/1.1", b"Upgrade: h2c", b"HTTP2-Settings: AAMAAABk",
+            b"Connection: Upgrade, HTTP2-Settings, close"))
+        self.assertEqual([r.status for r in client.responses()], [200])
+        up = self.s.api.requests[0]
+        self.assertEqual(up.header(b"upgrade"), [])
+        self.assertEqual(up.header(b"http2-settings"), [])

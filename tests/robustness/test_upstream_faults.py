@@ -189,3 +189,65 @@ class UpstreamFaults(unittest.TestCase):
             r = await self.status_for(Reply(status, body=b"api says no"))
             self.assertEqual(r.status, status)
             self.assertEqual(r.body, b"api says no")
+
+
+class UpstreamTunnels(unittest.TestCase):
+    timeout = 10
+
+    @async_test
+    async def test_unrequested_101_does_not_open_a_tunnel(self):
+        """An API that answers 101 Switching Protocols must not turn the
+        client connection into a raw tunnel: later bytes from the client
+        would reach the API without passing the gate."""
+        from .fakes import sleep
+        s = await Scene.build(self, reactor)
+        token, _ = s.good_token()
+        s.api.behaviour = Raw(b"HTTP/1.1 101 Switching Protocols\r\n"
+                              b"Upgrade: websocket\r\nConnection: Upgrade"
+                              b"\r\n\r\n", then="keep")
+        client = await connect_raw(reactor, s.front)
+        self.addCleanup(lambda: client.is_closed or
+                        client.transport.abortConnection())
+        client.send(request_bytes(target="/ws", token=token, headers=[
+            ("Upgrade", "websocket"), ("Connection", "Upgrade")]))
+        await wait_for(reactor, lambda: client.received or client.is_closed,
+                       3.0)
+        s.api.behaviour = None
+        if not client.is_closed:
+            client.send(b"GET /unauthenticated HTTP/1.1\r\nHost: x\r\n\r\n")
+        await sleep(reactor, 0.5)
+        self.assertNotIn(b"/unauthenticated",
+                         [r.target for r in s.api.requests])
+
+
+class UploadBackpressure(unittest.TestCase):
+    timeout = 20
+
+    @async_test
+    async def test_upload_buffering_is_bounded_when_api_does_not_read(self):
+        """The client offers 256 MB of body; the API reads the head and
+        then nothing.  phantomd must stop reading from the client instead
+        of buffering the upload."""
+        from .fakes import UploadPump
+        s = await Scene.build(self, reactor, phantomd={
+            "upstream_timeout": "30", "idle_timeout": "30"})
+        token, _ = s.good_token()
+        s.api.stop_reading_after_head = True
+        client = await connect_raw(reactor, s.front)
+        self.addCleanup(lambda: client.is_closed or
+                        client.transport.abortConnection())
+        client.send(request_bytes("POST", "/upload", token=token,
+                                  headers=[("Transfer-Encoding", "chunked")]))
+        pump = UploadPump(client, 256 * MB)
+        pump.start(reactor)
+        last = [-1]
+
+        def stalled():
+            if pump.sent == last[0] and last[0] > 0:
+                return True
+            last[0] = pump.sent
+            return False
+        await wait_for(reactor, stalled, 10.0, interval=0.5)
+        self.assertLess(pump.sent, 64 * MB, "phantomd took %d MB of upload "
+                        "the API did not read" % (pump.sent // MB))
+        self.assertGreater(s.api.bytes_received, 0)
