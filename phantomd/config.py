@@ -163,7 +163,7 @@ def optional_endpoints(value: str) -> tuple[str, ...]:
 
 SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
     "phantomd": {
-        "listen": (endpoints_list, "tcp:8080:interface=127.0.0.1"),
+        "listen": (endpoints_list, "tcp:8080:interface=127.0.0.1:backlog=1024"),
         "upstream": (http_url, REQUIRED),
         "realm": (text, "api"),
         "required_scopes": (scopes, ""),

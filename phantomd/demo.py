@@ -121,7 +121,7 @@ class EchoAPI(resource.Resource):
 
 DEMO_INI = """\
 [phantomd]
-listen = tcp:0:interface=127.0.0.1
+listen = tcp:0:interface=127.0.0.1:backlog=1024
 upstream = http://127.0.0.1:{api}
 realm = demo
 required_scopes = read
@@ -133,7 +133,7 @@ client_secret = {client_secret}
 response = jwt
 
 [metrics]
-listen = tcp:0:interface=127.0.0.1
+listen = tcp:0:interface=127.0.0.1:backlog=1024
 """
 
 

@@ -23,7 +23,7 @@ client_secret = s3cret
 class ExampleTests(SynchronousTestCase):
     def test_shipped_example_is_valid(self):
         c = config.load(EXAMPLE)
-        self.assertEqual(c.phantomd.listen, ("tcp:8080:interface=127.0.0.1",))
+        self.assertEqual(c.phantomd.listen, ("tcp:8080:interface=127.0.0.1:backlog=1024",))
         self.assertEqual(c.introspection.response, "jwt")
         self.assertEqual(c.cache.max_entries, 100000)
         self.assertEqual(c.client_secret, "Secr3t!")
