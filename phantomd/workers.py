@@ -15,10 +15,10 @@ Why each piece is shaped as it is:
   A dead worker's live gauges are removed (``mark_process_dead``, and its
   ``gauge_all`` file, so its cache size stops counting); its counters stay,
   so totals never go backwards.
-* Readiness: workers tell the parent through their own ``NOTIFY_SOCKET``
-  (a datagram socket in the same private directory); the parent sends
-  READY=1 to systemd only when every worker is serving, after start and
-  after each reload, so ``NotifyAccess=main`` is enough.
+* Readiness: each worker slot has its own ``NOTIFY_SOCKET`` (a datagram
+  socket in the same private directory), so the parent knows which worker
+  is serving; it sends READY=1 to systemd only when every worker is, after
+  start and after each reload, so ``NotifyAccess=main`` is enough.
 * Signals: SIGHUP is checked by the parent first (a bad file is refused
   once, in one log line, and workers are not disturbed), then forwarded;
   SIGTERM is forwarded and the parent waits for every worker to drain.
@@ -43,7 +43,7 @@ from twisted.internet.endpoints import (
 from twisted.logger import Logger
 
 from phantomd import config as configmod
-from phantomd.sdnotify import Notifier
+from phantomd.sdnotify import Notifier, where
 
 log = Logger()
 
@@ -154,14 +154,16 @@ class WorkerPool:
     a worker that cannot start does not spin the CPU; the delay resets once
     a worker has lived ``stable_after`` seconds.  At most one process and one
     pending restart exist per slot, so the pool holds at most ``count`` of
-    each.  ``on_exit(pid)`` runs for every worker that ended.
+    each.  ``on_exit(pid, slot)`` runs for every worker that ended;
+    ``slot_env(slot)`` adds to the environment of the slot's workers.
     """
 
     def __init__(self, reactor, count: int, argv: Sequence[str],
                  env: Mapping[str, str], child_fds: Mapping[int, int],
                  backoff: float = 0.5, max_backoff: float = 30.0,
                  stable_after: float = 10.0,
-                 on_exit: Callable[[int], None] = lambda pid: None,
+                 on_exit: Callable[[int, int], None] = lambda pid, slot: None,
+                 slot_env: Callable[[int], Mapping[str, str]] = lambda s: {},
                  path: Optional[str] = None) -> None:
         self.reactor = reactor
         self.count = count
@@ -172,6 +174,7 @@ class WorkerPool:
         self.max_backoff = max_backoff
         self.stable_after = stable_after
         self.on_exit = on_exit
+        self.slot_env = slot_env
         self.path = path
         self.running = False
         self.restarts = 0
@@ -198,6 +201,7 @@ class WorkerPool:
             return
         proto = _WorkerProtocol(self, slot)
         env = dict(self.env)
+        env.update(self.slot_env(slot))
         env[WORKER_INDEX] = str(slot)
         self.reactor.spawnProcess(proto, self.argv[0], self.argv, env=env,
                                   path=self.path, childFDs=self.child_fds)
@@ -216,7 +220,7 @@ class WorkerPool:
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         if pid:
-            self.on_exit(pid)
+            self.on_exit(pid, slot)
         if not self.running:
             if not self._procs:
                 self._all_stopped()
@@ -235,11 +239,17 @@ class WorkerPool:
 
     def signal_all(self, signum: int) -> None:
         """Send ``signum`` to every live worker (a gone one is skipped)."""
-        for proto, _ in list(self._procs.values()):
-            try:
-                proto.transport.signalProcess(signum)
-            except Exception:  # ProcessExitedAlready, OSError
-                pass
+        for slot in list(self._procs):
+            self.signal_slot(slot, signum)
+
+    def signal_slot(self, slot: int, signum: int) -> None:
+        entry = self._procs.get(slot)
+        if entry is None:
+            return
+        try:
+            entry[0].transport.signalProcess(signum)
+        except Exception:  # ProcessExitedAlready, OSError
+            pass
 
     def stop(self, signum: int = signal.SIGTERM,
              timeout: float = 30.0) -> defer.Deferred:
@@ -279,39 +289,80 @@ class WorkerPool:
             d.callback(None)
 
 
-# -- readiness relay ------------------------------------------------------------
+# -- readiness of the workers ---------------------------------------------------
 
-class ReadinessRelay(protocol.DatagramProtocol):
-    """Counts READY=1 datagrams from workers on the parent's notify socket.
+class Readiness:
+    """Which worker slots are serving; when to tell systemd; whom to HUP.
 
-    ``expect(n, then)`` arms it: ``then()`` runs once ``n`` READY=1 have
-    arrived.  READY=1 while nothing is expected (a restarted worker) is only
-    counted in ``ready_total``.  Holds two integers, whatever arrives.
+    Each slot has its own notify socket (``NotifyListener``), so a READY=1
+    names its worker.  ``await_all(then)`` runs ``then()`` once every slot
+    has reported READY=1 (start-up: a slot whose worker died is awaited
+    through its replacement).  ``reload(then)`` HUPs every serving worker
+    and runs ``then()`` once each has reported again (a worker that dies
+    meanwhile is not waited for); a worker still starting is HUPed as soon
+    as it reports, since it may have read the file before it changed.  A
+    reload before start-up finished still waits for every slot.  Holds sets of slot numbers, so it is bounded by the worker count.
     """
 
-    def __init__(self) -> None:
-        self.ready_total = 0
-        self._waiting = 0
+    def __init__(self, count: int, hup: Callable[[int], None]) -> None:
+        self.count = count
+        self._hup = hup
+        self.serving: set[int] = set()
+        self._awaiting: set[int] = set()
+        self._hup_when_ready: set[int] = set()
         self._then: Optional[Callable[[], None]] = None
+        self._reloading = False
 
-    def expect(self, n: int, then: Callable[[], None]) -> None:
-        self._waiting, self._then = n, then
-        if n <= 0:
-            self._fire()
+    def await_all(self, then: Callable[[], None]) -> None:
+        self._reloading = False
+        self._awaiting = set(range(self.count)) - self.serving
+        self._then = then
+        self._check()
+
+    def reload(self, then: Callable[[], None]) -> None:
+        starting = self._awaiting if self._then is not None else set()
+        self._reloading = True
+        self._awaiting = set(self.serving) | starting
+        self._hup_when_ready = set(range(self.count)) - self.serving
+        self._then = then
+        for slot in sorted(self.serving):
+            self._hup(slot)
+        self._check()
+
+    def ready(self, slot: int) -> None:
+        if slot in self._hup_when_ready:
+            self._hup_when_ready.discard(slot)
+            self._awaiting.add(slot)
+            self._hup(slot)
+            return
+        self.serving.add(slot)
+        self._awaiting.discard(slot)
+        self._check()
+
+    def exited(self, slot: int) -> None:
+        self.serving.discard(slot)
+        self._hup_when_ready.discard(slot)
+        if self._reloading:
+            self._awaiting.discard(slot)
+            self._check()
+
+    def _check(self) -> None:
+        if not self._awaiting and self._then is not None:
+            then, self._then = self._then, None
+            then()
+
+
+class NotifyListener(protocol.DatagramProtocol):
+    """One worker slot's NOTIFY_SOCKET in the parent: READY=1 → ``ready``.
+    Keeps nothing from what arrives."""
+
+    def __init__(self, slot: int, ready: Callable[[int], None]) -> None:
+        self.slot = slot
+        self._ready = ready
 
     def datagramReceived(self, data: bytes, addr) -> None:
-        if b"READY=1" not in data.split(b"\n"):
-            return
-        self.ready_total += 1
-        if self._then is not None:
-            self._waiting -= 1
-            if self._waiting <= 0:
-                self._fire()
-
-    def _fire(self) -> None:
-        then, self._then = self._then, None
-        if then is not None:
-            then()
+        if b"READY=1" in data.split(b"\n"):
+            self._ready(self.slot)
 
 
 # -- the parent -----------------------------------------------------------------
@@ -397,8 +448,10 @@ class Supervisor(service.Service):
         self.ports: list = []
         self.pool: Optional[WorkerPool] = None
         self.gateway = None
-        self.relay = ReadinessRelay()
-        self._relay_port = None
+        self.readiness = Readiness(
+            config.phantomd.workers,
+            lambda slot: self.pool.signal_slot(slot, signal.SIGHUP))
+        self._notify_ports: list = []
         self._dir: Optional[str] = None
 
     def privilegedStartService(self) -> None:
@@ -411,8 +464,10 @@ class Supervisor(service.Service):
         metrics_dir = os.path.join(self._dir, "metrics")
         os.mkdir(metrics_dir)
         self._metrics_dir = metrics_dir
-        self._relay_port = self.reactor.listenUNIXDatagram(
-            os.path.join(self._dir, "notify"), self.relay)
+        for slot in range(self.readiness.count):
+            self._notify_ports.append(self.reactor.listenUNIXDatagram(
+                self._notify_path(slot),
+                NotifyListener(slot, self.readiness.ready)))
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
         registry = CollectorRegistry()
@@ -436,30 +491,35 @@ class Supervisor(service.Service):
                       if p])
         env["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
         env[PARENT_PID] = str(os.getpid())
-        env["NOTIFY_SOCKET"] = os.path.join(self._dir, "notify")
         first = 3
         env[WORKER_FDS] = ",".join(
             "%d:%s" % (first + i, _family_name(p))
             for i, p in enumerate(self.ports))
         return env
 
+    def _notify_path(self, slot: int) -> str:
+        return os.path.join(self._dir, "notify-%d" % slot)
+
     def startService(self) -> None:
         super().startService()
         first = 3
         self.pool = WorkerPool(
-            self.reactor, self.config.phantomd.workers, self._argv,
+            self.reactor, self.readiness.count, self._argv,
             self._worker_env(),
             {first + i: p.fileno() for i, p in enumerate(self.ports)},
-            on_exit=self._worker_exited)
-        self.relay.expect(self.pool.count, lambda: self.notifier.ready(
-            "%d workers serving" % self.pool.count))
+            on_exit=self._worker_exited,
+            slot_env=lambda slot: {"NOTIFY_SOCKET": self._notify_path(slot)})
+        self.readiness.await_all(lambda: self.notifier.ready(
+            "%d workers serving on %s" % (self.readiness.count,
+                                          where(self.ports))))
         self.pool.start()
         if hasattr(signal, "SIGHUP"):
             self.reactor.addSystemEventTrigger(
                 "after", "startup", signal.signal, signal.SIGHUP,
                 lambda *_: self.reactor.callFromThread(self.reload))
 
-    def _worker_exited(self, pid: int) -> None:
+    def _worker_exited(self, pid: int, slot: int) -> None:
+        self.readiness.exited(slot)
         from prometheus_client.multiprocess import mark_process_dead
         mark_process_dead(pid, self._metrics_dir)
         for f in glob.glob(os.path.join(self._metrics_dir,
@@ -480,10 +540,9 @@ class Supervisor(service.Service):
             return
         self.config = new
         self._on_reload(new)
-        live = len(self.pool)
-        self.relay.expect(live, lambda: self.notifier.ready(
-            "%d workers serving (reloaded)" % live))
-        self.pool.signal_all(signal.SIGHUP)
+        self.readiness.reload(lambda: self.notifier.ready(
+            "%d workers serving on %s (reloaded)" % (
+                len(self.readiness.serving), where(self.ports))))
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
@@ -496,8 +555,9 @@ class Supervisor(service.Service):
             for p in self.ports:
                 p.stopListening()
             self.ports = []
-            if self._relay_port is not None:
-                self._relay_port.stopListening()
+            for p in self._notify_ports:
+                p.stopListening()
+            self._notify_ports = []
             stopped = (self.gateway.stop() if self.gateway is not None
                        else None)
             if self._dir is not None:

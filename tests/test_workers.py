@@ -78,7 +78,8 @@ class WorkerPoolTests(SynchronousTestCase):
         self.exited = []
         pool = workers.WorkerPool(
             self.clock, count, ["/usr/bin/python3", "-c", "pass"],
-            {"KEEP": "1"}, {3: 7}, on_exit=self.exited.append, **kw)
+            {"KEEP": "1"}, {3: 7},
+            on_exit=lambda pid, slot: self.exited.append(pid), **kw)
         pool.start()
         return pool
 
@@ -157,24 +158,71 @@ class WorkerPoolTests(SynchronousTestCase):
         self.assertEqual(len(self.clock.spawned), 1)
 
 
-class RelayTests(SynchronousTestCase):
-    def test_fires_once_all_expected_ready(self):
-        relay = workers.ReadinessRelay()
-        fired = []
-        relay.expect(2, lambda: fired.append(True))
-        relay.datagramReceived(b"STATUS=starting\n", None)
-        relay.datagramReceived(b"READY=1\n", None)
-        self.assertEqual(fired, [])
-        relay.datagramReceived(b"READY=1\nSTATUS=ok\n", None)
-        self.assertEqual(fired, [True])
-        relay.datagramReceived(b"READY=1\n", None)  # a restarted worker
-        self.assertEqual(fired, [True])
-        self.assertEqual(relay.ready_total, 3)
+class ReadinessTests(SynchronousTestCase):
+    def setUp(self):
+        self.hups = []
+        self.told = []
+        self.r = workers.Readiness(3, self.hups.append)
 
-    def test_expect_nothing_fires_now(self):
-        fired = []
-        workers.ReadinessRelay().expect(0, lambda: fired.append(1))
-        self.assertEqual(fired, [1])
+    def tell(self, what="ready"):
+        return lambda: self.told.append(what)
+
+    def test_startup_waits_for_every_slot(self):
+        self.r.await_all(self.tell())
+        self.r.ready(0)
+        self.r.ready(1)
+        self.r.exited(2)  # died before serving: its replacement is awaited
+        self.assertEqual(self.told, [])
+        self.r.ready(2)
+        self.assertEqual(self.told, ["ready"])
+        self.r.ready(1)  # a restarted worker later: nothing more to say
+        self.assertEqual(self.told, ["ready"])
+
+    def test_listener_passes_only_ready(self):
+        seen = []
+        listener = workers.NotifyListener(2, seen.append)
+        listener.datagramReceived(b"STATUS=starting\n", None)
+        listener.datagramReceived(b"STOPPING=1\n", None)
+        listener.datagramReceived(b"READY=1\nSTATUS=serving\n", None)
+        self.assertEqual(seen, [2])
+
+    def test_reload_hups_serving_workers_and_waits_for_them(self):
+        self.r.await_all(self.tell())
+        for slot in range(3):
+            self.r.ready(slot)
+        self.r.reload(self.tell("reloaded"))
+        self.assertEqual(self.hups, [0, 1, 2])
+        self.r.ready(0)
+        self.r.ready(2)
+        self.assertEqual(self.told, ["ready"])
+        self.r.ready(1)
+        self.assertEqual(self.told, ["ready", "reloaded"])
+
+    def test_reload_does_not_wait_for_a_dying_worker(self):
+        self.r.await_all(self.tell())
+        for slot in range(3):
+            self.r.ready(slot)
+        self.r.reload(self.tell("reloaded"))
+        self.r.ready(0)
+        self.r.ready(1)
+        self.r.exited(2)
+        self.assertEqual(self.told, ["ready", "reloaded"])
+
+    def test_starting_worker_is_hupped_once_it_serves(self):
+        """It may have read the file before the change; HUP it when it
+        can handle the signal instead of killing it with one now."""
+        self.r.await_all(self.tell())
+        self.r.ready(0)
+        self.r.ready(1)
+        self.r.reload(self.tell("reloaded"))
+        self.assertEqual(self.hups, [0, 1])
+        self.r.ready(0)
+        self.r.ready(1)
+        self.assertEqual(self.told, [])  # start-up's READY was replaced
+        self.r.ready(2)
+        self.assertEqual(self.hups, [0, 1, 2])
+        self.r.ready(2)
+        self.assertEqual(self.told, ["reloaded"])
 
 
 class WorkerSideTests(SynchronousTestCase):
