@@ -337,8 +337,13 @@ class Stream(Behaviour):
     headers: tuple = ((b"Content-Type", b"application/octet-stream"),)
     block: int = 65536
     reset_after: Optional[int] = None
+    prefix: Optional[bytes] = None  # raw bytes instead of a response head
 
     def run(self, conn, request):
+        if self.prefix is not None:
+            conn.write(self.prefix)
+            _Pump(conn, self).start()
+            return
         headers = list(self.headers)
         if self.chunked:
             headers.append((b"Transfer-Encoding", b"chunked"))
@@ -914,6 +919,7 @@ class HTTPClient(protocol.Protocol):
         self.pending: Optional[defer.Deferred] = None
         self.lost = False
         self.closed = defer.Deferred()
+        self.interim: list = []
 
     def request(self, raw: bytes) -> defer.Deferred:
         assert self.pending is None
@@ -933,6 +939,9 @@ class HTTPClient(protocol.Protocol):
             self.transport.abortConnection()
             return
         for r in done:
+            if 100 <= r.status < 200 and r.status != 101:
+                self.interim.append(r)  # informational; the answer follows
+                continue
             if self.pending is not None:
                 d, self.pending = self.pending, None
                 d.callback(r)

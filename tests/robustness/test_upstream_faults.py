@@ -251,3 +251,108 @@ class UploadBackpressure(unittest.TestCase):
         self.assertLess(pump.sent, 64 * MB, "phantomd took %d MB of upload "
                         "the API did not read" % (pump.sent // MB))
         self.assertGreater(s.api.bytes_received, 0)
+
+
+class UpstreamFraming(unittest.TestCase):
+    """A hostile or broken API must not desynchronise the connection pool:
+    bytes it sends beyond one response never become another client's
+    answer."""
+
+    timeout = 10
+
+    async def scene(self):
+        self.s = await Scene.build(self, reactor)
+        self.token, _ = self.s.good_token()
+        self.other, _ = self.s.good_token()
+
+    async def next_answer_is_clean(self):
+        self.s.api.behaviour = None
+        r = await self.s.get(self.other, target="/next")
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(r.json()["target"], "/next",
+                         "another client got a poisoned answer")
+
+    @async_test
+    async def test_extra_bytes_after_a_response(self):
+        await self.scene()
+        self.s.api.behaviour = Raw(
+            response_head(200, [(b"Content-Length", 5)]) + b"hello"
+            + response_head(200, [(b"Content-Length", 4)]) + b"evil",
+            then="keep")
+        r = await self.s.get(self.token)
+        self.assertEqual((r.status, r.body), (200, b"hello"))
+        await self.next_answer_is_clean()
+
+    @async_test
+    async def test_body_on_204_and_304(self):
+        await self.scene()
+        for status in (204, 304):
+            self.s.api.behaviour = Raw(
+                response_head(status, [(b"Content-Length", 4)]) + b"evil",
+                then="keep")
+            r = await self.s.get(self.token)
+            self.assertEqual(r.status, status)
+            self.assertEqual(r.body, b"")
+            await self.next_answer_is_clean()
+
+    @async_test
+    async def test_head_response_with_content_length(self):
+        await self.scene()
+        self.s.api.behaviour = Raw(
+            response_head(200, [(b"Content-Length", 100)]), then="keep")
+        client = await exchange(reactor, self.s.front, request_bytes(
+            "HEAD", token=self.token, close=True), 3.0)
+        self.assertFalse(client.aborted_by_us,
+                         "HEAD answer waited for a body that never comes")
+        self.assertTrue(client.received.startswith(b"HTTP/1.1 200"))
+        self.assertTrue(client.received.endswith(b"\r\n\r\n"),
+                        client.received[-100:])
+        await self.next_answer_is_clean()
+
+    @async_test
+    async def test_content_length_with_transfer_encoding(self):
+        """RFC 9112 section 6.3: TE wins and the connection must close;
+        the client gets one well-formed answer (or a 502)."""
+        await self.scene()
+        self.s.api.behaviour = Raw(response_head(200, [
+            (b"Content-Length", 60), (b"Transfer-Encoding", b"chunked")])
+            + b"5\r\nhello\r\n0\r\n\r\n"
+            + response_head(200, [(b"Content-Length", 4)]) + b"evil",
+            then="keep")
+        r = await self.s.get(self.token)
+        self.assertIn((r.status, r.body), ((200, b"hello"), (502, r.body)))
+        await self.next_answer_is_clean()
+
+    @async_test
+    async def test_two_content_lengths(self):
+        await self.scene()
+        self.s.api.behaviour = Raw(response_head(200, [
+            (b"Content-Length", 5), (b"Content-Length", 9)])
+            + b"helloevil", then="keep")
+        r = await self.s.get(self.token)
+        self.assertEqual(r.status, 502)
+        await self.next_answer_is_clean()
+
+    @async_test
+    async def test_endless_response_head(self):
+        """A response head that never ends is refused once it passes a
+        bound (502), not buffered until upstream_timeout (504)."""
+        await self.scene()
+        self.s.api.behaviour = Stream(
+            total=None, chunked=False, prefix=b"HTTP/1.1 200 OK\r\nX-Big: ")
+        r = await self.s.get(self.token)
+        self.assertEqual(r.status, 502, "after the API sent %d MB of one "
+                         "header line" % (self.s.api.written // MB))
+        await self.next_answer_is_clean()
+
+    @async_test
+    async def test_interim_responses_are_skipped(self):
+        await self.scene()
+        self.s.api.behaviour = Raw(
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+            + response_head(200, [(b"Content-Length", 2)]) + b"ok",
+            then="keep")
+        r = await self.s.get(self.token)
+        self.assertEqual((r.status, r.body), (200, b"ok"))
+        await self.next_answer_is_clean()
