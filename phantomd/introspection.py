@@ -5,16 +5,12 @@ out.
 service with phantomd's client credentials (phantomd.clientauth) and reads
 the answer in the configured ``response`` form:
 
-==========================  ==========================================  ====================================
-``response``                Accept                                      active answer
-==========================  ==========================================  ====================================
-``jwt`` (Curity)            ``application/jwt``                         200, the body is the JWT; 204 or
-                                                                        200 ``{"active": false}`` = inactive
-``phantom_token``           ``application/json``                        JSON ``phantom_token`` field
-``json`` (RFC 7662)         ``application/json``                        phantomd mints the JWT (jose.Minter)
-``token-introspection+jwt`` ``application/token-introspection+jwt``     RFC 9701 signed answer, verified,
-                                                                        then minted
-==========================  ==========================================  ====================================
+* ``jwt`` (Curity): ``Accept: application/jwt``; a 200 body is the JWT,
+  204 or 200 ``{"active": false}`` means inactive;
+* ``phantom_token``: JSON; the JWT is its ``phantom_token`` member;
+* ``json`` (plain RFC 7662): phantomd mints the JWT (jose.Minter);
+* ``token-introspection+jwt`` (RFC 9701): the signed answer is verified,
+  then phantomd mints the JWT.
 
 Whatever the form, the JWT that goes upstream must be well formed and
 unexpired, and with ``verify_jwt`` its signature must check out against the

@@ -83,9 +83,9 @@ class ClientCertificate:
         except (ValueError, crypto.Error) as e:
             raise ValueError("client key %r is not a readable PEM private "
                              "key (%s)" % (client_key, e))
-        self.certificate = crypto.X509.from_cryptography(certs[0])
-        self.private_key = crypto.PKey.from_cryptography_key(key)
-        self.chain = [crypto.X509.from_cryptography(c) for c in certs[1:]]
+        self.certificate = certs[0]
+        self.private_key = key
+        self.chain = certs[1:]
         context = SSL.Context(SSL.TLS_CLIENT_METHOD)
         try:
             context.use_certificate(self.certificate)

@@ -24,7 +24,8 @@ ISSUER = "https://login.example.com/oauth/v2/oauth-anonymous"
 def _decode_basic(value: bytes) -> tuple[str, str]:
     scheme, _, encoded = value.partition(b" ")
     assert scheme == b"Basic"
-    user, _, password = base64.b64decode(encoded).decode("ascii").partition(":")
+    pair = base64.b64decode(encoded).decode("ascii")
+    user, _, password = pair.partition(":")
     return unquote_plus(user), unquote_plus(password)
 
 
@@ -150,7 +151,8 @@ class PrivateKeyJWTTests(unittest.SynchronousTestCase):
         key = jwk.JWK.generate(kty="EC", crv="P-256", kid="k1")
         single = self.write("key.jwk", key.export_private().encode())
         keyset = self.write("keys.jwks", json.dumps({"keys": [
-            json.loads(jwk.JWK.generate(kty="EC", crv="P-256").export_public()),
+            jwk.JWK.generate(kty="EC", crv="P-256").export_public(
+                as_dict=True),
             json.loads(key.export_private())]}).encode())
         for path in (single, keyset):
             auth = ClientAuth.from_settings(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from cryptography.x509.oid import NameOID
 from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 from twisted.web.server import Site
@@ -83,7 +84,9 @@ class PeerCertificateService(TokenService):
 
     def render_POST(self, request: Any) -> Any:
         cert = request.transport.getPeerCertificate()
-        self.peers.append(cert.get_subject().CN if cert else None)
+        subject = cert.to_cryptography().subject if cert else None
+        self.peers.append(subject.get_attributes_for_oid(
+            NameOID.COMMON_NAME)[0].value if subject else None)
         return super().render_POST(request)
 
 

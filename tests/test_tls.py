@@ -25,7 +25,7 @@ from phantomd import tls
 
 
 class PKI:
-    """A CA and the certificates it issues, as PEM files under ``directory``."""
+    """A CA and the certificates it issues, as PEM files in ``directory``."""
 
     def __init__(self, directory: str, name: str = "phantomd test CA"):
         os.makedirs(directory, exist_ok=True)
@@ -95,17 +95,15 @@ class PKI:
         """Server-side TLS options; optionally demand a client certificate
         issued by this CA."""
         with open(cert_path, "rb") as f:
-            cert_pem = f.read()
+            cert = x509.load_pem_x509_certificate(f.read())
         with open(key_path, "rb") as f:
-            key_pem = f.read()
-        server = ssl.PrivateCertificate.loadPEM(cert_pem + key_pem)
+            key = serialization.load_pem_private_key(f.read(), None)
         kwargs = {}
         if require_client_cert:
-            kwargs = {"verify": True, "requireCertificate": True,
-                      "caCerts": [ssl.Certificate.loadPEM(
-                          self._pem(self.ca_cert)).original]}
-        return ssl.CertificateOptions(privateKey=server.privateKey.original,
-                                      certificate=server.original, **kwargs)
+            kwargs["trustRoot"] = ssl.trustRootFromCertificates([
+                ssl.Certificate.loadPEM(self._pem(self.ca_cert))])
+        return ssl.CertificateOptions(privateKey=key, certificate=cert,
+                                      **kwargs)
 
 
 class LoadingTests(unittest.TestCase):
