@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet import defer, protocol, reactor, task
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet import defer, protocol, reactor, ssl, task
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint, connectProtocol, wrapClientTLS)
 from twisted.trial import unittest
 
 from phantomd.http.server import FrontFactory
 from phantomd.http.upstream import UpstreamPool
 from phantomd.metrics import Metrics
 from tests.helpers_http import (
-    JWT, OPAQUE, FakeGate, RawClient, UpstreamFactory, buffered, settings)
+    JWT, OPAQUE, FakeGate, RawClient, UpstreamFactory, buffered, self_signed,
+    settings)
 
 AUTH = b"Authorization: Bearer " + OPAQUE.encode() + b"\r\n"
 
@@ -477,6 +479,52 @@ class StreamingTests(ProxyCase):
         client.transport.loseConnection()
         self.assertEqual(bytes(resp.body), b"%d" % size)
         self.assertLess(peak[0], 1 << 20)
+
+
+class TLSTests(ProxyCase):
+    """TLS on both sides: X-Forwarded-Proto says https, the API is reached
+    over https with the given TLS options."""
+
+    def setUp(self) -> None:
+        key, cert = self_signed()
+        server_options = ssl.PrivateCertificate.loadPEM(key + cert).options()
+        self.client_options = ssl.optionsForClientTLS(
+            "localhost", trustRoot=ssl.Certificate.loadPEM(cert))
+        self.api = UpstreamFactory()
+        self.api_port = reactor.listenSSL(0, self.api, server_options,
+                                          interface="127.0.0.1")
+        self.addCleanup(self.api_port.stopListening)
+        url = "https://127.0.0.1:%d" % self.api_port.getHost().port
+        self.settings = settings(url)
+        self.metrics = Metrics()
+        self.gate = FakeGate()
+        self.pool = UpstreamPool(reactor, self.settings, self.metrics,
+                                 tls_options=self.client_options)
+        self.access = []
+        self.front = FrontFactory(reactor, self.gate, self.pool,
+                                  self.settings, self.metrics)
+        self.port = reactor.listenSSL(0, self.front, server_options,
+                                      interface="127.0.0.1")
+        self.addCleanup(self._stop_front)
+
+    def connect(self, client: protocol.Protocol) -> defer.Deferred:
+        ep = wrapClientTLS(self.client_options, TCP4ClientEndpoint(
+            reactor, "127.0.0.1", self.port.getHost().port))
+        return connectProtocol(ep, client)
+
+    @defer.inlineCallbacks
+    def test_https_both_sides(self) -> Any:
+        client = RawClient(expect=2)
+        yield self.connect(client)
+        client.transport.write(get(b"/1") + get(b"/2"))
+        responses = yield client.done
+        self.assertEqual([bytes(r.body) for r in responses],
+                         [b"target=/1", b"target=/2"])
+        self.assertEqual([r.header(b"x-forwarded-proto")
+                          for r in self.api.requests], [[b"https"]] * 2)
+        self.assertEqual(self.api.connections, 1)
+        client.transport.loseConnection()
+        yield client.done
 
 
 class DisconnectTests(ProxyCase):

@@ -57,6 +57,7 @@ class UpstreamConnection(Protocol):
         self._write_blocked = False
         self._read_paused = False
         self._broken = False
+        self._registered = False
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -76,6 +77,7 @@ class UpstreamConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
+        self._registered = True
 
     def dataReceived(self, data: bytes) -> None:
         if self.front is None:
@@ -175,6 +177,15 @@ class UpstreamConnection(Protocol):
             self.transport.resumeProducing()
             if self.front is not None:
                 self._arm_timer()
+
+    def close(self) -> None:
+        """Close cleanly; the connection is never reused."""
+        self._broken = True
+        if not self.lost and self._registered:
+            # A TLS transport waits for its producer to go before closing.
+            self._registered = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     def abort(self) -> None:
         """Give up on the exchange; the connection is never reused."""
@@ -283,8 +294,7 @@ class UpstreamConnection(Protocol):
             if reuse:
                 self.pool._release(self)
             else:
-                self._broken = True
-                self.transport.loseConnection()
+                self.close()
         front.response_end()
 
     def _garbled(self, description: str) -> None:
@@ -381,7 +391,7 @@ class UpstreamPool:
         self.max_idle = settings.upstream_max_idle
         self.max_idle_age = settings.idle_timeout
         while len(self._idle) > self.max_idle:
-            self._idle.pop(0).transport.loseConnection()
+            self._idle.pop(0).close()
 
     def connect(self, front: Any) -> Optional[defer.Deferred]:
         """Attach ``front`` to a connection.
@@ -397,7 +407,7 @@ class UpstreamPool:
             while idle:
                 conn = idle.pop()
                 if conn.idle_since < horizon:
-                    conn.transport.loseConnection()
+                    conn.close()
                     continue
                 conn.reused = True
                 front.upstream_ready(conn)
@@ -435,7 +445,7 @@ class UpstreamPool:
 
     def _release(self, conn: UpstreamConnection) -> None:
         if self._closed or len(self._idle) >= self.max_idle:
-            conn.transport.loseConnection()
+            conn.close()
             return
         conn.idle_since = self.reactor.seconds()
         self._idle.append(conn)
@@ -463,7 +473,7 @@ class UpstreamPool:
         d: defer.Deferred = defer.Deferred()
         self._close_waiters.append(d)
         for conn in list(self._idle):
-            conn.transport.loseConnection()
+            conn.close()
         return d
 
 
