@@ -230,7 +230,9 @@ class DjangoOAuthToolkitTests(TestCase):
         self.assertIn("bad signature", str(error))
 
     @inlineCallbacks
-    def test_gateway_swaps_dot_token_and_honours_revocation(self):
+    def start_gateway(self, client_secret=None):
+        """A real phantomd in front of a recording API, introspecting at DOT
+        with ``response = json``; returns (api, front URL, admin URL)."""
         from phantomd.app import Gateway
         from phantomd.config import parse
         from phantomd.metrics import Metrics
@@ -238,6 +240,9 @@ class DjangoOAuthToolkitTests(TestCase):
         api = _RecordingAPI()
         api_port = reactor.listenTCP(0, Site(api), interface="127.0.0.1")
         self.addCleanup(api_port.stopListening)
+        gateway_client = dict(self.info["gateway"])
+        if client_secret is not None:
+            gateway_client["client_secret"] = client_secret
 
         # [cache] max_ttl = 0: nothing is cached, so the revocation at DOT
         # is seen by the very next request (DOT sends no Cache-Control
@@ -261,13 +266,17 @@ max_ttl = 0
 listen = tcp:0:interface=127.0.0.1
 """ % {"api": api_port.getHost().port, "dot": self.base,
        "keys": self.write_keys(), "issuer": ISSUER, "audience": AUDIENCE,
-       **self.info["gateway"]}, os.path.join(self.state, "phantomd.ini"))
+       **gateway_client}, os.path.join(self.state, "phantomd.ini"))
         gateway = Gateway(reactor, config, Metrics())
         yield gateway.start()
         self.addCleanup(gateway.stop)
-        front = "http://127.0.0.1:%d" % gateway.front_ports[0].getHost().port
-        admin = "http://127.0.0.1:%d" % gateway.admin_ports[0].getHost().port
+        return (api,
+                "http://127.0.0.1:%d" % gateway.front_ports[0].getHost().port,
+                "http://127.0.0.1:%d" % gateway.admin_ports[0].getHost().port)
 
+    @inlineCallbacks
+    def test_gateway_swaps_dot_token_and_honours_revocation(self):
+        api, front, admin = yield self.start_gateway()
         token = yield self.new_token()
         response = yield self.http.get(
             front + "/orders/42?x=1",
@@ -309,3 +318,18 @@ listen = tcp:0:interface=127.0.0.1
         [challenge] = response.headers.getRawHeaders(b"www-authenticate")
         self.assertIn(b'error="invalid_token"', challenge)
         self.assertEqual(len(api.requests), 1)
+
+    @inlineCallbacks
+    def test_gateway_with_wrong_client_secret_answers_502(self):
+        """DOT answers bad client credentials with 403, not 401: phantomd
+        must treat that as its own misconfiguration (502), not as an
+        invalid token, and forward nothing."""
+        api, front, _ = yield self.start_gateway(client_secret="wrong")
+        token = yield self.new_token()
+        response = yield self.http.get(
+            front + "/orders/42",
+            headers={b"Authorization": [b"Bearer " + token.encode()]},
+            timeout=30)
+        body = yield treq.content(response)
+        self.assertEqual(response.code, 502, body)
+        self.assertEqual(api.requests, [])
