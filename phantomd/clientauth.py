@@ -24,6 +24,7 @@ import json
 from typing import Any, Optional, Sequence, Union
 from urllib.parse import quote_plus
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from jwcrypto import jwk as _jwk
 from jwcrypto.common import JWException
 
@@ -70,7 +71,8 @@ def load_signing_key(path: str) -> _jwk.JWK:
     except TypeError:
         raise ValueError("private_key_file %r: encrypted PEM keys are not "
                          "supported" % path)
-    except (ValueError, JWException, UnicodeDecodeError) as e:
+    except (ValueError, JWException, UnicodeDecodeError,
+            UnsupportedAlgorithm) as e:
         raise ValueError("private_key_file %r is not a private JWK, JWK set "
                          "or PEM key: %s" % (path, e))
     if not key.has_private:

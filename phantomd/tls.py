@@ -15,7 +15,8 @@ from typing import Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL, crypto
+from cryptography.exceptions import UnsupportedAlgorithm
+from OpenSSL import SSL
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.web.iweb import IPolicyForHTTPS
@@ -80,7 +81,7 @@ class ClientCertificate:
         except TypeError:
             raise ValueError("client key %r is encrypted; phantomd needs an "
                              "unencrypted PEM key" % client_key)
-        except (ValueError, crypto.Error) as e:
+        except (ValueError, UnsupportedAlgorithm) as e:
             raise ValueError("client key %r is not a readable PEM private "
                              "key (%s)" % (client_key, e))
         self.certificate = certs[0]
