@@ -97,7 +97,7 @@ class UnitContentTests(SynchronousTestCase):
             "NoNewPrivileges": "yes", "CapabilityBoundingSet": "",
             "ProtectSystem": "strict", "ProtectHome": "yes",
             "PrivateTmp": "yes", "PrivateDevices": "yes",
-            "MemoryDenyWriteExecute": "yes", "LockPersonality": "yes",
+            "LockPersonality": "yes",
             "RestrictNamespaces": "yes", "DynamicUser": "yes",
         }
         for key, value in expected.items():
@@ -107,6 +107,36 @@ class UnitContentTests(SynchronousTestCase):
             {"AF_INET", "AF_INET6", "AF_UNIX"})
         self.assertIn("@system-service",
                       values(SERVICE, "Service", "SystemCallFilter"))
+
+
+# Run under PR_SET_MDWE (what MemoryDenyWriteExecute= sets, Linux >= 6.3):
+# does building a TLS client connection still work?
+MDWE_PROBE = """
+import ctypes, sys
+if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0:
+    sys.exit(3)
+from phantomd import tls
+try:
+    tls.client_tls_options("example.com").clientConnectionForTLS(None)
+except MemoryError:
+    sys.exit(4)
+"""
+
+
+class MemoryDenyWriteExecuteTests(SynchronousTestCase):
+    def test_not_set_while_tls_needs_writable_code(self):
+        probe = subprocess.run(
+            [sys.executable, "-c", MDWE_PROBE], capture_output=True,
+            timeout=60, cwd=os.path.dirname(HERE))
+        if probe.returncode == 3:
+            raise self.skipTest("this kernel has no PR_SET_MDWE to probe with")
+        if probe.returncode == 0:
+            raise self.skipTest("TLS works without write+execute memory "
+                                "here; MemoryDenyWriteExecute=yes could be "
+                                "turned on")
+        self.assertEqual(probe.returncode, 4, probe.stderr)
+        self.assertNotIn("yes", values(SERVICE, "Service",
+                                       "MemoryDenyWriteExecute"))
 
 
 class VerifyTests(SynchronousTestCase):
