@@ -262,6 +262,16 @@ class FramingTests(E2ETestCase):
         self.assertEqual((result.jwt, result.lifetime), (token.decode(), 3))
 
     @defer.inlineCallbacks
+    def test_answer_cut_short(self):
+        intro = self.serve(b"HTTP/1.1 200 OK\r\nContent-Type: application/jwt"
+                           b"\r\nContent-Length: 100\r\n\r\neyJhbGciOi",
+                           close=True)
+        with self.assertRaises(IntrospectionFailed) as caught:
+            yield intro.introspect(TOKEN)
+        self.assertEqual(caught.exception.kind, "error")
+        self.assertIn("cut short", caught.exception.description)
+
+    @defer.inlineCallbacks
     def test_endless_body_cut_off(self):
         intro = self.serve(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/jwt\r\n"
