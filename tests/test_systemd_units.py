@@ -90,7 +90,9 @@ class UnitContentTests(SynchronousTestCase):
         self.assertTrue(0 < int(port) < 65536)
         self.assertEqual(one(SOCKET, "Socket", "Service"), "phantomd.service")
         self.assertIn("phantomd.socket",
-                      one(SERVICE, "Unit", "Requires").split())
+                      one(SERVICE, "Unit", "Wants").split())
+        self.assertIn("phantomd.socket",
+                      one(SERVICE, "Unit", "After").split())
 
     def test_sandboxing(self):
         expected = {
