@@ -456,8 +456,8 @@ class _Exchange:
                     return
             else:
                 self._finish(Failure(_failed(
-                    "error", "token service answer cut short: %s"
-                    % _describe(body))))
+                    "error", "token service answer cut short: the "
+                    "connection ended before the body was complete")))
                 return
         d = maybeDeferred(self._intro._answer, status, headers, body)
         d.addBoth(self._answered)
