@@ -100,7 +100,7 @@ class UnitContentTests(SynchronousTestCase):
             "ProtectSystem": "strict", "ProtectHome": "yes",
             "PrivateTmp": "yes", "PrivateDevices": "yes",
             "LockPersonality": "yes",
-            "RestrictNamespaces": "yes", "DynamicUser": "yes",
+            "RestrictNamespaces": "yes", "User": "phantomd",
         }
         for key, value in expected.items():
             self.assertEqual(one(SERVICE, "Service", key), value, key)
