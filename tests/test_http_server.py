@@ -317,6 +317,21 @@ class ForwardingTests(FrontCase):
         conn.respond()
         self.assertEqual(transport.producerState, "producing")
 
+    def test_body_in_the_same_read_stays_unparsed(self) -> None:
+        """What arrived with the head waits as raw bytes, not parsed."""
+        self.gate.hold = True
+        proto, transport = self.connect()
+        body = bytes(range(256)) * 240
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+                           b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        parsed = sum(len(c) for c in proto._req.body or [])
+        self.assertGreater(len(proto._stash), 0)
+        self.assertLess(parsed, 4096)
+        self.gate.release()
+        [conn] = self.pool.conns
+        self.assertEqual(bytes(conn.body), body)
+        self.assertTrue(conn.sent)
+
     def test_chunked_request_rechunked(self) -> None:
         proto, transport = self.connect()
         proto.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
@@ -469,6 +484,25 @@ class PipelineTests(FrontCase):
         self.assertEqual([(s, b) for s, _, b in got][:2],
                          [(200, b"one"), (200, b"two")])
         self.assertEqual(got[2][0], 401)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_parse_ahead_is_bounded(self) -> None:
+        """2000 pipelined requests in one read: only a slice's worth is
+        parsed while the first is in flight; all are answered in order."""
+        self.gate.hold = True
+        proto, transport = self.connect()
+        requests = b"".join(get(b"/%d" % i) for i in range(2000))
+        proto.dataReceived(requests)
+        self.assertLess(len(proto._queue), 4096 // len(get(b"/0")) + 2)
+        self.assertEqual(transport.producerState, "paused")
+        for i in range(2000):
+            self.gate.release()
+            conn = self.pool.conns[-1]
+            self.assertTrue(conn.head.startswith(b"GET /%d " % i))
+            conn.respond(body=b"%d" % i)
+        got = self.responses(transport)
+        self.assertEqual([b for _, _, b in got],
+                         [b"%d" % i for i in range(2000)])
         self.assertEqual(transport.producerState, "producing")
 
     def test_many_synchronous_rejects_do_not_recurse(self) -> None:

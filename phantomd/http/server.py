@@ -47,6 +47,8 @@ _IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE = range(5)
 _BUSY, _UPSTREAM_FULL = 1, 2
 # What the connection timer is measuring.
 _HEADER, _IDLE_KA, _LINGER = 1, 2, 3
+# Bytes parsed at a time: bounds how many pipelined requests are parsed ahead.
+_SLICE = 4096
 # Seconds a closing connection discards what the client still sends.
 LINGER = 2.0
 
@@ -123,6 +125,8 @@ class FrontProtocol(Protocol):
         self._registered = False
         self._closed = False
         self._tls = False
+        self._stash = b""
+        self._feeding = False
 
     # -- connection lifetime -------------------------------------------------
 
@@ -234,6 +238,53 @@ class FrontProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._dead:
             return
+        if self._stash:
+            # Arrived before the pause took effect; parsed in its turn.
+            self._stash += data
+            return
+        self._feed(data)
+        self._advance()
+
+    def _feed(self, data: bytes) -> None:
+        """Parse ``data`` a slice at a time; as soon as a request has to
+        wait behind the one in flight, keep the rest unparsed (``_stash``,
+        at most one read) so that at most one slice's worth of requests is
+        ever parsed ahead."""
+        self._feeding = True
+        try:
+            n = len(data)
+            i = 0
+            while i < n:
+                piece = data[i:i + _SLICE]
+                i += len(piece)
+                self._parse(piece)
+                if self._dead:
+                    return
+                if i < n:
+                    self._advance()
+                    if self._must_wait():
+                        self._stash = data[i:]
+                        return
+        finally:
+            self._feeding = False
+
+    def _must_wait(self) -> bool:
+        """Whether more input must not be parsed yet."""
+        if self._queue:
+            return True
+        r = self._req
+        return r is not None and not r.complete and (
+            self._phase < _UPSTREAM or self._upstream is None)
+
+    def _unstash(self) -> None:
+        if self._stash and not self._feeding and not self._dead \
+                and not self._must_wait():
+            data, self._stash = self._stash, b""
+            self._feed(data)
+            if not self._feeding:
+                self._advance()
+
+    def _parse(self, data: bytes) -> None:
         while True:
             try:
                 self._parser.feed_data(data)
@@ -251,8 +302,7 @@ class FrontProtocol(Protocol):
                         self._limit = (431, "request_header_fields_too_large",
                                        "the request head is too large")
                         self._parse_failed(None)
-            break
-        self._advance()
+            return
 
     def _upgraded(self, data: bytes, offset: int) -> bytes:
         """llhttp stopped after a request asking to switch protocols.
@@ -376,13 +426,15 @@ class FrontProtocol(Protocol):
                 self._start(r)
         finally:
             self._advancing = False
+        if self._stash:
+            self._unstash()
         self._update_reading()
 
     def _update_reading(self) -> None:
         if self._closed:
             return
         r = self._req
-        if self._dead:
+        if self._dead or self._stash:
             busy = True
         elif r is None:
             busy = False
@@ -571,7 +623,7 @@ class FrontProtocol(Protocol):
                 self._send_body(r, chunk)
         if r.complete:
             self._end_body(r)
-        self._update_reading()
+        self._advance()
 
     def _send_body(self, r: _Request, data: bytes) -> None:
         if not data:
