@@ -191,6 +191,16 @@ class ResponseTests(PoolCase):
             self.assertEqual(front.events[-1], ("failed", 502), raw)
             self.assertTrue(conn.transport.disconnected, raw)
 
+    def test_endless_response_head_is_502(self) -> None:
+        front, conn = self.request()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nX-Endless: ")
+        for _ in range(100):
+            if conn.transport.disconnected:
+                break
+            conn.dataReceived(b"x" * 8192)
+        self.assertEqual(front.events[-1], ("failed", 502))
+        self.assertTrue(conn.transport.disconnected)
+
     def test_closed_without_answer_is_502(self) -> None:
         front, conn = self.request()
         conn.connectionLost(Failure(error.ConnectionDone()))

@@ -35,6 +35,10 @@ from phantomd.http.headers import RESPONSE_DROP
 
 MODE_NONE, MODE_LENGTH, MODE_CHUNKED, MODE_EOF = range(4)
 
+# Bytes of response head (interim 1xx responses included) read before giving
+# up with 502: llhttp itself would accumulate a header without bound.
+MAX_RESPONSE_HEAD = 256 * 1024
+
 log = Logger()
 
 
@@ -64,6 +68,7 @@ class UpstreamConnection(Protocol):
         self._head = b""
         self._retryable = False
         self._got_bytes = False
+        self._head_bytes = 0
         self._head_method = False
         self._head_done = False
         self._headers: list = []
@@ -87,6 +92,11 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
             return
         self._got_bytes = True
+        if not self._head_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD + len(data):
+                self._garbled("the upstream's response head is too large")
+                return
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade:
