@@ -12,9 +12,9 @@ Why each piece is shaped as it is:
 * Metrics: prometheus_client's multiprocess mode.  Workers write their
   samples to files in a private directory (``PROMETHEUS_MULTIPROC_DIR``);
   the parent's metrics listener renders them with ``MultiProcessCollector``.
-  A dead worker's live gauges are removed (``mark_process_dead``, and its
-  ``gauge_all`` file, so its cache size stops counting); its counters stay,
-  so totals never go backwards.
+  A dead worker's counters and histograms are folded into one archive file
+  (totals never go backwards, files do not pile up) and its gauges are
+  dropped (``archive_dead_worker``).
 * Readiness: each worker slot has its own ``NOTIFY_SOCKET`` (a datagram
   socket in the same private directory), so the parent knows which worker
   is serving; it sends READY=1 to systemd only when every worker is, after
@@ -365,6 +365,38 @@ class NotifyListener(protocol.DatagramProtocol):
             self._ready(self.slot)
 
 
+# -- metrics of workers that are gone -------------------------------------------
+
+def archive_dead_worker(directory: str, pid: int) -> None:
+    """Fold a dead worker's metric files into one archive per type.
+
+    prometheus_client keeps one file per process and type; left alone, a
+    worker that keeps crashing would add files (and tmpfs memory) forever.
+    Its counters and histogram buckets are added into
+    ``<type>_archive.db`` (so totals never go backwards and the directory
+    holds at most one archive plus one file per live worker and type), and
+    its gauges are dropped: a dead worker has no cache and nothing in
+    flight.  Runs on the reactor, like the scrape that reads these files,
+    so the two never interleave.
+    """
+    from prometheus_client.mmap_dict import MmapedDict
+    for typ in ("counter", "histogram", "summary"):
+        path = os.path.join(directory, "%s_%d.db" % (typ, pid))
+        if not os.path.exists(path):
+            continue
+        archive = MmapedDict(os.path.join(directory, "%s_archive.db" % typ))
+        try:
+            for key, value, timestamp, _ in \
+                    MmapedDict.read_all_values_from_file(path):
+                total, _ = archive.read_value(key)
+                archive.write_value(key, total + value, timestamp)
+        finally:
+            archive.close()
+        os.remove(path)
+    for path in glob.glob(os.path.join(directory, "gauge_*_%d.db" % pid)):
+        os.remove(path)
+
+
 # -- the parent -----------------------------------------------------------------
 
 class UnshareableListener(Exception):
@@ -520,11 +552,7 @@ class Supervisor(service.Service):
 
     def _worker_exited(self, pid: int, slot: int) -> None:
         self.readiness.exited(slot)
-        from prometheus_client.multiprocess import mark_process_dead
-        mark_process_dead(pid, self._metrics_dir)
-        for f in glob.glob(os.path.join(self._metrics_dir,
-                                        "gauge_all_%d.db" % pid)):
-            os.remove(f)
+        archive_dead_worker(self._metrics_dir, pid)
 
     def reload(self) -> None:
         """Check the ini here; forward SIGHUP to workers only if it is good."""

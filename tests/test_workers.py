@@ -496,3 +496,51 @@ class DieWithParentTests(TestCase):
                 break
             yield deferLater(reactor, 0.05, lambda: None)
         self.assertTrue(os.path.exists(flag), "worker %d not told" % worker)
+
+
+class ArchiveTests(SynchronousTestCase):
+    """Dead workers' metric files are folded, not lost and not piled up."""
+
+    def test_totals_survive_and_files_do_not_pile_up(self):
+        from prometheus_client import CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+        mdir = tempfile.mkdtemp(prefix="phantomd-arch-")
+        self.addCleanup(shutil.rmtree, mdir, True)
+        script = textwrap.dedent("""\
+            import os, sys
+            sys.path.insert(0, %r)
+            from phantomd.metrics import Metrics
+            m = Metrics()
+            m.request_answered(200)
+            m.request_answered(502)
+            m.introspection_duration.observe(0.02)
+            m.cache_entries.set(5)
+            print(os.getpid())
+            """ % os.path.dirname(os.path.dirname(workers.__file__)))
+        env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=mdir)
+        pids = [int(subprocess.run(
+            [sys.executable, "-c", script], env=env, check=True, timeout=60,
+            capture_output=True).stdout) for _ in range(3)]
+
+        def scrape():
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=mdir)
+            return generate_latest(registry).decode()
+
+        before = scrape()
+        self.assertIn('phantomd_requests_total{code="2xx"} 3.0', before)
+        for pid in pids[:2]:
+            workers.archive_dead_worker(mdir, pid)
+        workers.archive_dead_worker(mdir, pids[0])  # twice: harmless
+        after = scrape()
+        self.assertIn('phantomd_requests_total{code="2xx"} 3.0', after)
+        self.assertIn('phantomd_requests_total{code="5xx"} 3.0', after)
+        self.assertIn("phantomd_introspection_duration_seconds_count 3.0",
+                      after)
+        self.assertEqual(
+            [line for line in after.splitlines()
+             if line.startswith("phantomd_cache_entries{")],
+            ['phantomd_cache_entries{pid="%d"} 5.0' % pids[2]])
+        self.assertEqual(sorted(f for f in os.listdir(mdir)
+                                if str(pids[2]) not in f),
+                         ["counter_archive.db", "histogram_archive.db"])
