@@ -380,6 +380,12 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
                           "is required for [introspection] response = %s "
                           "(phantomd signs the JWT the API receives)"
                           % intro.response)
+    if intro.response in ("json", "token-introspection+jwt") \
+            and not s["minting"].issuer:
+        raise ConfigError(path, "minting", "issuer",
+                          "is required for [introspection] response = %s "
+                          "(the iss of the JWTs phantomd signs)"
+                          % intro.response)
     if intro.response == "token-introspection+jwt" and not intro.issuer:
         raise ConfigError(path, "introspection", "issuer",
                           "is required for response = token-introspection+jwt")
