@@ -34,9 +34,13 @@ from twisted.internet.defer import (CancelledError, Deferred, maybeDeferred,
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IBodyProducer
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
 from treq.client import HTTPClient
 from zope.interface import implementer
 
@@ -63,6 +67,9 @@ IDLE_CONNECTION_SECONDS = 4
 Short on purpose: introspection is a POST, which is never retried, so a
 connection the token service has already closed on its side (many servers
 drop idle keep-alive connections after 5 s) would cost a client a 502."""
+
+MAX_HEAD_BYTES = 65536
+"""Allowance for an answer's status line and headers on the wire."""
 
 LOG_INTERVAL = 10.0
 """Repeats of the same failure (kind, status) are logged at most this often."""
@@ -147,6 +154,8 @@ def _describe(failure: Failure) -> str:
                          if isinstance(name, bytes) else str(name))
         return "its TLS certificate is not valid for %s" % (
             ", ".join(names) or "this host")
+    if isinstance(e, AnswerTooLarge):
+        return "its %s" % e
     if isinstance(e, SSL.Error):
         details = [part[-1] for part in e.args[0]
                    if isinstance(part, tuple) and part] \
@@ -510,6 +519,98 @@ class _Exchange:
             self.result.callback(result)
 
 
+class AnswerTooLarge(Exception):
+    """The token service sent more bytes for one answer than phantomd reads
+    (an endless response head, say); the connection was aborted."""
+
+    def __str__(self) -> str:
+        return ("answer larger than %d bytes on the wire (head and body)"
+                % self.args[0])
+
+
+class _BoundedReceive(ProtocolWrapper):
+    """Counts the bytes received since phantomd last wrote on the connection
+    -- one answer, as the client never pipelines -- and aborts the
+    connection past the factory's ``limit``.
+
+    Twisted's HTTP client keeps every response header line it is sent
+    (a single line is capped, their number is not), so without this an
+    endless response head would grow memory until the timeout.
+    """
+
+    _received = 0
+    _over = False
+
+    def write(self, data: bytes) -> None:
+        self._received = 0
+        super().write(data)
+
+    def writeSequence(self, data: Any) -> None:
+        self._received = 0
+        super().writeSequence(data)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._over:
+            return
+        self._received += len(data)
+        if self._received > self.factory.limit:
+            self._over = True
+            self.transport.abortConnection()
+            return
+        super().dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._over:
+            reason = Failure(AnswerTooLarge(self.factory.limit))
+        super().connectionLost(reason)
+
+
+class _BoundedFactory(WrappingFactory):
+    protocol = _BoundedReceive
+
+    def __init__(self, wrapped: Any, limit: int) -> None:
+        super().__init__(wrapped)
+        self.limit = limit
+
+
+@implementer(IStreamClientEndpoint)
+class _BoundedEndpoint:
+    def __init__(self, endpoint: Any, limit: int) -> None:
+        self._endpoint = endpoint
+        self._limit = limit
+
+    def connect(self, factory: Any) -> Deferred:
+        d = self._endpoint.connect(_BoundedFactory(factory, self._limit))
+        return d.addCallback(lambda wrapper: wrapper.wrappedProtocol)
+
+
+@implementer(IAgentEndpointFactory)
+class _EndpointFactory:
+    """TCP for http, TLS per phantomd.tls for https, each connection
+    bounded by ``_BoundedReceive``."""
+
+    def __init__(self, reactor: Any, policy: Any, connect_timeout: float,
+                 limit: int) -> None:
+        self._reactor = reactor
+        self._policy = policy
+        self._timeout = connect_timeout
+        self._limit = limit
+
+    def endpointForURI(self, uri: Any) -> Any:
+        try:
+            host = uri.host.decode("ascii")
+        except UnicodeDecodeError:
+            raise ValueError("non-ASCII host %r" % (uri.host,))
+        endpoint: Any = HostnameEndpoint(self._reactor, host, uri.port,
+                                         timeout=self._timeout)
+        if uri.scheme == b"https":
+            endpoint = wrapClientTLS(
+                self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+        elif uri.scheme != b"http":
+            raise SchemeNotSupported("unsupported scheme %r" % (uri.scheme,))
+        return _BoundedEndpoint(endpoint, self._limit)
+
+
 @implementer(IBodyProducer)
 class _BytesProducer:
     """A request body already in memory, written in one go (no cooperator,
@@ -544,7 +645,9 @@ def make_http_client(reactor: Any, settings: Any) -> "PooledHTTPClient":
 
     One persistent pool keeps up to ``max_in_flight`` idle connections to
     the token service (the coalescer never runs more at once), closing idle
-    ones after ``IDLE_CONNECTION_SECONDS``; TLS is verified per
+    ones after ``IDLE_CONNECTION_SECONDS``; an answer (head and body, with
+    chunk framing) longer than twice ``max_response_bytes`` plus
+    ``MAX_HEAD_BYTES`` on the wire aborts its connection; TLS is verified per
     phantomd.tls, presenting ``client_cert`` when configured.  Raises
     ValueError for unusable CA/certificate/key files.  ``close()`` closes
     the pool.
@@ -556,8 +659,10 @@ def make_http_client(reactor: Any, settings: Any) -> "PooledHTTPClient":
     pool.maxPersistentPerHost = settings.max_in_flight
     pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
     pool.retryAutomatically = False
-    agent = Agent(reactor, contextFactory=policy,
-                  connectTimeout=settings.timeout, pool=pool)
+    limit = 2 * settings.max_response_bytes + MAX_HEAD_BYTES
+    agent = Agent.usingEndpointFactory(
+        reactor, _EndpointFactory(reactor, policy, settings.timeout, limit),
+        pool=pool)
     return PooledHTTPClient(agent, pool)
 
 

@@ -213,8 +213,8 @@ class RawAnswer(protocol.Protocol):
 
     def flood(self) -> None:
         if self.connected:
-            self.transport.write(b"%x\r\n%s\r\n" % (4096, b"a" * 4096))
-            self.factory.flooded += 4096
+            self.transport.write(self.factory.filler)
+            self.factory.flooded += len(self.factory.filler)
             reactor.callLater(0.001, self.flood)
 
     def connectionLost(self, reason: Any) -> None:
@@ -228,6 +228,7 @@ class RawFactory(protocol.Factory):
         self.answer, self.close, self.tracking = answer, close, tracking
         self.requests = 0
         self.flooded = 0
+        self.filler = b"%x\r\n%s\r\n" % (4096, b"a" * 4096)
 
     def buildProtocol(self, addr: Any) -> Any:
         return self.tracking.track(super().buildProtocol(addr))
@@ -282,6 +283,21 @@ class FramingTests(E2ETestCase):
         self.assertIn("max_response_bytes", caught.exception.description)
         yield self.tracking.all_gone()
         self.assertLess(self.factory.flooded, 64 * 65536)
+
+    @defer.inlineCallbacks
+    def test_endless_head_cut_off(self):
+        """Twisted's client parser would keep every header line; the
+        connection is aborted once the answer passes its bound."""
+        intro = self.serve(b"HTTP/1.1 200 OK\r\n", None,
+                           max_response_bytes=4096, timeout=30)
+        self.factory.filler = b"X-Many: header\r\n" * 256
+        with self.assertRaises(IntrospectionFailed) as caught:
+            yield intro.introspect(TOKEN)
+        self.assertEqual(caught.exception.kind, "error")
+        self.assertIn("larger than %d bytes on the wire"
+                      % (2 * 4096 + introspection.MAX_HEAD_BYTES),
+                      caught.exception.description)
+        yield self.tracking.all_gone()
 
     @defer.inlineCallbacks
     def test_no_answer_times_out(self):
