@@ -201,6 +201,10 @@ class Introspector:
     ``verify_jwt = yes`` (which applies to the JWTs the token service hands
     over: ``jwt`` and ``phantom_token``; minted JWTs are phantomd's own).
     Missing ones raise ValueError here, not on the first request.
+
+    Failures are logged (with ``token_id``, never the token) at most once
+    per ``LOG_INTERVAL`` per (kind, status), with a count of the repeats
+    suppressed; that map holds at most 64 keys and is emptied when full.
     """
 
     def __init__(self, clock: Any, http_client: Any, settings: Any,
