@@ -119,8 +119,7 @@ class UpstreamConnection(Protocol):
                 self._finished(front, reuse=False)
             else:
                 front.response_aborted()
-        elif not self._got_bytes and self.reused and self._retryable \
-                and not self.pool._closed:
+        elif not self._got_bytes and self.reused and self._retryable:
             self.pool._retry(front)
         elif self._got_bytes:
             front.upstream_failed(502, "bad_gateway",
