@@ -430,6 +430,9 @@ class _Exchange:
 
     def _got_response(self, response: Any) -> None:
         if self._finished:
+            late = _BoundedBody(0, False, lambda result: None)
+            response.deliverBody(late)
+            late.abort()
             return
         self._status = response.code
         headers: dict[str, list[str]] = {}

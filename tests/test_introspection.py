@@ -447,9 +447,13 @@ class StatusTests(IntrospectorTestCase):
                              (400, "error"), (404, "error"), (302, "error"),
                              (201, "error"), (429, "error"),
                              (503, "unavailable")]:
-            self.service.answer(status, b"oops", content_type="text/plain")
+            self.service.requests.clear()
+            self.service.answer(status, b"oops", content_type="text/plain",
+                                Location="https://elsewhere.example/")
             e = self.failure(self.introspector(), kind)
             self.assertIn("HTTP %d" % status, e.description)
+            self.assertEqual(len(self.service.requests), 1,
+                             "a redirect was followed")
 
     def test_credentials_refused(self):
         for status in (401, 403):

@@ -114,6 +114,17 @@ class TLSTests(E2ETestCase):
         self.assertEqual(self.tracking.connections, 1)
 
     @defer.inlineCallbacks
+    def test_cookies_are_not_kept(self):
+        port = self.serve()
+        self.service.answer(204, Set_Cookie="session=abc; Path=/")
+        _, intro = self.client(url="https://localhost:%d/introspect" % port,
+                               ca_file=self.pki.ca_file)
+        yield intro.introspect(TOKEN)
+        yield intro.introspect(TOKEN)
+        self.assertEqual([r.headers.get(b"cookie") for r in
+                          self.service.requests], [None, None])
+
+    @defer.inlineCallbacks
     def test_hostname_mismatch_refused(self):
         port = self.serve(names=("token.example",))
         self.service.answer(204)
