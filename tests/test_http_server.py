@@ -692,3 +692,61 @@ class NoInjectionTests(FrontCase):
             return [h for h in hs if h[0].startswith(b"X-")
                     and not h[0].startswith(b"X-Forwarded")]
         self.assertEqual(client_headers(seen), client_headers(reference))
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = bytearray()
+    while True:
+        line, _, data = data.partition(b"\r\n")
+        size = int(line, 16)
+        if size == 0:
+            return bytes(out)
+        out += data[:size]
+        data = data[size + 2:]
+
+
+class StreamPropertyTests(FrontCase):
+
+    @hsettings(derandomize=True, max_examples=150, deadline=None)
+    @given(body=st.binary(max_size=20000),
+           chunks=st.lists(st.integers(1, 9000), max_size=6),
+           cuts=st.lists(st.integers(1, 30000), max_size=8),
+           hold=st.booleans(), chunked=st.booleans())
+    def test_bodies_arrive_whole_and_in_order(self, body: bytes, chunks: list,
+                                             cuts: list, hold: bool,
+                                             chunked: bool) -> None:
+        """However the body is chunked and the bytes are split into reads,
+        the upstream gets exactly the body, then the next request."""
+        self.pool.conns = []
+        self.gate.hold = hold
+        if chunked:
+            framed, rest = b"", body
+            for size in chunks:
+                piece, rest = rest[:size], rest[size:]
+                if piece:
+                    framed += b"%x\r\n%s\r\n" % (len(piece), piece)
+            if rest:
+                framed += b"%x\r\n%s\r\n" % (len(rest), rest)
+            framed += b"0\r\n\r\n"
+            head = b"Transfer-Encoding: chunked\r\n"
+        else:
+            framed = body
+            head = b"Content-Length: %d\r\n" % len(body)
+        data = (b"POST /1 HTTP/1.1\r\nHost: h\r\n" + AUTH + head + b"\r\n"
+                + framed + get(b"/2"))
+        proto, transport = self.connect()
+        at = 0
+        for cut in sorted(set(cuts)) + [len(data)]:
+            if cut > at:
+                proto.dataReceived(data[at:cut])
+                at = cut
+            self.gate.release()
+        self.gate.release()
+        first = self.pool.conns[0]
+        sent = bytes(first.body)
+        self.assertEqual(_dechunk(sent) if chunked else sent, body)
+        self.assertTrue(first.sent)
+        first.respond()
+        self.gate.release()
+        self.assertEqual(len(self.pool.conns), 2)
+        self.assertTrue(self.pool.conns[1].head.startswith(b"GET /2 "))
