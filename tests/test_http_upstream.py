@@ -185,7 +185,9 @@ class ResponseTests(PoolCase):
                     b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
                     b"Transfer-Encoding: chunked\r\n\r\n",
                     b"HTTP/1.1 101 Switching\r\nUpgrade: x\r\n"
-                    b"Connection: upgrade\r\n\r\n"):
+                    b"Connection: upgrade\r\n\r\n",
+                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked"
+                    b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"):
             front, conn = self.request()
             conn.dataReceived(raw)
             self.assertEqual(front.events[-1], ("failed", 502), raw)

@@ -236,6 +236,11 @@ class UpstreamConnection(Protocol):
                 if name == b"content-length":
                     length = item[1]
                 elif name == b"transfer-encoding":
+                    if item[1].strip().lower() != b"chunked":
+                        # gzip and friends would reach the client undeclared.
+                        self._garbled("the upstream used a transfer coding "
+                                      "other than chunked")
+                        return
                     chunked = True
                 elif name == b"connection":
                     connection = (connection or []) + item[1].split(b",")
