@@ -225,7 +225,6 @@ class UpstreamConnection(Protocol):
                 self.front.response_continue()
             return
         self._keep_alive = parser.should_keep_alive()
-        self._head_done = True
         kept = []
         length = None
         chunked = False
@@ -249,6 +248,7 @@ class UpstreamConnection(Protocol):
         if connection:
             tokens = {t.strip().lower() for t in connection}
             kept = [h for h in kept if h[0].lower() not in tokens]
+        self._head_done = True
         if self._head_method or status == 204 or status == 304:
             mode = MODE_NONE
             if status != 204 and length is not None:
