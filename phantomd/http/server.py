@@ -106,6 +106,7 @@ class FrontProtocol(Protocol):
         self._paused = 0
         self._timer: Any = None
         self._timer_kind = _HEADER
+        self._deadline = 0.0
         self._dead = False
         self._closing = False
         self._rejected = False
@@ -810,15 +811,25 @@ class FrontProtocol(Protocol):
     # -- timers --------------------------------------------------------------
 
     def _arm(self, seconds: float, kind: int) -> None:
+        """Start waiting ``seconds`` for ``kind``.
+
+        One DelayedCall per connection, rarely moved: ``_deadline`` says
+        when the wait runs out, and a wake-up before it sleeps again."""
         self._timer_kind = kind
+        deadline = self.reactor.seconds() + seconds
+        self._deadline = deadline
         t = self._timer
-        if t is not None and t.active():
-            t.reset(seconds)
-        else:
+        if t is None:
             self._timer = self.reactor.callLater(seconds, self._timed_out)
+        elif t.getTime() > deadline:
+            t.reset(seconds)
 
     def _timed_out(self) -> None:
         self._timer = None
+        left = self._deadline - self.reactor.seconds()
+        if left > 0:
+            self._timer = self.reactor.callLater(left, self._timed_out)
+            return
         if self._timer_kind == _LINGER:
             self.transport.abortConnection()
             return

@@ -58,6 +58,7 @@ class UpstreamConnection(Protocol):
         self.lost = False
         self._parser = HttpResponseParser(self)
         self._timer: Any = None
+        self._deadline = 0.0
         self._write_blocked = False
         self._read_paused = False
         self._broken = False
@@ -155,19 +156,19 @@ class UpstreamConnection(Protocol):
         self._retryable = retryable
         self._sent_at = self.pool.reactor.seconds()
         self.transport.write(head)
-        self._arm_timer()
+        self._touch()
         if self._write_blocked:
             front.upstream_write_blocked(True)
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
         if not self._head_done:
-            self._arm_timer()
+            self._touch()
 
     def write_sequence(self, parts: list) -> None:
         self.transport.writeSequence(parts)
         if not self._head_done:
-            self._arm_timer()
+            self._touch()
 
     def request_sent(self) -> None:
         """The whole request (head and body) has been written."""
@@ -177,15 +178,13 @@ class UpstreamConnection(Protocol):
         if not self._read_paused:
             self._read_paused = True
             self.transport.pauseProducing()
-            if self._head_done:
-                self._cancel_timer()
 
     def resume_reading(self) -> None:
         if self._read_paused:
             self._read_paused = False
             self.transport.resumeProducing()
             if self.front is not None:
-                self._arm_timer()
+                self._touch()
 
     def close(self) -> None:
         """Close cleanly; the connection is never reused."""
@@ -263,7 +262,7 @@ class UpstreamConnection(Protocol):
         now = self.pool.reactor.seconds()
         duration = now - self._sent_at
         self.pool.metrics.upstream_duration.observe(duration)
-        self._arm_timer()
+        self._touch()
         front = self.front
         if front is not None:
             front.response_head(status, reason, kept, mode,
@@ -280,8 +279,7 @@ class UpstreamConnection(Protocol):
         if front is None:
             self._broken = True
             return
-        if self._timer is not None and not self._read_paused:
-            self._timer.reset(self.pool.timeout)
+        self._deadline = self.pool.reactor.seconds() + self.pool.timeout
         front.response_body(data)
 
     def on_message_complete(self) -> None:
@@ -321,12 +319,15 @@ class UpstreamConnection(Protocol):
         else:
             front.upstream_failed(502, "bad_gateway", description)
 
-    def _arm_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.pool.timeout)
-        else:
-            self._timer = self.pool.reactor.callLater(
-                self.pool.timeout, self._timed_out)
+    def _touch(self) -> None:
+        """Progress: the upstream has ``upstream_timeout`` from now.
+
+        One DelayedCall, rarely moved: it wakes up, sees the deadline moved
+        later, and sleeps again (``_timer`` is None when none is pending)."""
+        self._deadline = self.pool.reactor.seconds() + self.pool.timeout
+        if self._timer is None:
+            self._timer = self.pool.reactor.callLater(self.pool.timeout,
+                                                      self._timed_out)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -337,7 +338,11 @@ class UpstreamConnection(Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         front = self.front
-        if front is None:
+        if front is None or (self._read_paused and self._head_done):
+            return  # idle, or a slow client holds the response back
+        left = self._deadline - self.pool.reactor.seconds()
+        if left > 0:
+            self._timer = self.pool.reactor.callLater(left, self._timed_out)
             return
         head_done = self._head_done
         self.abort()
