@@ -338,6 +338,7 @@ class Stream(Behaviour):
     block: int = 65536
     reset_after: Optional[int] = None
     prefix: Optional[bytes] = None  # raw bytes instead of a response head
+    filler: bytes = b"x"  # what the body (or endless head) is made of
 
     def run(self, conn, request):
         if self.prefix is not None:
@@ -389,7 +390,7 @@ class _Pump:
                     conn.write(b"0\r\n\r\n")
                 conn.done(close=False)
                 return
-            data = b"x" * n
+            data = (spec.filler * (n // len(spec.filler) + 1))[:n]
             self.sent += n
             conn.server.written += n
             conn.write(b"%x\r\n%s\r\n" % (n, data) if spec.chunked else data)

@@ -122,6 +122,14 @@ class BodyFaults(FailClosed):
         lambda t, j: jwt_reply(make_jwt({"pad": "p" * 8000})), 502)
     test_endless_chunked_body = case(lambda t, j: Stream(
         total=None, chunked=True, headers=JWT_TYPE, block=1024), 502)
+    # A head that never ends must be refused as unreadable (502) within
+    # bounded memory, not read until the timeout (504).
+    test_endless_header_line = case(lambda t, j: Stream(
+        total=None, chunked=False, prefix=b"HTTP/1.1 200 OK\r\nX-Big: "),
+        502)
+    test_endless_header_lines = case(lambda t, j: Stream(
+        total=None, chunked=False, prefix=b"HTTP/1.1 200 OK\r\n",
+        filler=b"X-Many: header\r\n"), 502)
     test_wrong_content_type = case(lambda t, j: Reply(
         200, ((b"Content-Type", b"text/html"),),
         b"<html><body>Please log in</body></html>"), 502)
