@@ -6,6 +6,7 @@
     python bench/run.py --scenarios 1,3 --runs 5 --duration 10
     python bench/run.py --nginx-only     # the harness alone (scenarios 1-3, A)
     python bench/run.py --profile        # scenario 1 under py-spy, top functions
+    python bench/run.py --profile --profile-scenario 3
 
 Everything runs on loopback with ports picked at run time.  Mocks are nginx
 serving fixed answers (token service: POST /introspect -> a fixed JWT with
@@ -378,7 +379,6 @@ class Phantomd(Proxy):
 
     def __init__(self, procs: Procs, tmp: str, tag: str, introspect_url: str,
                  api_port: int, cpu: str | None, max_entries: int = 100000,
-                 wrapper: list[str] | None = None,
                  twistd_args: list[str] | None = None) -> None:
         self.port, self.metrics_port = free_port(), free_port()
         self.ini = os.path.join(tmp, "phantomd-%s.ini" % tag)
@@ -403,26 +403,15 @@ max_entries = {max_entries}
 listen = tcp:{mport}:interface=127.0.0.1
 """.format(port=self.port, api=api_port, url=introspect_url,
            max_entries=max_entries, mport=self.metrics_port))
-        cmd = (wrapper or []) + pin(cpu) + twistd_cmd() + [
+        cmd = pin(cpu) + twistd_cmd() + [
             "-n", "--pidfile", os.path.join(tmp, "twistd-%s.pid" % tag)] + (
             twistd_args or []) + ["phantomd", "--config", self.ini]
         self.proc = procs.start(cmd, self.log, cwd=tmp)
-        self.launcher = self.proc
         try:
             wait_port(self.port, self.proc, "phantomd", timeout=30)
         except RuntimeError:
             sys.stderr.write(self.log_tail())
             raise
-        if wrapper:  # measure twistd, not the profiler that launched it
-            kids = [p for p in tree_pids(self.proc.pid) if p != self.proc.pid
-                    and b"twistd" in open("/proc/%d/cmdline" % p, "rb").read()]
-            self.twistd_pid = kids[0] if kids else self.proc.pid
-        else:
-            self.twistd_pid = self.proc.pid
-
-    @property
-    def pid(self) -> int:
-        return self.twistd_pid
 
     def log_tail(self, n: int = 30) -> str:
         try:
@@ -888,17 +877,31 @@ def environment() -> dict:
 
 # -- profiling -----------------------------------------------------------------
 
+def profile_load(args, bench: Bench, ph: Phantomd) -> str:
+    """Prepare phantomd for scenario ``args.profile_scenario``; return the
+    wrk script that drives it."""
+    sc, tag = args.profile_scenario, "prof-%s-" % uuid.uuid4().hex[:8]
+    check_ok(ph, tag + "check")
+    if sc == 1:
+        script = wrk_script(bench.tmp, "prof", "one", tag + "one")
+    elif sc == 2:
+        script = wrk_script(bench.tmp, "prof", "rotate", tag, args.tokens)
+        drive(ph.port, (tag + str(i) for i in range(1, args.tokens + 1)))
+    else:
+        script = wrk_script(bench.tmp, "prof", "fresh", tag)
+    if sc != 2:
+        run_wrk(ph.port, script, args.warmup, args.connections, bench.wrk_cpu)
+    return script
+
+
 def profile(args, bench: Bench) -> None:
-    """Scenario 1 against phantomd under py-spy (else cProfile)."""
-    token = "prof-%s" % uuid.uuid4().hex[:16]
-    script = wrk_script(bench.tmp, "prof", "one", token)
+    """One scenario against phantomd under py-spy (else cProfile)."""
     spy = pyspy_path()
     raw = os.path.join(bench.tmp, "pyspy.txt")
     ph = Phantomd(bench.procs, bench.tmp, "profile", bench.introspect_url,
                   bench.mocks.api_port, bench.proxy_cpu)
     try:
-        check_ok(ph, token)
-        run_wrk(ph.port, script, args.warmup, args.connections, bench.wrk_cpu)
+        script = profile_load(args, bench, ph)
         top = None
         if spy:
             recorder = bench.procs.start(
@@ -914,7 +917,8 @@ def profile(args, bench: Bench) -> None:
                 top = pyspy_top(raw, args.top)
                 os.makedirs(RESULTS, exist_ok=True)
                 kept = os.path.join(RESULTS, time.strftime(
-                    "%Y%m%dT%H%M%SZ-pyspy-s1.txt", time.gmtime()))
+                    "%Y%m%dT%H%M%SZ-pyspy-s" + str(args.profile_scenario)
+                    + ".txt", time.gmtime()))
                 shutil.copy(raw, kept)
                 top += "\nraw stacks (flamegraph.pl input): %s" % (
                     os.path.relpath(kept))
@@ -930,15 +934,17 @@ def profile(args, bench: Bench) -> None:
                           bench.proxy_cpu, twistd_args=[
                               "--profile", stats, "--profiler", "cprofile",
                               "--savestats"])
-            check_ok(ph, token)
+            script = profile_load(args, bench, ph)
             r = run_wrk(ph.port, script, args.duration, args.connections,
                         bench.wrk_cpu, ph)
             bench.procs.stop(ph.proc, signal.SIGINT)
             top = cprofile_top(stats, args.top)
     finally:
         bench.procs.stop(ph.proc)
-    print("scenario 1 under the profiler: %.0f req/s, %.1f CPU us/req "
-          "(profiler overhead included)" % (r["rps"], r["cpu_us_per_req"]))
+    print("scenario %d under the profiler: %.0f req/s, %.1f CPU us/req "
+          "(profiler overhead included), %d non-2xx"
+          % (args.profile_scenario, r["rps"], r["cpu_us_per_req"],
+             r["non_2xx"]))
     print(top)
 
 
@@ -1019,6 +1025,8 @@ def main() -> None:
                    help="do not pin wrk to CPU 0 and the proxy to CPU 1")
     p.add_argument("--profile", action="store_true",
                    help="scenario 1 against phantomd under py-spy")
+    p.add_argument("--profile-scenario", type=int, choices=(1, 2, 3),
+                   default=1, help="which scenario --profile runs")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (configs, logs)")
