@@ -864,8 +864,11 @@ class UploadPump:
     accepted."""
 
     def __init__(self, client: "RawClient", total: int,
-                 block: int = 65536) -> None:
+                 block: int = 65536, unit: Optional[bytes] = None) -> None:
+        """With ``unit``, send that (e.g. a whole request) over and over
+        instead of body chunks."""
         self.client, self.total, self.block = client, total, block
+        self.unit = unit
         self.sent = 0
         self.paused = self.stopped = False
 
@@ -886,8 +889,13 @@ class UploadPump:
             if self.sent >= self.total:
                 self.stopped = True
                 self.client.transport.unregisterProducer()
-                self.client.send(b"0\r\n\r\n")
+                if self.unit is None:
+                    self.client.send(b"0\r\n\r\n")
                 return
+            if self.unit is not None:
+                self.sent += len(self.unit)
+                self.client.send(self.unit)
+                continue
             self.sent += len(data)
             self.client.send(b"%x\r\n%s\r\n" % (len(data), data))
 

@@ -217,3 +217,35 @@ class SmallerFloods(unittest.TestCase):
         self.assertEqual([r.json()["target"] for r in rs],
                          ["/p%d" % i for i in range(300)])
         self.assertEqual(s.ts.calls, 1)
+
+
+class PipelineFlood(unittest.TestCase):
+    timeout = 20
+
+    @async_test
+    async def test_pipelined_requests_from_a_client_that_never_reads(self):
+        """A client pipelines requests without end and never reads the
+        answers: phantomd must stop reading it (answers back up), so what
+        it accepted stays bounded and the API sees a bounded number."""
+        from .fakes import UploadPump
+        s = await Scene.build(self, reactor, phantomd={"idle_timeout": "30"})
+        token, _ = s.good_token()
+        client = await connect_raw(reactor, s.front)
+        self.addCleanup(lambda: client.is_closed or
+                        client.transport.abortConnection())
+        client.transport.pauseProducing()  # never read
+        pump = UploadPump(client, 512 * MB, unit=request_bytes(
+            target="/p", token=token))
+        pump.start(reactor)
+        last = [-1]
+
+        def stalled():
+            if pump.sent == last[0] and last[0] > 0:
+                return True
+            last[0] = pump.sent
+            return False
+        await wait_for(reactor, stalled, 12.0, interval=0.5)
+        self.assertLess(pump.sent, 64 * MB, "phantomd accepted %d MB of "
+                        "pipelined requests from a client reading nothing"
+                        % (pump.sent // MB))
+        self.assertLess(len(s.api.requests), 200_000)
