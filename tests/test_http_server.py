@@ -750,3 +750,51 @@ class StreamPropertyTests(FrontCase):
         self.gate.release()
         self.assertEqual(len(self.pool.conns), 2)
         self.assertTrue(self.pool.conns[1].head.startswith(b"GET /2 "))
+
+
+_token = st.sampled_from([
+    b"GET ", b"POST ", b"HEAD ", b"/", b"/x?y", b"*", b" HTTP/1.1\r\n",
+    b" HTTP/1.0\r\n", b"Host: h\r\n", AUTH, b"Authorization: Bearer x\r\n",
+    b"Content-Length: 3\r\n", b"Content-Length: 0\r\n",
+    b"Transfer-Encoding: chunked\r\n", b"Connection: close\r\n",
+    b"Connection: keep-alive\r\n", b"Expect: 100-continue\r\n",
+    b"Upgrade: h2c\r\n", b"\r\n", b"3\r\nabc\r\n", b"0\r\n\r\n", b"abc",
+    b"\x00", b" ", b"\n", b":", b"zz\r\n"])
+
+
+class RobustnessTests(FrontCase):
+
+    @hsettings(derandomize=True, max_examples=400, deadline=None)
+    @given(st.lists(_token, max_size=40), st.lists(st.integers(0, 400),
+                                                   max_size=6),
+           st.booleans())
+    def test_any_input_gets_wellformed_answers(self, tokens: list,
+                                              cuts: list, hold: bool) -> None:
+        """Whatever arrives, however split: no exception, every byte written
+        parses as HTTP/1.1 responses, and upstream exchanges are only those
+        the gate allowed."""
+        self.pool.conns = []
+        self.gate.calls = []
+        self.gate.hold = hold
+        data = b"".join(tokens)
+        proto, transport = self.connect()
+        at = 0
+        for cut in sorted(set(cuts)) + [len(data)]:
+            if cut > at and not transport.disconnecting:
+                proto.dataReceived(data[at:cut])
+                at = cut
+            self.gate.release()
+            for conn in self.pool.conns:
+                if conn.front is not None and conn.sent:
+                    conn.respond()
+                    conn.front = None
+        self.reactor.advance(100)
+        got = self.responses(transport)
+        statuses = [r[0] for r in got]
+        for status in statuses:
+            self.assertIn(status, (200, 400, 401, 408, 414, 431, 501, 505))
+        forwarded = [c for c in self.pool.conns]
+        self.assertLessEqual(len(forwarded), len(
+            [c for c in self.gate.calls if c == [AUTH[15:-2]]]))
+        proto.connectionLost(None)
+        self.assertEqual(self.factory.connections, set())
