@@ -594,7 +594,14 @@ class _BoundedEndpoint:
 @implementer(IAgentEndpointFactory)
 class _EndpointFactory:
     """TCP for http, TLS per phantomd.tls for https, each connection
-    bounded by ``_BoundedReceive``."""
+    bounded by ``_BoundedReceive``.
+
+    Endpoints are reused per (scheme, host, port) -- the Agent asks for one
+    on every request, and building a ``HostnameEndpoint`` is not free; at
+    ``MAX_ENDPOINTS`` the map is emptied and refilled.
+    """
+
+    MAX_ENDPOINTS = 16
 
     def __init__(self, reactor: Any, policy: Any, connect_timeout: float,
                  limit: int) -> None:
@@ -602,8 +609,18 @@ class _EndpointFactory:
         self._policy = policy
         self._timeout = connect_timeout
         self._limit = limit
+        self._endpoints: dict[tuple, _BoundedEndpoint] = {}
 
     def endpointForURI(self, uri: Any) -> Any:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            if len(self._endpoints) >= self.MAX_ENDPOINTS:
+                self._endpoints.clear()
+            endpoint = self._endpoints[key] = self._endpoint(uri)
+        return endpoint
+
+    def _endpoint(self, uri: Any) -> "_BoundedEndpoint":
         try:
             host = uri.host.decode("ascii")
         except UnicodeDecodeError:
