@@ -877,7 +877,7 @@ def environment() -> dict:
 
 # -- profiling -----------------------------------------------------------------
 
-def profile_load(args, bench: Bench, ph: Phantomd) -> str:
+def profile_load(args, bench: Bench, ph: Proxy) -> str:
     """Prepare phantomd for scenario ``args.profile_scenario``; return the
     wrk script that drives it."""
     sc, tag = args.profile_scenario, "prof-%s-" % uuid.uuid4().hex[:8]
@@ -928,6 +928,7 @@ def profile(args, bench: Bench) -> None:
                         + f.read()[-400:])
         if top is None:
             bench.procs.stop(ph.proc)
+            ph = None
             stats = os.path.join(bench.tmp, "cprofile.stats")
             ph = Phantomd(bench.procs, bench.tmp, "cprofile",
                           bench.introspect_url, bench.mocks.api_port,
@@ -939,13 +940,63 @@ def profile(args, bench: Bench) -> None:
                         bench.wrk_cpu, ph)
             bench.procs.stop(ph.proc, signal.SIGINT)
             top = cprofile_top(stats, args.top)
+        sys_counts = {}
+        if shutil.which("strace") and not args.no_strace:
+            ph = Phantomd(bench.procs, bench.tmp, "strace",
+                          bench.introspect_url, bench.mocks.api_port,
+                          bench.proxy_cpu)
+            sys_counts["phantomd"] = syscalls(args, bench, ph,
+                                              profile_load(args, bench, ph))
+            bench.procs.stop(ph.proc)
+            ref = NginxProxy(bench.procs, bench.tmp, bench.mocks.api_port,
+                             bench.proxy_cpu)
+            sys_counts["nginx"] = syscalls(args, bench, ref,
+                                           profile_load(args, bench, ref))
+            bench.procs.stop(ref.proc, signal.SIGQUIT)
     finally:
-        bench.procs.stop(ph.proc)
+        if ph is not None:
+            bench.procs.stop(ph.proc)
     print("scenario %d under the profiler: %.0f req/s, %.1f CPU us/req "
           "(profiler overhead included), %d non-2xx"
           % (args.profile_scenario, r["rps"], r["cpu_us_per_req"],
              r["non_2xx"]))
     print(top)
+    if sys_counts:
+        print(syscall_table(sys_counts))
+
+
+def syscalls(args, bench: Bench, proxy: Proxy, script: str) -> dict:
+    """System calls per request while wrk runs ``script`` (strace -c -f);
+    strace slows the proxy, so req/s here mean nothing, counts do."""
+    out = os.path.join(bench.tmp, "strace-%s.txt" % proxy.name)
+    attach = [a for pid in tree_pids(proxy.pid) for a in ("-p", str(pid))]
+    tracer = bench.procs.start(["strace", "-c", "-f"] + attach + ["-o", out],
+                               os.path.join(bench.tmp, "strace.log"))
+    time.sleep(1.0)
+    r = run_wrk(proxy.port, script, min(args.duration, 3.0), args.connections,
+                bench.wrk_cpu)
+    bench.procs.stop(tracer, signal.SIGINT)
+    counts: dict[str, float] = {}
+    with open(out) as f:
+        for line in f:
+            cols = line.split()
+            if len(cols) >= 5 and cols[0][0].isdigit() and cols[-1] != "total":
+                counts[cols[-1]] = int(cols[3]) / r["requests"]
+    return counts
+
+
+def syscall_table(per_proxy: dict[str, dict]) -> str:
+    names = sorted({n for c in per_proxy.values() for n, v in c.items()
+                    if v >= 0.01},
+                   key=lambda n: -max(c.get(n, 0) for c in per_proxy.values()))
+    rows = ["system calls per request (strace -c -f):",
+            "%-16s" % "" + "".join("%10s" % p for p in per_proxy)]
+    for n in names:
+        rows.append("%-16s" % n + "".join(
+            "%10.2f" % c.get(n, 0) for c in per_proxy.values()))
+    rows.append("%-16s" % "total" + "".join(
+        "%10.2f" % sum(c.values()) for c in per_proxy.values()))
+    return "\n".join(rows)
 
 
 def pyspy_top(path: str, n: int) -> str:
@@ -1028,6 +1079,8 @@ def main() -> None:
     p.add_argument("--profile-scenario", type=int, choices=(1, 2, 3),
                    default=1, help="which scenario --profile runs")
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--no-strace", action="store_true",
+                   help="--profile without counting system calls")
     p.add_argument("--keep", action="store_true",
                    help="keep the temporary directory (configs, logs)")
     p.add_argument("--json", help="where to write results "
