@@ -870,6 +870,10 @@ def environment() -> dict:
         "python": platform.python_version(), "cpus": os.cpu_count(),
         "nginx": out(["nginx", "-v"]), "wrk": out(["wrk", "-v"]),
         "git": out(["git", "rev-parse", "HEAD"]),
+        # others' uncommitted edits are what ran, if any: say which
+        "uncommitted": subprocess.run(
+            ["git", "status", "--porcelain", "--", "phantomd", "twisted"],
+            capture_output=True, text=True, cwd=REPO).stdout.split("\n")[:-1],
         "loadavg": open("/proc/loadavg").read().split()[:3],
         "kernel": platform.release(),
     }
