@@ -69,7 +69,8 @@ def check(config: Config) -> None:
     if i.auth_method == "private_key_jwt":
         from phantomd import clientauth
         try:
-            clientauth.load_signing_key(i.private_key_file)
+            clientauth.ClientAuth.from_settings(Clock(), i,
+                                                config.client_secret)
         except ValueError as e:
             raise ConfigError(config.path, "introspection",
                               "private_key_file", str(e))
