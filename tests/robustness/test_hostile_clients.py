@@ -534,3 +534,67 @@ class Desync(Hostile):
         up = self.s.api.requests[0]
         self.assertEqual(up.header(b"upgrade"), [])
         self.assertEqual(up.header(b"http2-settings"), [])
+
+
+class EndlessInput(Hostile):
+    """Parts of a request that have no natural end must be cut off: the
+    connection is closed, after a bounded number of bytes where phantomd
+    would otherwise have to keep them."""
+
+    async def cut_off(self, head: bytes, unit: bytes, what: str,
+                      bounded: bool = True):
+        from .fakes import UploadPump
+        client = await connect_raw(reactor, self.s.front)
+        self.addCleanup(lambda: client.is_closed or
+                        client.transport.abortConnection())
+        client.send(head)
+        pump = UploadPump(client, 256 << 20, unit=unit)
+        pump.start(reactor)
+        closed = await wait_closed(reactor, client, 6.0)
+        self.assertTrue(closed, "still accepting an endless %s after %d MB"
+                        % (what, pump.sent >> 20))
+        if bounded:
+            self.assertLess(pump.sent, 64 << 20, "accepted %d MB of an "
+                            "endless %s (Node.js caps chunk extensions at "
+                            "16 KiB: CVE-2024-22019)" % (pump.sent >> 20,
+                                                         what))
+        self.assertEqual(self.s.api.requests, [])
+        for r in client.responses():
+            self.assertGreaterEqual(r.status, 400)
+
+    @async_test
+    async def test_endless_trailers(self):
+        await self.scene()
+        await self.cut_off(self.head(
+            b"POST /upload HTTP/1.1", b"Transfer-Encoding: chunked")
+            + b"5\r\nhello\r\n0\r\n", b"X-Trailer: " + b"t" * 50 + b"\r\n",
+            "trailer section")
+
+    @async_test
+    async def test_endless_chunk_extension(self):
+        await self.scene()
+        await self.cut_off(self.head(
+            b"POST /upload HTTP/1.1", b"Transfer-Encoding: chunked")
+            + b"5;ext=", b"e" * 1024, "chunk extension")
+
+    @async_test
+    async def test_endless_chunk_size(self):
+        await self.scene()
+        await self.cut_off(self.head(
+            b"POST /upload HTTP/1.1", b"Transfer-Encoding: chunked"),
+            b"0" * 1024, "chunk size line")
+
+    @async_test
+    async def test_endless_header_lines(self):
+        await self.scene()
+        await self.cut_off(b"GET / HTTP/1.1\r\nHost: x\r\n",
+                           b"X-Many: header\r\n", "header section")
+
+    @async_test
+    async def test_endless_empty_lines_before_a_request(self):
+        """RFC 9112 section 2.2 lets a server skip empty lines before a
+        request; skipping keeps nothing, so only the time is bounded
+        (header_timeout)."""
+        await self.scene()
+        await self.cut_off(b"", b"\r\n" * 512, "run of empty lines",
+                           bounded=False)
