@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -473,18 +474,32 @@ end
     return path
 
 
+def machine_busy() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat)."""
+    with open("/proc/stat") as f:
+        cols = [int(c) for c in f.readline().split()[1:]]
+    return (sum(cols[:8]) - cols[3] - cols[4]) / CLK_TCK  # less idle, iowait
+
+
 def run_wrk(port: int, script: str, duration: float, connections: int,
-            cpu: str | None, proxy: Proxy | None = None) -> dict:
+            cpu: str | None, proxy: Proxy | None = None,
+            mocks: int | None = None) -> dict:
     cmd = pin(cpu) + ["wrk", "-t1", "-c%d" % connections,
                       "-d%ds" % max(1, round(duration)), "--latency",
                       "--timeout", "5s", "-s", script,
                       "http://127.0.0.1:%d/" % port]
     before = cpu_seconds(proxy.pid) if proxy else 0.0
+    mocks_before = cpu_seconds(mocks) if mocks else 0.0
+    busy_before = machine_busy()
+    wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True,
                        timeout=duration + 60)
     wall = time.monotonic() - t0
     after = cpu_seconds(proxy.pid) if proxy else 0.0
+    wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy = machine_busy() - busy_before
+    mocks_cpu = cpu_seconds(mocks) - mocks_before if mocks else None
     m = re.search(r"^BENCHJSON (.*)$", r.stdout, re.M)
     if r.returncode != 0 or not m:
         raise RuntimeError("wrk failed (%s): %s %s" % (r.returncode, r.stdout,
@@ -502,6 +517,11 @@ def run_wrk(port: int, script: str, duration: float, connections: int,
         "cpu_s": after - before,
         "cpu_us_per_req": (after - before) / reqs * 1e6 if reqs else None,
         "wall_s": wall,
+        # where else the CPU went: is the reference limited by the machine?
+        "wrk_cpu_s": (wrk_after.ru_utime + wrk_after.ru_stime
+                      - wrk_before.ru_utime - wrk_before.ru_stime),
+        "mocks_cpu_s": mocks_cpu,
+        "machine_busy_cores": busy / wall,
     }
 
 
@@ -664,7 +684,8 @@ class Bench:
         run_wrk(proxy.port, warm, self.args.warmup, self.args.connections,
                 self.wrk_cpu, None)
         return run_wrk(proxy.port, script, self.args.duration,
-                       self.args.connections, self.wrk_cpu, proxy)
+                       self.args.connections, self.wrk_cpu, proxy,
+                       self.mocks.proc.pid)
 
     def scenario1(self, run: int) -> dict:
         out = {}
