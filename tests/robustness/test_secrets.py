@@ -208,9 +208,11 @@ class NoSecretsEscape(unittest.TestCase):
 
         metrics = b""
         if s.gw.admin is not None:
-            client = await exchange(reactor, s.gw.admin, request_bytes(
-                target="/metrics", close=True), 3.0)
-            metrics = client.received
+            for path in ("/metrics", "/readyz", "/healthz", "/",
+                         "/.well-known/jwks.json", "/nope"):
+                client = await exchange(reactor, s.gw.admin, request_bytes(
+                    target=path, close=True), 3.0)
+                metrics += client.received
             self.assertIn(b"phantomd_requests_total", metrics)
         from prometheus_client import generate_latest
         metrics += generate_latest(s.gw.metrics.registry)

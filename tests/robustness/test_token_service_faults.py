@@ -360,3 +360,56 @@ class CoalescedFaults(unittest.TestCase):
         await sleep(reactor, 0.2)
         self.assertEqual([r.target for r in scene.api.requests
                           if r.target == b"/leaver"], [])
+
+
+class CacheLifetimes(unittest.TestCase):
+    """What is remembered stops being used when it should (DESIGN 4)."""
+
+    timeout = 10
+
+    @async_test
+    async def test_jwt_expiry_caps_a_long_max_age(self):
+        """max-age=3600 but the JWT expires in ~1.5 s: once it has
+        expired, phantomd asks again rather than forward a dead JWT."""
+        import time
+        from .fakes import sleep
+        scene = await Scene.build(self, reactor)
+        token = new_token()
+        exp = int(time.time()) + 2
+        short = make_jwt(exp=exp)
+        scene.ts.behaviour = jwt_reply(short, "max-age=3600")
+        self.assertEqual((await scene.get(token)).status, 200)
+        await sleep(reactor, max(0.0, exp - time.time()) + 0.3)
+        fresh = scene.ts.activate(token)
+        scene.ts.behaviour = None
+        self.assertEqual((await scene.get(token)).status, 200)
+        self.assertEqual(scene.ts.calls, 2)
+        self.assertEqual(scene.api.requests[-1].header(b"authorization"),
+                         [b"Bearer " + fresh.encode()])
+
+    @async_test
+    async def test_negative_ttl_caps_a_long_inactive_answer(self):
+        """A token first unknown (204, max-age=3600) and then issued is
+        usable once negative_ttl (1 s here) has passed."""
+        from .fakes import sleep
+        scene = await Scene.build(self, reactor, cache={"negative_ttl": "1"})
+        token = new_token()
+        scene.ts.default = Reply(204, ((b"Cache-Control", b"max-age=3600"),))
+        self.assertEqual((await scene.get(token)).status, 401)
+        self.assertEqual((await scene.get(token)).status, 401)
+        self.assertEqual(scene.ts.calls, 1)
+        scene.ts.activate(token)
+        await sleep(reactor, 1.3)
+        self.assertEqual((await scene.get(token)).status, 200)
+        self.assertEqual(scene.ts.calls, 2)
+
+    @async_test
+    async def test_unusable_cache_control_is_not_stored(self):
+        scene = await Scene.build(self, reactor)
+        for cc in ("max-age=-1", "max-age=abc", "max-age=60, no-store",
+                   "no-cache", "private", "max-age=0"):
+            token, jwt = scene.good_token()
+            scene.ts.cache_control = cc
+            for _ in range(2):
+                self.assertEqual((await scene.get(token)).status, 200)
+            self.assertEqual(scene.ts.calls_for(token), 2, cc)
