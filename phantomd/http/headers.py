@@ -1,7 +1,9 @@
-"""Header rules shared by both directions of the proxy (RFC 9110 section 7.6.1).
+"""Header names the proxy drops or sets itself (RFC 9110 section 7.6.1).
 
-Plain functions over ``list[tuple[bytes, bytes]]``: the data path keeps the
-headers as llhttp handed them over, in order and in their original case.
+The data path keeps headers as llhttp handed them over (``list[tuple[bytes,
+bytes]]``, in order and in their original case) and filters them in one pass
+against these sets, by lower-cased name; headers named in ``Connection`` go
+too.
 """
 
 from __future__ import annotations
@@ -21,21 +23,3 @@ SET_BY_PROXY = frozenset((
 REQUEST_DROP = HOP_BY_HOP | SET_BY_PROXY
 RESPONSE_DROP = HOP_BY_HOP | frozenset((b"content-length",))
 
-
-def connection_tokens(headers: list[tuple[bytes, bytes]]) -> frozenset:
-    """Lower-cased header names listed in every ``Connection`` header."""
-    names = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            for token in value.split(b","):
-                token = token.strip().lower()
-                if token:
-                    names.add(token)
-    return frozenset(names)
-
-
-def has_connection_header(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, _ in headers:
-        if len(name) == 10 and name.lower() == b"connection":
-            return True
-    return False
