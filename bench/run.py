@@ -522,6 +522,7 @@ def run_wrk(port: int, script: str, duration: float, connections: int,
                       - wrk_before.ru_utime - wrk_before.ru_stime),
         "mocks_cpu_s": mocks_cpu,
         "machine_busy_cores": busy / wall,
+        "proxy_core_use": (after - before) / (s["duration_us"] / 1e6),
     }
 
 
@@ -822,9 +823,9 @@ def ratio(a, b) -> str:
 
 
 def table(med: dict, runs: list[dict], args) -> str:
-    rows = ["%-44s %-9s %9s %8s %8s %11s %8s" % (
+    rows = ["%-44s %-9s %9s %8s %8s %11s %6s %6s" % (
         "scenario", "proxy", "req/s", "p50 ms", "p99 ms", "CPU us/req",
-        "errors")]
+        "core%", "errors")]
     rows.append("-" * len(rows[0]))
     for sc in ("1", "2", "3"):
         if sc not in med:
@@ -838,10 +839,12 @@ def table(med: dict, runs: list[dict], args) -> str:
             errs = sum((r.get(sc, {}).get(name, {}).get("non_2xx", 0) or 0) +
                        (r.get(sc, {}).get(name, {}).get("socket_errors", 0)
                         or 0) for r in runs)
-            rows.append("%-44s %-9s %9s %8s %8s %11s %8s" % (
+            use = m.get("proxy_core_use")
+            rows.append("%-44s %-9s %9s %8s %8s %11s %6s %6s" % (
                 label, name, fmt(m.get("rps"), ".0f"),
                 fmt(m.get("p50_ms"), ".2f"), fmt(m.get("p99_ms"), ".2f"),
-                fmt(m.get("cpu_us_per_req"), ".1f"), errs))
+                fmt(m.get("cpu_us_per_req"), ".1f"),
+                fmt(use * 100 if use is not None else None, ".0f"), errs))
             label = ""
         if "nginx" in per and "phantomd" in per:
             a, b = per["phantomd"], per["nginx"]
