@@ -413,3 +413,34 @@ class CacheLifetimes(unittest.TestCase):
             for _ in range(2):
                 self.assertEqual((await scene.get(token)).status, 200)
             self.assertEqual(scene.ts.calls_for(token), 2, cc)
+
+
+class DuringOutages(unittest.TestCase):
+    timeout = 10
+
+    @async_test
+    async def test_cached_tokens_survive_a_token_service_outage(self):
+        scene = await Scene.build(self, reactor)
+        token, _ = scene.good_token()
+        self.assertEqual((await scene.get(token)).status, 200)
+        await scene.ts.stop()
+        for _ in range(3):
+            self.assertEqual((await scene.get(token)).status, 200)
+        other, _ = scene.good_token()
+        self.assertEqual((await scene.get(other)).status, 502)
+
+    @async_test
+    async def test_saturation_does_not_shed_a_token_already_in_flight(self):
+        """max_in_flight = 1 and one slow introspection running: a second
+        request for that same token joins it instead of getting 503."""
+        from twisted.internet import defer
+        scene = await Scene.build(self, reactor, introspection={
+            "max_in_flight": "1", "timeout": "3"})
+        token, jwt = scene.good_token()
+        scene.ts.behaviour = Delayed(0.4, jwt_reply(jwt))
+        first = defer.ensureDeferred(scene.get(token))
+        await wait_for(reactor, lambda: scene.ts.calls == 1, 2.0)
+        second = await scene.get(token)
+        self.assertEqual(second.status, 200, second.body)
+        self.assertEqual((await first).status, 200)
+        self.assertEqual(scene.ts.calls, 1)

@@ -356,3 +356,40 @@ class UpstreamFraming(unittest.TestCase):
         r = await self.s.get(self.token)
         self.assertEqual((r.status, r.body), (200, b"ok"))
         await self.next_answer_is_clean()
+
+
+class ResponseHeaders(unittest.TestCase):
+    timeout = 10
+
+    @async_test
+    async def test_hop_by_hop_response_headers_are_dropped(self):
+        s = await Scene.build(self, reactor)
+        token, _ = s.good_token()
+        s.api.behaviour = Reply(200, (
+            (b"Connection", b"X-Internal-Secret, keep-alive"),
+            (b"X-Internal-Secret", b"s3"), (b"Keep-Alive", b"timeout=99"),
+            (b"Proxy-Authenticate", b"Basic"), (b"Upgrade", b"h2c"),
+            (b"X-Kept", b"yes")), b"ok")
+        r = await s.get(token)
+        self.assertEqual((r.status, r.body), (200, b"ok"))
+        names = {k.lower() for k, _ in r.headers}
+        for gone in (b"x-internal-secret", b"keep-alive",
+                     b"proxy-authenticate", b"upgrade"):
+            self.assertNotIn(gone, names)
+        self.assertEqual(r.header(b"x-kept"), [b"yes"])
+
+    @async_test
+    async def test_http10_client_never_gets_chunked(self):
+        """HTTP/1.0 has no chunked coding: a chunked upstream answer goes
+        to an HTTP/1.0 client delimited by close (or a length)."""
+        s = await Scene.build(self, reactor)
+        token, _ = s.good_token()
+        s.api.behaviour = Stream(total=100_000, chunked=True)
+        client = await exchange(reactor, s.front, (
+            b"GET /old HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer "
+            + token.encode() + b"\r\n\r\n"), 5.0)
+        self.assertFalse(client.aborted_by_us)
+        r = client.responses()[0]
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.header(b"transfer-encoding"), [])
+        self.assertEqual(len(r.body), 100_000)
