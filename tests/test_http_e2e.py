@@ -467,8 +467,11 @@ class StreamingTests(ProxyCase):
         yield self.connect(client)
         def sample() -> None:
             for p in self.front.connections:
+                body = p._req.body if p._req is not None else None
+                held = len(p._stash) + sum(len(c) for c in body or [])
                 if p._upstream is not None:
-                    peak[0] = max(peak[0], buffered(p._upstream.transport))
+                    held += buffered(p._upstream.transport)
+                peak[0] = max(peak[0], held)
 
         client.transport.write(b"PUT /big HTTP/1.1\r\nHost: h\r\n" + AUTH +
                                b"Content-Length: %d\r\n\r\n" % size)
