@@ -530,6 +530,24 @@ class TLSTests(ProxyCase):
         yield client.done
 
 
+    @defer.inlineCallbacks
+    def test_untrusted_upstream_certificate_is_502(self) -> Any:
+        """Without tls_options the system trust store applies: the API's
+        self-signed certificate is refused and nothing is forwarded."""
+        pool = UpstreamPool(reactor, self.settings, self.metrics)
+        self.addCleanup(pool.close)
+        self.front.reconfigure(upstream=pool)
+        client = RawClient(expect=1)
+        yield self.connect(client)
+        client.transport.write(get())
+        [resp] = yield client.done
+        self.assertEqual(resp.status, 502)
+        self.assertEqual(self.api.requests, [])
+        client.transport.loseConnection()
+        yield client.done
+        self.flushLoggedErrors()
+
+
 class DisconnectTests(ProxyCase):
 
     @defer.inlineCallbacks

@@ -122,13 +122,19 @@ class UpstreamConnection(Protocol):
                 front.response_aborted()
         elif not self._got_bytes and self.reused and self._retryable:
             self.pool._retry(front)
-        elif self._got_bytes:
-            front.upstream_failed(502, "bad_gateway",
-                                  "the upstream sent an incomplete response")
         else:
-            front.upstream_failed(502, "bad_gateway",
-                                  "the upstream closed the connection "
-                                  "without responding")
+            # Not on the hot path; says why (a TLS verification failure
+            # looks like this too).
+            log.warn("upstream connection lost before a response: {reason}",
+                     reason=reason.getErrorMessage() if reason is not None
+                     else "unknown")
+            if self._got_bytes:
+                front.upstream_failed(502, "bad_gateway",
+                                      "the upstream sent an incomplete response")
+            else:
+                front.upstream_failed(502, "bad_gateway",
+                                      "the upstream closed the connection "
+                                      "without responding")
 
     # -- IPushProducer, for our transport's send buffer ----------------------
 
