@@ -63,13 +63,13 @@ SCENARIO_TITLES = {
     4: "{burst} concurrent, one new token, IdP {delay_ms:.0f} ms",
     5: "{entries:,} cached ~1 KB JWTs",
 }
+API_BODY = '{"hello":"world"}\n'
 
 
 def title(sc: int, args) -> str:
     return SCENARIO_TITLES[sc].format(
         tokens=args.tokens, burst=args.burst, entries=args.entries,
         delay_ms=args.idp_delay * 1000)
-API_BODY = '{"hello":"world"}\n'
 
 
 def log(msg: str) -> None:
@@ -116,11 +116,28 @@ def twistd_cmd() -> list[str]:
     return [found] if found else [sys.executable, "-m", "twisted"]
 
 
+def tree_env() -> dict[str, str]:
+    """The environment phantomd runs in: this tree first on sys.path, so the
+    code measured is the code here even when a copy of phantomd (from
+    ``pip install .``) sits in site-packages."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
 def phantomd_installed() -> bool:
-    """Importable from outside the tree and listed as a twistd plugin."""
+    """This tree's phantomd imports with its dependencies and twistd lists
+    it as a plugin."""
     with tempfile.TemporaryDirectory() as d:
+        where = subprocess.run(
+            [sys.executable, "-c",
+             "import phantomd.app, phantomd.tap; print(phantomd.__file__)"],
+            cwd=d, capture_output=True, text=True, env=tree_env())
+        if not where.stdout.strip().startswith(os.path.join(REPO, "")):
+            return False
         r = subprocess.run(twistd_cmd() + ["--help"], cwd=d,
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=tree_env())
         return r.returncode == 0 and re.search(r"^\s+phantomd\s", r.stdout,
                                                re.M) is not None
 
@@ -407,7 +424,7 @@ listen = tcp:{mport}:interface=127.0.0.1
         cmd = pin(cpu) + twistd_cmd() + [
             "-n", "--pidfile", os.path.join(tmp, "twistd-%s.pid" % tag)] + (
             twistd_args or []) + ["phantomd", "--config", self.ini]
-        self.proc = procs.start(cmd, self.log, cwd=tmp)
+        self.proc = procs.start(cmd, self.log, cwd=tmp, env=tree_env())
         try:
             wait_port(self.port, self.proc, "phantomd", timeout=30)
         except RuntimeError:
@@ -898,6 +915,10 @@ def environment() -> dict:
         "uncommitted": subprocess.run(
             ["git", "status", "--porcelain", "--", "phantomd", "twisted"],
             capture_output=True, text=True, cwd=REPO).stdout.split("\n")[:-1],
+        "phantomd_from": subprocess.run(
+            [sys.executable, "-c", "import phantomd; print(phantomd.__file__)"],
+            cwd="/", capture_output=True, text=True,
+            env=tree_env()).stdout.strip(),
         "loadavg": open("/proc/loadavg").read().split()[:3],
         "kernel": platform.release(),
     }
