@@ -629,7 +629,7 @@ async def _burst(port: int, token: str, n: int) -> dict:
     statuses: dict[int, int] = {}
     for _, s in results:
         statuses[s] = statuses.get(s, 0) + 1
-    return {"p50_ms": percentile(lat, 50) * 1000,
+    return {"min_ms": lat[0] * 1000, "p50_ms": percentile(lat, 50) * 1000,
             "p99_ms": percentile(lat, 99) * 1000,
             "max_ms": lat[-1] * 1000, "statuses": statuses}
 
@@ -874,12 +874,13 @@ def table(med: dict, runs: list[dict], args) -> str:
         m = med["4"]["phantomd"]
         st = [r["4"]["phantomd"]["statuses"] for r in runs if "4" in r
               and "phantomd" in r["4"]]
-        rows.append("4 %s: introspection calls %s (per run %s), p50 %s ms, "
-                    "p99 %s ms, statuses %s" % (
+        rows.append("4 %s: introspection calls %s (per run %s), min %s ms, "
+                    "p50 %s ms, p99 %s ms, statuses %s" % (
                         title(4, args), fmt(m.get("introspection_calls"),
                                                 ".0f"),
                         [r["4"]["phantomd"]["introspection_calls"]
                          for r in runs if "4" in r and "phantomd" in r["4"]],
+                        fmt(m.get("min_ms"), ".1f"),
                         fmt(m.get("p50_ms"), ".1f"),
                         fmt(m.get("p99_ms"), ".1f"), st[-1] if st else "-"))
     if "5" in med and "phantomd" in med["5"]:
