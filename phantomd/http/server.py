@@ -25,7 +25,7 @@ from twisted.logger import Logger
 
 from phantomd.http.headers import REQUEST_DROP
 from phantomd.http.upstream import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
-from phantomd.outcomes import Forward, error_response
+from phantomd.outcomes import Forward, Reject, error_response
 
 log = Logger()
 
@@ -38,6 +38,8 @@ _REASONS = {
     502: b"Bad Gateway", 503: b"Service Unavailable",
     504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
 }
+
+_OUTCOMES = (Forward, Reject)
 
 _JWT = re.compile(rb"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]*)*\Z").match
 
@@ -542,7 +544,11 @@ class FrontProtocol(Protocol):
         r.kept = kept
         self._phase = _GATE
         d = self.factory.gate.authorize(auth)
-        if self._req is r and self._phase == _GATE:
+        result = getattr(d, "result", None)
+        if d.called and type(result) in _OUTCOMES:
+            # Already decided (a cache hit): skip the callback machinery.
+            self._authorized(result, r)
+        else:
             self._gate_d = d
             d.addCallbacks(self._authorized, self._gate_failed,
                            callbackArgs=(r,), errbackArgs=(r,))
