@@ -23,3 +23,6 @@ SET_BY_PROXY = frozenset((
 REQUEST_DROP = HOP_BY_HOP | SET_BY_PROXY
 RESPONSE_DROP = HOP_BY_HOP | frozenset((b"content-length",))
 
+
+# Connection options that name no header: nothing more to drop for them.
+PLAIN_CONNECTION_OPTIONS = frozenset((b"keep-alive", b"close", b""))

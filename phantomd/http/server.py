@@ -23,6 +23,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from phantomd.http.headers import PLAIN_CONNECTION_OPTIONS as _PLAIN
 from phantomd.http.headers import REQUEST_DROP
 from phantomd.http.upstream import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
 from phantomd.outcomes import Forward, Reject, error_response
@@ -501,8 +502,9 @@ class FrontProtocol(Protocol):
             kept.append(item)
         r.headers = []
         if connection:
-            tokens = {t.strip().lower() for t in connection}
-            kept = [h for h in kept if h[0].lower() not in tokens]
+            tokens = {t.strip().lower() for t in connection} - _PLAIN
+            if tokens:
+                kept = [h for h in kept if h[0].lower() not in tokens]
         problem = None
         if r.version != "1.1" and r.version != "1.0":
             problem = ((400, "invalid_request", "malformed request line")

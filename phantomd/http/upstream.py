@@ -31,6 +31,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from phantomd.http.headers import PLAIN_CONNECTION_OPTIONS as _PLAIN
 from phantomd.http.headers import RESPONSE_DROP
 
 MODE_NONE, MODE_LENGTH, MODE_CHUNKED, MODE_EOF = range(4)
@@ -251,8 +252,9 @@ class UpstreamConnection(Protocol):
                 continue
             kept.append(item)
         if connection:
-            tokens = {t.strip().lower() for t in connection}
-            kept = [h for h in kept if h[0].lower() not in tokens]
+            tokens = {t.strip().lower() for t in connection} - _PLAIN
+            if tokens:
+                kept = [h for h in kept if h[0].lower() not in tokens]
         self._head_done = True
         if self._head_method or status == 204 or status == 304:
             mode = MODE_NONE
