@@ -1250,3 +1250,51 @@ async def spawn_gateway(testcase, reactor, ini_text: str) -> GatewayProcess:
         if timer.active():
             timer.cancel()
     return proc
+
+
+# -- TLS ----------------------------------------------------------------------------
+
+def self_signed(directory: str) -> tuple:
+    """A throw-away self-signed certificate for 127.0.0.1, generated now;
+    returns (cert_path, key_path).  No key is ever committed."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    os.makedirs(directory, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(
+                ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path = os.path.join(directory, "front.crt")
+    key_path = os.path.join(directory, "front.key")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def connect_tls(reactor, port: int, client=None):
+    """A TLS connection (no certificate check: the fake is self-signed)
+    carrying a RawClient (or ``client``)."""
+    from twisted.internet import ssl
+    from twisted.internet.endpoints import SSL4ClientEndpoint
+    client = client or RawClient()
+    ep = SSL4ClientEndpoint(reactor, LOOPBACK, port, ssl.CertificateOptions(),
+                            timeout=5)
+    await ep.connect(protocol.Factory.forProtocol(lambda: client))
+    return client

@@ -8,12 +8,14 @@ framing.  The fake API only counts a request it received completely, so
 
 from __future__ import annotations
 
+import os
+
 from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from .fakes import (
-    Scene, async_test, connect_http, connect_raw, exchange, request_bytes,
-    sleep, wait_closed, wait_for,
+    Scene, async_test, connect_http, connect_raw, connect_tls, exchange,
+    request_bytes, sleep, wait_closed, wait_for,
 )
 
 
@@ -598,3 +600,87 @@ class EndlessInput(Hostile):
         await self.scene()
         await self.cut_off(b"", b"\r\n" * 512, "run of empty lines",
                            bounded=False)
+
+
+class OverTLS(unittest.TestCase):
+    """The same timeouts hold before and inside TLS: a TLS slowloris or a
+    silent TLS connection is closed after header_timeout."""
+
+    timeout = 15
+
+    async def scene(self):
+        from .fakes import self_signed
+        cert, key = self_signed(os.path.abspath(self.mktemp()))
+        listen = "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (
+            key, cert)
+        self.s = await Scene.build(self, reactor, phantomd={
+            "listen": listen})
+        self.token, self.jwt = self.s.good_token()
+
+    @async_test
+    async def test_silent_connection_before_handshake_is_closed(self):
+        await self.scene()
+        client = await connect_raw(reactor, self.s.front)
+        self.assertTrue(await wait_closed(reactor, client, 4.0),
+                        "a TCP connection that never starts TLS stays open")
+
+    @async_test
+    async def test_dribbled_client_hello_is_closed(self):
+        await self.scene()
+        client = await connect_raw(reactor, self.s.front)
+        hello = iter(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+                     + b"\x00" * 400)
+
+        def drip():
+            if not client.is_closed:
+                client.send(bytes([next(hello)]))
+        loop = task.LoopingCall(drip)
+        loop.clock = reactor
+        loop.start(0.2)
+        self.addCleanup(lambda: loop.running and loop.stop())
+        closed = await wait_closed(reactor, client, 4.0)
+        loop.stop()
+        self.assertTrue(closed, "a dribbled ClientHello keeps the "
+                        "connection open")
+
+    @async_test
+    async def test_plain_http_to_tls_port(self):
+        await self.scene()
+        client = await exchange(reactor, self.s.front, request_bytes(
+            token=self.token, close=True), 3.0)
+        self.assertFalse(client.aborted_by_us)
+        self.assertEqual(self.s.api.requests, [])
+        tls = await connect_tls(reactor, self.s.front)
+        tls.send(request_bytes(token=self.token, close=True))
+        await wait_closed(reactor, tls, 3.0)
+        self.assertEqual([r.status for r in tls.responses()], [200])
+
+    @async_test
+    async def test_slowloris_inside_tls_gets_408(self):
+        await self.scene()
+        client = await connect_tls(reactor, self.s.front)
+        head = iter(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 200)
+
+        def drip():
+            if not client.is_closed:
+                client.send(bytes([next(head)]))
+        loop = task.LoopingCall(drip)
+        loop.clock = reactor
+        loop.start(0.2)
+        self.addCleanup(lambda: loop.running and loop.stop())
+        closed = await wait_closed(reactor, client, 4.0)
+        loop.stop()
+        self.assertTrue(closed)
+        self.assertEqual([r.status for r in client.responses()], [408])
+
+    @async_test
+    async def test_forwarded_proto_is_https_whatever_the_client_says(self):
+        await self.scene()
+        client = await connect_tls(reactor, self.s.front)
+        client.send(request_bytes(token=self.token, close=True, headers=[
+            ("X-Forwarded-Proto", "http"), ("X-Forwarded-For", "6.6.6.6")]))
+        await wait_closed(reactor, client, 3.0)
+        self.assertEqual([r.status for r in client.responses()], [200])
+        up = self.s.api.requests[0]
+        self.assertEqual(up.header(b"x-forwarded-proto"), [b"https"])
+        self.assertEqual(up.header(b"x-forwarded-for"), [b"127.0.0.1"])
