@@ -1,9 +1,10 @@
 """``[phantomd] workers = N``: one process per core behind the same ports.
 
-The parent process (``Supervisor``) binds every client listener once (or
-takes systemd's sockets), stops accepting on them itself, and starts N
-worker processes that inherit the listening descriptors and adopt them
-(``reactor.adoptStreamPort``): the kernel spreads connections between them.
+The parent process (``Supervisor``) binds every client listener (or takes
+systemd's socket) without ever accepting on it, and starts N worker
+processes that inherit the listening descriptors and adopt them
+(``reactor.adoptStreamPort``).  ``tcp:`` listeners get one SO_REUSEPORT
+socket per worker so the kernel spreads connections evenly (``Listener``).
 Each worker is a full ``twistd phantomd`` with its own cache; only the parent
 talks to systemd, serves ``/metrics`` and restarts workers that die.
 
@@ -36,14 +37,14 @@ import tempfile
 from typing import Callable, Mapping, Optional, Sequence
 
 from twisted.application import service
-from twisted.internet import defer, protocol
+from twisted.internet import defer, error, fdesc, protocol
 from twisted.internet.endpoints import (
     AdoptedStreamServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint,
     UNIXServerEndpoint, serverFromString)
 from twisted.logger import Logger
 
 from phantomd import config as configmod
-from phantomd.sdnotify import Notifier, where
+from phantomd.sdnotify import Notifier
 
 log = Logger()
 
@@ -53,6 +54,7 @@ WORKER_INDEX = "PHANTOMD_WORKER"
 PARENT_PID = "PHANTOMD_PARENT_PID"
 _FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6,
              "UNIX": socket.AF_UNIX}
+_FIRST_FD = 3  # a worker's listeners are fds 3, 4, ... as with systemd
 _SHAREABLE = (TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint,
               AdoptedStreamServerEndpoint)
 
@@ -100,11 +102,15 @@ def worker_config(path: str) -> configmod.Config:
 def adopt(reactor, factory, environ: Mapping[str, str]) -> list:
     """Listening ports for ``factory`` on the inherited descriptors.
 
-    ``adoptStreamPort`` duplicates the descriptor, so the original is closed
-    here; the socket stays open in the parent and the other workers.
+    The socket is made non-blocking first: workers sharing one socket are
+    all woken for each connection, and a blocking ``accept`` in the ones
+    that lose the race would stall their reactor.  ``adoptStreamPort``
+    duplicates the descriptor, so the original is closed here; the socket
+    stays open in the parent and the other workers.
     """
     ports = []
     for fd, family in inherited_fds(environ):
+        fdesc.setNonBlocking(fd)
         ports.append(reactor.adoptStreamPort(fd, family, factory))
         os.close(fd)
     return ports
@@ -155,7 +161,8 @@ class WorkerPool:
     a worker has lived ``stable_after`` seconds.  At most one process and one
     pending restart exist per slot, so the pool holds at most ``count`` of
     each.  ``on_exit(pid, slot)`` runs for every worker that ended;
-    ``slot_env(slot)`` adds to the environment of the slot's workers.
+    ``slot_env(slot)`` and ``slot_fds(slot)`` add to the environment and
+    the inherited descriptors of the slot's workers.
     """
 
     def __init__(self, reactor, count: int, argv: Sequence[str],
@@ -164,6 +171,7 @@ class WorkerPool:
                  stable_after: float = 10.0,
                  on_exit: Callable[[int, int], None] = lambda pid, slot: None,
                  slot_env: Callable[[int], Mapping[str, str]] = lambda s: {},
+                 slot_fds: Callable[[int], Mapping[int, int]] = lambda s: {},
                  path: Optional[str] = None) -> None:
         self.reactor = reactor
         self.count = count
@@ -175,6 +183,7 @@ class WorkerPool:
         self.stable_after = stable_after
         self.on_exit = on_exit
         self.slot_env = slot_env
+        self.slot_fds = slot_fds
         self.path = path
         self.running = False
         self.restarts = 0
@@ -203,8 +212,9 @@ class WorkerPool:
         env = dict(self.env)
         env.update(self.slot_env(slot))
         env[WORKER_INDEX] = str(slot)
-        self.reactor.spawnProcess(proto, self.argv[0], self.argv, env=env,
-                                  path=self.path, childFDs=self.child_fds)
+        self.reactor.spawnProcess(
+            proto, self.argv[0], self.argv, env=env, path=self.path,
+            childFDs={**self.child_fds, **self.slot_fds(slot)})
         proto.pid = proto.transport.pid
         self._procs[slot] = (proto, self.reactor.seconds())
         log.info("worker {slot} started (pid {pid})", slot=slot,
@@ -403,46 +413,118 @@ class UnshareableListener(Exception):
     """A listener kind that workers cannot share (TLS is set up per port)."""
 
 
-def bind_shared(reactor, descriptions: Sequence[str]) -> defer.Deferred:
-    """Bind each endpoint in the parent and stop accepting on it there.
+class Listener:
+    """One ``[phantomd] listen`` endpoint as the workers get it.
 
-    Fires with the listening ports (the parent keeps them open so workers
-    can be restarted on the same sockets), or fails on the first listener
-    that cannot bind (closing the others) or cannot be shared.
+    ``tcp:``/``tcp6:`` get one SO_REUSEPORT socket per worker slot, bound to
+    the same address, so the kernel spreads new connections over the
+    workers: with one shared socket the first worker to wake accepts the
+    whole backlog, and keep-alive clients then stay on it.  ``systemd:``
+    (one inherited socket) and ``unix:`` are shared by every worker.  The
+    parent holds every socket open, never accepting on them, until
+    ``close()``: a restarted worker takes over its slot's socket, and
+    connections queued on it meanwhile wait instead of being reset.
+    """
+
+    def __init__(self, family: int, fds: Sequence[int], where: str,
+                 close: Callable[[], None]) -> None:
+        self.family = family
+        self.fds = list(fds)
+        self.where = where
+        self._close = close
+
+    @property
+    def family_name(self) -> str:
+        for name, value in _FAMILIES.items():
+            if value == self.family:
+                return name
+        raise UnshareableListener("unknown address family %r" % (self.family,))
+
+    def fd_for(self, slot: int) -> int:
+        return self.fds[slot] if len(self.fds) > 1 else self.fds[0]
+
+    def close(self):
+        """Close the sockets; may return a Deferred (unix: unlinks later)."""
+        return self._close()
+
+
+def _reuseport_sockets(ep, count: int) -> Listener:
+    family = (socket.AF_INET6 if isinstance(ep, TCP6ServerEndpoint)
+              else socket.AF_INET)
+    interface = ep._interface or ("::" if family == socket.AF_INET6 else "")
+    port = ep._port
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.bind((interface, port))
+            port = s.getsockname()[1]  # tcp:0 binds every slot to one port
+            s.listen(ep._backlog)
+            s.setblocking(False)
+    except OSError as e:
+        for s in socks:
+            s.close()
+        raise error.CannotListenError(interface, port, e)
+    host = socks[0].getsockname()[0]
+    where = ("[%s]:%d" if family == socket.AF_INET6 else "%s:%d") % (
+        host, port)
+    return Listener(family, [s.fileno() for s in socks], where,
+                    lambda: [s.close() for s in socks] and None)
+
+
+def bind_listeners(reactor, descriptions: Sequence[str],
+                   count: int) -> list[Listener]:
+    """Bind (or take over) every listener for ``count`` workers.
+
+    Raises ``CannotListenError`` for the first listener that cannot bind
+    (closing the others first) and ``UnshareableListener`` for one that
+    workers cannot share, before binding anything.
     """
     endpoints = []
     for d in descriptions:
         ep = serverFromString(reactor, d)
         if not isinstance(ep, _SHAREABLE):
-            return defer.fail(UnshareableListener(
+            raise UnshareableListener(
                 "listener %r cannot be shared by workers (workers > 1 supports "
                 "tcp:, tcp6:, unix: and systemd: listeners; terminate TLS in "
-                "front of phantomd or use workers = 1)" % d))
+                "front of phantomd or use workers = 1)" % d)
         endpoints.append(ep)
-    placeholder = protocol.Factory()  # never accepts: reading is stopped
+    out: list[Listener] = []
+    try:
+        for ep in endpoints:
+            if isinstance(ep, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+                out.append(_reuseport_sockets(ep, count))
+            elif isinstance(ep, AdoptedStreamServerEndpoint):
+                out.append(Listener(ep.addressFamily, [ep.fileno],
+                                    "fd %d" % ep.fileno, lambda: None))
+            else:
+                out.append(_bind_unix(ep))
+    except BaseException:
+        for listener in out:
+            listener.close()
+        raise
+    return out
+
+
+def _bind_unix(ep) -> Listener:
+    """Twisted binds it (stale socket files, lock files), then stops
+    accepting on it in the parent."""
+    placeholder = protocol.Factory()
     placeholder.noisy = False
-    results = defer.DeferredList(
-        [ep.listen(placeholder) for ep in endpoints], consumeErrors=True)
-
-    def bound(results):
-        ports = [r for ok, r in results if ok]
-        failures = [r for ok, r in results if not ok]
-        if failures:
-            for p in ports:
-                p.stopListening()
-            return failures[0]
-        for p in ports:
-            p.stopReading()
-        return ports
-    return results.addCallback(bound)
-
-
-def _family_name(port) -> str:
-    family = getattr(port, "addressFamily", None)
-    for name, value in _FAMILIES.items():
-        if value == family:
-            return name
-    raise UnshareableListener("unknown address family %r" % (family,))
+    failures: list = []
+    ports: list = []
+    ep.listen(placeholder).addCallbacks(ports.append, failures.append)
+    if failures:
+        failures[0].raiseException()
+    port = ports[0]
+    port.stopReading()
+    name = port.getHost().name
+    return Listener(socket.AF_UNIX, [port.fileno()],
+                    name.decode() if isinstance(name, bytes) else str(name),
+                    port.stopListening)
 
 
 def worker_argv(config_path: str) -> list[str]:
@@ -477,7 +559,7 @@ class Supervisor(service.Service):
         self._argv = list(argv) if argv else worker_argv(config.path)
         self._load = load
         self._on_reload = on_reload
-        self.ports: list = []
+        self.listeners: list[Listener] = []
         self.pool: Optional[WorkerPool] = None
         self.gateway = None
         self.readiness = Readiness(
@@ -488,10 +570,9 @@ class Supervisor(service.Service):
 
     def privilegedStartService(self) -> None:
         failures: list = []
-        bind_shared(self.reactor, self.config.phantomd.listen).addCallbacks(
-            self.ports.extend, failures.append)
-        if failures:
-            failures[0].raiseException()
+        self.listeners = bind_listeners(
+            self.reactor, self.config.phantomd.listen,
+            self.config.phantomd.workers)
         self._dir = tempfile.mkdtemp(prefix="phantomd-")
         metrics_dir = os.path.join(self._dir, "metrics")
         os.mkdir(metrics_dir)
@@ -523,27 +604,33 @@ class Supervisor(service.Service):
                       if p])
         env["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir
         env[PARENT_PID] = str(os.getpid())
-        first = 3
         env[WORKER_FDS] = ",".join(
-            "%d:%s" % (first + i, _family_name(p))
-            for i, p in enumerate(self.ports))
+            "%d:%s" % (_FIRST_FD + i, listener.family_name)
+            for i, listener in enumerate(self.listeners))
         return env
+
+    def _slot_fds(self, slot: int) -> dict[int, int]:
+        """Slot's view of each listener at fd 3, 4, ... in the worker."""
+        return {_FIRST_FD + i: listener.fd_for(slot)
+                for i, listener in enumerate(self.listeners)}
+
+    def where(self) -> str:
+        return " ".join(listener.where for listener in self.listeners)
 
     def _notify_path(self, slot: int) -> str:
         return os.path.join(self._dir, "notify-%d" % slot)
 
     def startService(self) -> None:
         super().startService()
-        first = 3
         self.pool = WorkerPool(
             self.reactor, self.readiness.count, self._argv,
-            self._worker_env(),
-            {first + i: p.fileno() for i, p in enumerate(self.ports)},
+            self._worker_env(), {},
             on_exit=self._worker_exited,
-            slot_env=lambda slot: {"NOTIFY_SOCKET": self._notify_path(slot)})
+            slot_env=lambda slot: {"NOTIFY_SOCKET": self._notify_path(slot)},
+            slot_fds=self._slot_fds)
         self.readiness.await_all(lambda: self.notifier.ready(
             "%d workers serving on %s" % (self.readiness.count,
-                                          where(self.ports))))
+                                          self.where())))
         self.pool.start()
         if hasattr(signal, "SIGHUP"):
             self.reactor.addSystemEventTrigger(
@@ -570,7 +657,7 @@ class Supervisor(service.Service):
         self._on_reload(new)
         self.readiness.reload(lambda: self.notifier.ready(
             "%d workers serving on %s (reloaded)" % (
-                len(self.readiness.serving), where(self.ports))))
+                len(self.readiness.serving), self.where())))
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
@@ -580,16 +667,16 @@ class Supervisor(service.Service):
              else defer.succeed(None))
 
         def cleanup(_):
-            for p in self.ports:
-                p.stopListening()
-            self.ports = []
-            for p in self._notify_ports:
-                p.stopListening()
+            closing = [defer.maybeDeferred(listener.close)
+                       for listener in self.listeners]
+            self.listeners = []
+            closing += [defer.maybeDeferred(p.stopListening)
+                        for p in self._notify_ports]
             self._notify_ports = []
-            stopped = (self.gateway.stop() if self.gateway is not None
-                       else None)
+            if self.gateway is not None:
+                closing.append(defer.maybeDeferred(self.gateway.stop))
             if self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
             self.notifier.close()
-            return stopped
+            return defer.DeferredList(closing)
         return d.addCallback(cleanup)

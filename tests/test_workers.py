@@ -258,34 +258,77 @@ class WorkerSideTests(SynchronousTestCase):
         self.assertIn("/nonexistent/phantomd.ini", str(e))
 
 
-class BindSharedTests(TestCase):
-    timeout = 20
+class BindListenersTests(TestCase):
+    def listeners(self, descriptions, count=2):
+        out = workers.bind_listeners(reactor, descriptions, count)
+        for listener in out:
+            self.addCleanup(listener.close)
+        return out
 
-    @defer.inlineCallbacks
-    def test_binds_and_does_not_accept_in_the_parent(self):
-        [port] = yield workers.bind_shared(reactor,
-                                           ["tcp:0:interface=127.0.0.1"])
-        self.addCleanup(port.stopListening)
-        self.assertEqual(workers._family_name(port), "INET")
-        self.assertNotIn(port, reactor.getReaders())
+    def test_tcp_gets_one_reuseport_socket_per_worker_on_one_port(self):
+        """The kernel spreads new connections over the slots' sockets."""
+        [listener] = self.listeners(["tcp:0:interface=127.0.0.1"], count=2)
+        self.assertEqual(listener.family_name, "INET")
+        self.assertEqual(len(set(listener.fds)), 2)
+        socks = [socket.socket(fileno=os.dup(fd)) for fd in listener.fds]
+        for s in socks:
+            self.addCleanup(s.close)
+        port = socks[0].getsockname()[1]
+        self.assertEqual(socks[1].getsockname()[1], port)
+        self.assertEqual(listener.where, "127.0.0.1:%d" % port)
+        clients = []
+        for _ in range(64):
+            c = socket.create_connection(("127.0.0.1", port), timeout=5)
+            clients.append(c)
+            self.addCleanup(c.close)
+        accepted = []
+        for s in socks:
+            n = 0
+            while True:
+                try:
+                    conn, _ = s.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                n += 1
+            accepted.append(n)
+        self.assertEqual(sum(accepted), 64)
+        self.assertTrue(all(n > 0 for n in accepted), accepted)
+        self.assertEqual(listener.fd_for(1), listener.fds[1])
+
+    def test_unix_is_shared_and_not_accepted_on_in_the_parent(self):
+        path = os.path.join(tempfile.mkdtemp(prefix="phantomd-bl-"), "s")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path), True)
+        [listener] = self.listeners(["unix:" + path], count=3)
+        self.assertEqual(listener.family_name, "UNIX")
+        self.assertEqual(len(listener.fds), 1)
+        self.assertEqual(listener.fd_for(2), listener.fds[0])
+        self.assertEqual(listener.where, path)
+        self.assertFalse([r for r in reactor.getReaders()
+                          if r.fileno() == listener.fds[0]])
 
     def test_tls_listeners_are_refused(self):
         pem = os.path.join(os.path.dirname(twisted.test.__file__),
                            "server.pem")
-        f = self.failureResultOf(workers.bind_shared(
-            reactor, ["ssl:0:privateKey=%s:certKey=%s" % (pem, pem)]),
-            workers.UnshareableListener)
-        self.assertIn("workers = 1", str(f.value))
+        e = self.assertRaises(
+            workers.UnshareableListener, workers.bind_listeners, reactor,
+            ["ssl:0:privateKey=%s:certKey=%s" % (pem, pem)], 2)
+        self.assertIn("workers = 1", str(e))
 
-    @defer.inlineCallbacks
     def test_a_failed_bind_releases_the_others(self):
-        [taken] = yield workers.bind_shared(reactor,
-                                            ["tcp:0:interface=127.0.0.1"])
-        self.addCleanup(taken.stopListening)
-        busy = "tcp:%d:interface=127.0.0.1" % taken.getHost().port
-        with self.assertRaises(error.CannotListenError):
-            yield workers.bind_shared(
-                reactor, ["tcp:0:interface=127.0.0.1", busy])
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        busy = "tcp:%d:interface=127.0.0.1" % taken.getsockname()[1]
+        seen = []
+        real = workers.Listener.close
+        self.patch(workers.Listener, "close",
+                   lambda self: (seen.append(self.where), real(self)))
+        e = self.assertRaises(error.CannotListenError, workers.bind_listeners,
+                              reactor, ["tcp:0:interface=127.0.0.1", busy], 2)
+        self.assertIn("Address already in use", str(e))
+        self.assertEqual(len(seen), 1)
 
 
 # A stand-in worker: serves its pid on the inherited socket and talks to the
@@ -387,7 +430,7 @@ class SupervisorTests(TestCase):
         self.fail("timed out waiting for " + what)
 
     def ask(self):
-        port = self.sup.ports[0].getHost().port
+        port = int(self.sup.listeners[0].where.rpartition(":")[2])
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             return int(s.makefile().readline())
 
@@ -544,3 +587,35 @@ class ArchiveTests(SynchronousTestCase):
         self.assertEqual(sorted(f for f in os.listdir(mdir)
                                 if str(pids[2]) not in f),
                          ["counter_archive.db", "histogram_archive.db"])
+
+
+class AdoptTests(TestCase):
+    timeout = 20
+
+    @defer.inlineCallbacks
+    def test_adopted_socket_is_non_blocking_and_serves(self):
+        """systemd hands over a blocking socket; a worker must not block in
+        accept when another worker took the connection."""
+        from twisted.internet.protocol import Factory, Protocol
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        fd = os.dup(listener.fileno())
+
+        class Hello(Protocol):
+            def connectionMade(self):
+                self.transport.write(b"hi")
+                self.transport.loseConnection()
+
+        [port] = workers.adopt(reactor, Factory.forProtocol(Hello),
+                               {workers.WORKER_FDS: "%d:INET" % fd})
+        self.addCleanup(port.stopListening)
+        self.assertFalse(os.get_blocking(listener.fileno()))
+        self.assertRaises(OSError, os.fstat, fd)  # the original is closed
+        from twisted.internet.threads import deferToThread
+
+        def fetch():
+            with socket.create_connection(listener.getsockname(), 5) as c:
+                return c.recv(10)
+        self.assertEqual((yield deferToThread(fetch)), b"hi")
