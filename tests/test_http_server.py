@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import httptools
+from zope.interface import directlyProvides
 from hypothesis import given, settings as hsettings, strategies as st
 from twisted.internet import defer
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
@@ -217,6 +219,40 @@ class MalformedRequestTests(FrontCase):
                 break
             proto.dataReceived(b"v" * 100)
         self.assertEqual([r[0] for r in self.responses(transport)], [431])
+
+    def test_endless_input_without_progress_is_cut_off(self) -> None:
+        """Chunk extensions, chunk-size lines, trailers and empty lines are
+        kept by nobody, but must not be read forever (CVE-2024-22019)."""
+        chunked = (b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+                   b"Transfer-Encoding: chunked\r\n\r\n")
+        rows = [
+            ("chunk extension", chunked + b"5;ext=", b"e" * 1000),
+            ("chunk size", chunked, b"0" * 1000),
+            ("trailers", chunked + b"5\r\nhello\r\n0\r\n",
+             b"X-T: " + b"t" * 50 + b"\r\n"),
+            ("empty lines", b"", b"\r\n" * 500),
+        ]
+        for name, head, unit in rows:
+            proto, transport = self.connect()
+            proto.dataReceived(head)
+            for _ in range(1000):
+                if transport.disconnecting:
+                    break
+                proto.dataReceived(unit)
+            self.assertTrue(transport.disconnecting, name)
+            statuses = [r[0] for r in self.responses(transport)]
+            self.assertEqual(statuses, [400], name)
+            for conn in self.pool.conns:
+                self.assertTrue(conn.aborted and not conn.sent, name)
+
+    def test_large_chunk_extension_within_bound(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+                           b"Transfer-Encoding: chunked\r\n\r\n3;e=" +
+                           b"x" * 8000 + b"\r\nabc\r\n0\r\n\r\n")
+        [conn] = self.pool.conns
+        self.assertEqual(bytes(conn.body), b"3\r\nabc\r\n0\r\n\r\n")
+        self.assertFalse(transport.disconnecting)
 
     def test_earlier_pipelined_request_still_answered(self) -> None:
         """A bad request after a good one: the good one first, then 400."""
@@ -558,6 +594,16 @@ class TimeoutTests(FrontCase):
         self.reactor.advance(0.2)
         self.assertEqual([r[0] for r in self.responses(transport)], [408])
         self.assertTrue(transport.disconnecting)
+
+    def test_silent_tls_connection_is_aborted(self) -> None:
+        """Before any TLS handshake no 408 can be delivered: abort."""
+        proto = self.factory.buildProtocol(None)
+        transport = StringTransport()
+        directlyProvides(transport, ISSLTransport)
+        proto.makeConnection(transport)
+        self.reactor.advance(6)
+        self.assertTrue(transport.disconnected)
+        self.assertEqual(transport.value(), b"")
 
     def test_idle_keep_alive_closed_silently(self) -> None:
         proto, transport = self.connect()

@@ -52,6 +52,9 @@ _BUSY, _UPSTREAM_FULL = 1, 2
 _HEADER, _IDLE_KA, _LINGER = 1, 2, 3
 # Bytes parsed at a time: bounds how many pipelined requests are parsed ahead.
 _SLICE = 4096
+# Bytes of input that carry no body byte, header or request (chunk-size
+# lines, extensions, trailers, empty lines) accepted in a row.
+_MAX_GAP = 16 * 1024
 # Seconds a closing connection discards what the client still sends.
 LINGER = 2.0
 
@@ -131,6 +134,9 @@ class FrontProtocol(Protocol):
         self._tls = False
         self._stash = b""
         self._feeding = False
+        self._progress = False
+        self._gap = 0
+        self._any_bytes = False
 
     # -- connection lifetime -------------------------------------------------
 
@@ -240,6 +246,7 @@ class FrontProtocol(Protocol):
     # -- reading -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        self._any_bytes = True
         if self._dead:
             return
         if self._stash:
@@ -306,6 +313,19 @@ class FrontProtocol(Protocol):
                         self._limit = (431, "request_header_fields_too_large",
                                        "the request head is too large")
                         self._parse_failed(None)
+                elif self._progress:
+                    self._progress = False
+                    self._gap = 0
+                else:
+                    # Chunk-size lines, chunk extensions, trailers and empty
+                    # lines between requests: llhttp keeps none of them but
+                    # would read them forever (CVE-2024-22019).
+                    self._gap += len(data)
+                    if self._gap > _MAX_GAP:
+                        self._limit = (400, "invalid_request",
+                                       "chunk metadata, trailers or empty "
+                                       "lines too long")
+                        self._parse_failed(None)
             return
 
     def _upgraded(self, data: bytes, offset: int) -> bytes:
@@ -367,6 +387,7 @@ class FrontProtocol(Protocol):
     # -- httptools callbacks -------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._progress = True
         self._parsing = _Request()
         if self._req is None and self._timer_kind == _IDLE_KA:
             self._arm(self.factory.header_timeout, _HEADER)
@@ -391,6 +412,7 @@ class FrontProtocol(Protocol):
             raise _Limit()
 
     def on_headers_complete(self) -> None:
+        self._progress = True
         r = self._parsing
         p = self._parser
         r.method = p.get_method()
@@ -401,6 +423,7 @@ class FrontProtocol(Protocol):
         self._queue.append(r)
 
     def on_body(self, data: bytes) -> None:
+        self._progress = True
         r = self._parsing
         if r is self._req and self._phase >= _UPSTREAM:
             if self._upstream is not None:
@@ -411,6 +434,7 @@ class FrontProtocol(Protocol):
             r.body.append(data)
 
     def on_message_complete(self) -> None:
+        self._progress = True
         r = self._parsing
         self._parsing = None
         r.complete = True
@@ -845,6 +869,12 @@ class FrontProtocol(Protocol):
             return
         if self._timer_kind == _IDLE_KA:
             self._close(linger=False)
+            return
+        if self._tls and not self._any_bytes:
+            # No TLS handshake completed: a 408 could never be delivered,
+            # and a TLS transport would wait for it forever.
+            self._dead = True
+            self.transport.abortConnection()
             return
         r = self._parsing or _Request()
         self._parsing = None
