@@ -244,6 +244,29 @@ class NoSecretsEscape(unittest.TestCase):
         for label, raw in raw_answers:
             self.assertNoSecret("the raw answer to %r" % label,
                                 raw.decode("latin-1"), secrets)
+        self.assertBoundedLabels(metrics.decode("latin-1"))
+
+    def assertBoundedLabels(self, text: str) -> None:
+        """DESIGN section 5: label values come from fixed sets, never from
+        requests, whatever the run threw at phantomd."""
+        import re
+        allowed = {
+            "code": {"1xx", "2xx", "3xx", "4xx", "5xx"},
+            "result": {"hit", "miss", "negative_hit"},
+            "outcome": {"active", "inactive", "error", "timeout", "shed"},
+        }
+        for line in text.splitlines():
+            if not line.startswith("phantomd_") or "{" not in line:
+                continue
+            for name, value in re.findall(r'(\w+)="([^"]*)"',
+                                          line.split("}")[0]):
+                if name == "le":
+                    float(value.replace("+Inf", "inf"))
+                elif name in allowed:
+                    self.assertIn(value, allowed[name], line)
+                else:
+                    self.assertLess(len(value), 40, line)
+                    self.assertNotIn("/", value, line)
 
     @async_test
     async def test_no_log_event_carries_a_secret_in_any_field(self):
