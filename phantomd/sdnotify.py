@@ -184,17 +184,28 @@ class NotifyService(service.Service):
     ``MultiService`` starts children in order and stops them in reverse,
     so systemd hears READY only once every port is bound, and STOPPING
     before the gateway begins to drain.  ``describe()`` gives the STATUS=
-    text (for ``systemctl status``).
+    text (for ``systemctl status``).  With a ``reactor``, READY waits until
+    the reactor runs, after the signal handlers that services install at
+    start-up: a supervisor may send SIGHUP as soon as it hears READY.
     """
 
     def __init__(self, notifier: Notifier,
-                 describe: Callable[[], str] = lambda: "") -> None:
+                 describe: Callable[[], str] = lambda: "",
+                 reactor=None) -> None:
         self.notifier = notifier
         self._describe = describe
+        self._reactor = reactor
 
     def startService(self) -> None:
         super().startService()
-        self.notifier.ready(self._describe() or None)
+        if self._reactor is None:
+            self._ready()
+        else:
+            self._reactor.callWhenRunning(self._ready)
+
+    def _ready(self) -> None:
+        if self.running:
+            self.notifier.ready(self._describe() or None)
 
     def stopService(self):
         super().stopService()

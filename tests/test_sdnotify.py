@@ -180,3 +180,15 @@ class NotifyServiceTests(SynchronousTestCase):
                                 P(UNIXAddress(b"/run/m.sock"))]),
                          "127.0.0.1:8080 /run/m.sock")
         self.assertEqual(where([]), "-")
+
+    def test_ready_waits_for_the_reactor_to_run(self):
+        from twisted.internet.testing import MemoryReactorClock
+        r = Receiver(self)
+        reactor = MemoryReactorClock()
+        n = Notifier(reactor, {"NOTIFY_SOCKET": r.env_value})
+        self.addCleanup(n.close)
+        svc = NotifyService(n, lambda: "up", reactor=reactor)
+        svc.startService()
+        self.assertEqual(r.messages(), [])
+        reactor.run()
+        self.assertEqual(r.messages(), [{"READY": "1", "STATUS": "up"}])
