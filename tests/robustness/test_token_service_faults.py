@@ -444,3 +444,38 @@ class DuringOutages(unittest.TestCase):
         self.assertEqual(second.status, 200, second.body)
         self.assertEqual((await first).status, 200)
         self.assertEqual(scene.ts.calls, 1)
+
+
+class ReloadInFlight(unittest.TestCase):
+    """A reload that replaces the introspection client while an
+    introspection is in flight: that request still gets its answer, later
+    ones use the new settings, and no connection is left behind."""
+
+    timeout = 10
+
+    @async_test
+    async def test_reload_during_a_slow_introspection(self):
+        from twisted.internet import defer
+        from phantomd import config as configmod
+        scene = await Scene.build(self, reactor)
+        token, jwt = scene.good_token()
+        scene.ts.behaviour = Delayed(0.4, jwt_reply(jwt))
+        first = defer.ensureDeferred(scene.get(token))
+        await wait_for(reactor, lambda: scene.ts.calls == 1, 2.0)
+        new = configmod.parse(scene.ini.replace(
+            "client_id = gateway_client", "client_id = gateway_client_2"),
+            "<reloaded.ini>")
+        scene.gw.gateway.reload(new)
+        self.assertEqual((await first).status, 200)
+        scene.ts.behaviour = None
+        other, _ = scene.good_token()
+        self.assertEqual((await scene.get(other)).status, 200)
+        import base64
+        auth = scene.ts.requests[-1].header(b"authorization")
+        self.assertEqual(
+            base64.b64decode(auth[0].split()[1]).split(b":")[0],
+            b"gateway_client_2")
+        self.assertTrue(await wait_for(
+            reactor, lambda: len(scene.ts.connections) <= 1, 3.0),
+            "the replaced introspection client left %d connections open"
+            % (len(scene.ts.connections) - 1))

@@ -393,3 +393,34 @@ class ResponseHeaders(unittest.TestCase):
         self.assertEqual(r.status, 200)
         self.assertEqual(r.header(b"transfer-encoding"), [])
         self.assertEqual(len(r.body), 100_000)
+
+
+class ReloadInFlight(unittest.TestCase):
+    timeout = 10
+
+    @async_test
+    async def test_reload_to_a_new_upstream_during_a_slow_response(self):
+        """The request in flight finishes against the old API; the next
+        goes to the new one; the old pool leaves no connection behind."""
+        from twisted.internet import defer
+        from phantomd import config as configmod
+        from .fakes import Delayed, FakeAPI
+        s = await Scene.build(self, reactor)
+        token, _ = s.good_token()
+        new_api = FakeAPI(reactor)
+        new_port = new_api.listen()
+        self.addCleanup(new_api.stop)
+        s.api.behaviour = Delayed(0.4, Reply(200, body=b"old"))
+        first = defer.ensureDeferred(s.get(token))
+        await wait_for(reactor, lambda: s.api.requests, 2.0)
+        s.gw.gateway.reload(configmod.parse(s.ini.replace(
+            "upstream = http://127.0.0.1:%d" % s.api.portnum,
+            "upstream = http://127.0.0.1:%d" % new_port), "<reloaded.ini>"))
+        r = await first
+        self.assertEqual((r.status, r.body), (200, b"old"))
+        r = await s.get(token)
+        self.assertEqual(r.status, 200)
+        self.assertEqual(len(new_api.requests), 1)
+        self.assertTrue(await wait_for(
+            reactor, lambda: not s.api.connections, 3.0),
+            "the replaced upstream pool left a connection open")
