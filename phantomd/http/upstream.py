@@ -67,7 +67,6 @@ class UpstreamConnection(Protocol):
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
-        self._head = b""
         self._retryable = False
         self._got_bytes = False
         self._head_bytes = 0
@@ -158,7 +157,6 @@ class UpstreamConnection(Protocol):
              retryable: bool) -> None:
         """Start an exchange: write the request head for ``front``."""
         self.front = front
-        self._head = head
         self._head_method = head_method
         self._retryable = retryable
         self._sent_at = self.pool.reactor.seconds()
