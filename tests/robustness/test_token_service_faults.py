@@ -147,6 +147,35 @@ class BodyFaults(FailClosed):
         {"nbf": 4102444800, "exp": 4102448400})), None, statuses=(401, 502))
 
 
+def raw_jwt(payload: str) -> str:
+    """A JWT around exactly this payload text (which may not be JSON an
+    ordinary encoder would write: NaN, duplicate keys, deep nesting)."""
+    from .fakes import b64url
+    return "eyJhbGciOiJSUzI1NiJ9.%s.c2ln" % b64url(payload.encode())
+
+
+def claims_case(payload: str):
+    return case(lambda t, j: jwt_reply(raw_jwt(payload)), 502)
+
+
+class HostileClaims(FailClosed):
+    """Claims a JSON parser accepts but a NumericDate is not: unusable,
+    so 502 and nothing cached -- never forwarded with an expiry nobody
+    can compare."""
+
+    test_exp_string = claims_case('{"exp": "tomorrow", "sub": "x"}')
+    test_exp_nan = claims_case('{"exp": NaN, "sub": "x"}')
+    test_exp_infinity = claims_case('{"exp": Infinity, "sub": "x"}')
+    test_exp_overflowing_float = claims_case('{"exp": 1e400, "sub": "x"}')
+    test_exp_boolean = claims_case('{"exp": true, "sub": "x"}')
+    test_exp_null = claims_case('{"exp": null, "sub": "x"}')
+    test_nbf_nan = claims_case('{"exp": 4102444800, "nbf": NaN}')
+    test_duplicate_exp = claims_case('{"exp": 1, "exp": 4102444800}')
+    test_payload_array = claims_case('[1, 2]')
+    test_deeply_nested_payload = claims_case(
+        '{"exp": 4102444800, "x": ' + "[" * 5000 + "]" * 5000 + '}')
+
+
 class PhantomTokenJSONFaults(FailClosed):
     """``response = phantom_token``: the JSON must be RFC 7662 with a
     boolean ``active`` and, when active, a ``phantom_token``."""
