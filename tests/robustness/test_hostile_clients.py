@@ -684,3 +684,40 @@ class OverTLS(unittest.TestCase):
         up = self.s.api.requests[0]
         self.assertEqual(up.header(b"x-forwarded-proto"), [b"https"])
         self.assertEqual(up.header(b"x-forwarded-for"), [b"127.0.0.1"])
+
+
+class RequestTargets(Hostile):
+    """Request-target forms (RFC 9112 section 3.2): what reaches the API is
+    always origin-form, so an upstream that is itself a proxy (a mesh
+    sidecar, say) cannot be steered to another host."""
+
+    async def target(self, method: bytes, target: bytes):
+        client = await self.send(self.head(
+            method + b" " + target + b" HTTP/1.1", b"Connection: close"))
+        return client.responses()[0].status
+
+    @async_test
+    async def test_absolute_form_goes_upstream_as_origin_form(self):
+        await self.scene()
+        for target, expected in ((b"http://evil.example/x?y=1", b"/x?y=1"),
+                                 (b"https://evil.example:8443/x", b"/x"),
+                                 (b"HTTP://EVIL/x", b"/x"),
+                                 (b"http://evil.example", b"/")):
+            before = len(self.s.api.requests)
+            status = await self.target(b"GET", target)
+            if status == 400:
+                continue  # refusing absolute-form is also safe
+            self.assertEqual(status, 200)
+            self.assertEqual(self.s.api.requests[before].target, expected)
+            self.assertEqual(self.s.api.requests[before].header(b"host"),
+                             [b"127.0.0.1:%d" % self.s.api.portnum])
+
+    @async_test
+    async def test_authority_and_asterisk_forms_are_not_tunnels(self):
+        await self.scene()
+        self.assertIn(await self.target(b"GET", b"evil.example:443"),
+                      (400,))
+        self.assertIn(await self.target(b"CONNECT", b"evil.example:443"),
+                      (400, 405, 501))
+        self.assertIn(await self.target(b"GET", b"*"), (400,))
+        self.assertEqual([r.method for r in self.s.api.requests], [])
