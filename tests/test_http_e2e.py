@@ -531,6 +531,23 @@ class TLSTests(ProxyCase):
 
 
     @defer.inlineCallbacks
+    def test_reject_of_an_upload_reaches_a_tls_client(self) -> Any:
+        """TLS cannot half-close, so phantomd reads and discards for a
+        while before closing: the client gets its 401, not a reset."""
+        size = 8 << 20
+        client = RawClient(expect=1)
+        yield self.connect(client)
+        client.transport.write(b"PUT / HTTP/1.1\r\nHost: h\r\n"
+                               b"Authorization: Bearer bad\r\n"
+                               b"Content-Length: %d\r\n\r\n" % size)
+        client.transport.write(b"u" * size)
+        [resp] = yield client.done
+        self.assertEqual(resp.status, 401)
+        client.done = defer.Deferred()
+        client.transport.loseConnection()
+        yield client.done
+
+    @defer.inlineCallbacks
     def test_untrusted_upstream_certificate_is_502(self) -> Any:
         """Without tls_options the system trust store applies: the API's
         self-signed certificate is refused and nothing is forwarded."""

@@ -49,7 +49,7 @@ _IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE = range(5)
 # Why the client's socket is not being read (bits of FrontProtocol._paused).
 _BUSY, _UPSTREAM_FULL = 1, 2
 # What the connection timer is measuring.
-_HEADER, _IDLE_KA, _LINGER = 1, 2, 3
+_HEADER, _IDLE_KA, _LINGER, _LINGER_TLS = 1, 2, 3, 4
 # Bytes parsed at a time: bounds how many pipelined requests are parsed ahead.
 _SLICE = 4096
 # Bytes of input that carry no body byte, header or request (chunk-size
@@ -137,6 +137,7 @@ class FrontProtocol(Protocol):
         self._progress = False
         self._gap = 0
         self._any_bytes = False
+        self._input_pending = False
 
     # -- connection lifetime -------------------------------------------------
 
@@ -225,6 +226,13 @@ class FrontProtocol(Protocol):
                 self._paused = 0
                 transport.resumeProducing()
             self._arm(LINGER, _LINGER)
+        elif linger and self._tls and self._input_pending:
+            # TLS has no half-close: keep reading (and discarding) while
+            # the answer goes out, then close.
+            if self._paused:
+                self._paused = 0
+                transport.resumeProducing()
+            self._arm(LINGER, _LINGER_TLS)
         else:
             transport.loseConnection()
 
@@ -810,6 +818,7 @@ class FrontProtocol(Protocol):
         self._outcome = None
         self._upstream_duration = None
         if close or self._closing:
+            self._input_pending = not r.complete or self._dead
             self._close()
             return
         f = self.factory
@@ -864,6 +873,9 @@ class FrontProtocol(Protocol):
             return
         if self._timer_kind == _LINGER:
             self.transport.abortConnection()
+            return
+        if self._timer_kind == _LINGER_TLS:
+            self.transport.loseConnection()
             return
         if self._req is not None or self._dead or self._queue:
             return
