@@ -297,9 +297,14 @@ class PoolingTests(PoolCase):
         self.assertTrue(conns[2].transport.disconnecting)
 
     def test_old_idle_connection_not_used(self) -> None:
+        """Idle longer than the API may keep it: closed, not used."""
         _, a = self.request()
         self.finish(a)
-        self.reactor.advance(61)
+        self.reactor.advance(1.4)
+        _, b = self.request()
+        self.assertIs(a, b)
+        self.finish(b)
+        self.reactor.advance(1.6)
         _, b = self.request()
         self.assertIsNot(a, b)
         self.assertTrue(a.transport.disconnecting)
