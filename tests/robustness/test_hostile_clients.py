@@ -376,6 +376,42 @@ class SlowAndIdle(Hostile):
         self.assertEqual([r.status for r in client.responses()], [408])
         self.assertEqual(self.s.api.requests, [])
 
+    async def trickle_body(self, headers, unit):
+        await self.scene()
+        client = await connect_raw(reactor, self.s.front)
+        client.send(request_bytes("POST", "/slow", self.token,
+                                  headers=headers))
+
+        def drip():
+            if not client.is_closed:
+                client.send(unit)
+        loop = task.LoopingCall(drip)
+        loop.clock = reactor
+        loop.start(0.2)
+        self.addCleanup(lambda: loop.running and loop.stop())
+        closed = await wait_closed(reactor, client, 8.0)
+        loop.stop()
+        self.assertTrue(closed, "a request body trickling in at 5 bytes/s "
+                        "held the connection for 8 s (header_timeout 0.5, "
+                        "idle_timeout 1, upstream_timeout 1)")
+        self.assertTrue(await wait_for(
+            reactor, lambda: not self.s.api.connections, 2.0),
+            "the upstream connection stayed tied to the slow body")
+        self.assertEqual(self.s.api.requests, [])
+
+    @async_test
+    async def test_slow_body_content_length(self):
+        """Slow POST (R-U-Dead-Yet): a valid head, then the body a byte at
+        a time.  Each byte arrives long before any per-read timer would
+        fire, so only a bound on the whole body (or a minimum rate) keeps
+        a few such clients from tying up upstream connections for ever."""
+        await self.trickle_body([("Content-Length", "100000")], b"x")
+
+    @async_test
+    async def test_slow_body_chunked(self):
+        await self.trickle_body([("Transfer-Encoding", "chunked")],
+                                b"1\r\nx\r\n")
+
     @async_test
     async def test_silent_connection_is_closed(self):
         await self.scene()
