@@ -413,6 +413,22 @@ class SlowAndIdle(Hostile):
                                 b"1\r\nx\r\n")
 
     @async_test
+    async def test_stalled_body_is_the_clients_fault(self):
+        """A client that stops sending its body half-way is timed out as a
+        client (408, a 4xx on the dashboards), not as a 504 that blames
+        the API, which is only waiting for that body too."""
+        await self.scene()
+        for headers, part in (([("Content-Length", "100")], b"abc"),
+                              ([("Transfer-Encoding", "chunked")],
+                               b"3\r\nabc\r\n")):
+            client = await self.send(request_bytes(
+                "POST", "/stall", self.token, headers=headers) + part, 6.0)
+            self.assertFalse(client.aborted_by_us)
+            self.assertEqual([r.status for r in client.responses()][:1],
+                             [408], client.received[:100])
+        self.assertEqual(self.s.api.requests, [])
+
+    @async_test
     async def test_silent_connection_is_closed(self):
         await self.scene()
         client = await connect_raw(reactor, self.s.front)
