@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import datetime, timezone
 from typing import IO, Any, Callable, Mapping, Optional
 
 from twisted.application.service import MultiService
 from twisted.logger import (
-    ILogObserver, LogLevel, Logger, formatEvent, formatEventAsClassicLogText,
-    formatTime)
+    ILogObserver, LogLevel, Logger, formatEvent, formatEventAsClassicLogText)
 from twisted.python.components import Componentized
 from zope.interface import implementer
 
@@ -83,6 +83,15 @@ def _message(event: Mapping[str, Any]) -> str:
     return text
 
 
+def _utc(when: Any) -> str:
+    """ISO 8601 in UTC whatever the host's time zone (twisted's formatTime
+    uses local time)."""
+    if not isinstance(when, (int, float)):
+        return "-"
+    return datetime.fromtimestamp(when, timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 def _level(event: Mapping[str, Any]) -> LogLevel:
     level = event.get("log_level")
     return level if level in PRIORITY else LogLevel.info
@@ -104,9 +113,7 @@ class JSONLinesObserver:
     def __call__(self, event: Mapping[str, Any]) -> None:
         level = _level(event)
         record: dict[str, Any] = {
-            "time": formatTime(event.get("log_time"),
-                               timeFormat="%Y-%m-%dT%H:%M:%S.%fZ",
-                               default="-"),
+            "time": _utc(event.get("log_time")),
             "level": level.name,
             "namespace": event.get("log_namespace", "-"),
             "message": _message(event),

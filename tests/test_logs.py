@@ -44,6 +44,13 @@ class JSONLinesTests(SynchronousTestCase):
         self.assertRegex(rec["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z$")
         self.assertFalse([k for k in rec if k.startswith("log_")])
 
+    def test_time_is_utc_whatever_the_zone(self):
+        out = io.StringIO()
+        JSONLinesObserver(out)({"log_time": 0.25, "log_format": "x",
+                                "log_namespace": "t"})
+        self.assertEqual(json.loads(out.getvalue())["time"],
+                         "1970-01-01T00:00:00.250000Z")
+
     def test_sensitive_fields_are_dropped(self):
         [rec] = self.lines(what="x", token=TOKEN, jwt=JWT, Client_Secret=SECRET,
                            Authorization="Bearer " + TOKEN,
