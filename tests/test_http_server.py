@@ -626,6 +626,53 @@ class TimeoutTests(FrontCase):
         self.assertEqual([r[0] for r in self.responses(transport)],
                          [200, 408])
 
+    def post(self, proto: Any, length: int) -> None:
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+                           b"Content-Length: %d\r\n\r\n" % length)
+
+    def test_trickling_body_gets_408(self) -> None:
+        """A byte a second (R-U-Dead-Yet): 408 once the body falls behind
+        header_timeout plus 500 bytes/s; the upstream is aborted."""
+        proto, transport = self.connect()
+        self.post(proto, 100000)
+        [conn] = self.pool.conns
+        for _ in range(6):
+            self.reactor.advance(1)
+            proto.dataReceived(b"x")
+        self.assertEqual([r[0] for r in self.responses(transport)], [408])
+        self.assertTrue(conn.aborted)
+        self.assertTrue(transport.disconnecting)
+
+    def test_stalled_body_gets_408(self) -> None:
+        proto, transport = self.connect()
+        self.post(proto, 100)
+        proto.dataReceived(b"abc")
+        self.reactor.advance(4.9)
+        self.assertEqual(transport.value(), b"")
+        self.reactor.advance(0.2)
+        self.assertEqual([r[0] for r in self.responses(transport)], [408])
+
+    def test_steady_body_is_not_timed_out(self) -> None:
+        proto, transport = self.connect()
+        self.post(proto, 200000)
+        for _ in range(20):
+            self.reactor.advance(1)
+            proto.dataReceived(b"x" * 10000)
+        [conn] = self.pool.conns
+        self.assertTrue(conn.sent)
+        self.assertFalse(conn.aborted)
+        self.reactor.advance(100)
+        self.assertEqual(transport.value(), b"")
+
+    def test_body_held_back_by_the_upstream_is_not_the_clients_fault(self
+                                                                     ) -> None:
+        proto, transport = self.connect()
+        self.post(proto, 100)
+        proto.upstream_write_blocked(True)
+        self.reactor.advance(60)
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(self.pool.conns[0].aborted)
+
     def test_no_timeout_while_upstream_works(self) -> None:
         proto, transport = self.connect()
         proto.dataReceived(get())

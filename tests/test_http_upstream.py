@@ -228,6 +228,33 @@ class TimeoutTests(PoolCase):
         self.assertEqual(front.events[-1], ("failed", 504))
         self.assertTrue(conn.transport.disconnected)
 
+    def test_waiting_for_the_clients_body_is_not_a_504(self) -> None:
+        """Until the whole request is sent the front times the client;
+        upstream_timeout runs from the request's last byte."""
+        front = FakeFront()
+        front.upstream_ready = lambda conn: (
+            setattr(front, "conn", conn),
+            conn.send(front, HEAD, False, False))
+        _, conn = self.request(front)
+        self.reactor.advance(100)
+        self.assertEqual(front.events, [])
+        conn.request_sent()
+        self.reactor.advance(9)
+        self.assertEqual(front.events, [])
+        self.reactor.advance(2)
+        self.assertEqual(front.events, [("failed", 504)])
+
+    def test_upstream_not_reading_the_body_is_a_504(self) -> None:
+        front = FakeFront()
+        front.upstream_ready = lambda conn: (
+            setattr(front, "conn", conn),
+            conn.send(front, HEAD, False, False))
+        _, conn = self.request(front)
+        front.upstream_write_blocked = lambda flag: None
+        conn.pauseProducing()
+        self.reactor.advance(11)
+        self.assertEqual(front.events, [("failed", 504)])
+
     def test_body_stall_aborts(self) -> None:
         front, conn = self.request()
         conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc")

@@ -49,7 +49,11 @@ _IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE = range(5)
 # Why the client's socket is not being read (bits of FrontProtocol._paused).
 _BUSY, _UPSTREAM_FULL = 1, 2
 # What the connection timer is measuring.
-_HEADER, _IDLE_KA, _LINGER, _LINGER_TLS = 1, 2, 3, 4
+_HEADER, _IDLE_KA, _LINGER, _LINGER_TLS, _BODY = 1, 2, 3, 4, 5
+# Bytes per second a request body must average once it streams, after a
+# grace of header_timeout (as Apache's mod_reqtimeout MinRate): a body
+# trickling in a byte at a time cannot hold an upstream connection for ever.
+MIN_BODY_RATE = 500
 # Bytes parsed at a time: bounds how many pipelined requests are parsed ahead.
 _SLICE = 4096
 # Bytes of input that carry no body byte, header or request (chunk-size
@@ -138,6 +142,8 @@ class FrontProtocol(Protocol):
         self._gap = 0
         self._any_bytes = False
         self._input_pending = False
+        self._body_base = 0.0
+        self._body_bytes = 0
 
     # -- connection lifetime -------------------------------------------------
 
@@ -434,6 +440,7 @@ class FrontProtocol(Protocol):
         self._progress = True
         r = self._parsing
         if r is self._req and self._phase >= _UPSTREAM:
+            self._body_bytes += len(data)
             if self._upstream is not None:
                 self._send_body(r, data)
         elif r.body is None:
@@ -657,6 +664,10 @@ class FrontProtocol(Protocol):
                   not r.chunked and (r.length is None or r.length == b"0"))
         if self._client_full:
             conn.pause_reading()
+        if not r.complete:
+            self._body_base = self.reactor.seconds()
+            self._body_bytes = 0
+            self._arm(self.factory.header_timeout, _BODY)
         body = r.body
         if body is not None:
             r.body = None
@@ -877,6 +888,9 @@ class FrontProtocol(Protocol):
         if self._timer_kind == _LINGER_TLS:
             self.transport.loseConnection()
             return
+        if self._timer_kind == _BODY:
+            self._body_timed_out()
+            return
         if self._req is not None or self._dead or self._queue:
             return
         if self._timer_kind == _IDLE_KA:
@@ -897,6 +911,30 @@ class FrontProtocol(Protocol):
         self._answer_error(r, 408, "request_timeout",
                            "the request head did not arrive within "
                            "header_timeout", close=True)
+
+    def _body_timed_out(self) -> None:
+        """The body must average ``MIN_BODY_RATE`` after ``header_timeout``
+        of grace; a slow or stalled client is answered 408 (its fault, not
+        the API's) and the upstream connection is aborted."""
+        r = self._req
+        if r is None or r.complete or self._dead or self._phase < _UPSTREAM:
+            return
+        now = self.reactor.seconds()
+        grace = self.factory.header_timeout
+        if self._paused & _UPSTREAM_FULL:
+            # The upstream is not reading: not the client's fault.
+            self._body_base = now
+            self._body_bytes = 0
+            self._arm(grace, _BODY)
+            return
+        due = self._body_base + grace + self._body_bytes / MIN_BODY_RATE
+        if now < due:
+            self._arm(due - now, _BODY)
+            return
+        self._dead = True
+        r.error = (408, "request_timeout",
+                   "the request body did not arrive in time")
+        self._broken_mid_request(r)
 
 
 def _failure_of(exc: BaseException) -> Any:

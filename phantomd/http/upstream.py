@@ -147,6 +147,7 @@ class UpstreamConnection(Protocol):
     def pauseProducing(self) -> None:
         self._write_blocked = True
         if self.front is not None:
+            self._touch()  # the upstream stopped reading: time it
             self.front.upstream_write_blocked(True)
 
     def resumeProducing(self) -> None:
@@ -173,17 +174,15 @@ class UpstreamConnection(Protocol):
 
     def write(self, data: bytes) -> None:
         self.transport.write(data)
-        if not self._head_done:
-            self._touch()
 
     def write_sequence(self, parts: list) -> None:
         self.transport.writeSequence(parts)
-        if not self._head_done:
-            self._touch()
 
     def request_sent(self) -> None:
-        """The whole request (head and body) has been written."""
+        """The whole request (head and body) has been written: from now on
+        the upstream has ``upstream_timeout`` for its response head."""
         self._request_sent = True
+        self._touch()
 
     def pause_reading(self) -> None:
         if not self._read_paused:
@@ -352,6 +351,8 @@ class UpstreamConnection(Protocol):
         front = self.front
         if front is None or (self._read_paused and self._head_done):
             return  # idle, or a slow client holds the response back
+        if not (self._head_done or self._request_sent or self._write_blocked):
+            return  # the client is still sending the body: the front times it
         left = self._deadline - self.pool.reactor.seconds()
         if left > 0:
             self._timer = self.pool.reactor.callLater(left, self._timed_out)
