@@ -672,6 +672,12 @@ class TimeoutTests(FrontCase):
         self.reactor.advance(60)
         self.assertEqual(transport.value(), b"")
         self.assertFalse(self.pool.conns[0].aborted)
+        # Once the API reads again, the client's clock starts afresh.
+        proto.upstream_write_blocked(False)
+        self.reactor.advance(4)
+        self.assertEqual(transport.value(), b"")
+        self.reactor.advance(2)
+        self.assertEqual([r[0] for r in self.responses(transport)], [408])
 
     def test_no_timeout_while_upstream_works(self) -> None:
         proto, transport = self.connect()

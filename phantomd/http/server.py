@@ -144,6 +144,7 @@ class FrontProtocol(Protocol):
         self._input_pending = False
         self._body_base = 0.0
         self._body_bytes = 0
+        self._blocked_at = 0.0
 
     # -- connection lifetime -------------------------------------------------
 
@@ -506,10 +507,14 @@ class FrontProtocol(Protocol):
         if blocked:
             if not paused & _UPSTREAM_FULL:
                 self._paused = paused | _UPSTREAM_FULL
+                self._blocked_at = self.reactor.seconds()
                 if not paused:
                     self.transport.pauseProducing()
         elif paused & _UPSTREAM_FULL:
             self._paused = paused & ~_UPSTREAM_FULL
+            # Time the API held the body back does not count against the
+            # client's body rate.
+            self._body_base += self.reactor.seconds() - self._blocked_at
             if not self._paused:
                 self.transport.resumeProducing()
 
@@ -922,9 +927,8 @@ class FrontProtocol(Protocol):
         now = self.reactor.seconds()
         grace = self.factory.header_timeout
         if self._paused & _UPSTREAM_FULL:
-            # The upstream is not reading: not the client's fault.
-            self._body_base = now
-            self._body_bytes = 0
+            # The upstream is not reading: not the client's fault (the
+            # base moves on when it reads again).
             self._arm(grace, _BODY)
             return
         due = self._body_base + grace + self._body_bytes / MIN_BODY_RATE
