@@ -4,9 +4,15 @@ forwards the ones it allows through the upstream pool.
 One request at a time per connection.  While a request is in flight the
 client's socket is not read once anything beyond that request has arrived
 (pipelined requests wait in the kernel), nor while its body waits for the
-gate; its body is read only while it streams upstream.  So what phantomd
-holds per connection is bounded by one read (64 KiB) plus the transports'
-send buffers, whatever the body sizes.
+gate; its body is read only while it streams upstream.  Input is parsed
+4 KiB at a time and the rest of a read is kept raw while a request waits.
+So what phantomd holds per connection is bounded by one read (64 KiB), one
+slice's worth of parsed requests and the transports' send buffers (64 KiB
+each, after which the other side is paused), whatever the body sizes.
+
+Timers, one per connection: ``header_timeout`` for a request head (408),
+``idle_timeout`` between requests (closed silently), a minimum body rate
+(408), and a short linger after an answer that closes the connection.
 """
 
 from __future__ import annotations
