@@ -249,3 +249,51 @@ class PipelineFlood(unittest.TestCase):
                         "pipelined requests from a client reading nothing"
                         % (pump.sent // MB))
         self.assertLess(len(s.api.requests), 200_000)
+
+
+class LogFloods(unittest.TestCase):
+    """An outage under load must not turn every request into a log line:
+    200 failing requests give a handful of warnings (throttled, with a
+    count of what was suppressed), so journald's rate limit does not drop
+    the one line that says what is wrong."""
+
+    timeout = 20
+    BOUND = 20
+
+    async def warnings_during(self, scene, make_request, n=200):
+        from twisted.logger import LogLevel, globalLogPublisher
+        seen: list = []
+
+        def observe(event):
+            level = event.get("log_level")
+            if level is not None and level >= LogLevel.warn and \
+                    event.get("log_namespace", "").startswith("phantomd"):
+                seen.append(event)
+        globalLogPublisher.addObserver(observe)
+        try:
+            await defer.gatherResults([defer.ensureDeferred(make_request())
+                                       for _ in range(n)])
+        finally:
+            globalLogPublisher.removeObserver(observe)
+        return Counter(e.get("log_namespace") for e in seen)
+
+    @async_test
+    async def test_token_service_outage(self):
+        from .fakes import Reply
+        s = await Scene.build(self, reactor)
+        s.ts.behaviour = Reply(500)
+        by_source = await self.warnings_during(
+            s, lambda: s.get(new_token()))
+        self.assertLessEqual(sum(by_source.values()), self.BOUND,
+                             dict(by_source))
+
+    @async_test
+    async def test_upstream_outage(self):
+        from .fakes import Raw
+        s = await Scene.build(self, reactor)
+        token, _ = s.good_token()
+        self.assertEqual((await s.get(token)).status, 200)
+        s.api.behaviour = Raw(b"", then="reset")
+        by_source = await self.warnings_during(s, lambda: s.get(token))
+        self.assertLessEqual(sum(by_source.values()), self.BOUND,
+                             dict(by_source))
