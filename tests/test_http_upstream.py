@@ -99,6 +99,17 @@ class ConfigTests(PoolCase):
         self.assertEqual(self.pool.authority, b"10.0.0.7:3000")
         self.assertEqual(self.pool.base_path, b"/base")
 
+    def test_authorities(self) -> None:
+        rows = [
+            ("http://api.example", b"api.example"),
+            ("http://api.example:8080/x", b"api.example:8080"),
+            ("http://[::1]:3000", b"[::1]:3000"),
+            ("https://b\u00fccher.example:8443", b"xn--bcher-kva.example:8443"),
+        ]
+        for url, authority in rows:
+            pool = UpstreamPool(self.reactor, settings(url), self.metrics)
+            self.assertEqual(pool.authority, authority, url)
+
     def test_https_without_path(self) -> None:
         pool = UpstreamPool(self.reactor, settings("https://api.example"),
                             self.metrics)

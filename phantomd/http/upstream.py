@@ -393,8 +393,11 @@ class UpstreamPool:
         self.secure = url.scheme == "https"
         host = url.hostname or ""
         port = url.port or (443 if self.secure else 80)
-        self.authority = url.netloc.encode("idna" if not host.isascii()
-                                           else "ascii")
+        if host.isascii():
+            self.authority = url.netloc.encode("ascii")
+        else:
+            self.authority = host.encode("idna") + (
+                b":%d" % url.port if url.port else b"")
         self.base_path = url.path.rstrip("/").encode("ascii")
         self._idle: list[UpstreamConnection] = []
         self.reconfigure(settings)
