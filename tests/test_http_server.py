@@ -12,7 +12,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
-from phantomd.http.server import FrontFactory
+from phantomd.http.server import LINGER, FrontFactory
 from phantomd.http.upstream import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
 from phantomd.metrics import Metrics
 from phantomd.outcomes import Forward
@@ -686,6 +686,61 @@ class TimeoutTests(FrontCase):
         self.assertFalse(transport.disconnecting)
         self.pool.conns[0].respond()
         self.assertEqual([r[0] for r in self.responses(transport)], [200])
+
+
+class HalfClosingTransport(StringTransport):
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+class LingerTests(FrontCase):
+    """Closing with unread request bytes makes the kernel send a reset that
+    can destroy the answer in flight: phantomd stops sending, reads and
+    discards for LINGER seconds, then closes."""
+
+    def upload(self, transport: StringTransport) -> Any:
+        proto = self.factory.buildProtocol(None)
+        proto.makeConnection(transport)
+        proto.dataReceived(b"PUT / HTTP/1.1\r\nHost: h\r\n"
+                           b"Authorization: Bearer bad\r\n"
+                           b"Content-Length: 1000000\r\n\r\nabc")
+        return proto
+
+    def test_tcp_half_closes_then_discards(self) -> None:
+        transport = HalfClosingTransport()
+        proto = self.upload(transport)
+        self.assertEqual([r[0] for r in self.responses(transport)], [401])
+        self.assertTrue(transport.write_closed)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(transport.producerState, "producing")
+        before = transport.value()
+        proto.dataReceived(b"x" * 65536)
+        self.assertEqual(transport.value(), before)
+        self.reactor.advance(LINGER + 0.1)
+        self.assertTrue(transport.disconnected)
+
+    def test_tls_keeps_reading_then_closes(self) -> None:
+        transport = StringTransport()
+        directlyProvides(transport, ISSLTransport)
+        proto = self.upload(transport)
+        self.assertEqual([r[0] for r in self.responses(transport)], [401])
+        self.assertFalse(transport.disconnecting)
+        proto.dataReceived(b"x" * 65536)
+        self.reactor.advance(LINGER + 0.1)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.disconnected)
+
+    def test_idle_timeout_does_not_linger(self) -> None:
+        transport = HalfClosingTransport()
+        proto = self.factory.buildProtocol(None)
+        proto.makeConnection(transport)
+        proto.dataReceived(get())
+        self.pool.conns[0].respond()
+        self.reactor.advance(61)
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(transport.write_closed)
 
 
 class FactoryTests(FrontCase):
