@@ -591,6 +591,19 @@ class _BoundedEndpoint:
         return d.addCallback(lambda wrapper: wrapper.wrappedProtocol)
 
 
+class _ClosablePool(HTTPConnectionPool):
+    """A pool that, once closed, closes connections handed back to it
+    instead of keeping them."""
+
+    closed = False
+
+    def _putConnection(self, key: Any, connection: Any) -> None:
+        if self.closed:
+            connection.transport.loseConnection()
+            return
+        super()._putConnection(key, connection)
+
+
 @implementer(IAgentEndpointFactory)
 class _EndpointFactory:
     """TCP for http, TLS per phantomd.tls for https, each connection
@@ -679,7 +692,7 @@ def make_http_client(reactor: Any, settings: Any) -> "PooledHTTPClient":
     from phantomd import tls
     policy = tls.ClientPolicy(settings.ca_file, settings.client_cert,
                               settings.client_key)
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = _ClosablePool(reactor, persistent=True)
     pool.maxPersistentPerHost = settings.max_in_flight
     pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
     pool.retryAutomatically = False
@@ -705,5 +718,8 @@ class PooledHTTPClient(HTTPClient):
         return self
 
     def close(self) -> Deferred:
-        """Close every pooled connection; fires when they are closed."""
+        """Close every pooled connection; fires when they are closed.
+        Connections still carrying a request close when it ends (a reload
+        replaces the client while introspections are in flight)."""
+        self.pool.closed = True
         return self.pool.closeCachedConnections()
