@@ -31,7 +31,8 @@ from twisted.logger import Logger
 
 from phantomd.http.headers import PLAIN_CONNECTION_OPTIONS as _PLAIN
 from phantomd.http.headers import REQUEST_DROP
-from phantomd.http.upstream import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
+from phantomd.http.upstream import (
+    MODE_CHUNKED, MODE_EOF, MODE_LENGTH, _no_delay)
 from phantomd.outcomes import Forward, Reject, error_response
 
 log = Logger()
@@ -175,6 +176,7 @@ class FrontProtocol(Protocol):
         f.metrics.connections.inc()
         transport.registerProducer(self, True)
         self._registered = True
+        _no_delay(transport)
         self._tls = ISSLTransport.providedBy(transport)
         host = getattr(transport.getPeer(), "host", None)
         fwd = b""
