@@ -173,6 +173,19 @@ class HappyPathTests(ProxyCase):
         self.assertEqual(self.api.connections, 1)
 
     @defer.inlineCallbacks
+    def test_nagle_is_off_both_ways(self) -> Any:
+        """So a body sent after its head never waits for a delayed ACK."""
+        client = RawClient(expect=1)
+        yield self.connect(client)
+        client.transport.write(get())
+        yield client.done
+        [front] = list(self.front.connections)
+        self.assertTrue(front.transport.getTcpNoDelay())
+        [conn] = self.pool._idle
+        self.assertTrue(conn.transport.getTcpNoDelay())
+        client.transport.loseConnection()
+
+    @defer.inlineCallbacks
     def test_pipelined_answers_in_order(self) -> Any:
         delays = {b"/slow": 0.05, b"/fast": 0.0}
 
