@@ -60,6 +60,9 @@ class FakeFront:
     def response_end(self) -> None:
         self.events.append("end")
 
+    def flush_output(self) -> None:
+        self.flushes = getattr(self, "flushes", 0) + 1
+
     def response_aborted(self) -> None:
         self.events.append("aborted")
 
@@ -303,6 +306,23 @@ class TimeoutTests(PoolCase):
         factory.clientConnectionFailed(
             None, Failure(error.ConnectionRefusedError()))
         self.assertEqual(front.events, [("failed", 502)])
+
+    def test_outage_logs_are_throttled(self) -> None:
+        events: list = []
+        from twisted.logger import globalLogPublisher
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for i in range(50):
+            self.pool.connect(FakeFront())
+            self.reactor.tcpClients[i][2].clientConnectionFailed(
+                None, Failure(error.ConnectionRefusedError()))
+        self.reactor.advance(10)
+        self.pool.connect(FakeFront())
+        self.reactor.tcpClients[50][2].clientConnectionFailed(
+            None, Failure(error.ConnectionRefusedError()))
+        warnings = [e for e in events
+                    if e.get("log_namespace") == "phantomd.http.upstream"]
+        self.assertEqual([e["unlogged"] for e in warnings], [0, 49])
 
     def test_cancelled_connect_reports_nothing(self) -> None:
         front = FakeFront()

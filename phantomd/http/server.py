@@ -29,6 +29,7 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from phantomd.http.fastio import writer_for
 from phantomd.http.headers import PLAIN_CONNECTION_OPTIONS as _PLAIN
 from phantomd.http.headers import REQUEST_DROP
 from phantomd.http.upstream import (
@@ -152,6 +153,8 @@ class FrontProtocol(Protocol):
         self._body_base = 0.0
         self._body_bytes = 0
         self._blocked_at = 0.0
+        self._out: list = []
+        self._write: Any = None
 
     # -- connection lifetime -------------------------------------------------
 
@@ -177,6 +180,7 @@ class FrontProtocol(Protocol):
         transport.registerProducer(self, True)
         self._registered = True
         _no_delay(transport)
+        self._write = writer_for(transport)
         self._tls = ISSLTransport.providedBy(transport)
         host = getattr(transport.getPeer(), "host", None)
         fwd = b""
@@ -752,18 +756,26 @@ class FrontProtocol(Protocol):
         self._resp_close = close
         head = b"".join(parts)
         self._bytes_sent = len(head)
-        self.transport.write(head)
+        self._out.append(head)
         self.factory.metrics.request_duration.observe(
             self.reactor.seconds() - r.started_at)
 
     def response_body(self, data: bytes) -> None:
         if self._chunk_out:
             size = b"%x\r\n" % len(data)
-            self.transport.writeSequence([size, data, b"\r\n"])
+            self._out += (size, data, b"\r\n")
             self._bytes_sent += len(size) + len(data) + 2
         else:
-            self.transport.write(data)
+            self._out.append(data)
             self._bytes_sent += len(data)
+
+    def flush_output(self) -> None:
+        """Send what this upstream read produced, in one write."""
+        out = self._out
+        if out:
+            data = out[0] if len(out) == 1 else b"".join(out)
+            out.clear()
+            self._write(data)
 
     def response_end(self) -> None:
         r = self._req
@@ -771,8 +783,9 @@ class FrontProtocol(Protocol):
         if r is None:
             return
         if self._chunk_out:
-            self.transport.write(b"0\r\n\r\n")
+            self._out.append(b"0\r\n\r\n")
             self._bytes_sent += 5
+        self.flush_output()
         self._finish(r, self._resp_close or not r.complete)
 
     def response_aborted(self) -> None:
@@ -783,6 +796,7 @@ class FrontProtocol(Protocol):
         if r is None:
             return
         self._log_access(r)
+        self.flush_output()
         self._req = None
         self._dead = True
         self.transport.abortConnection()
@@ -830,7 +844,7 @@ class FrontProtocol(Protocol):
         self._status = status
         self._bytes_sent = len(data)
         self._phase = _RESPONSE
-        self.transport.write(data)
+        self._write(data)
         self.factory.metrics.request_duration.observe(
             self.reactor.seconds() - r.started_at)
         self._finish(r, close)

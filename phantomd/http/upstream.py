@@ -11,6 +11,8 @@ through plain method calls, no Deferred per request:
   then ``front.response_body(data)`` any number of times, then
   ``front.response_end()`` (or ``front.response_aborted()`` when the
   upstream breaks off mid-response);
+* ``front.flush_output()`` after each read from the upstream, so that
+  what one read produced goes to the client in one write;
 * ``front.upstream_write_blocked(flag)``: the upstream's socket buffer is
   full (or has drained), so stop (or resume) reading the request body.
 
@@ -31,6 +33,7 @@ from twisted.internet.endpoints import (
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from phantomd.http.fastio import writer_for
 from phantomd.http.headers import PLAIN_CONNECTION_OPTIONS as _PLAIN
 from phantomd.http.headers import RESPONSE_DROP
 
@@ -45,6 +48,9 @@ MAX_RESPONSE_HEAD = 256 * 1024
 # request with a body sent on a connection the API is closing cannot be
 # retried, and a reconnect after a lull costs far less than that 502.
 UPSTREAM_IDLE_AGE = 1.5
+
+# Seconds between two log lines about upstream faults.
+WARN_INTERVAL = 10.0
 
 log = Logger()
 
@@ -70,6 +76,7 @@ class UpstreamConnection(Protocol):
         self._read_paused = False
         self._broken = False
         self._registered = False
+        self._write: Any = None
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -91,6 +98,7 @@ class UpstreamConnection(Protocol):
         self.transport.registerProducer(self, True)
         self._registered = True
         _no_delay(self.transport)
+        self._write = writer_for(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
         if self.front is None:
@@ -105,6 +113,7 @@ class UpstreamConnection(Protocol):
             if self._head_bytes > MAX_RESPONSE_HEAD + len(data):
                 self._garbled("the upstream's response head is too large")
                 return
+        front = self.front
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade:
@@ -112,6 +121,7 @@ class UpstreamConnection(Protocol):
                           "never asks for")
         except HttpParserError as e:
             self._garbled("the upstream sent a malformed response: %s" % e)
+        front.flush_output()
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = True
@@ -132,9 +142,9 @@ class UpstreamConnection(Protocol):
         else:
             # Not on the hot path; says why (a TLS verification failure
             # looks like this too).
-            log.warn("upstream connection lost before a response: {reason}",
-                     reason=reason.getErrorMessage() if reason is not None
-                     else "unknown")
+            self.pool._warn("upstream connection lost before a response: "
+                            "{reason}", reason.getErrorMessage()
+                            if reason is not None else "unknown")
             if self._got_bytes:
                 front.upstream_failed(502, "bad_gateway",
                                       "the upstream sent an incomplete response")
@@ -168,16 +178,16 @@ class UpstreamConnection(Protocol):
         self._head_method = head_method
         self._retryable = retryable
         self._sent_at = self.pool.reactor.seconds()
-        self.transport.write(head)
+        self._write(head)
         self._touch()
         if self._write_blocked:
             front.upstream_write_blocked(True)
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        self._write(data)
 
     def write_sequence(self, parts: list) -> None:
-        self.transport.writeSequence(parts)
+        self._write(b"".join(parts))
 
     def request_sent(self) -> None:
         """The whole request (head and body) has been written: from now on
@@ -414,6 +424,8 @@ class UpstreamPool:
         self._idle: list[UpstreamConnection] = []
         self.reconfigure(settings)
         self._closed = False
+        self._warned_at = float("-inf")
+        self._unlogged = 0
         self._close_waiters: list[defer.Deferred] = []
         self._factory = _ConnectionFactory(self)
         connect_timeout = settings.upstream_connect_timeout
@@ -478,11 +490,24 @@ class UpstreamPool:
                 504, "gateway_timeout", "could not connect to the upstream "
                 "within upstream_connect_timeout")
         else:
-            log.warn("cannot connect to the upstream: {reason}",
-                     reason=failure.getErrorMessage())
+            self._warn("cannot connect to the upstream: {reason}",
+                       failure.getErrorMessage())
             front.upstream_failed(502, "bad_gateway",
                                   "cannot connect to the upstream")
         return None
+
+    def _warn(self, message: str, reason: str) -> None:
+        """Log an upstream fault at most once per ``WARN_INTERVAL`` seconds
+        (an outage fails every request: one line per request would flood
+        the log), with how many were not logged since."""
+        now = self.reactor.seconds()
+        if now - self._warned_at < WARN_INTERVAL:
+            self._unlogged += 1
+            return
+        log.warn(message + " ({unlogged} more since the last such line)",
+                 reason=reason, unlogged=self._unlogged)
+        self._warned_at = now
+        self._unlogged = 0
 
     def _retry(self, front: Any) -> None:
         """A reused connection closed before answering a request without a
