@@ -226,6 +226,8 @@ class Gateway:
             old_upstream, self.upstream = self.upstream, UpstreamPool(
                 self.reactor, new.phantomd, self.metrics,
                 tls_options=_upstream_tls(new))
+        else:
+            self.upstream.reconfigure(new.phantomd)
         c = new.cache
         if old_stack is not None and _identity(new) != _identity(old):
             self.cache.reconfigure(max_entries=c.max_entries, max_ttl=0,
@@ -280,8 +282,7 @@ class Gateway:
 def _upstream_keys(c: Config):
     s = c.phantomd
     return (s.upstream, s.upstream_ca_file, s.upstream_client_cert,
-            s.upstream_client_key, s.upstream_connect_timeout,
-            s.upstream_max_idle)
+            s.upstream_client_key, s.upstream_connect_timeout)
 
 
 def _identity(c: Config):

@@ -178,6 +178,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "upstream_timeout": (positive_float, "60"),
         "upstream_connect_timeout": (positive_float, "5"),
         "upstream_max_idle": (non_negative_int, "100"),
+        "upstream_idle_timeout": (positive_float, "1.5"),
         "upstream_ca_file": (readable_file, ""),
         "upstream_client_cert": (readable_file, ""),
         "upstream_client_key": (readable_file, ""),

@@ -43,12 +43,6 @@ MODE_NONE, MODE_LENGTH, MODE_CHUNKED, MODE_EOF = range(4)
 # up with 502: llhttp itself would accumulate a header without bound.
 MAX_RESPONSE_HEAD = 256 * 1024
 
-# Seconds an idle upstream connection stays usable.  Shorter than common API
-# servers' keep-alive timeouts (gunicorn 2 s, Node.js and uvicorn 5 s): a
-# request with a body sent on a connection the API is closing cannot be
-# retried, and a reconnect after a lull costs far less than that 502.
-UPSTREAM_IDLE_AGE = 1.5
-
 # Seconds between two log lines about upstream faults.
 WARN_INTERVAL = 10.0
 
@@ -402,8 +396,8 @@ class UpstreamPool:
 
     Idle connections are kept most-recently-used first, at most
     ``upstream_max_idle`` of them: a connection released beyond that bound
-    is closed.  One idle for longer than ``UPSTREAM_IDLE_AGE`` (or
-    ``idle_timeout`` if shorter) is closed when next picked instead of used.  Connections in use are bounded
+    is closed.  One idle for longer than ``upstream_idle_timeout`` is
+    closed when next picked instead of used.  Connections in use are bounded
     by the requests in flight (the front's ``max_connections``).
     """
 
@@ -448,7 +442,7 @@ class UpstreamPool:
         settings need a new pool)."""
         self.timeout = settings.upstream_timeout
         self.max_idle = settings.upstream_max_idle
-        self.max_idle_age = min(settings.idle_timeout, UPSTREAM_IDLE_AGE)
+        self.max_idle_age = settings.upstream_idle_timeout
         while len(self._idle) > self.max_idle:
             self._idle.pop(0).close()
 
