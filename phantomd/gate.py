@@ -80,11 +80,11 @@ class Gate:
         cached = self.cache.get(key)
         if cached is not None:
             if isinstance(cached, Active):
-                self.metrics.cache_lookups.labels(result="hit").inc()
+                self.metrics.lookup["hit"].inc()
                 return succeed(self._decide(cached, "hit", tid))
-            self.metrics.cache_lookups.labels(result="negative_hit").inc()
+            self.metrics.lookup["negative_hit"].inc()
             return succeed(self._inactive(tid, "negative_hit"))
-        self.metrics.cache_lookups.labels(result="miss").inc()
+        self.metrics.lookup["miss"].inc()
         d = self.coalescer.run(
             key, lambda: self._introspect(parsed, key, tid))
         d.addCallbacks(self._answered, self._failed,
@@ -101,9 +101,9 @@ class Gate:
             self.metrics.introspection_duration.observe(
                 self.clock.seconds() - start)
             if isinstance(result, Active):
-                self.metrics.introspections.labels(outcome="active").inc()
+                self.metrics.outcome["active"].inc()
             elif isinstance(result, Inactive):
-                self.metrics.introspections.labels(outcome="inactive").inc()
+                self.metrics.outcome["inactive"].inc()
             else:
                 raise IntrospectionFailed(
                     "error", "introspector gave %r" % type(result).__name__)
@@ -129,8 +129,8 @@ class Gate:
                                  token_id=tid)
                 f = Failure(IntrospectionFailed(
                     "error", "internal error during introspection"))
-            self.metrics.introspections.labels(
-                outcome="timeout" if kind == "timeout" else "error").inc()
+            self.metrics.outcome[
+                "timeout" if kind == "timeout" else "error"].inc()
             if self.readiness is not None:
                 self.readiness.token_service_failed()
             return f
@@ -149,7 +149,7 @@ class Gate:
         if f.check(CancelledError):
             return f  # the caller went away; nothing to answer
         if f.check(Shed):
-            self.metrics.introspections.labels(outcome="shed").inc()
+            self.metrics.outcome["shed"].inc()
             return Reject(503, "temporarily_unavailable",
                           "too many token checks in progress",
                           retry_after=SHED_RETRY_AFTER, token_id=tid)
