@@ -738,6 +738,48 @@ class OverTLS(unittest.TestCase):
         self.assertEqual(up.header(b"x-forwarded-for"), [b"127.0.0.1"])
 
 
+    async def tls_client_not_reading(self):
+        """A TLS client past its handshake (one request answered first:
+        TLS buffers whatever is written before the handshake without
+        pausing anyone, which would measure the client, not phantomd)."""
+        await self.scene()
+        client = await connect_tls(reactor, self.s.front)
+        self.addCleanup(lambda: client.is_closed or
+                        client.transport.abortConnection())
+        client.send(request_bytes(target="/warm", token=self.token))
+        self.assertTrue(await wait_for(
+            reactor, lambda: client.responses(), 3.0))
+        return client
+
+    @async_test
+    async def test_response_buffering_is_bounded_over_tls(self):
+        """As over plain TCP: a TLS client that reads nothing makes the
+        API's response stall at socket buffers, not in phantomd."""
+        from .fakes import Stream
+        client = await self.tls_client_not_reading()
+        self.s.api.behaviour = Stream(total=256 << 20, chunked=True)
+        client.send(request_bytes(token=self.token))
+        await wait_for(reactor, lambda: self.s.api.requests, 3.0)
+        client.transport.pauseProducing()
+        written = await _stalled(lambda: self.s.api.written)
+        self.assertLess(written, 64 << 20, "phantomd took %d MB for a TLS "
+                        "client that reads nothing" % (written >> 20))
+
+    @async_test
+    async def test_upload_buffering_is_bounded_over_tls(self):
+        from .fakes import UploadPump
+        client = await self.tls_client_not_reading()
+        self.s.api.stop_reading_after_head = True
+        self.s.api.bytes_received = 0
+        client.send(request_bytes("POST", "/upload", token=self.token,
+                                  headers=[("Transfer-Encoding", "chunked")]))
+        pump = UploadPump(client, 256 << 20)
+        pump.start(reactor)
+        sent = await _stalled(lambda: pump.sent)
+        self.assertLess(sent, 64 << 20, "phantomd took %d MB of upload over "
+                        "TLS that the API did not read" % (sent >> 20))
+
+
 class RequestTargets(Hostile):
     """Request-target forms (RFC 9112 section 3.2): what reaches the API is
     always origin-form, so an upstream that is itself a proxy (a mesh
@@ -773,3 +815,18 @@ class RequestTargets(Hostile):
                       (400, 405, 501))
         self.assertIn(await self.target(b"GET", b"*"), (400,))
         self.assertEqual([r.method for r in self.s.api.requests], [])
+
+
+async def _stalled(measure, limit: float = 10.0) -> int:
+    """Wait until ``measure()`` stops growing for half a second (or
+    ``limit`` passes); return its value."""
+    last = [-1]
+
+    def stalled():
+        value = measure()
+        if value == last[0] and value > 0:
+            return True
+        last[0] = value
+        return False
+    await wait_for(reactor, stalled, limit, interval=0.5)
+    return measure()
