@@ -521,6 +521,20 @@ class FakeServer(protocol.Factory):
         self.port = self.reactor.listenTCP(port, self, interface=LOOPBACK)
         return self.port.getHost().port
 
+    def listen_tls(self, cert_path: str, key_path: str) -> int:
+        """Listen with TLS (certificate and key from PEM files)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+        from twisted.internet import ssl
+        with open(cert_path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+        with open(key_path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), None)
+        options = ssl.CertificateOptions(privateKey=key, certificate=cert)
+        self.port = self.reactor.listenSSL(0, self, options,
+                                           interface=LOOPBACK)
+        return self.port.getHost().port
+
     @property
     def portnum(self) -> int:
         return self.port.getHost().port

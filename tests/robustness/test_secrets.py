@@ -275,3 +275,70 @@ class NoSecretsEscape(unittest.TestCase):
         any other observer -- twistd's default, a test's -- sees them."""
         capture, secrets, _, _, _ = await self.full_run()
         self.assertNoSecret("a log event field", capture.fields(), secrets)
+
+
+class NothingToAnImpostor(unittest.TestCase):
+    """Over https, a peer whose certificate does not verify gets nothing:
+    not the JWT (API), not the token or the client secret (token
+    service).  The client gets 502."""
+
+    timeout = 15
+
+    async def build(self, api_trusted: bool, ts_trusted: bool,
+                    api_host: str = "127.0.0.1"):
+        import os
+        from .fakes import (FakeAPI, TokenService, gateway_ini, self_signed,
+                            start_gateway)
+        base = os.path.abspath(self.mktemp())
+        api_cert, api_key = self_signed(os.path.join(base, "api"))
+        ts_cert, ts_key = self_signed(os.path.join(base, "ts"))
+        stranger, _ = self_signed(os.path.join(base, "stranger"))
+        self.api, self.ts = FakeAPI(reactor), TokenService(reactor)
+        api_port = self.api.listen_tls(api_cert, api_key)
+        ts_port = self.ts.listen_tls(ts_cert, ts_key)
+        self.addCleanup(self.api.stop)
+        self.addCleanup(self.ts.stop)
+        ini = gateway_ini(ts_port, api_port, phantomd={
+            "upstream": "https://%s:%d" % (api_host, api_port),
+            "upstream_ca_file": api_cert if api_trusted else stranger,
+        }, introspection={
+            "url": "https://127.0.0.1:%d/introspect" % ts_port,
+            "ca_file": ts_cert if ts_trusted else stranger,
+        })
+        self.gw = await start_gateway(self, reactor, ini)
+        self.token = new_token()
+        self.jwt = self.ts.activate(self.token)
+
+    async def ask(self):
+        from .fakes import get
+        return await get(reactor, self.gw.front, self.token)
+
+    @async_test
+    async def test_trusted_both_ways_works(self):
+        await self.build(True, True)
+        self.assertEqual((await self.ask()).status, 200)
+        self.assertEqual(self.api.requests[0].header(b"authorization"),
+                         [b"Bearer " + self.jwt.encode()])
+
+    @async_test
+    async def test_untrusted_token_service_gets_nothing(self):
+        await self.build(True, False)
+        self.assertEqual((await self.ask()).status, 502)
+        self.assertEqual(self.ts.requests, [])
+        self.assertEqual(self.api.requests, [])
+
+    @async_test
+    async def test_untrusted_api_gets_no_jwt(self):
+        await self.build(False, True)
+        self.assertEqual((await self.ask()).status, 502)
+        self.assertEqual(self.api.requests, [])
+
+    @async_test
+    async def test_api_certificate_for_another_name_gets_no_jwt(self):
+        """The API's certificate is trusted but names 127.0.0.1, while
+        the upstream URL says localhost: a name mismatch is refused."""
+        await self.build(True, True, api_host="localhost")
+        self.assertEqual((await self.ask()).status, 502)
+        self.assertGreaterEqual(self.api.connections_made, 1,
+                                "never reached the API: not a name check")
+        self.assertEqual(self.api.requests, [])
