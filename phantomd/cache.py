@@ -8,9 +8,6 @@ bound.  Failures are never given to the cache (the gate only stores
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import math
 from collections import OrderedDict
 from typing import Any, Mapping, Optional, Union
@@ -21,6 +18,10 @@ __all__ = ["TokenCache"]
 
 Result = Union[Active, Inactive]
 
+#: Distinct scope strings shared between entries (tokens mostly carry a
+#: handful of scope sets); beyond this many, entries keep their own copy.
+MAX_SHARED_SCOPES = 4096
+
 
 class TokenCache:
     """Introspection results by key (a SHA-256 digest of the token).
@@ -30,28 +31,25 @@ class TokenCache:
     put-time + TTL: a ``get`` at exactly that clock value misses.
 
     Each entry is one tuple in an ``OrderedDict``: ``(expiry,)`` for an
-    inactive token, ``(expiry, jwt)`` when the claims are exactly the JWT's
-    own payload, else ``(expiry, jwt, claims)``.  That keeps an entry to
-    about 250-300 bytes beyond its JWT instead of twice the JWT's size; the
-    price is decoding the payload again on a hit (~15 us for a 1 KB JWT),
-    so the decoded claims of the ``claims_memo`` most recently hit JWTs are
-    kept (least recently used dropped beyond that) and hot tokens are not
-    decoded on every request.
+    inactive token, ``(expiry, jwt, scope)`` for an active one.  Only what
+    the gate decides on is kept beside the JWT: its scopes, as one
+    space-separated string shared between entries through a bounded table
+    of distinct scope strings.  Its ``exp`` need not be kept, since an entry
+    never outlives it.  So an entry costs its JWT plus a small tuple, and a
+    hit decodes nothing; a hit's ``claims`` are ``{"scope": ...}`` (empty
+    when the token has no scopes), not the whole payload.
 
     A value returned by ``get`` carries as ``lifetime`` the seconds it has
     left in the cache, not the lifetime it was stored with.
     """
 
     def __init__(self, clock: Any, metrics: Any, max_entries: int,
-                 max_ttl: float, default_ttl: float, negative_ttl: float,
-                 *, claims_memo: int = 4096) -> None:
+                 max_ttl: float, default_ttl: float, negative_ttl: float
+                 ) -> None:
         self._clock = clock
         self._metrics = metrics
         self._entries: OrderedDict[bytes, tuple] = OrderedDict()
-        self._memo: OrderedDict[str, Mapping[str, Any]] = OrderedDict()
-        if claims_memo < 0:
-            raise ValueError("claims_memo must be >= 0, not %r" % claims_memo)
-        self._memo_size = claims_memo
+        self._scopes: dict[str, str] = {}
         self._set_limits(max_entries, max_ttl, default_ttl, negative_ttl)
         self._update_gauge()
 
@@ -89,9 +87,9 @@ class TokenCache:
         self._entries.move_to_end(key)
         if len(entry) == 1:
             return Inactive(lifetime=expiry - now)
-        jwt = entry[1]
-        claims = entry[2] if len(entry) == 3 else self._decoded(jwt)
-        return Active(jwt=jwt, claims=claims, lifetime=expiry - now)
+        _, jwt, scope = entry
+        return Active(jwt=jwt, claims={} if scope is None else
+                      {"scope": scope}, lifetime=expiry - now)
 
     def put(self, key: bytes, result: Result) -> None:
         """Store ``result`` for as long as DESIGN section 4 allows.
@@ -112,10 +110,9 @@ class TokenCache:
         entry: tuple
         if isinstance(result, Inactive):
             entry = (now + ttl,)
-        elif _payload(result.jwt) == result.claims:
-            entry = (now + ttl, result.jwt)
         else:
-            entry = (now + ttl, result.jwt, result.claims)
+            entry = (now + ttl, result.jwt,
+                     self._shared(scope_text(result.claims)))
         entries = self._entries
         entries[key] = entry
         entries.move_to_end(key)
@@ -171,34 +168,30 @@ class TokenCache:
             ttl = min(ttl, exp - now)
         return ttl
 
-    def _decoded(self, jwt: str) -> Mapping[str, Any]:
-        memo = self._memo
-        claims = memo.get(jwt)
-        if claims is not None:
-            memo.move_to_end(jwt)
-            return claims
-        claims = _payload(jwt)
-        if claims is None:  # cannot happen: put checked it decodes
-            claims = {}
-        if self._memo_size:
-            memo[jwt] = claims
-            if len(memo) > self._memo_size:
-                memo.popitem(last=False)
-        return claims
+    def _shared(self, scope: Optional[str]) -> Optional[str]:
+        """One string object per distinct scope set.  The table holds at
+        most ``MAX_SHARED_SCOPES`` strings; past that, new ones are simply
+        not shared."""
+        if scope is None:
+            return None
+        shared = self._scopes.get(scope)
+        if shared is not None:
+            return shared
+        if len(self._scopes) < MAX_SHARED_SCOPES:
+            self._scopes[scope] = scope
+        return scope
 
     def _update_gauge(self) -> None:
         self._metrics.cache_entries.set(len(self._entries))
 
 
-def _payload(jwt: str) -> Optional[dict]:
-    """The JSON payload of a compact JWS, or None if it is not one."""
-    parts = jwt.split(".")
-    if len(parts) != 3:
-        return None
-    segment = parts[1]
-    try:
-        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-        claims = json.loads(raw)
-    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
-        return None
-    return claims if isinstance(claims, dict) else None
+def scope_text(claims: Mapping[str, Any]) -> Optional[str]:
+    """The granted scopes as one space-separated string, from ``scope``
+    (RFC 9068: a string; some servers send a list) or ``scp``."""
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            return " ".join(v for v in value if isinstance(v, str))
+    return None

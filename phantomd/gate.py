@@ -14,6 +14,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from phantomd.cache import scope_text
 from phantomd.outcomes import (
     Active, Forward, Inactive, IntrospectionFailed, Reject, Shed)
 from phantomd.tokens import parse_authorization, token_id, token_key
@@ -31,18 +32,8 @@ SHED_RETRY_AFTER = 1
 
 
 def granted_scopes(claims: Mapping[str, Any]) -> frozenset:
-    """Scopes from ``scope`` (RFC 9068, space-separated) or ``scp`` (list)."""
-    scope = claims.get("scope")
-    if isinstance(scope, str):
-        return frozenset(scope.split())
-    if isinstance(scope, list):
-        return frozenset(s for s in scope if isinstance(s, str))
-    scp = claims.get("scp")
-    if isinstance(scp, list):
-        return frozenset(s for s in scp if isinstance(s, str))
-    if isinstance(scp, str):
-        return frozenset(scp.split())
-    return frozenset()
+    """Scopes from ``scope`` (RFC 9068, space-separated) or ``scp``."""
+    return frozenset((scope_text(claims) or "").split())
 
 
 class Gate:

@@ -49,13 +49,16 @@ class CacheTestCase(SynchronousTestCase):
 
 
 class TTLTests(CacheTestCase):
-    def test_hit_returns_the_jwt_and_claims(self):
+    def test_hit_returns_the_jwt_and_the_claims_the_gate_needs(self):
         c = self.cache()
-        c.put(key("t"), active(lifetime=60, scope="read"))
+        c.put(key("t"), active(lifetime=60, scope="read",
+                               exp=self.clock.seconds() + 600))
         got = c.get(key("t"))
         self.assertIsInstance(got, Active)
-        self.assertEqual(got.claims, {"sub": "alice", "scope": "read"})
-        self.assertEqual(got.jwt, active(scope="read").jwt)
+        self.assertEqual(got.claims, {"scope": "read"})
+        self.assertEqual(got.lifetime, 60)
+        self.assertEqual(got.jwt, active(
+            scope="read", exp=self.clock.seconds() + 600).jwt)
 
     def test_expires_exactly_at_put_time_plus_ttl(self):
         c = self.cache()
@@ -126,22 +129,25 @@ class TTLTests(CacheTestCase):
         c.put(key("t"), Inactive(lifetime=5))
         self.assertEqual(c.get(key("t")), Inactive(lifetime=5))
 
-    def test_claims_other_than_the_jwt_payload_are_kept(self):
+    def test_scopes_kept_from_scope_list_or_scp(self):
         c = self.cache()
-        result = Active(jwt="not-a-jws", claims={"scope": "read"},
-                        lifetime=60)
-        c.put(key("t"), result)
-        self.assertEqual(c.get(key("t")).claims, {"scope": "read"})
-        other = Active(jwt=make_jwt({"sub": "a"}),
-                       claims={"sub": "a", "scope": "from-json"}, lifetime=60)
-        c.put(key("u"), other)
-        self.assertEqual(c.get(key("u")).claims, other.claims)
+        for k, claims in (("t", {"scope": ["read", "write"]}),
+                          ("u", {"scp": ["read", "write"]}),
+                          ("v", {"scp": "read write"})):
+            c.put(key(k), Active(jwt="j", claims=claims, lifetime=60))
+            self.assertEqual(c.get(key(k)).claims, {"scope": "read write"})
+        c.put(key("w"), Active(jwt="j", claims={"sub": "a"}, lifetime=60))
+        self.assertEqual(c.get(key("w")).claims, {})
 
-    def test_claims_without_memo(self):
-        c = self.cache(claims_memo=0)
-        c.put(key("t"), active(lifetime=60, scope="a b"))
-        self.assertEqual(c.get(key("t")).claims["scope"], "a b")
-        self.assertEqual(c.get(key("t")).claims["scope"], "a b")
+    def test_equal_scope_strings_are_stored_once(self):
+        c = self.cache()
+        for i in range(3):
+            c.put(key("t%d" % i), Active(
+                jwt="j", claims={"scope": "".join(["read ", "write"])},
+                lifetime=60))
+        scopes = {id(c.get(key("t%d" % i)).claims["scope"])
+                  for i in range(3)}
+        self.assertEqual(len(scopes), 1)
 
 
 class BoundTests(CacheTestCase):
