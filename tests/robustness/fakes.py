@@ -1060,6 +1060,8 @@ def gateway_ini(ts_port: int, api_port: int, response: str = "jwt",
     for section, keys in sections.items():
         for key, value in keys.items():
             lines = text.split("\n")
+            if "[%s]" % section not in lines:
+                lines += ["", "[%s]" % section]
             start = lines.index("[%s]" % section)
             end = start + 1
             while end < len(lines) and not lines[end].startswith("["):

@@ -508,3 +508,89 @@ class ReloadInFlight(unittest.TestCase):
             reactor, lambda: len(scene.ts.connections) <= 1, 3.0),
             "the replaced introspection client left %d connections open"
             % (len(scene.ts.connections) - 1))
+
+
+class MintedFromHostileJSON(unittest.TestCase):
+    """``response = json``: phantomd signs the JWT itself from the token
+    service's RFC 7662 answer, so what it signs is its own word.  A claim
+    of the wrong JSON type must not be signed as if it were valid (RFC
+    7519 section 4.1, RFC 9068 section 2.2): the answer is refused (502) or
+    the claim is left out -- never a signed ``sub`` that is an object."""
+
+    timeout = 15
+
+    async def scene(self):
+        import json as jsonlib
+        import os
+        from jwcrypto import jwk
+        key = jwk.JWK.generate(kty="EC", crv="P-256", kid="robust",
+                               alg="ES256", use="sig")
+        path = os.path.abspath(self.mktemp())
+        with open(path, "w") as f:
+            f.write(jsonlib.dumps({"keys": [jsonlib.loads(
+                key.export_private())]}))
+        return await Scene.build(self, reactor, response="json", minting={
+            "key_file": path, "issuer": "https://gateway.example.test"})
+
+    async def minted(self, scene, document):
+        """(status, claims of the JWT the API received or None)."""
+        from .fakes import jwt_claims
+        token = new_token()
+        scene.ts.behaviour = json_reply(document, "max-age=60")
+        before = len(scene.api.requests)
+        r = await scene.get(token)
+        if r.status != 200:
+            self.assertEqual(len(scene.api.requests), before)
+            return r.status, None
+        auth = scene.api.requests[-1].header(b"authorization")[0]
+        return r.status, jwt_claims(auth.split()[1].decode())
+
+    @async_test
+    async def test_registered_claims_keep_their_types(self):
+        scene = await self.scene()
+        for document in ({"active": True, "sub": 123},
+                         {"active": True, "sub": {"a": 1}},
+                         {"active": True, "username": {"a": 1}},
+                         {"active": True, "username": ["u"]},
+                         {"active": True, "aud": {"x": 1}},
+                         {"active": True, "aud": ["api", 5]},
+                         {"active": True, "scope": ["read", 5]},
+                         {"active": True, "scope": 7},
+                         {"active": True, "client_id": ["c"]},
+                         {"active": True, "iss": 1}):
+            status, claims = await self.minted(scene, document)
+            if status == 502:
+                continue
+            self.assertEqual(status, 200, document)
+            for name in ("sub", "scope", "client_id", "iss", "jti"):
+                if name in claims:
+                    self.assertIsInstance(claims[name], str, "%r signed "
+                                          "as %r" % (document, claims))
+            aud = claims.get("aud", "")
+            self.assertTrue(isinstance(aud, str) or (
+                isinstance(aud, list) and all(isinstance(a, str)
+                                              for a in aud)),
+                (document, claims))
+
+    @async_test
+    async def test_not_yet_valid_answer_is_not_minted_valid_now(self):
+        """An answer with ``nbf`` an hour ahead: refused, or the minted
+        JWT keeps that nbf so the API refuses it too."""
+        import time
+        scene = await self.scene()
+        nbf = int(time.time()) + 3600
+        status, claims = await self.minted(scene, {
+            "active": True, "sub": "u", "nbf": nbf, "exp": nbf + 600})
+        if status == 200:
+            self.assertGreaterEqual(claims.get("nbf", 0), nbf, claims)
+        else:
+            self.assertIn(status, (401, 502))
+
+    @async_test
+    async def test_unusable_answers(self):
+        scene = await self.scene()
+        for document in (b'{"active": tru', b"[]", {"sub": "x"},
+                         {"active": "true"}, {"active": 1},
+                         {"active": True, "exp": "soon"}):
+            status, _ = await self.minted(scene, document)
+            self.assertEqual(status, 502, document)
