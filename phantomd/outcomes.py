@@ -40,10 +40,13 @@ class Reject:
     retry_after: Optional[int] = None
     token_id: str = ""
     cache: str = ""
+    #: False for data-path errors (framing, limits): the request's bearer
+    #: credentials were never looked at, so no challenge is owed.
+    bearer: bool = True
 
     def challenge(self, realm: str) -> bytes:
         """The ``WWW-Authenticate`` value, or ``b""`` where none applies."""
-        if self.status not in (400, 401, 403):
+        if not self.bearer or self.status not in (400, 401, 403):
             return b""
         params = [("realm", realm)]
         if self.error is not None:
@@ -96,7 +99,8 @@ def _quote(value: str) -> str:
 
 def error_response(status: int, error: str, description: str) -> Reject:
     """A data-path error (framing, timeouts, upstream faults): no challenge."""
-    return Reject(status=status, error=error, description=description)
+    return Reject(status=status, error=error, description=description,
+                  bearer=False)
 
 
 # -- what the introspector answers (before the gate decides) -----------------

@@ -460,14 +460,6 @@ class DataPathRows(GatewayCase):
             body=b"0\r\n\r\n"), 400)
         self.assertError(r, 400, "invalid_request")
 
-    test_framing_400_has_no_bearer_challenge.todo = (
-        "defect: phantomd/http/server.py FrontProtocol._answer_error builds "
-        "its answer with outcomes.error_response(...).headers(realm), and "
-        "Reject.challenge adds a Bearer challenge for every 400, so a "
-        "framing error says WWW-Authenticate: Bearer error=\"invalid_request\""
-        " although error_response's docstring promises no challenge for "
-        "data-path errors (408/414/431/505 have none)")
-
 
 # -- streaming ----------------------------------------------------------------
 
