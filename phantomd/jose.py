@@ -246,6 +246,29 @@ _COPIED_CLAIMS = ("sub", "scope", "client_id", "auth_time", "acr", "amr",
                   "username")
 
 
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) \
+        and math.isfinite(v)
+
+
+def _is_str_list(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+#: The JSON type each copied claim must have (RFC 7519, 7662, 9068): phantomd
+#: signs what it copies, so a claim of another type refuses the answer.
+_CLAIM_TYPES = {
+    "sub": _is_str, "scope": _is_str, "client_id": _is_str,
+    "username": _is_str, "acr": _is_str, "auth_time": _is_number,
+    "amr": _is_str_list,
+    "aud": lambda v: _is_str(v) or _is_str_list(v),
+}
+
+
 def _signing_alg(key: _jwk.JWK, where: str) -> str:
     kty = key.get("kty")
     if kty == "oct":
@@ -376,7 +399,10 @@ class Minter:
         (Django OAuth Toolkit does) get ``username``, else ``client_id`` (the
         RFC's advice for client-credentials tokens).  An answer whose ``exp``
         has passed raises
-        ``JOSEError("expired")``: an active token cannot be expired.
+        ``JOSEError("expired")``: an active token cannot be expired; one
+        whose ``nbf`` is still ahead, or that carries a claim of the wrong
+        JSON type (a numeric ``sub``, a list ``scope``...), raises too:
+        phantomd would be vouching for it with its own signature.
         """
         now = self._clock.seconds()
         iat = int(now)
@@ -388,6 +414,14 @@ class Minter:
             exp = min(exp, int(token_exp))
             if exp <= now:
                 raise JOSEError("expired")
+        nbf = introspection_claims.get("nbf")
+        if nbf is not None and not (_is_number(nbf) and nbf <= now + 30):
+            raise JOSEError("the token is not valid yet (nbf)")
+        for name, fits in _CLAIM_TYPES.items():
+            value = introspection_claims.get(name)
+            if value is not None and not fits(value):
+                raise JOSEError("claim %r has the wrong type (%s)"
+                                % (name, type(value).__name__))
         claims: dict[str, Any] = {
             "iss": self.issuer, "iat": iat, "exp": exp,
             "jti": secrets.token_urlsafe(18)}

@@ -191,6 +191,20 @@ class MinterTests(SynchronousTestCase):
             "username": "alice@x", "acr": "urn:mace:incommon:iap:silver",
             "iat": int(NOW), "exp": int(NOW) + 300})
 
+    def test_claims_of_the_wrong_type_are_not_signed(self):
+        for name, value in (("sub", 123), ("scope", ["read", 5]),
+                            ("scope", 7), ("client_id", ["c"]),
+                            ("username", {"a": 1}), ("aud", ["api", 5]),
+                            ("aud", {"x": 1}), ("auth_time", "yesterday"),
+                            ("amr", "pwd")):
+            with self.assertRaises(jose.JOSEError, msg=(name, value)):
+                self.minter().mint(dict(INTRO, **{name: value}))
+
+    def test_not_yet_valid_answer_is_not_minted(self):
+        with self.assertRaises(jose.JOSEError):
+            self.minter().mint(dict(INTRO, nbf=NOW + 3600))
+        self.minter().mint(dict(INTRO, nbf=NOW - 10))
+
     def test_sub_falls_back_to_username_then_client_id(self):
         intro = dict(INTRO)
         del intro["sub"]
