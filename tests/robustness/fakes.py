@@ -17,7 +17,6 @@ misbehave in ways a real HTTP library refuses to.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import socket
@@ -33,10 +32,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.trial.unittest import SkipTest
 
 LOOPBACK = "127.0.0.1"
-CLIENT_SECRET = "Robust-S3cret!zq"  # distinctive, so leak checks cannot miss it
+#: Distinctive, so a leak check cannot miss it.
+CLIENT_SECRET = "Robust-S3cret!zq"
 
 
-# -- JWTs and tokens ------------------------------------------------------------
+# -- JWTs and tokens ----------------------------------------------------------
 
 def b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
@@ -61,7 +61,8 @@ def make_jwt(claims: Optional[dict] = None, lifetime: int = 3600,
 
 def jwt_claims(jwt: str) -> dict:
     payload = jwt.split(".")[1]
-    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    return json.loads(base64.urlsafe_b64decode(
+        payload + "=" * (-len(payload) % 4)))
 
 
 def new_token(prefix: str = "opq") -> str:
@@ -69,7 +70,7 @@ def new_token(prefix: str = "opq") -> str:
     return "%s-%s" % (prefix, os.urandom(16).hex())
 
 
-# -- a small HTTP/1.1 request parser for the fakes ---------------------------------
+# -- a small HTTP/1.1 request parser for the fakes ----------------------------
 
 class BadFraming(Exception):
     pass
@@ -226,7 +227,7 @@ def _b(v) -> bytes:
     return v if isinstance(v, bytes) else str(v).encode("latin-1")
 
 
-# -- what a fake server does with one request --------------------------------------
+# -- what a fake server does with one request ---------------------------------
 
 class Behaviour:
     """One way to answer.  ``run(conn, request)`` writes to ``conn`` and
@@ -396,7 +397,7 @@ class _Pump:
             conn.write(b"%x\r\n%s\r\n" % (n, data) if spec.chunked else data)
 
 
-# -- the fake servers ----------------------------------------------------------------
+# -- the fake servers ---------------------------------------------------------
 
 class ServerConnection(protocol.Protocol):
     """One connection to a fake server; parses requests one at a time."""
@@ -423,8 +424,8 @@ class ServerConnection(protocol.Protocol):
             self.queue.extend(self.parser.feed(data))
         except (BadFraming, ValueError) as e:
             self.server.framing_errors.append(str(e))
-            self.transport.write(response_head(400, [(b"Content-Length", 0),
-                                                     (b"Connection", b"close")]))
+            self.transport.write(response_head(400, [
+                (b"Content-Length", 0), (b"Connection", b"close")]))
             self.transport.loseConnection()
             return
         self._next()
@@ -602,7 +603,8 @@ class TokenService(FakeServer):
         self.response = response
         self.behaviour = None
         self.tokens: dict = {}
-        self.default: Behaviour = Reply(204, ((b"Cache-Control", b"no-store"),))
+        self.default: Behaviour = Reply(
+            204, ((b"Cache-Control", b"no-store"),))
         self.cache_control = "max-age=300"
 
     def activate(self, token: str, jwt: Optional[str] = None,
@@ -656,7 +658,7 @@ def closed_port(reactor) -> int:
     return n
 
 
-# -- clients --------------------------------------------------------------------------
+# -- clients ------------------------------------------------------------------
 
 @dataclass
 class Response:
@@ -916,7 +918,8 @@ class UploadPump:
 
 def request_bytes(method: str = "GET", target: str = "/resource",
                   token: Optional[str] = None, headers=(), body: bytes = b"",
-                  close: bool = False, host: str = "api.example.test") -> bytes:
+                  close: bool = False,
+                  host: str = "api.example.test") -> bytes:
     lines = ["%s %s HTTP/1.1" % (method, target), "Host: %s" % host]
     out = [l.encode("latin-1") for l in lines]
     if token is not None:
@@ -1009,7 +1012,7 @@ async def get(reactor, port: int, token: Optional[str] = None,
             await client.closed
 
 
-# -- phantomd itself ---------------------------------------------------------------------
+# -- phantomd itself ----------------------------------------------------------
 
 BASE_INI = """\
 [phantomd]
@@ -1146,7 +1149,7 @@ def async_test(f):
     return run
 
 
-# -- phantomd in a process of its own (floods: its RSS is then its own) -----------
+# -- phantomd in a process of its own (floods: its RSS is then its own) -------
 
 def serve_gateway(ini_path: str) -> None:
     """Entry point of the child process: run a Gateway from ``ini_path``
@@ -1268,7 +1271,7 @@ async def spawn_gateway(testcase, reactor, ini_text: str) -> GatewayProcess:
     return proc
 
 
-# -- TLS ----------------------------------------------------------------------------
+# -- TLS ----------------------------------------------------------------------
 
 def self_signed(directory: str) -> tuple:
     """A throw-away self-signed certificate for 127.0.0.1, generated now;

@@ -66,7 +66,8 @@ class MalformedRequestLines(Hostile):
     @async_test
     async def test_malformed_request_lines(self):
         await self.scene()
-        for line in (b"GET /resource", b"GET /resource HTTP/1.1 extra", b"GET\t/ HTTP/1.1",
+        for line in (b"GET /resource", b"GET /resource HTTP/1.1 extra",
+                     b"GET\t/ HTTP/1.1",
                      b"G@T / HTTP/1.1", b"GET / HTTP/1.1x",
                      b"GET / FTP/1.1", b"\x16\x03\x01\x02\x00\x01\x00",
                      b"GET /a b HTTP/1.1", b"GET /\x00 HTTP/1.1"):

@@ -30,7 +30,8 @@ from .fakes import (
     request_bytes,
 )
 
-B64TOKEN = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/"
+B64TOKEN = ("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+            "0123456789-._~+/")
 SPOOFED = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host",
            "Forwarded", "x-forwarded-for", "X-FORWARDED-HOST")
 
