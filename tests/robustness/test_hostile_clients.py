@@ -139,6 +139,17 @@ class HeaderSection(Hostile):
         await self.refused(self.head(b"GET / HTTP/1.1", b"X-A: a\x00b"))
 
     @async_test
+    async def test_del_in_header_value(self):
+        """DEL is not a field-vchar (RFC 9110 section 5.5): a framing
+        error, whatever header carries it -- the token included."""
+        await self.scene()
+        await self.refused(self.head(b"GET / HTTP/1.1",
+                                     b"X-A: tok\x7fen"))
+        await self.refused(b"GET / HTTP/1.1\r\nHost: x\r\nAuthorization: "
+                           b"Bearer tok\x7fen\r\n\r\n")
+        self.assertEqual(self.s.ts.calls, 0)
+
+    @async_test
     async def test_bare_cr_in_header_value(self):
         await self.scene()
         await self.refused(self.head(b"GET / HTTP/1.1", b"X-A: a\rb"))
@@ -209,8 +220,6 @@ class Credentials(Hostile):
         await self.answered([b"Authorization: Bearer a b"], 400,
                             b"invalid_request")
         await self.answered([b"Authorization: Bearer a,b"], 400,
-                            b"invalid_request")
-        await self.answered([b"Authorization: Bearer tok\x7fen"], 400,
                             b"invalid_request")
         await self.answered([b"Authorization: Bearer abc",
                              b"Authorization: Bearer abc"], 400,
