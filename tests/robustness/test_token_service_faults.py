@@ -594,3 +594,49 @@ class MintedFromHostileJSON(unittest.TestCase):
                          {"active": True, "exp": "soon"}):
             status, _ = await self.minted(scene, document)
             self.assertEqual(status, 502, document)
+
+
+class Redirects(unittest.TestCase):
+    """A redirect from the token service is never followed: a 307/308
+    would re-send the token (and credentials) elsewhere, and any redirect
+    would let another server's answer decide who is let in."""
+
+    timeout = 10
+
+    @async_test
+    async def test_redirects_are_not_followed(self):
+        from .fakes import TokenService
+        scene = await Scene.build(self, reactor)
+        evil = TokenService(reactor)
+        evil_port = evil.listen()
+        self.addCleanup(evil.stop)
+        evil.behaviour = lambda req: jwt_reply(make_jwt())
+        for status in (301, 302, 303, 307, 308):
+            token = new_token()
+            scene.ts.behaviour = Reply(status, (
+                (b"Location", b"http://127.0.0.1:%d/steal" % evil_port),))
+            r = await scene.get(token)
+            self.assertEqual(r.status, 502, "HTTP %d: %r" % (status, r.body))
+            self.assertEqual(evil.requests, [], "followed a %d" % status)
+        self.assertEqual(scene.api.requests, [])
+
+
+class RetryAfter(unittest.TestCase):
+    """The token service's Retry-After reaches clients as a small whole
+    number of seconds, whatever it said (a hostile or broken value must
+    not tell every client to go away for a year, nor be echoed raw)."""
+
+    timeout = 10
+
+    @async_test
+    async def test_retry_after_is_sane(self):
+        scene = await Scene.build(self, reactor)
+        for value in (b"7", b"999999999999", b"-5", b"soon", b"1e9",
+                      b"Wed, 21 Oct 2099 07:28:00 GMT", b"0", b"\t3 "):
+            scene.ts.behaviour = Reply(503, ((b"Retry-After", value),))
+            r = await scene.get(new_token())
+            self.assertEqual(r.status, 503)
+            after = r.header(b"retry-after")
+            self.assertEqual(len(after), 1, value)
+            self.assertTrue(after[0].isdigit(), (value, after))
+            self.assertTrue(1 <= int(after[0]) <= 3600, (value, after))
