@@ -235,6 +235,35 @@ class Credentials(Hostile):
                             b"invalid_request")
 
     @async_test
+    async def test_header_spelling_variants_are_one_credential(self):
+        """Header names are case-insensitive and OWS is optional: each of
+        these is the same token, introspected once, and forwarded."""
+        await self.scene()
+        for line in (b"AUTHORIZATION: Bearer %s", b"authorization:Bearer %s",
+                     b"Authorization: Bearer  %s",
+                     b"Authorization:\tBearer %s",
+                     b"Authorization: Bearer %s \t"):
+            client = await self.send(self.head(
+                b"GET /v HTTP/1.1", line % self.token.encode(),
+                b"Connection: close", token=False))
+            self.assertEqual([r.status for r in client.responses()], [200],
+                             line)
+        self.assertEqual(self.s.ts.calls, 1)
+        for up in self.s.api.requests:
+            self.assertEqual(up.header(b"authorization"),
+                             [b"Bearer " + self.jwt.encode()])
+
+    @async_test
+    async def test_proxy_authorization_is_not_forwarded(self):
+        await self.scene()
+        client = await self.send(self.head(
+            b"GET /p HTTP/1.1", b"Proxy-Authorization: Basic c2VjcmV0",
+            b"Connection: close"))
+        self.assertEqual([r.status for r in client.responses()], [200])
+        self.assertEqual(
+            self.s.api.requests[0].header(b"proxy-authorization"), [])
+
+    @async_test
     async def test_scheme_is_case_insensitive(self):
         await self.scene()
         client = await self.send(self.head(
