@@ -233,3 +233,41 @@ class Invariants(unittest.TestCase):
                              repr(token_sent))
         self.assertEqual(sorted(set(r.token for r in s.ts.requests)),
                          ["wsA", "wsa"])
+
+
+class ConcurrentInvariants(unittest.TestCase):
+    timeout = 20
+
+    @async_test
+    async def test_out_of_order_answers_are_never_cross_wired(self):
+        """60 clients, 60 tokens (some shared), answers arriving in a
+        drawn order: each request reaches the API with its own token's
+        JWT, whatever order the token service answered in."""
+        from twisted.internet import defer
+        from .fakes import Delayed, get
+        s = await Scene.build(self, reactor, introspection={
+            "max_in_flight": "64", "timeout": "3"})
+        plan = draw(st.lists(st.tuples(st.integers(0, 39),
+                                       st.integers(0, 200)),
+                             min_size=60, max_size=60), 1)[0]
+        tokens = ["Zq9Xw7cc%02d" % i for i in range(40)]
+        issued = {t: make_jwt({"n": t}) for t in tokens}
+        delays = {}
+        for index, delay_ms in plan:
+            delays.setdefault(tokens[index], delay_ms / 1000)
+
+        def answer(req):
+            return Delayed(delays.get(req.token, 0), jwt_reply(
+                issued[req.token], "max-age=60"))
+        s.ts.behaviour = answer
+        rs = await defer.gatherResults([defer.ensureDeferred(get(
+            reactor, s.front, tokens[index], target="/c%d/%d" % (i, index)))
+            for i, (index, _) in enumerate(plan)])
+        self.assertEqual({r.status for r in rs}, {200})
+        self.assertEqual(len(s.api.requests), 60)
+        for up in s.api.requests:
+            index = int(up.target.split(b"/")[2])
+            self.assertEqual(up.header(b"authorization"),
+                             [b"Bearer " + issued[tokens[index]].encode()],
+                             up.target)
+        self.assertEqual(s.ts.calls, len(delays))
