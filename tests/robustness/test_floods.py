@@ -301,3 +301,35 @@ class LogFloods(unittest.TestCase):
         by_source = await self.warnings_during(s, lambda: s.get(token))
         self.assertLessEqual(sum(by_source.values()), self.BOUND,
                              dict(by_source))
+
+
+class StopUnderLoad(unittest.TestCase):
+    timeout = 15
+
+    @async_test
+    async def test_stop_drains_requests_in_flight(self):
+        """stop() while 30 requests wait on a slow API: each still gets its
+        answer (drain_timeout 2 s > 0.3 s), new clients are refused, and
+        nothing is left open behind."""
+        from twisted.internet.error import ConnectionRefusedError
+        from .fakes import Reply, get
+        s = await Scene.build(self, reactor, phantomd={"drain_timeout": "2"})
+        token, _ = s.good_token()
+        self.assertEqual((await s.get(token)).status, 200)
+        s.api.behaviour = Delayed(0.3, Reply(200, body=b"late"))
+        pending = [defer.ensureDeferred(s.get(token)) for _ in range(30)]
+        await wait_for(reactor, lambda: len(s.api.requests) == 31, 3.0)
+        stopped = defer.ensureDeferred(_stop(s.gw.gateway))
+        rs = await defer.gatherResults(pending)
+        self.assertEqual([(r.status, r.body) for r in rs],
+                         [(200, b"late")] * 30)
+        await stopped
+        with self.assertRaises(ConnectionRefusedError):
+            await get(reactor, s.front, token)
+        self.assertTrue(await wait_for(
+            reactor, lambda: not s.api.connections and not
+            s.ts.connections, 3.0), "connections left open after stop()")
+
+
+async def _stop(gateway):
+    await gateway.stop()
