@@ -331,5 +331,30 @@ class StopUnderLoad(unittest.TestCase):
             s.ts.connections, 3.0), "connections left open after stop()")
 
 
+    @async_test
+    async def test_stop_gives_up_after_drain_timeout(self):
+        """Requests the API never answers do not hold stop() for ever:
+        after drain_timeout their clients are cut off and stop() ends."""
+        from .fakes import Hang
+        s = await Scene.build(self, reactor, phantomd={
+            "drain_timeout": "0.5", "upstream_timeout": "30"})
+        token, _ = s.good_token()
+        s.api.behaviour = Hang()
+        clients = [await connect_raw(reactor, s.front) for _ in range(5)]
+        for c in clients:
+            self.addCleanup(lambda c=c: c.is_closed or
+                            c.transport.abortConnection())
+            c.send(request_bytes(token=token))
+        await wait_for(reactor, lambda: len(s.api.requests) == 5, 3.0)
+        stopped = defer.ensureDeferred(_stop(s.gw.gateway))
+        self.assertTrue(await wait_for(reactor, lambda: stopped.called, 5.0),
+                        "stop() still waiting 5 s after drain_timeout 0.5")
+        self.assertTrue(await wait_for(reactor, lambda: all(
+            c.is_closed for c in clients), 2.0))
+        self.assertTrue(await wait_for(
+            reactor, lambda: not s.api.connections, 3.0),
+            "upstream connections left open after stop()")
+
+
 async def _stop(gateway):
     await gateway.stop()
