@@ -23,7 +23,6 @@ above decide that.
 from __future__ import annotations
 
 import json
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Callable, Optional, Union
 from urllib.parse import urlencode
 
@@ -34,18 +33,12 @@ from twisted.internet.defer import (CancelledError, Deferred, maybeDeferred,
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.error import SchemeNotSupported
+from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer
-from treq.client import HTTPClient
-from zope.interface import implementer
 
 from phantomd import tokens
 from phantomd.clientauth import ClientAuth
+from phantomd.http.client import AnswerTooLarge, HTTPClient
 from phantomd.outcomes import Active, Inactive, IntrospectionFailed
 
 log = Logger()
@@ -526,200 +519,26 @@ class _Exchange:
             self.result.callback(result)
 
 
-class AnswerTooLarge(Exception):
-    """The token service sent more bytes for one answer than phantomd reads
-    (an endless response head, say); the connection was aborted."""
+def make_http_client(reactor: Any, settings: Any) -> HTTPClient:
+    """The HTTP client the introspector (and the token service's key set)
+    uses in production: phantomd.http.client, lean and pooled.
 
-    def __str__(self) -> str:
-        return ("answer larger than %d bytes on the wire (head and body)"
-                % self.args[0])
-
-
-class _BoundedReceive(ProtocolWrapper):
-    """Counts the bytes received since phantomd last wrote on the connection
-    -- one answer, as the client never pipelines -- and aborts the
-    connection past the factory's ``limit``.
-
-    Twisted's HTTP client keeps every response header line it is sent
-    (a single line is capped, their number is not), so without this an
-    endless response head would grow memory until the timeout.
-    """
-
-    _received = 0
-    _over = False
-
-    def write(self, data: bytes) -> None:
-        self._received = 0
-        super().write(data)
-
-    def writeSequence(self, data: Any) -> None:
-        self._received = 0
-        super().writeSequence(data)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._over:
-            return
-        self._received += len(data)
-        if self._received > self.factory.limit:
-            self._over = True
-            self.transport.abortConnection()
-            return
-        super().dataReceived(data)
-
-    def connectionLost(self, reason: Failure) -> None:
-        if self._over:
-            reason = Failure(AnswerTooLarge(self.factory.limit))
-        super().connectionLost(reason)
-
-
-class _BoundedFactory(WrappingFactory):
-    protocol = _BoundedReceive
-
-    def __init__(self, wrapped: Any, limit: int) -> None:
-        super().__init__(wrapped)
-        self.limit = limit
-
-
-@implementer(IStreamClientEndpoint)
-class _BoundedEndpoint:
-    def __init__(self, endpoint: Any, limit: int) -> None:
-        self._endpoint = endpoint
-        self._limit = limit
-
-    def connect(self, factory: Any) -> Deferred:
-        d = self._endpoint.connect(_BoundedFactory(factory, self._limit))
-        return d.addCallback(lambda wrapper: wrapper.wrappedProtocol)
-
-
-class _ClosablePool(HTTPConnectionPool):
-    """A pool that, once closed, closes connections handed back to it
-    instead of keeping them."""
-
-    closed = False
-
-    def _putConnection(self, key: Any, connection: Any) -> None:
-        if self.closed:
-            connection.transport.loseConnection()
-            return
-        super()._putConnection(key, connection)
-
-
-@implementer(IAgentEndpointFactory)
-class _EndpointFactory:
-    """TCP for http, TLS per phantomd.tls for https, each connection
-    bounded by ``_BoundedReceive``.
-
-    Endpoints are reused per (scheme, host, port) -- the Agent asks for one
-    on every request, and building a ``HostnameEndpoint`` is not free; at
-    ``MAX_ENDPOINTS`` the map is emptied and refilled.
-    """
-
-    MAX_ENDPOINTS = 16
-
-    def __init__(self, reactor: Any, policy: Any, connect_timeout: float,
-                 limit: int) -> None:
-        self._reactor = reactor
-        self._policy = policy
-        self._timeout = connect_timeout
-        self._limit = limit
-        self._endpoints: dict[tuple, _BoundedEndpoint] = {}
-
-    def endpointForURI(self, uri: Any) -> Any:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._endpoints.get(key)
-        if endpoint is None:
-            if len(self._endpoints) >= self.MAX_ENDPOINTS:
-                self._endpoints.clear()
-            endpoint = self._endpoints[key] = self._endpoint(uri)
-        return endpoint
-
-    def _endpoint(self, uri: Any) -> "_BoundedEndpoint":
-        try:
-            host = uri.host.decode("ascii")
-        except UnicodeDecodeError:
-            raise ValueError("non-ASCII host %r" % (uri.host,))
-        endpoint: Any = HostnameEndpoint(self._reactor, host, uri.port,
-                                         timeout=self._timeout)
-        if uri.scheme == b"https":
-            endpoint = wrapClientTLS(
-                self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
-        elif uri.scheme != b"http":
-            raise SchemeNotSupported("unsupported scheme %r" % (uri.scheme,))
-        return _BoundedEndpoint(endpoint, self._limit)
-
-
-@implementer(IBodyProducer)
-class _BytesProducer:
-    """A request body already in memory, written in one go (no cooperator,
-    so no global reactor)."""
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: Any) -> Deferred:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-def _refuse_cookies() -> CookieJar:
-    """A cookie jar that stores nothing: introspection is stateless, and a
-    token service setting cookies must not grow phantomd's memory."""
-    return CookieJar(DefaultCookiePolicy(allowed_domains=[]))
-
-
-def make_http_client(reactor: Any, settings: Any) -> "PooledHTTPClient":
-    """The treq client the introspector uses in production.
-
-    One persistent pool keeps up to ``max_in_flight`` idle connections to
-    the token service (the coalescer never runs more at once), closing idle
-    ones after ``IDLE_CONNECTION_SECONDS``; an answer (head and body, with
-    chunk framing) longer than twice ``max_response_bytes`` plus
-    ``MAX_HEAD_BYTES`` on the wire aborts its connection; TLS is verified per
-    phantomd.tls, presenting ``client_cert`` when configured.  Raises
-    ValueError for unusable CA/certificate/key files.  ``close()`` closes
-    the pool.
+    Up to ``max_in_flight`` idle connections to the token service are kept
+    (the coalescer never runs more at once) and closed after
+    ``IDLE_CONNECTION_SECONDS``; an answer (head and body, with chunk
+    framing) longer than twice ``max_response_bytes`` plus
+    ``MAX_HEAD_BYTES`` on the wire aborts its connection; connecting takes
+    at most ``timeout``; TLS is verified per phantomd.tls, presenting
+    ``client_cert`` when configured.  Redirects are never followed, cookies
+    never kept.  Raises ValueError for unusable CA/certificate/key files.
+    ``close()`` closes the idle connections, and those in flight when their
+    exchange ends.
     """
     from phantomd import tls
     policy = tls.ClientPolicy(settings.ca_file, settings.client_cert,
                               settings.client_key)
-    pool = _ClosablePool(reactor, persistent=True)
-    pool.maxPersistentPerHost = settings.max_in_flight
-    pool.cachedConnectionTimeout = IDLE_CONNECTION_SECONDS
-    pool.retryAutomatically = False
-    limit = 2 * settings.max_response_bytes + MAX_HEAD_BYTES
-    agent = Agent.usingEndpointFactory(
-        reactor, _EndpointFactory(reactor, policy, settings.timeout, limit),
-        pool=pool)
-    return PooledHTTPClient(agent, pool)
-
-
-class PooledHTTPClient(HTTPClient):
-    """A treq ``HTTPClient`` that owns its connection pool."""
-
-    def __init__(self, agent: Any, pool: HTTPConnectionPool) -> None:
-        super().__init__(agent, cookiejar=_refuse_cookies(),
-                         data_to_body_producer=_BytesProducer)
-        self.pool = pool
-
-    @property
-    def client(self) -> "PooledHTTPClient":
-        """This client itself, for callers that hold a (client, pool) pair
-        under ``.client``."""
-        return self
-
-    def close(self) -> Deferred:
-        """Close every pooled connection; fires when they are closed.
-        Connections still carrying a request close when it ends (a reload
-        replaces the client while introspections are in flight)."""
-        self.pool.closed = True
-        return self.pool.closeCachedConnections()
+    return HTTPClient(
+        reactor, policy, connect_timeout=settings.timeout,
+        max_idle=settings.max_in_flight,
+        idle_timeout=IDLE_CONNECTION_SECONDS,
+        max_answer_bytes=2 * settings.max_response_bytes + MAX_HEAD_BYTES)

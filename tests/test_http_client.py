@@ -1,0 +1,480 @@
+"""phantomd.http.client: parsing rows over StringTransport (a memory
+reactor stands in for the network), then pooling and TLS over real
+loopback sockets."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from twisted.web.client import (ResponseDone, ResponseFailed,
+                                ResponseNeverReceived)
+from twisted.web.iweb import UNKNOWN_LENGTH
+
+from phantomd import tls
+from phantomd.http.client import (AnswerTooLarge, HTTPClient,
+                                  MalformedAnswer)
+from tests.test_tls import PKI
+
+URL = "http://127.0.0.1:8080/introspect?x=1"
+
+
+class Body(protocol.Protocol):
+    """Collects a body and how it ended."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.reason: Optional[Failure] = None
+        self.ended = defer.Deferred()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore
+        assert self.reason is None, "connectionLost twice"
+        self.reason = reason
+        self.ended.callback(None)
+
+
+class MemoryTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.client = HTTPClient(self.reactor, None, connect_timeout=7,
+                                 max_idle=2, idle_timeout=4,
+                                 max_answer_bytes=4096)
+
+    def start(self, method: str = "POST", url: str = URL,
+              **kwargs: Any) -> tuple[defer.Deferred, Any, StringTransport]:
+        """A request on a new connection: its Deferred, the connection and
+        its transport (what the client wrote is in ``value()``)."""
+        kwargs.setdefault("data", b"token=x" if method == "POST" else None)
+        connecting = len(self.reactor.tcpClients)
+        d = self.client.request(method, url, **kwargs)
+        self.assertEqual(len(self.reactor.tcpClients), connecting + 1,
+                         "a pooled connection was used")
+        factory = self.reactor.tcpClients[-1][2]
+        conn = factory.buildProtocol(None)
+        transport = StringTransport()
+        conn.makeConnection(transport)
+        return d, conn, transport
+
+    def answer(self, pieces: list, method: str = "POST", lose: Any = None
+               ) -> tuple[Any, Body, Any, StringTransport]:
+        d, conn, transport = self.start(method)
+        results: list = []
+        d.addBoth(results.append)
+        for piece in pieces:
+            conn.dataReceived(piece)
+        if lose is not None:
+            conn.connectionLost(Failure(lose))
+        [response] = results
+        body = Body()
+        if not isinstance(response, Failure):
+            response.deliverBody(body)
+        return response, body, conn, transport
+
+    # -- the request --------------------------------------------------------
+
+    def test_request_bytes(self) -> None:
+        _, _, transport = self.start(
+            headers={b"Accept": [b"application/jwt"], "X-Two": ["a", "b"]})
+        self.assertEqual(transport.value(),
+                         b"POST /introspect?x=1 HTTP/1.1\r\n"
+                         b"Host: 127.0.0.1:8080\r\n"
+                         b"Accept: application/jwt\r\n"
+                         b"X-Two: a\r\nX-Two: b\r\n"
+                         b"Content-Length: 7\r\n\r\ntoken=x")
+        self.assertEqual(self.reactor.tcpClients[-1][:2], ("127.0.0.1", 8080))
+        self.assertEqual(self.reactor.tcpClients[-1][3], 7)  # connect timeout
+
+    def test_get_default_port(self) -> None:
+        _, _, transport = self.start("GET", "http://127.0.0.1/keys")
+        self.assertEqual(transport.value(), b"GET /keys HTTP/1.1\r\n"
+                         b"Host: 127.0.0.1\r\n\r\n")
+
+    def test_refused_requests(self) -> None:
+        for url, headers in [
+                ("ftp://127.0.0.1/x", None),
+                ("http:///x", None),
+                ("http://127.0.0.1/a b", None),
+                ("http://127.0.0.1/a\r\nX: 1", None),
+                (URL, {b"X-Evil": [b"a\r\nInjected: 1"]}),
+                (URL, {b"Bad\nName": [b"a"]}),
+                (URL, {b"Host": [b"elsewhere"]}),
+                (URL, {b"Content-Length": [b"1"]})]:
+            d = self.client.request("POST", url, data=b"", headers=headers)
+            self.failureResultOf(d)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    # -- answers, row by row --------------------------------------------------
+
+    ROWS = [
+        # name, pieces, lost with, code, body, end, pooled
+        ("content-length",
+         [b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"],
+         None, 200, b"abc", ResponseDone, True),
+        ("content-length, byte by byte",
+         [bytes([c]) for c in
+          b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"],
+         None, 200, b"abc", ResponseDone, True),
+        ("chunked",
+         [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+          b"2\r\nab\r\n", b"1\r\nc\r\n0\r\n\r\n"],
+         None, 200, b"abc", ResponseDone, True),
+        ("close-delimited",
+         [b"HTTP/1.1 200 OK\r\n\r\nab", b"c"],
+         ConnectionDone(), 200, b"abc", ResponseDone, False),
+        ("close-delimited, reset",
+         [b"HTTP/1.1 200 OK\r\n\r\nab", b"c"],
+         ConnectionLost(), 200, b"abc", ResponseFailed, False),
+        ("content-length cut short",
+         [b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc"],
+         ConnectionDone(), 200, b"abc", ResponseFailed, False),
+        ("chunked cut short",
+         [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc"],
+         ConnectionDone(), 200, b"abc", ResponseFailed, False),
+        ("interim 100 skipped",
+         [b"HTTP/1.1 100 Continue\r\n\r\n",
+          b"HTTP/1.1 204 No Content\r\n\r\n"],
+         None, 204, b"", ResponseDone, True),
+        ("304 has no body",
+         [b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"],
+         None, 304, b"", ResponseDone, True),
+        ("redirect is an answer",
+         [b"HTTP/1.1 302 Found\r\nLocation: http://evil/\r\n"
+          b"Content-Length: 0\r\n\r\n"],
+         None, 302, b"", ResponseDone, True),
+        ("connection: close",
+         [b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n"
+          b"\r\nx"],
+         None, 200, b"x", ResponseDone, False),
+        ("HTTP/1.0",
+         [b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx"],
+         None, 200, b"x", ResponseDone, False),
+        ("an extra answer nobody asked for",
+         [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"
+          b"HTTP/1.1 200 OK\r\n"],
+         None, 200, b"x", ResponseDone, False),
+    ]
+
+    def drain(self) -> None:
+        """Forget the pooled connections, so the next request connects."""
+        self.client.pool.close()
+        self.client.pool.closed = False
+
+    def test_rows(self) -> None:
+        for name, pieces, lose, code, data, end, pooled in self.ROWS:
+            self.drain()
+            response, body, conn, transport = self.answer(pieces, lose=lose)
+            self.assertEqual((response.code, body.data), (code, data), name)
+            self.assertIsNotNone(body.reason, name)
+            self.assertTrue(body.reason.check(end), (name, body.reason))
+            self.assertEqual(self.client.pool.idle_count(), int(pooled),
+                             name)
+            if lose is None:  # else the server closed it
+                self.assertEqual(transport.disconnecting, not pooled, name)
+
+    def test_headers_and_length(self) -> None:
+        response, body, _, _ = self.answer([
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/jwt\r\n"
+            b"Set-Cookie: a=1\r\nset-cookie: b=2\r\nContent-Length: 2\r\n"
+            b"\r\nok"])
+        self.assertEqual(response.headers.getRawHeaders(b"set-cookie"),
+                         [b"a=1", b"b=2"])
+        self.assertEqual(dict(response.headers.getAllRawHeaders())[
+            b"Content-Type"], [b"application/jwt"])
+        self.assertEqual((response.length, response.phrase), (2, b"OK"))
+        self.drain()
+        response, _, _, _ = self.answer(
+            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"])
+        self.assertIs(response.length, UNKNOWN_LENGTH)
+
+    def test_head_has_no_body(self) -> None:
+        response, body, _, transport = self.answer(
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"], method="HEAD")
+        self.assertEqual((response.length, body.data), (0, b""))
+        self.assertTrue(body.reason.check(ResponseDone))
+        self.assertTrue(transport.disconnecting)  # llhttp would wait
+
+    def test_garbled_answers_fail(self) -> None:
+        for pieces in ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n"],
+                       [b"HTTP/1.1 101 Switching Protocols\r\n\r\n"],
+                       [b"SMTP ready\r\n"],
+                       [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n"
+                        b"Content-Length: 2\r\n\r\n"]):
+            failure, _, _, transport = self.answer(pieces)
+            self.assertIsInstance(failure, Failure)
+            self.assertTrue(failure.check(ResponseFailed), failure)
+            [inner] = failure.value.reasons
+            self.assertTrue(inner.check(MalformedAnswer), inner)
+            self.assertTrue(transport.disconnecting)
+
+    def test_closed_before_answer(self) -> None:
+        failure, _, _, _ = self.answer([], lose=ConnectionDone())
+        self.assertTrue(failure.check(ResponseNeverReceived))
+        self.assertEqual(self.client.pool.idle_count(), 0)
+
+    # -- bounds --------------------------------------------------------------
+
+    def test_endless_head_cut_off(self) -> None:
+        d, conn, transport = self.start()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        sent = 0
+        while not transport.disconnecting:
+            conn.dataReceived(b"X-Many: header\r\n" * 16)
+            sent += 1
+            self.assertLess(sent, 100)
+        failure = self.failureResultOf(d, ResponseFailed)
+        self.assertTrue(failure.value.reasons[0].check(AnswerTooLarge))
+        self.assertIn("4096 bytes", str(failure.value.reasons[0].value))
+
+    def test_endless_header_line_cut_off(self) -> None:
+        d, conn, transport = self.start()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nX-Long: ")
+        while not transport.disconnecting:
+            conn.dataReceived(b"a" * 1000)
+        self.failureResultOf(d, ResponseFailed)
+
+    def test_body_past_the_bound(self) -> None:
+        response, body, _, transport = self.answer([
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9000\r\n\r\n" + b"a" * 4000,
+            b"a" * 4000])
+        self.assertTrue(transport.disconnecting)
+        self.assertTrue(body.reason.check(ResponseFailed))
+        self.assertTrue(body.reason.value.reasons[0].check(AnswerTooLarge))
+
+    def test_bound_counts_each_answer(self) -> None:
+        answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\n\r\n" + \
+            b"a" * 3000
+        response, body, conn, _ = self.answer([answer])
+        self.assertTrue(body.reason.check(ResponseDone))
+        d = self.client.request("POST", URL, data=b"t")
+        conn.dataReceived(answer)
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertEqual(len(self.reactor.tcpClients), 1)  # reused
+
+    # -- the body protocol ---------------------------------------------------
+
+    def test_body_buffered_until_delivered(self) -> None:
+        d, conn, _ = self.start()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\na")
+        conn.dataReceived(b"bc")
+        response = self.successResultOf(d)
+        self.assertEqual(self.client.pool.idle_count(), 1)
+        body = Body()
+        response.deliverBody(body)
+        self.assertEqual(body.data, b"abc")
+        self.assertTrue(body.reason.check(ResponseDone))
+
+    def test_stop_producing_drops_the_connection(self) -> None:
+        d, conn, transport = self.start()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab")
+        body = Body()
+        self.successResultOf(d).deliverBody(body)
+        body.transport.stopProducing()
+        self.assertTrue(transport.disconnecting)
+        self.assertIsNone(body.reason)  # not from inside stopProducing
+        conn.dataReceived(b"cdefghi")
+        self.reactor.advance(0)
+        self.assertTrue(body.reason.check(ResponseFailed))
+        self.assertEqual(body.data, b"ab")
+        self.assertEqual(self.client.pool.idle_count(), 0)
+
+    # -- cancelling ----------------------------------------------------------
+
+    def test_cancel_while_connecting(self) -> None:
+        d = self.client.request("POST", URL, data=b"t")
+        connector = self.reactor.connectors[-1]
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(connector.stoppedConnecting)
+
+    def test_cancel_after_sending(self) -> None:
+        d, conn, transport = self.start()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\n")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(transport.disconnecting)
+        conn.dataReceived(b"Content-Length: 0\r\n\r\n")
+        self.assertEqual(self.client.pool.idle_count(), 0)
+
+    # -- the pool -------------------------------------------------------------
+
+    def test_reuse_and_no_cookies(self) -> None:
+        response, body, conn, transport = self.answer([
+            b"HTTP/1.1 200 OK\r\nSet-Cookie: s=1\r\nContent-Length: 0\r\n\r\n"])
+        transport.clear()
+        d = self.client.request("POST", URL, data=b"t")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertNotIn(b"cookie", transport.value().lower())
+        conn.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).code, 204)
+
+    def test_idle_connections_bounded(self) -> None:
+        started = [self.start() for _ in range(3)]
+        for d, conn, _ in started:
+            conn.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+            self.successResultOf(d)
+        self.assertEqual(self.client.pool.idle_count(), 2)
+        self.assertEqual([t.disconnecting for _, _, t in started],
+                         [False, False, True])
+
+    def test_idle_connections_expire(self) -> None:
+        _, _, conn, transport = self.answer(
+            [b"HTTP/1.1 204 No Content\r\n\r\n"])
+        self.reactor.advance(3)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(1)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.client.pool.idle_count(), 0)
+
+    def test_idle_connection_expired_when_picked(self) -> None:
+        _, _, conn, transport = self.answer(
+            [b"HTTP/1.1 204 No Content\r\n\r\n"])
+        self.reactor.rightNow += 5  # the timer has not run yet
+        self.client.request("POST", URL, data=b"t")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_unasked_bytes_on_idle_connection(self) -> None:
+        _, _, conn, transport = self.answer(
+            [b"HTTP/1.1 204 No Content\r\n\r\n"])
+        conn.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        self.assertTrue(transport.disconnecting)
+        conn.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.client.pool.idle_count(), 0)
+
+    def test_close(self) -> None:
+        first, idle, idle_transport = self.start()
+        d, busy, busy_transport = self.start()
+        idle.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.successResultOf(first)
+        closed = self.client.close()
+        self.assertTrue(idle_transport.disconnecting)
+        self.assertNoResult(closed)
+        idle.connectionLost(Failure(ConnectionDone()))
+        self.successResultOf(closed)
+        busy.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).code, 204)
+        self.assertTrue(busy_transport.disconnecting)
+        self.assertEqual(self.client.pool.idle_count(), 0)
+
+
+class Counting(protocol.Factory):
+    """A raw HTTP/1.1 server: answers every request with 200 and a body;
+    counts connections."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        self.connections += 1
+        return Answering()
+
+
+class Answering(protocol.Protocol):
+    def connectionMade(self) -> None:
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\r\n\r\n" in self.buffer:
+            head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            self.buffer = self.buffer[length:]
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+                                 b"\r\nhello")
+
+
+class LoopbackTests(unittest.TestCase):
+    def client(self, policy: Any = None) -> HTTPClient:
+        client = HTTPClient(reactor, policy, connect_timeout=5, max_idle=4,
+                            idle_timeout=4, max_answer_bytes=65536)
+        self.addCleanup(client.close)
+        return client
+
+    def listen(self, factory: Any, tls_options: Any = None) -> int:
+        if tls_options is None:
+            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        else:
+            port = reactor.listenSSL(0, factory, tls_options,
+                                     interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    @defer.inlineCallbacks
+    def fetch(self, client: HTTPClient, url: str) -> Any:
+        response = yield client.request("POST", url, data=b"token=x")
+        body = Body()
+        response.deliverBody(body)
+        yield body.ended
+        self.assertTrue(body.reason.check(ResponseDone), body.reason)
+        return response.code, body.data
+
+    @defer.inlineCallbacks
+    def test_sequential_requests_share_a_connection(self):
+        factory = Counting()
+        url = "http://127.0.0.1:%d/introspect" % self.listen(factory)
+        client = self.client()
+        for _ in range(3):
+            result = yield self.fetch(client, url)
+            self.assertEqual(result, (200, b"hello"))
+        self.assertEqual(factory.connections, 1)
+        self.assertEqual(client.pool.idle_count(), 1)
+        yield client.close()
+        self.assertEqual(client.pool.idle_count(), 0)
+
+    @defer.inlineCallbacks
+    def test_concurrent_requests_and_no_delay(self):
+        factory = Counting()
+        url = "http://127.0.0.1:%d/" % self.listen(factory)
+        client = self.client()
+        results = yield defer.gatherResults(
+            [self.fetch(client, url) for _ in range(3)])
+        self.assertEqual(results, [(200, b"hello")] * 3)
+        self.assertEqual(client.pool.idle_count(), 3)
+        conn = client.pool.take(("http", "127.0.0.1", int(url.split(":")[2]
+                                                           .strip("/"))))
+        self.assertTrue(conn.transport.getTcpNoDelay())
+        conn.close()
+
+    @defer.inlineCallbacks
+    def test_tls_verified_with_client_certificate(self):
+        pki = PKI(self.mktemp())
+        cert, key, _ = pki.issue("token-service", dns=("localhost",))
+        port = self.listen(Counting(), pki.server_options(cert, key, True))
+        ccert, ckey, _ = pki.issue("gateway_client", client=True)
+        client = self.client(tls.ClientPolicy(pki.ca_file, ccert, ckey))
+        url = "https://localhost:%d/introspect" % port
+        result = yield self.fetch(client, url)
+        self.assertEqual(result, (200, b"hello"))
+        result = yield self.fetch(client, url)
+        self.assertEqual(client.pool.idle_count(), 1)
+
+    @defer.inlineCallbacks
+    def test_tls_wrong_name_refused(self):
+        pki = PKI(self.mktemp())
+        cert, key, _ = pki.issue("token-service", dns=("elsewhere.example",))
+        port = self.listen(Counting(), pki.server_options(cert, key, False))
+        client = self.client(tls.ClientPolicy(pki.ca_file))
+        with self.assertRaises(ResponseNeverReceived):
+            yield client.request("POST", "https://localhost:%d/" % port,
+                                 data=b"x")
+        self.assertEqual(client.pool.idle_count(), 0)
+
+    @defer.inlineCallbacks
+    def test_connection_refused(self):
+        port = reactor.listenTCP(0, protocol.Factory(), interface="127.0.0.1")
+        number = port.getHost().port
+        yield port.stopListening()
+        with self.assertRaises(Exception):
+            yield self.client().request("GET", "http://127.0.0.1:%d/" % number)
