@@ -97,6 +97,12 @@ class MemoryTests(unittest.TestCase):
         self.assertEqual(transport.value(), b"GET /keys HTTP/1.1\r\n"
                          b"Host: 127.0.0.1\r\n\r\n")
 
+    def test_ipv6_literal(self) -> None:
+        _, _, transport = self.start("GET", "http://[::1]:8080/k")
+        self.assertEqual(self.reactor.tcpClients[-1][:2], ("::1", 8080))
+        self.assertEqual(transport.value(), b"GET /k HTTP/1.1\r\n"
+                         b"Host: [::1]:8080\r\n\r\n")
+
     def test_refused_requests(self) -> None:
         for url, headers in [
                 ("ftp://127.0.0.1/x", None),
