@@ -6,6 +6,7 @@ the reactor as a parameter.
 
 from __future__ import annotations
 
+import os
 import signal
 
 from twisted.application import service
@@ -13,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from phantomd import config as configmod
+from phantomd.sdnotify import Notifier, NotifyService, where
 
 log = Logger()
 
@@ -51,11 +53,15 @@ class GatewayService(service.Service):
     """Runs one ``Gateway``; binds in ``privilegedStartService`` so that a
     listener that cannot bind stops twistd instead of being logged."""
 
-    def __init__(self, reactor, config, gateway_factory=None) -> None:
+    def __init__(self, reactor, config, gateway_factory=None,
+                 notifier=None) -> None:
         self.reactor = reactor
         self.config = config
         self.gateway = None
         self._factory = gateway_factory
+        # systemd notifications; a no-op without NOTIFY_SOCKET.
+        self.notifier = notifier if notifier is not None else Notifier(
+            reactor, {})
 
     def privilegedStartService(self) -> None:
         from phantomd.app import Gateway
@@ -78,6 +84,21 @@ class GatewayService(service.Service):
             self.reload))
 
     def reload(self) -> None:
+        """Tell systemd RELOADING=1, reload, then READY=1 whatever happened
+        (systemd waits for READY after RELOADING)."""
+        self.notifier.reloading()
+        try:
+            self._reload()
+        finally:
+            self.notifier.ready(self.describe())
+
+    def describe(self) -> str:
+        """STATUS= text for systemctl status."""
+        if self.gateway is None:
+            return "starting"
+        return "serving on %s" % where(self.gateway.front_ports)
+
+    def _reload(self) -> None:
         """Re-read the ini; on any mistake keep running on the old one."""
         path = self.config.path
         try:
@@ -102,5 +123,9 @@ def makeService(options) -> service.IService:
         from phantomd.demo import DemoService
         return DemoService(reactor)
     top = service.MultiService()
-    GatewayService(reactor, options["parsed"]).setServiceParent(top)
+    notifier = Notifier(reactor, os.environ)
+    gateway = GatewayService(reactor, options["parsed"], notifier=notifier)
+    gateway.setServiceParent(top)
+    # After the gateway: READY once it has bound, STOPPING before it drains.
+    NotifyService(notifier, gateway.describe, reactor).setServiceParent(top)
     return top
