@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 
 from phantomd import config as configmod
+from phantomd import logs
 from phantomd.sdnotify import Notifier, NotifyService, where
 
 log = Logger()
@@ -54,7 +56,7 @@ class GatewayService(service.Service):
     listener that cannot bind stops twistd instead of being logged."""
 
     def __init__(self, reactor, config, gateway_factory=None,
-                 notifier=None) -> None:
+                 notifier=None, logging=None) -> None:
         self.reactor = reactor
         self.config = config
         self.gateway = None
@@ -62,11 +64,16 @@ class GatewayService(service.Service):
         # systemd notifications; a no-op without NOTIFY_SOCKET.
         self.notifier = notifier if notifier is not None else Notifier(
             reactor, {})
+        # The log observer ([log] format) to switch on reload.
+        self.logging = logging
 
     def privilegedStartService(self) -> None:
         from phantomd.app import Gateway
         make = self._factory or Gateway
-        self.gateway = make(self.reactor, self.config)
+        access = logs.access_logger(self.config.log)
+        self.gateway = (make(self.reactor, self.config) if access is None
+                        else make(self.reactor, self.config,
+                                  access_log=access))
         failures = []
         self.gateway.start().addErrback(failures.append)
         if failures:
@@ -109,6 +116,8 @@ class GatewayService(service.Service):
                       "configuration: {error}", error=str(e))
             return
         self.config = new
+        if self.logging is not None:
+            self.logging.reconfigure(new.log)
 
     def stopService(self):
         super().stopService()
@@ -122,9 +131,12 @@ def makeService(options) -> service.IService:
     if options["demo"]:
         from phantomd.demo import DemoService
         return DemoService(reactor)
-    top = service.MultiService()
+    config = options["parsed"]
+    # Registers phantomd's observer ([log] format, journald) with twistd.
+    top = logs.ObservedService(config.log, sys.stdout, os.environ)
     notifier = Notifier(reactor, os.environ)
-    gateway = GatewayService(reactor, options["parsed"], notifier=notifier)
+    gateway = GatewayService(reactor, config, notifier=notifier,
+                             logging=top)
     gateway.setServiceParent(top)
     # After the gateway: READY once it has bound, STOPPING before it drains.
     NotifyService(notifier, gateway.describe, reactor).setServiceParent(top)
