@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from phantomd import config as configmod
-from phantomd import logs
+from phantomd import logs, workers
 from phantomd.sdnotify import Notifier, NotifyService, where
 
 log = Logger()
@@ -44,8 +44,10 @@ class Options(usage.Options):
         if not self["config"]:
             raise usage.UsageError("--config FILE is required (or --demo)")
         from phantomd import app
+        load = (workers.worker_config if workers.is_worker(os.environ)
+                else configmod.load)
         try:
-            self["parsed"] = configmod.load(self["config"])
+            self["parsed"] = load(self["config"])
             app.check(self["parsed"])
         except configmod.ConfigError as e:
             raise usage.UsageError(str(e))
@@ -56,7 +58,8 @@ class GatewayService(service.Service):
     listener that cannot bind stops twistd instead of being logged."""
 
     def __init__(self, reactor, config, gateway_factory=None,
-                 notifier=None, logging=None) -> None:
+                 notifier=None, logging=None, load=configmod.load,
+                 adopt=None) -> None:
         self.reactor = reactor
         self.config = config
         self.gateway = None
@@ -66,6 +69,10 @@ class GatewayService(service.Service):
             reactor, {})
         # The log observer ([log] format) to switch on reload.
         self.logging = logging
+        # How to read the ini, and in a worker how to adopt the listening
+        # sockets the parent passed (see phantomd.workers).
+        self._load = load
+        self._adopt = adopt
 
     def privilegedStartService(self) -> None:
         from phantomd.app import Gateway
@@ -75,7 +82,10 @@ class GatewayService(service.Service):
                         else make(self.reactor, self.config,
                                   access_log=access))
         failures = []
-        self.gateway.start().addErrback(failures.append)
+        started = (self.gateway.start() if self._adopt is None else
+                   self.gateway.start(
+                       front_ports=self._adopt(self.gateway.front)))
+        started.addErrback(failures.append)
         if failures:
             failures[0].raiseException()
         super().privilegedStartService()
@@ -109,7 +119,7 @@ class GatewayService(service.Service):
         """Re-read the ini; on any mistake keep running on the old one."""
         path = self.config.path
         try:
-            new = configmod.load(path)
+            new = self._load(path)
             self.gateway.reload(new)
         except configmod.ConfigError as e:
             log.error("reload refused, still running on the previous "
@@ -134,9 +144,23 @@ def makeService(options) -> service.IService:
     config = options["parsed"]
     # Registers phantomd's observer ([log] format, journald) with twistd.
     top = logs.ObservedService(config.log, sys.stdout, os.environ)
+    if workers.is_worker(os.environ):
+        workers.die_with_parent(os.environ)
+
+        def adopt(factory):
+            return workers.adopt(reactor, factory, os.environ)
+        load = workers.worker_config
+    elif config.phantomd.workers > 1:
+        # The parent: binds, runs and watches the workers, serves /metrics.
+        workers.Supervisor(reactor, config, os.environ,
+                           on_reload=lambda new: top.reconfigure(new.log)
+                           ).setServiceParent(top)
+        return top
+    else:
+        adopt, load = None, configmod.load
     notifier = Notifier(reactor, os.environ)
     gateway = GatewayService(reactor, config, notifier=notifier,
-                             logging=top)
+                             logging=top, load=load, adopt=adopt)
     gateway.setServiceParent(top)
     # After the gateway: READY once it has bound, STOPPING before it drains.
     NotifyService(notifier, gateway.describe, reactor).setServiceParent(top)
