@@ -23,7 +23,6 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from phantomd import config as configmod
 from phantomd import workers
-from phantomd.sdnotify import Notifier
 
 INI = """\
 [phantomd]
