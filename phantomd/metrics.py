@@ -53,13 +53,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r)
         self.cache_entries = Gauge(
             "phantomd_cache_entries", "Entries in the token cache.",
-            registry=r)
+            multiprocess_mode="livesum", registry=r)
         self.introspections_in_flight = Gauge(
             "phantomd_introspections_in_flight",
-            "Introspections waiting for the token service.", registry=r)
+            "Introspections waiting for the token service.",
+            multiprocess_mode="livesum", registry=r)
         self.connections = Gauge(
             "phantomd_client_connections", "Open client connections.",
-            registry=r)
+            multiprocess_mode="livesum", registry=r)
         # Pre-create every label value so dashboards see zeros, not gaps.
         # Label children looked up once: labels() is a measurable share of
         # a cache hit's CPU.
