@@ -27,23 +27,36 @@ from phantomd.metrics import Metrics
 log = Logger()
 
 
-def _upstream_tls(config: Config):
-    """TLS options for an https upstream; ConfigError for bad files."""
-    s = config.phantomd
-    parts = urlsplit(s.upstream)
+def _tls(config: Config, section: str, url: str, ca_file, client_cert,
+         client_key, keys: tuple[str, str]):
+    """TLS options for an https ``url``, None for http; a bad CA,
+    certificate or key file is a ConfigError naming the key."""
+    parts = urlsplit(url)
     if parts.scheme != "https":
         return None
     from phantomd import tls
     try:
-        return tls.client_tls_options(
-            parts.hostname, ca_file=s.upstream_ca_file,
-            client_cert=s.upstream_client_cert,
-            client_key=s.upstream_client_key)
+        return tls.client_tls_options(parts.hostname, ca_file=ca_file,
+                                      client_cert=client_cert,
+                                      client_key=client_key)
     except ValueError as e:
-        key = "upstream_ca_file"
-        if s.upstream_client_cert and "ca" not in str(e).lower():
-            key = "upstream_client_cert"
-        raise ConfigError(config.path, "phantomd", key, str(e))
+        ca_key, cert_key = keys
+        raise ConfigError(config.path, section,
+                          cert_key if client_cert and "ca" not in
+                          str(e).lower() else ca_key, str(e))
+
+
+def _upstream_tls(config: Config):
+    s = config.phantomd
+    return _tls(config, "phantomd", s.upstream, s.upstream_ca_file,
+                s.upstream_client_cert, s.upstream_client_key,
+                ("upstream_ca_file", "upstream_client_cert"))
+
+
+def _introspection_tls(config: Config):
+    i = config.introspection
+    return _tls(config, "introspection", i.url, i.ca_file, i.client_cert,
+                i.client_key, ("ca_file", "client_cert"))
 
 
 def _minter(clock, config: Config):
@@ -74,22 +87,6 @@ def check(config: Config) -> None:
         except ValueError as e:
             raise ConfigError(config.path, "introspection",
                               "private_key_file", str(e))
-
-
-def _introspection_tls(config: Config):
-    i = config.introspection
-    parts = urlsplit(i.url)
-    if parts.scheme != "https":
-        return None
-    from phantomd import tls
-    try:
-        return tls.client_tls_options(
-            parts.hostname, ca_file=i.ca_file, client_cert=i.client_cert,
-            client_key=i.client_key)
-    except ValueError as e:
-        raise ConfigError(config.path, "introspection",
-                          "client_cert" if i.client_cert else "ca_file",
-                          str(e))
 
 
 class _IntrospectionStack:

@@ -206,6 +206,13 @@ class FrontProtocol(Protocol):
         f.metrics.connections.dec()
         self._req = None
         self._queue.clear()
+        self._drop_pending()
+        f._gone(self)
+
+    def _drop_pending(self) -> None:
+        """Forget the request in flight: the gate's answer, a pending
+        upstream connection attempt and the upstream connection itself
+        (aborted, never handed back to the pool half-used)."""
         d, self._gate_d = self._gate_d, None
         if d is not None:
             d.cancel()
@@ -215,7 +222,6 @@ class FrontProtocol(Protocol):
         conn, self._upstream = self._upstream, None
         if conn is not None:
             conn.abort()
-        f._gone(self)
 
     def drain(self) -> None:
         """Close now if idle, else after the current response."""
@@ -803,15 +809,7 @@ class FrontProtocol(Protocol):
 
     def _broken_mid_request(self, r: _Request) -> None:
         """The body of the request in flight turned out malformed."""
-        conn, self._upstream = self._upstream, None
-        if conn is not None:
-            conn.abort()
-        d, self._gate_d = self._gate_d, None
-        if d is not None:
-            d.cancel()
-        d, self._connect_d = self._connect_d, None
-        if d is not None:
-            d.cancel()
+        self._drop_pending()
         if self._phase >= _RESPONSE:
             self.response_aborted()
         else:
