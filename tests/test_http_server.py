@@ -170,6 +170,12 @@ class MalformedRequestTests(FrontCase):
         ("target not a path", b"GET foo HTTP/1.1\r\nHost: h\r\n\r\n", 400),
         ("TE gzip", b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
          b"Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501),
+        ("TE gzip then chunked on two lines", b"POST / HTTP/1.1\r\nHost: h\r\n"
+         + AUTH + b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked"
+         b"\r\n\r\n0\r\n\r\n", 501),
+        ("TE identity then chunked on two lines", b"POST / HTTP/1.1\r\n"
+         b"Host: h\r\n" + AUTH + b"Transfer-Encoding: identity\r\n"
+         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
         ("CONNECT", b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 501),
         ("Upgrade with a body", b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
          b"Connection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\n"

@@ -26,3 +26,12 @@ RESPONSE_DROP = HOP_BY_HOP | frozenset((b"content-length",))
 
 # Connection options that name no header: nothing more to drop for them.
 PLAIN_CONNECTION_OPTIONS = frozenset((b"keep-alive", b"close", b""))
+
+
+def drop_connection_options(kept: list, connection: list) -> list:
+    """``kept`` without the headers named in ``Connection`` (RFC 9110
+    section 7.6.1); ``connection`` holds its comma-separated items."""
+    tokens = {t.strip().lower() for t in connection} - PLAIN_CONNECTION_OPTIONS
+    if not tokens:
+        return kept
+    return [h for h in kept if h[0].lower() not in tokens]

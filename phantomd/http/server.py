@@ -30,7 +30,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from phantomd.http.fastio import writer_for
-from phantomd.http.headers import PLAIN_CONNECTION_OPTIONS as _PLAIN
+from phantomd.http.headers import drop_connection_options
 from phantomd.http.headers import REQUEST_DROP
 from phantomd.http.upstream import (
     MODE_CHUNKED, MODE_EOF, MODE_LENGTH, _no_delay)
@@ -557,16 +557,15 @@ class FrontProtocol(Protocol):
                 elif name == b"content-length":
                     r.length = item[1]
                 elif name == b"transfer-encoding":
-                    te = item[1]
+                    # Every line counts: "gzip" then "chunked" is not chunked.
+                    te = item[1] if te is None else te + b"," + item[1]
                 elif name == b"connection":
                     connection = (connection or []) + item[1].split(b",")
                 continue
             kept.append(item)
         r.headers = []
         if connection:
-            tokens = {t.strip().lower() for t in connection} - _PLAIN
-            if tokens:
-                kept = [h for h in kept if h[0].lower() not in tokens]
+            kept = drop_connection_options(kept, connection)
         problem = None
         if r.version != "1.1" and r.version != "1.0":
             problem = ((400, "invalid_request", "malformed request line")

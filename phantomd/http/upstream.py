@@ -34,7 +34,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from phantomd.http.fastio import writer_for
-from phantomd.http.headers import PLAIN_CONNECTION_OPTIONS as _PLAIN
+from phantomd.http.headers import drop_connection_options
 from phantomd.http.headers import RESPONSE_DROP
 
 MODE_NONE, MODE_LENGTH, MODE_CHUNKED, MODE_EOF = range(4)
@@ -260,9 +260,7 @@ class UpstreamConnection(Protocol):
                 continue
             kept.append(item)
         if connection:
-            tokens = {t.strip().lower() for t in connection} - _PLAIN
-            if tokens:
-                kept = [h for h in kept if h[0].lower() not in tokens]
+            kept = drop_connection_options(kept, connection)
         self._head_done = True
         if self._head_method or status == 204 or status == 304:
             mode = MODE_NONE
