@@ -337,6 +337,32 @@ class PoolingTests(PoolCase):
     def finish(self, conn: Any) -> None:
         conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
 
+    def test_bytes_after_a_response_never_reach_the_next_request(self) -> None:
+        """A second response in the same read as the first (a desync or
+        smuggling attempt by the API) must not be handed to the request the
+        front sends next, even when that request would take this very
+        connection from the pool at once."""
+        pool = self.pool
+
+        class Pipelining(FakeFront):
+            next = None
+
+            def response_end(self) -> None:
+                super().response_end()
+                if self.next is None:
+                    self.next = FakeFront()
+                    pool.connect(self.next)
+
+        first = Pipelining()
+        front, conn = self.request(first)
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                          b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+                          b"EVIL!")
+        self.assertEqual(bytes(first.body), b"ok")
+        self.assertNotEqual(first.next.conn, conn)
+        self.assertEqual(bytes(first.next.body), b"")
+        self.assertNotIn(b"EVIL", bytes(first.next.body))
+
     def test_reuse_most_recent_first(self) -> None:
         _, a = self.request()
         _, b = self.request()

@@ -74,6 +74,7 @@ class UpstreamConnection(Protocol):
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
+        self._complete = False
         self._retryable = False
         self._got_bytes = False
         self._head_bytes = 0
@@ -111,11 +112,25 @@ class UpstreamConnection(Protocol):
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade:
-            self._garbled("the upstream switched protocols, which phantomd "
-                          "never asks for")
+            self._past_the_answer() or self._garbled(
+                "the upstream switched protocols, which phantomd never asks "
+                "for")
         except HttpParserError as e:
-            self._garbled("the upstream sent a malformed response: %s" % e)
+            self._past_the_answer() or self._garbled(
+                "the upstream sent a malformed response: %s" % e)
+        if self._complete and self.front is front:
+            # Only now, with this read parsed to its end: finishing inside
+            # feed_data would pool the connection while llhttp still hands
+            # the rest of the read -- a smuggled second response -- to the
+            # next request.
+            self._finished(front, reuse=self._keep_alive)
         front.flush_output()
+
+    def _past_the_answer(self) -> bool:
+        """Bytes after a complete response: never reuse the connection."""
+        if self._complete:
+            self._broken = True
+        return self._complete
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = True
@@ -228,6 +243,8 @@ class UpstreamConnection(Protocol):
             self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._past_the_answer():
+            return
         parser = self._parser
         status = parser.get_status_code()
         headers = self._headers
@@ -290,17 +307,18 @@ class UpstreamConnection(Protocol):
 
     def on_body(self, data: bytes) -> None:
         front = self.front
-        if front is None:
+        if front is None or self._past_the_answer():
             self._broken = True
             return
         self._deadline = self.pool.reactor.seconds() + self.pool.timeout
         front.response_body(data)
 
     def on_message_complete(self) -> None:
-        front = self.front
-        if front is None or not self._head_done:
+        if self._past_the_answer():
             return
-        self._finished(front, reuse=self._keep_alive)
+        if self.front is None or not self._head_done:
+            return
+        self._complete = True  # finished once feed_data returns
 
     # -- internals -----------------------------------------------------------
 
