@@ -23,6 +23,7 @@ above decide that.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Callable, Optional, Union
 from urllib.parse import urlencode
 
@@ -42,6 +43,8 @@ from phantomd.http.client import AnswerTooLarge, HTTPClient
 from phantomd.outcomes import Active, Inactive, IntrospectionFailed
 
 log = Logger()
+
+_COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\Z")
 
 ACCEPT = {
     "jwt": b"application/jwt",
@@ -314,6 +317,12 @@ class Introspector:
     def _check_jwt(self, jwt: str, headers: dict[str, list[str]],
                    now: float) -> Deferred:
         from phantomd import jose
+        if _COMPACT_JWS.match(jwt) is None:
+            # Checked here, not only by the front: an Active with a JWT the
+            # front refuses to forward would be cached and fail every
+            # request until it expired.
+            raise _failed("error", "token service answered an unusable JWT: "
+                          "not a compact JWS")
         try:
             claims = jose.unverified_claims(jwt, self._clock.seconds())
         except jose.JOSEError as e:

@@ -362,7 +362,11 @@ class PhantomTokenFormTests(IntrospectorTestCase):
                 ({"phantom_token": make_jwt()}, "no \"active\""),
                 ([True], "not an object"),
                 ({"active": True, "phantom_token":
-                  make_jwt(exp=NOW - 10)}, "expired")]:
+                  make_jwt(exp=NOW - 10)}, "expired"),
+                ({"active": True, "phantom_token": make_jwt() + "\r\n"},
+                 "not a compact JWS"),
+                ({"active": True, "phantom_token": " " + make_jwt()},
+                 "not a compact JWS")]:
             self.answer(doc)
             self.assertIn(message, self.failure(intro, "error").description)
         self.service.answer(200, make_jwt().encode())
