@@ -54,7 +54,6 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from phantomd.http.fastio import writer_for
-from phantomd.http.upstream import _no_delay
 
 _DONE = Failure(ResponseDone())
 """Shared, as Twisted shares ``connectionDone``: a body's normal end."""
@@ -255,7 +254,6 @@ class _Connection(Protocol):
     # -- Protocol ------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        _no_delay(self.transport)
         self._write = writer_for(self.transport)
 
     def dataReceived(self, data: bytes) -> None:

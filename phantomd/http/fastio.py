@@ -17,9 +17,22 @@ from twisted.internet import tcp
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
+def _no_delay(transport: Any) -> None:
+    """Disable Nagle's algorithm: a proxy forwards pieces as they come, and
+    a body written after its head must not wait for a (delayed) ACK."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass  # not a TCP socket after all (UNIX, or already closed)
+
+
 def writer_for(transport: Any) -> Callable[[bytes], None]:
-    """A ``write(data)`` for ``transport``; plain ``transport.write`` for
-    anything that is not a plain TCP socket (TLS, UNIX, test transports)."""
+    """A ``write(data)`` for ``transport``, with Nagle's algorithm off; plain
+    ``transport.write`` for anything that is not a plain TCP socket (TLS,
+    UNIX, test transports)."""
+    _no_delay(transport)
     if type(transport) not in _PLAIN_TCP:
         return transport.write
 

@@ -33,7 +33,7 @@ from phantomd.http.fastio import writer_for
 from phantomd.http.headers import drop_connection_options
 from phantomd.http.headers import REQUEST_DROP
 from phantomd.http.upstream import (
-    MODE_CHUNKED, MODE_EOF, MODE_LENGTH, _no_delay)
+    MODE_CHUNKED, MODE_EOF, MODE_LENGTH)
 from phantomd.outcomes import Forward, Reject, error_response
 
 log = Logger()
@@ -179,7 +179,6 @@ class FrontProtocol(Protocol):
         f.metrics.connections.inc()
         transport.registerProducer(self, True)
         self._registered = True
-        _no_delay(transport)
         self._write = writer_for(transport)
         self._tls = ISSLTransport.providedBy(transport)
         host = getattr(transport.getPeer(), "host", None)

@@ -92,7 +92,6 @@ class UpstreamConnection(Protocol):
     def connectionMade(self) -> None:
         self.transport.registerProducer(self, True)
         self._registered = True
-        _no_delay(self.transport)
         self._write = writer_for(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
@@ -386,17 +385,6 @@ class UpstreamConnection(Protocol):
             front.upstream_failed(
                 504, "gateway_timeout",
                 "the upstream did not respond within upstream_timeout")
-
-
-def _no_delay(transport: Any) -> None:
-    """Disable Nagle's algorithm: a proxy forwards pieces as they come, and
-    a body written after its head must not wait for a (delayed) ACK."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        try:
-            set_no_delay(True)
-        except OSError:
-            pass  # not a TCP socket after all (UNIX, or already closed)
 
 
 class _ConnectionFactory(Factory):
