@@ -86,7 +86,8 @@ class Gate:
 
     def _introspect(self, token: str, key: bytes, tid: str) -> Deferred:
         start = self.clock.seconds()
-        d = self.introspector.introspect(token)
+        introspector = self.introspector
+        d = introspector.introspect(token)
 
         def answered(result):
             self.metrics.introspection_duration.observe(
@@ -100,7 +101,11 @@ class Gate:
                     "error", "introspector gave %r" % type(result).__name__)
             if self.readiness is not None:
                 self.readiness.token_service_ok()
-            self.cache.put(key, result)
+            if introspector is self.introspector:
+                # Not replaced by a reload meanwhile: a reload that changed
+                # the token service emptied the cache, and an answer from
+                # the old one must not slip back in.
+                self.cache.put(key, result)
             return result
 
         def failed(f: Failure):

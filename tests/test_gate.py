@@ -180,6 +180,17 @@ class IntrospectionRows(GateTestsMixin, SynchronousTestCase):
         self.assertEqual(self.metrics.sample(
             "phantomd_coalesced_requests_total"), 4)
 
+    def test_answer_from_a_replaced_introspector_is_not_cached(self):
+        """A reload that swapped the token service emptied the cache; an
+        introspection still running on the old one must not refill it."""
+        results = self.decide(bearer("t"))
+        self.gate.reconfigure(introspector=FakeIntrospector())
+        self.introspector.calls[0][1].callback(self.active())
+        self.assertIsInstance(self.only(results), Forward)
+        self.assertEqual(len(self.cache), 0)
+        self.decide(bearer("t"))
+        self.assertEqual(len(self.gate.introspector.calls), 1)
+
     def test_cancelled_waiter_leaves_others(self):
         d1 = self.gate.authorize(bearer("same"))
         d1.addErrback(lambda f: None)
