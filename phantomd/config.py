@@ -273,8 +273,11 @@ class Config:
     client_secret: Optional[str]  # resolved from client_secret or its file
 
 
-def load(path: str) -> Config:
-    """Read and validate ``path``; raise ConfigError on the first mistake."""
+def load(path: str,
+         overrides: Optional[Mapping[str, Mapping[str, str]]] = None
+         ) -> Config:
+    """Read and validate ``path``; raise ConfigError on the first mistake.
+    ``overrides`` as for ``parse``."""
     try:
         with open(path, encoding="utf-8") as f:
             source = f.read()
@@ -283,7 +286,7 @@ def load(path: str) -> Config:
             e.strerror or e))
     except UnicodeDecodeError as e:
         raise ConfigError(path, "", None, "not UTF-8 text: %s" % e)
-    return parse(source, path)
+    return parse(source, path, overrides)
 
 
 def parse(source: str, path: str = "<string>",
@@ -387,6 +390,10 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
                           "is required for [introspection] response = %s "
                           "(the iss of the JWTs phantomd signs)"
                           % intro.response)
+    if intro.verify_jwt and not (intro.jwks_url or intro.issuer):
+        raise ConfigError(path, "introspection", "jwks_url",
+                          "is required for verify_jwt = yes (or set issuer "
+                          "to discover it)")
     if intro.response == "token-introspection+jwt" and not intro.issuer:
         raise ConfigError(path, "introspection", "issuer",
                           "is required for response = token-introspection+jwt")

@@ -88,13 +88,7 @@ def worker_config(path: str) -> configmod.Config:
     address, and the client sockets come from the parent (``adopt``), so
     both listen keys are overridden; every other key is the file's.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise configmod.ConfigError(path, "", None, "cannot read: %s" % (
-            getattr(e, "strerror", None) or e))
-    return configmod.parse(source, path, overrides={
+    return configmod.load(path, overrides={
         "metrics": {"listen": ""},
         "phantomd": {"listen": WORKER_LISTEN_PLACEHOLDER}})
 

@@ -111,6 +111,8 @@ MISTAKES = [
     (_with(extra_intro="response = json\n",
            extra="[minting]\nkey_file = %s\n" % __file__), "minting",
      "issuer", "required"),
+    (_with(extra_intro="verify_jwt = yes\n"), "introspection", "jwks_url",
+     "required"),
     (_with(extra_intro="verify_jwt = perhaps\n"), "introspection",
      "verify_jwt", "yes or no"),
     (_with(extra_intro="auth_method = private_key_jwt\n"), "introspection",
