@@ -121,6 +121,8 @@ class AdminResource(resource.Resource):
         except Exception:
             log.failure("building the JWKS failed")
             return _text(request, 503, "key set unavailable")
+        if body is None:  # phantomd mints nothing (a reload may change that)
+            return _text(request, 404, "not found")
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"max-age=300")
         return body

@@ -23,6 +23,7 @@ from phantomd.gate import Gate
 from phantomd.http.server import FrontFactory
 from phantomd.http.upstream import UpstreamPool
 from phantomd.metrics import Metrics
+from phantomd.sdnotify import where
 
 log = Logger()
 
@@ -35,15 +36,17 @@ def _tls(config: Config, section: str, url: str, ca_file, client_cert,
     if parts.scheme != "https":
         return None
     from phantomd import tls
+    ca_key, cert_key = keys
     try:
-        return tls.client_tls_options(parts.hostname, ca_file=ca_file,
-                                      client_cert=client_cert,
-                                      client_key=client_key)
+        trust_root = tls.load_trust_root(ca_file)
     except ValueError as e:
-        ca_key, cert_key = keys
-        raise ConfigError(config.path, section,
-                          cert_key if client_cert and "ca" not in
-                          str(e).lower() else ca_key, str(e))
+        raise ConfigError(config.path, section, ca_key, str(e))
+    try:
+        client = (tls.ClientCertificate(client_cert, client_key)
+                  if client_cert else None)
+    except ValueError as e:
+        raise ConfigError(config.path, section, cert_key, str(e))
+    return tls.connection_creator(parts.hostname, trust_root, client)
 
 
 def _upstream_tls(config: Config):
@@ -148,13 +151,15 @@ class Gateway:
                                   access_log=access_log)
         self.admin_site = admin.make_admin_site(
             reactor, self.metrics, self.readiness,
-            jwks=self._jwks if self._stack.minter is not None else None,
+            jwks=self._jwks,
             jwks_path=config.minting.jwks_path, registry=admin_registry)
         self.front_ports: list = []
         self.admin_ports: list = []
 
-    def _jwks(self) -> bytes:
-        return self._stack.jwks() or b'{"keys":[]}'
+    def _jwks(self) -> Optional[bytes]:
+        """The public keys phantomd signs with, None when it mints none;
+        read per request so a reload that starts minting publishes them."""
+        return self._stack.jwks()
 
     # -- life cycle -----------------------------------------------------------
 
@@ -184,8 +189,8 @@ class Gateway:
             self.readiness.mark_listening()
             log.info("phantomd listening on {front} (admin {admin}), "
                      "upstream {upstream}",
-                     front=[_where(p) for p in self.front_ports],
-                     admin=[_where(p) for p in self.admin_ports],
+                     front=where(self.front_ports),
+                     admin=where(self.admin_ports),
                      upstream=self.config.phantomd.upstream)
             return self
         return d.addCallback(bound)
@@ -226,9 +231,8 @@ class Gateway:
         else:
             self.upstream.reconfigure(new.phantomd)
         c = new.cache
-        if old_stack is not None and _identity(new) != _identity(old):
-            self.cache.reconfigure(max_entries=c.max_entries, max_ttl=0,
-                                   default_ttl=0, negative_ttl=0)
+        if _identity(new) != _identity(old):
+            self.cache.clear()
         self.cache.reconfigure(max_entries=c.max_entries, max_ttl=c.max_ttl,
                                default_ttl=c.default_ttl,
                                negative_ttl=c.negative_ttl)
@@ -287,12 +291,3 @@ def _identity(c: Config):
     return (c.introspection.url, c.introspection.response,
             c.introspection.client_id, c.minting.key_file,
             c.minting.issuer, c.minting.audience)
-
-
-def _where(port) -> str:
-    try:
-        h = port.getHost()
-        return "%s:%s" % (getattr(h, "host", "?"), getattr(h, "port", "?"))
-    except Exception:
-        return repr(port)
-

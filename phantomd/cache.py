@@ -120,6 +120,11 @@ class TokenCache:
             entries.popitem(last=False)
         self._update_gauge()
 
+    def clear(self) -> None:
+        """Forget every answer (a reload changed what they mean)."""
+        self._entries.clear()
+        self._update_gauge()
+
     def reconfigure(self, max_entries: int, max_ttl: float,
                     default_ttl: float, negative_ttl: float) -> None:
         """Apply new limits on reload, keeping what is still valid.

@@ -103,7 +103,7 @@ class ClientCertificate:
                 "extraCertChain": self.chain}
 
 
-def _creator(hostname: str, trust_root,
+def connection_creator(hostname: str, trust_root,
              client: Optional[ClientCertificate]
              ) -> IOpenSSLClientConnectionCreator:
     extra = client.options() if client is not None else {}
@@ -124,7 +124,7 @@ def client_tls_options(hostname: str, ca_file: Optional[str] = None,
         raise ValueError("client_cert and client_key go together")
     client = ClientCertificate(client_cert, client_key) if client_cert \
         else None
-    return _creator(hostname, load_trust_root(ca_file), client)
+    return connection_creator(hostname, load_trust_root(ca_file), client)
 
 
 @implementer(IPolicyForHTTPS)
@@ -153,6 +153,6 @@ class ClientPolicy:
         if creator is None:
             if len(self._creators) >= MAX_CACHED_HOSTS:
                 self._creators.clear()
-            creator = self._creators[name] = _creator(
+            creator = self._creators[name] = connection_creator(
                 name, self._trust_root, self._client)
         return creator

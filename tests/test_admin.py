@@ -100,6 +100,17 @@ class AdminSiteTests(SynchronousTestCase):
         response, _ = self.fetch(stub, "/.well-known/jwks.json")
         self.assertEqual(response.code, 404)
 
+    def test_jwks_follows_the_callable(self):
+        """None while phantomd mints nothing, the keys once it does (a
+        reload may switch minting on without a new admin site)."""
+        keys = [None]
+        stub = self.client(jwks=lambda: keys[0])
+        response, _ = self.fetch(stub, "/.well-known/jwks.json")
+        self.assertEqual(response.code, 404)
+        keys[0] = JWKS
+        response, body = self.fetch(stub, "/.well-known/jwks.json")
+        self.assertEqual((response.code, body), (200, JWKS))
+
     def test_no_jwks_callable_means_404(self):
         response, _ = self.fetch(self.client(jwks=None),
                                  "/.well-known/jwks.json")

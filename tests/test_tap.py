@@ -66,6 +66,15 @@ class OptionsTests(SynchronousTestCase):
             phantomd="upstream_ca_file = " + ca))
         self.assertIn("[phantomd] upstream_ca_file:", message)
 
+    def test_bad_upstream_client_certificate_names_its_key(self):
+        cert = self.write("not a certificate\n")
+        key = self.write("not a key\n")
+        message = self.refused(self.ini(
+            upstream="https://api.example.com",
+            phantomd="upstream_client_cert = %s\nupstream_client_key = %s"
+                     % (cert, key)))
+        self.assertIn("[phantomd] upstream_client_cert:", message)
+
     def test_bad_introspection_ca_file(self):
         ca = self.write("-----BEGIN CERTIFICATE-----\nnope\n")
         message = self.refused(self.ini(
