@@ -215,6 +215,9 @@ class Gateway:
                 new.metrics.listen != old.metrics.listen:
             log.warn("listen addresses changed in {path}; they take effect "
                      "only after a restart", path=new.path)
+        if new.minting.jwks_path != old.minting.jwks_path:
+            log.warn("[minting] jwks_path changed in {path}; it takes effect "
+                     "only after a restart", path=new.path)
         if new.phantomd.workers != old.phantomd.workers:
             log.warn("[phantomd] workers changed in {path}; it takes effect "
                      "only after a restart", path=new.path)
