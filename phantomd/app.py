@@ -31,10 +31,10 @@ log = Logger()
 def _tls(config: Config, section: str, url: str, ca_file, client_cert,
          client_key, keys: tuple[str, str]):
     """TLS options for an https ``url``, None for http; a bad CA,
-    certificate or key file is a ConfigError naming the key."""
+    certificate or key file is a ConfigError naming the key.  The files
+    are checked even for an http ``url``: the token service's client also
+    fetches its (possibly https) JWKS with them."""
     parts = urlsplit(url)
-    if parts.scheme != "https":
-        return None
     from phantomd import tls
     ca_key, cert_key = keys
     try:
@@ -46,6 +46,8 @@ def _tls(config: Config, section: str, url: str, ca_file, client_cert,
                   if client_cert else None)
     except ValueError as e:
         raise ConfigError(config.path, section, cert_key, str(e))
+    if parts.scheme != "https":
+        return None
     return tls.connection_creator(parts.hostname, trust_root, client)
 
 

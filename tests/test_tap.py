@@ -82,6 +82,12 @@ class OptionsTests(SynchronousTestCase):
             introspection="ca_file = " + ca))
         self.assertIn("[introspection] ca_file:", message)
 
+    def test_bad_ca_file_with_an_http_token_service(self):
+        """The same client fetches the JWKS, which may be https."""
+        ca = self.write("not a certificate\n")
+        message = self.refused(self.ini(introspection="ca_file = " + ca))
+        self.assertIn("[introspection] ca_file:", message)
+
     def test_bad_minting_key_file(self):
         key = self.write('{"keys": [{"kty": "oct", "k": "c2VjcmV0"}]}')
         message = self.refused(self.ini(
