@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 from twisted.internet import defer, error, protocol, reactor
 from twisted.trial import unittest
 
-from tests.robustness.fakes import async_test, connect_http, request_bytes
+from tests.robustness.fakes import async_test, one_request, request_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.rst")
@@ -145,20 +145,10 @@ async def perform(curl: Curl, **replace_headers):
     url = urlsplit(curl.url)
     headers = [(k, replace_headers.get(k.lower(), v))
                for k, v in curl.headers]
-    client = await connect_http(reactor, url.port)
     target = url.path + ("?" + url.query if url.query else "")
-    d = client.request(request_bytes(
+    return await one_request(reactor, url.port, request_bytes(
         curl.method, target or "/", None, headers, curl.data, close=True,
-        host=url.netloc))
-    timer = reactor.callLater(10, d.cancel)
-    try:
-        return await d
-    finally:
-        if timer.active():
-            timer.cancel()
-        if not client.lost:
-            client.transport.abortConnection()
-            await client.closed
+        host=url.netloc), timeout=10)
 
 
 def jwt_payload(jwt: str) -> dict:

@@ -998,9 +998,16 @@ async def get(reactor, port: int, token: Optional[str] = None,
               target: str = "/resource", method: str = "GET", headers=(),
               body: bytes = b"", timeout: float = 5.0) -> Response:
     """One request on a fresh connection (``Connection: close``)."""
+    return await one_request(reactor, port, request_bytes(
+        method, target, token, headers, body, close=True), timeout)
+
+
+async def one_request(reactor, port: int, request: bytes,
+                   timeout: float = 5.0) -> Response:
+    """Send ``request`` on a fresh connection and read its answer; the
+    connection is closed afterwards whatever happened."""
     client = await connect_http(reactor, port)
-    d = client.request(request_bytes(method, target, token, headers, body,
-                                     close=True))
+    d = client.request(request)
     timer = reactor.callLater(timeout, d.cancel)
     try:
         return await d
