@@ -199,6 +199,7 @@ class RawAnswer(protocol.Protocol):
     def connectionMade(self) -> None:
         self.buffer = b""
         self.answered = False
+        self._next = None
 
     def dataReceived(self, data: bytes) -> None:
         self.buffer += data
@@ -226,10 +227,12 @@ class RawAnswer(protocol.Protocol):
         if self.connected:
             self.transport.write(self.factory.filler)
             self.factory.flooded += len(self.factory.filler)
-            reactor.callLater(0.001, self.flood)
+            self._next = reactor.callLater(0.001, self.flood)
 
     def connectionLost(self, reason: Any) -> None:
         self.connected = False
+        if self._next is not None and self._next.active():
+            self._next.cancel()
 
 
 class RawFactory(protocol.Factory):
