@@ -26,6 +26,7 @@ import json
 import math
 import re
 import secrets
+from types import MappingProxyType
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 from urllib.parse import urlsplit, urlunsplit
 
@@ -130,13 +131,16 @@ def _refuse_constant(name: str) -> Any:
     raise JOSEError("%s is not valid JSON" % name)
 
 
+_STRICT_JSON = json.JSONDecoder(object_pairs_hook=_no_duplicates,
+                                parse_constant=_refuse_constant)
+"""Built once: ``json.loads`` with hooks builds a new decoder per call."""
+
+
 def _json_object(data: bytes, what: str) -> dict[str, Any]:
     """Strict JSON: UTF-8, an object, no duplicate members (two parsers
     must never disagree about a claim), no NaN/Infinity."""
     try:
-        value = json.loads(data.decode("utf-8"),
-                           object_pairs_hook=_no_duplicates,
-                           parse_constant=_refuse_constant)
+        value = _STRICT_JSON.decode(data.decode("utf-8"))
     except JOSEError as e:
         raise JOSEError("%s: %s" % (what, e))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -146,7 +150,35 @@ def _json_object(data: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def _split(token: Union[str, bytes]) -> tuple[dict[str, Any], dict[str, Any]]:
+_HEADERS: dict[str, Mapping[str, Any]] = {}
+"""Checked JWS headers by their encoded form: a token service signs every
+token with the same few, so a miss need not decode them again.  Read-only
+views; at ``_MAX_HEADERS`` the map is emptied and refilled."""
+
+_MAX_HEADERS = 64
+
+
+def _header(part: str) -> Mapping[str, Any]:
+    header = _HEADERS.get(part)
+    if header is not None:
+        return header
+    header = _json_object(_b64decode(part, "JWT header"), "JWT header")
+    alg = header.get("alg")
+    if not isinstance(alg, str) or not alg:
+        raise JOSEError("JWT header has no alg")
+    if alg.lower() == "none":
+        raise JOSEError("JWT is unsigned (alg none)")
+    if "crit" in header:
+        raise JOSEError("JWT header has critical extensions phantomd does "
+                        "not understand")
+    if len(_HEADERS) >= _MAX_HEADERS:
+        _HEADERS.clear()
+    view = _HEADERS[part] = MappingProxyType(header)
+    return view
+
+
+def _split(token: Union[str, bytes]
+           ) -> tuple[Mapping[str, Any], dict[str, Any]]:
     """Header and payload of a compact JWS, checked for shape only."""
     if isinstance(token, bytes):
         try:
@@ -160,20 +192,16 @@ def _split(token: Union[str, bytes]) -> tuple[dict[str, Any], dict[str, Any]]:
     if len(parts) != 3:
         raise JOSEError("JWT does not have three parts (%d found)"
                         % len(parts))
-    header = _json_object(_b64decode(parts[0], "JWT header"), "JWT header")
+    header = _header(parts[0])
     payload = _json_object(_b64decode(parts[1], "JWT payload"),
                            "JWT payload")
-    _b64decode(parts[2], "JWT signature")
-    alg = header.get("alg")
-    if not isinstance(alg, str) or not alg:
-        raise JOSEError("JWT header has no alg")
-    if alg.lower() == "none":
-        raise JOSEError("JWT is unsigned (alg none)")
-    if not parts[2]:
+    # The signature is only shape-checked here: decoding it would add
+    # nothing, since a base64url string of a valid length always decodes.
+    signature = parts[2]
+    if not signature:
         raise JOSEError("JWT has an empty signature")
-    if "crit" in header:
-        raise JOSEError("JWT header has critical extensions phantomd does "
-                        "not understand")
+    if not _B64URL.match(signature) or len(signature) % 4 == 1:
+        raise JOSEError("JWT signature is not base64url")
     return header, payload
 
 

@@ -93,6 +93,8 @@ CLAIM_ROWS = [
     ("", "three parts (1 found)"),
     ("a+b." + b64json(GOOD) + ".c2ln", "header is not base64url"),
     (b64json(HS) + ".!!!!.c2ln", "payload is not base64url"),
+    (b64json(HS) + "." + b64json(GOOD) + ".c2l+", "signature is not base64url"),
+    (b64json(HS) + "." + b64json(GOOD) + ".c2lnb", "signature is not base64url"),
     (b64json(HS) + "." + b64(b"\xff\xfe") + ".c2ln", "payload is not JSON"),
     (b64json(HS) + "." + b64(b'{"exp": NaN}') + ".c2ln",
      "NaN is not valid JSON"),
@@ -112,6 +114,17 @@ class UnverifiedClaimsTests(SynchronousTestCase):
                 e = self.assertRaises(jose.JOSEError, jose.unverified_claims,
                                       token, NOW)
                 self.assertIn(expected, str(e), token)
+
+    def test_table_again_with_headers_remembered(self):
+        """Checked headers are remembered; a refused one never is, and
+        neither grows without bound."""
+        for _ in range(2):
+            self.test_table()
+        for i in range(200):
+            token = raw_jwt(dict(HS, kid="k%d" % i), GOOD)
+            self.assertEqual(jose.unverified_claims(token, NOW), GOOD)
+        self.assertLessEqual(len(jose._HEADERS), jose._MAX_HEADERS)
+        self.assertNotIn(b64json({"alg": "none"}), jose._HEADERS)
 
     def test_leeway_is_a_parameter(self):
         token = raw_jwt(HS, dict(GOOD, nbf=NOW + 5))
