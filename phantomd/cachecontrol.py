@@ -116,12 +116,40 @@ def _single(values: list[str]) -> Optional[str]:
     return distinct.pop()
 
 
+_PARSED: dict[tuple[str, ...], Optional[dict[str, Optional[str]]]] = {}
+"""Cache-Control values already parsed (None: stale): a token service sends
+the same one or two on every answer.  Only values of up to
+``_MAX_PARSED_CHARS`` in all are kept; emptied at ``_MAX_PARSED``."""
+
+_MAX_PARSED = 64
+_MAX_PARSED_CHARS = 256
+
+
 def _cache_control(values: list[str]) -> dict[str, Optional[str]]:
-    """Directive name (lower-case) -> argument (unquoted) or None.
+    """Directive name (lower-case) -> argument (unquoted) or None; the
+    dict is shared, never to be changed.
 
     A syntax error anywhere, or a directive repeated with a different
     argument, makes the answer stale.
     """
+    key = tuple(values)
+    try:
+        out = _PARSED[key]
+    except KeyError:
+        try:
+            out = _parse_cache_control(values)
+        except _Stale:
+            out = None
+        if sum(map(len, key)) <= _MAX_PARSED_CHARS:
+            if len(_PARSED) >= _MAX_PARSED:
+                _PARSED.clear()
+            _PARSED[key] = out
+    if out is None:
+        raise _Stale()
+    return out
+
+
+def _parse_cache_control(values: list[str]) -> dict[str, Optional[str]]:
     out: dict[str, Optional[str]] = {}
     for line in values:
         pos, end = 0, len(line)

@@ -103,6 +103,26 @@ class FreshnessLifetimeTests(SynchronousTestCase):
             with self.subTest(description):
                 self.assertEqual(freshness_lifetime(headers, NOW), expected)
 
+    def test_same_answer_every_time(self):
+        """Parsed values are remembered: a value seen before (fresh,
+        stale, or too long to remember) gives the same answer again, and
+        memory of them stays bounded."""
+        long_value = "max-age=60, " + ", ".join(
+            "x%d=%s" % (i, "y" * 20) for i in range(20))
+        cases = [({"cache-control": ["max-age=60"]}, 60.0),
+                 ({"cache-control": ["max-age=60, max-age=30"]}, 0.0),
+                 ({"cache-control": ["max-age=60", "no-store"]}, 0.0),
+                 ({"cache-control": [long_value]}, 60.0)]
+        for _ in range(3):
+            for headers, expected in cases:
+                self.assertEqual(freshness_lifetime(headers, NOW), expected)
+        for i in range(500):
+            self.assertEqual(freshness_lifetime(
+                {"cache-control": ["max-age=%d" % i]}, NOW), float(i))
+        from phantomd import cachecontrol
+        self.assertLessEqual(len(cachecontrol._PARSED),
+                             cachecontrol._MAX_PARSED)
+
     def test_result_depends_on_now_only_without_date(self):
         headers = {"expires": [IMF_PLUS_60]}
         self.assertEqual(freshness_lifetime(headers, NOW + 20), 40.0)
