@@ -135,6 +135,12 @@ class ClientAuth:
         return jose.client_assertion(self._clock, self._key, self.client_id,
                                      self._audience, self._alg)
 
+    @property
+    def static(self) -> bool:
+        """True when every request carries the same credentials (all but
+        ``private_key_jwt``), so they may be encoded once."""
+        return self.method != "private_key_jwt"
+
     def credentials(self) -> tuple[list[tuple[str, str]],
                                    dict[bytes, list[bytes]]]:
         """(form fields, headers) for one request; a fresh assertion each

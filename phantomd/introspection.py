@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 from typing import Any, Callable, Optional, Union
-from urllib.parse import urlencode
+from urllib.parse import quote_plus, urlencode
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -43,6 +43,9 @@ from phantomd.http.client import AnswerTooLarge, HTTPClient
 from phantomd.outcomes import Active, Inactive, IntrospectionFailed
 
 log = Logger()
+
+_FORM_SAFE = re.compile(r"[A-Za-z0-9._~-]*\Z").match
+"""Characters a form value keeps as they are (most tokens have no others)."""
 
 _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\Z")
 
@@ -229,6 +232,7 @@ class Introspector:
         self._jwt_verifier = jwt_verifier
         self._auth = ClientAuth.from_settings(clock, settings, client_secret)
         self._url = settings.url
+        self._static_form = self._form() if self._auth.static else None
         self._logged: dict[tuple[str, int], list[float]] = {}
         self.last_success: Optional[float] = None
 
@@ -239,14 +243,23 @@ class Introspector:
 
     # -- used by _Exchange ---------------------------------------------------
 
-    def _request(self, token: str) -> Deferred:
+    def _form(self) -> tuple[bytes, dict[bytes, list[bytes]]]:
+        """Everything of a request but the token: the rest of the form
+        (``&``-prefixed) and the headers."""
         form, headers = self._auth.credentials()
-        fields = [("token", token)]
+        fields = []
         if self._settings.token_type_hint:
             fields.append(("token_type_hint", self._settings.token_type_hint))
-        body = urlencode(fields + form).encode("ascii")
+        tail = urlencode(fields + form).encode("ascii")
         headers[b"Accept"] = [ACCEPT[self._mode]]
         headers[b"Content-Type"] = [b"application/x-www-form-urlencoded"]
+        return (b"&" + tail if tail else b""), headers
+
+    def _request(self, token: str) -> Deferred:
+        tail, headers = self._static_form or self._form()
+        if _FORM_SAFE(token) is None:
+            token = quote_plus(token, safe="")
+        body = b"token=%s%s" % (token.encode("ascii"), tail)
         return self._http.request(
             "POST", self._url, data=body, headers=headers, unbuffered=True,
             allow_redirects=False, reactor=self._clock)

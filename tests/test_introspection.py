@@ -176,6 +176,16 @@ class WireFormTests(IntrospectorTestCase):
                 b"gateway+client:S3cr%3At+%2B%25%C3%A9")])
         self.assertNotIn(b"cookie", seen.headers)
 
+    def test_token_with_form_special_characters(self):
+        """A b64token may hold + / =, which a form must escape."""
+        intro = self.introspector(auth_method="client_secret_post")
+        for token in ("a+b/c==", "plain-token_1.2~3", "x%2By"):
+            self.outcome(intro, token)
+            self.assertEqual(self.service.requests[-1].form[0],
+                             ("token", token))
+            self.assertEqual(self.service.requests[-1].form[1:], [
+                ("client_id", "gateway client"), ("client_secret", "x")])
+
     def test_token_type_hint(self):
         self.outcome(self.introspector(token_type_hint="access_token"))
         self.assertEqual(self.service.requests[0].form, [
