@@ -42,7 +42,6 @@ _DIRECTIVE = re.compile(
 _EMPTY_ELEMENT = re.compile(r"[ \t]*,", re.ASCII)
 _DIGITS = re.compile(r"[0-9]+", re.ASCII)
 
-_PROHIBIT = ("no-store", "no-cache", "private")
 
 HeaderValues = Sequence[Union[str, bytes]]
 
@@ -67,7 +66,8 @@ def freshness_lifetime(headers: Mapping[str, HeaderValues],
 def _lifetime(headers: Mapping[str, HeaderValues],
               now: float) -> Optional[float]:
     directives = _cache_control(_values(headers, "cache-control"))
-    if any(name in directives for name in _PROHIBIT):
+    if "no-store" in directives or "no-cache" in directives \
+            or "private" in directives:
         return 0.0
 
     lifetime: Optional[float]

@@ -37,7 +37,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from phantomd import tokens
+from phantomd import cachecontrol, jose, tokens
 from phantomd.clientauth import ClientAuth
 from phantomd.http.client import AnswerTooLarge, HTTPClient
 from phantomd.outcomes import Active, Inactive, IntrospectionFailed
@@ -316,7 +316,6 @@ class Introspector:
 
     def _from_claims(self, doc: dict, headers: dict[str, list[str]],
                      now: float) -> Any:
-        from phantomd import jose
         if not _active(doc):
             return Inactive(self._lifetime(headers, now))
         try:
@@ -328,7 +327,6 @@ class Introspector:
 
     def _check_jwt(self, jwt: str, headers: dict[str, list[str]],
                    now: float) -> Deferred:
-        from phantomd import jose
         if _COMPACT_JWS.match(jwt) is None:
             # Checked here, not only by the front: an Active with a JWT the
             # front refuses to forward would be cached and fail every
@@ -350,7 +348,6 @@ class Introspector:
 
     @staticmethod
     def _jose_failed(failure: Failure, what: str) -> Failure:
-        from phantomd import jose
         if failure.check(jose.JOSEError):
             raise _failed("error", "the token service's %s did not verify: "
                           "%s" % (what, failure.value))
@@ -359,12 +356,10 @@ class Introspector:
     @staticmethod
     def _lifetime(headers: dict[str, list[str]], now: float
                   ) -> Optional[float]:
-        from phantomd import cachecontrol
         return cachecontrol.freshness_lifetime(headers, now)
 
     @staticmethod
     def _retry_after(headers: dict[str, list[str]], now: float) -> int:
-        from phantomd import cachecontrol
         values = headers.get("retry-after", [])
         seconds: Optional[float] = None
         if len(values) == 1:
