@@ -29,8 +29,7 @@ from urllib.parse import quote_plus, urlencode
 
 from OpenSSL import SSL
 from service_identity import VerificationError
-from twisted.internet.defer import (CancelledError, Deferred, maybeDeferred,
-                                    succeed)
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,7 +38,8 @@ from twisted.web.http import PotentialDataLoss
 
 from phantomd import cachecontrol, jose, tokens
 from phantomd.clientauth import ClientAuth
-from phantomd.http.client import AnswerTooLarge, HTTPClient
+from phantomd.http.client import (AnswerTooLarge, Answer, BodyFailed,
+                                  BodyTooLarge, HTTPClient)
 from phantomd.outcomes import Active, Inactive, IntrospectionFailed
 
 log = Logger()
@@ -86,7 +86,8 @@ class _TooLarge(Exception):
 
 
 class _BoundedBody(Protocol):
-    """Reads a response body of at most ``limit`` bytes.
+    """Reads a response body of at most ``limit`` bytes, for
+    ``_fetch_via_treq``.
 
     Past the bound it stops reading and closes the connection (the rest is
     never read) and reports ``_TooLarge``; with ``keep`` false the bytes are
@@ -135,6 +136,59 @@ class _BoundedBody(Protocol):
         done, self._done = self._done, None
         if done is not None:
             done(result)
+
+
+def _fetch_via_treq(http: Any, method: str, url: str, data: bytes,
+                    headers: Any, max_body: int, keep: tuple) -> Deferred:
+    """``HTTPClient.fetch`` for a client with treq's interface (treq
+    itself, or ``treq.testing.StubTreq`` in tests): the same ``Answer``
+    and the same failures, from a streamed response read by
+    ``_BoundedBody``."""
+    reader: list[_BoundedBody] = []
+
+    def cancel(_: Deferred) -> None:
+        if reader:
+            reader[0].abort()
+        else:
+            request.cancel()
+
+    result: Deferred = Deferred(cancel)
+
+    def got(response: Any) -> None:
+        if result.called:  # cancelled meanwhile
+            late = _BoundedBody(0, False, lambda _: None)
+            response.deliverBody(late)
+            late.abort()
+            return
+        code, kept = response.code, response.code in keep
+        fields: dict[str, list[str]] = {}
+        for name, values in response.headers.getAllRawHeaders():
+            fields.setdefault(name.decode("latin-1").lower(), []).extend(
+                v.decode("latin-1") for v in values)
+
+        def done(body: Union[bytes, Failure]) -> None:
+            if result.called:
+                return
+            if not isinstance(body, Failure):
+                result.callback(Answer(code, fields, body))
+            elif not body.check(_TooLarge):
+                result.errback(BodyFailed(code, body))
+            elif kept:
+                result.errback(BodyTooLarge(code, max_body))
+            else:
+                result.callback(Answer(code, fields, b""))
+
+        reader.append(_BoundedBody(max_body, kept, done))
+        response.deliverBody(reader[0])
+
+    def failed(failure: Failure) -> None:
+        if not result.called:
+            result.errback(failure)
+
+    request = http.request(method, url, data=data, headers=headers,
+                           unbuffered=True, allow_redirects=False)
+    request.addCallbacks(got, failed)
+    return result
 
 
 def _describe(failure: Failure) -> str:
@@ -232,6 +286,9 @@ class Introspector:
         self._jwt_verifier = jwt_verifier
         self._auth = ClientAuth.from_settings(clock, settings, client_secret)
         self._url = settings.url
+        fetch = getattr(http_client, "fetch", None)
+        self._fetch = fetch if fetch is not None else (
+            lambda *args: _fetch_via_treq(http_client, *args))
         self._static_form = self._form() if self._auth.static else None
         self._logged: dict[tuple[str, int], list[float]] = {}
         self.last_success: Optional[float] = None
@@ -260,14 +317,14 @@ class Introspector:
         if _FORM_SAFE(token) is None:
             token = quote_plus(token, safe="")
         body = b"token=%s%s" % (token.encode("ascii"), tail)
-        return self._http.request(
-            "POST", self._url, data=body, headers=headers, unbuffered=True,
-            allow_redirects=False, reactor=self._clock)
+        return self._fetch("POST", self._url, body, headers,
+                           self._settings.max_response_bytes, (200,))
 
     def _answer(self, status: int, headers: dict[str, list[str]],
-                body: bytes) -> Deferred:
-        """Deferred[Active | Inactive] for a complete answer, or failing
-        with IntrospectionFailed."""
+                body: bytes) -> Any:
+        """``Active`` or ``Inactive`` for a complete answer, or a Deferred
+        of one when a signature must be checked first; raises (or fails
+        with) IntrospectionFailed."""
         now = self._clock.seconds()
         if status in (401, 403):
             raise _failed("error", "token service refused phantomd's client "
@@ -276,7 +333,7 @@ class Introspector:
             raise _failed("unavailable", "token service unavailable (HTTP "
                           "503)", self._retry_after(headers, now))
         if status == 204 and self._mode == "jwt":
-            return succeed(Inactive(self._lifetime(headers, now)))
+            return Inactive(self._lifetime(headers, now))
         if status != 200:
             raise _failed("error", "token service answered HTTP %d" % status)
         media_type = _media_type(headers)
@@ -285,7 +342,7 @@ class Introspector:
             if _active(_json_object(body)):
                 raise _failed("error", "token service answered active JSON "
                               "to a request for application/jwt")
-            return succeed(Inactive(self._lifetime(headers, now)))
+            return Inactive(self._lifetime(headers, now))
         if media_type != expected:
             raise _failed("error", "token service answered Content-Type %s, "
                           "expected %s" % (
@@ -307,7 +364,7 @@ class Introspector:
         if self._mode == "json":
             return self._from_claims(doc, headers, now)
         if not _active(doc):
-            return succeed(Inactive(self._lifetime(headers, now)))
+            return Inactive(self._lifetime(headers, now))
         jwt = doc.get("phantom_token")
         if not isinstance(jwt, str) or not jwt:
             raise _failed("error", "token service answered active without "
@@ -326,7 +383,7 @@ class Introspector:
         return Active(jwt, claims, self._lifetime(headers, now))
 
     def _check_jwt(self, jwt: str, headers: dict[str, list[str]],
-                   now: float) -> Deferred:
+                   now: float) -> Any:
         if _COMPACT_JWS.match(jwt) is None:
             # Checked here, not only by the front: an Active with a JWT the
             # front refuses to forward would be cached and fail every
@@ -340,7 +397,7 @@ class Introspector:
                           "%s" % e)
         lifetime = self._lifetime(headers, now)
         if not self._verify_jwt:
-            return succeed(Active(jwt, claims, lifetime))
+            return Active(jwt, claims, lifetime)
         d = self._jwt_verifier.verify(jwt)
         d.addErrback(self._jose_failed, "JWT")
         d.addCallback(lambda verified: Active(jwt, verified, lifetime))
@@ -409,11 +466,11 @@ class Introspector:
 
 
 class _Exchange:
-    """One introspection: request, bounded body, answer, under one timer.
+    """One introspection: request, bounded answer, verdict, under one timer.
 
     The timer covers everything (connect, request, answer head and body,
-    signature checks); when it fires the request is cancelled or the body
-    reading aborted and the result fails with ``timeout``.
+    signature checks); when it fires the request is cancelled (which drops
+    its connection) and the result fails with ``timeout``.
     """
 
     def __init__(self, introspector: Introspector, token: str) -> None:
@@ -421,7 +478,6 @@ class _Exchange:
         self._token = token
         self._status: Optional[int] = None
         self._request: Optional[Deferred] = None
-        self._body: Optional[_BoundedBody] = None
         self._finished = False
         self.result: Deferred = Deferred(self._cancel)
         self._timer = introspector._clock.callLater(
@@ -433,26 +489,24 @@ class _Exchange:
         except Exception:
             self._finish(Failure())
             return self.result
-        self._request.addCallbacks(self._got_response, self._request_failed)
+        self._request.addCallbacks(self._got_answer, self._request_failed)
         self._request.addErrback(self._unexpected)
         return self.result
 
-    def _got_response(self, response: Any) -> None:
+    def _got_answer(self, answer: Answer) -> None:
         if self._finished:
-            late = _BoundedBody(0, False, lambda result: None)
-            response.deliverBody(late)
-            late.abort()
             return
-        self._status = response.code
-        headers: dict[str, list[str]] = {}
-        for name, values in response.headers.getAllRawHeaders():
-            headers.setdefault(name.decode("latin-1").lower(), []).extend(
-                v.decode("latin-1") for v in values)
-        self._body = _BoundedBody(
-            self._intro._settings.max_response_bytes,
-            keep=response.code == 200,
-            done=lambda body: self._got_body(response.code, headers, body))
-        response.deliverBody(self._body)
+        self._status = answer.code
+        try:
+            result = self._intro._answer(answer.code, answer.headers,
+                                         answer.body)
+        except Exception:
+            self._finish(Failure())
+            return
+        if isinstance(result, Deferred):
+            result.addBoth(self._answered)
+        else:
+            self._finish(result)
 
     def _unexpected(self, failure: Failure) -> None:
         if not self._finished:
@@ -461,31 +515,22 @@ class _Exchange:
     def _request_failed(self, failure: Failure) -> None:
         if self._finished:
             return
-        self._finish(Failure(_failed(
-            "error", "cannot reach the token service: %s"
-            % _describe(failure))))
-
-    def _got_body(self, status: int, headers: dict[str, list[str]],
-                  body: Union[bytes, Failure]) -> None:
-        if self._finished:
-            return
-        if isinstance(body, Failure):
-            if body.check(_TooLarge):
-                limit = self._intro._settings.max_response_bytes
-                if status != 200:
-                    body = b""
-                else:
-                    self._finish(Failure(_failed(
-                        "error", "token service answer larger than "
-                        "max_response_bytes (%d)" % limit)))
-                    return
-            else:
-                self._finish(Failure(_failed(
-                    "error", "token service answer cut short: the "
-                    "connection ended before the body was complete")))
-                return
-        d = maybeDeferred(self._intro._answer, status, headers, body)
-        d.addBoth(self._answered)
+        e = failure.value
+        if isinstance(e, BodyTooLarge):
+            self._status = e.code
+            failure = Failure(_failed(
+                "error", "token service answer larger than "
+                "max_response_bytes (%d)" % e.max_body))
+        elif isinstance(e, BodyFailed):
+            self._status = e.code
+            failure = Failure(_failed(
+                "error", "token service answer cut short: the connection "
+                "ended before the body was complete"))
+        else:
+            failure = Failure(_failed(
+                "error", "cannot reach the token service: %s"
+                % _describe(failure)))
+        self._finish(failure)
 
     def _answered(self, result: Any) -> None:
         if not self._finished:
@@ -501,9 +546,7 @@ class _Exchange:
         self._abort()
 
     def _abort(self) -> None:
-        if self._body is not None:
-            self._body.abort()
-        elif self._request is not None:
+        if self._request is not None:
             self._request.cancel()
 
     def _cancel(self, result: Deferred) -> None:

@@ -17,8 +17,8 @@ from twisted.web.client import (ResponseDone, ResponseFailed,
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from phantomd import tls
-from phantomd.http.client import (AnswerTooLarge, HTTPClient,
-                                  MalformedAnswer)
+from phantomd.http.client import (AnswerTooLarge, BodyFailed,
+                                  BodyTooLarge, HTTPClient, MalformedAnswer)
 from tests.test_tls import PKI
 
 URL = "http://127.0.0.1:8080/introspect?x=1"
@@ -307,6 +307,113 @@ class MemoryTests(unittest.TestCase):
         self.failureResultOf(d, CancelledError)
         self.assertTrue(transport.disconnecting)
         conn.dataReceived(b"Content-Length: 0\r\n\r\n")
+        self.assertEqual(self.client.pool.idle_count(), 0)
+
+    # -- fetch: the whole answer at once -------------------------------------
+
+    def fetch(self, pieces: list, lose: Any = None, max_body: int = 10,
+              method: str = "POST") -> tuple[Any, Any, StringTransport]:
+        """Answer a ``fetch`` on a new connection with ``pieces``; its
+        result (an Answer or a Failure), the connection, the transport."""
+        self.client.pool.close()
+        self.client.pool.closed = False
+        connecting = len(self.reactor.tcpClients)
+        d = self.client.fetch(method, URL, data=b"token=x",
+                              max_body=max_body)
+        self.assertEqual(len(self.reactor.tcpClients), connecting + 1)
+        conn = self.reactor.tcpClients[-1][2].buildProtocol(None)
+        transport = StringTransport()
+        conn.makeConnection(transport)
+        results: list = []
+        d.addBoth(results.append)
+        for piece in pieces:
+            self.assertEqual(results, [], "fired before the answer ended")
+            conn.dataReceived(piece)
+        if lose is not None:
+            conn.connectionLost(Failure(lose))
+        [result] = results
+        return result, conn, transport
+
+    FETCH_ROWS = [
+        # name, pieces, lose, (code, headers subset, body) or exception,
+        # connection pooled afterwards
+        ("length", [b"HTTP/1.1 200 OK\r\nContent-Type: application/jwt\r\n"
+                    b"X-A: 1\r\nx-a: 2\r\nContent-Length: 5\r\n\r\nab",
+                    b"cde"], None,
+         (200, {"content-type": ["application/jwt"], "x-a": ["1", "2"]},
+          b"abcde"), True),
+        ("chunked", [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"3\r\nabc\r\n", b"2\r\nde\r\n0\r\n\r\n"], None,
+         (200, {}, b"abcde"), True),
+        ("until close", [b"HTTP/1.1 200 OK\r\n\r\nabc"], ConnectionDone(),
+         (200, {}, b"abc"), False),
+        ("204", [b"HTTP/1.1 204 No Content\r\n\r\n"], None,
+         (204, {}, b""), True),
+        ("other status: body not kept", [
+            b"HTTP/1.1 500 Oops\r\nContent-Length: 4\r\n\r\nfail"], None,
+         (500, {}, b""), True),
+        ("other status: long body given up", [
+            b"HTTP/1.1 503 Busy\r\nRetry-After: 7\r\nContent-Length: 99\r\n"
+            b"\r\n" + b"x" * 11], None,
+         (503, {"retry-after": ["7"]}, b""), False),
+        ("kept body too large", [
+            b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n" + b"x" * 11],
+         None, BodyTooLarge, False),
+        ("cut short", [b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab"],
+         ConnectionLost(), BodyFailed, False),
+        ("garbled chunk", [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked"
+                           b"\r\n\r\nzz\r\n"], None, BodyFailed, False),
+        ("no head", [], ConnectionDone(), ResponseNeverReceived, False),
+        ("garbled head", [b"SMTP ready\r\n"], None, ResponseFailed, False),
+    ]
+
+    def test_fetch_rows(self) -> None:
+        for name, pieces, lose, expected, pooled in self.FETCH_ROWS:
+            result, _, transport = self.fetch(pieces, lose)
+            if isinstance(expected, tuple):
+                code, headers, body = expected
+                self.assertFalse(isinstance(result, Failure), (name, result))
+                self.assertEqual((result.code, result.body), (code, body),
+                                 name)
+                for key, values in headers.items():
+                    self.assertEqual(result.headers[key], values, name)
+            else:
+                self.assertIsInstance(result, Failure, name)
+                self.assertTrue(result.check(expected), (name, result))
+            self.assertEqual(self.client.pool.idle_count(), int(pooled),
+                             name)
+            if lose is None:
+                self.assertEqual(transport.disconnecting, not pooled, name)
+
+    def test_fetch_too_large_says_the_bound(self) -> None:
+        result, _, _ = self.fetch([b"HTTP/1.1 200 OK\r\nContent-Length: 11"
+                                   b"\r\n\r\n" + b"x" * 11])
+        self.assertEqual((result.value.code, result.value.max_body),
+                         (200, 10))
+
+    def test_fetch_then_reuse(self) -> None:
+        _, conn, transport = self.fetch(
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
+        transport.clear()
+        d = self.client.fetch("POST", URL, data=b"t")
+        self.assertIn(b"POST /introspect", transport.value())
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nyes")
+        self.assertEqual(self.successResultOf(d).body, b"yes")
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")  # nobody asked
+        self.assertTrue(transport.disconnecting)
+
+    def test_fetch_cancelled_mid_body_drops_the_connection(self) -> None:
+        self.client.pool.close()
+        self.client.pool.closed = False
+        d = self.client.fetch("POST", URL, data=b"t")
+        conn = self.reactor.tcpClients[-1][2].buildProtocol(None)
+        transport = StringTransport()
+        conn.makeConnection(transport)
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertTrue(transport.disconnecting)
+        conn.dataReceived(b"cd")
         self.assertEqual(self.client.pool.idle_count(), 0)
 
     # -- the pool -------------------------------------------------------------

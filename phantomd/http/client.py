@@ -1,13 +1,15 @@
 """A lean, pooled HTTP/1.1 client for the token service and its key set.
 
-phantomd's introspector and ``jose.KeySource`` call it the way they would
-call treq: ``request(method, url, data=..., headers=...)`` (and ``get``,
-``post``) return a ``Deferred`` firing a ``Response`` with ``code``,
-``headers`` (``twisted.web.http_headers.Headers``), ``length`` and
-``deliverBody(protocol)``.  Underneath, one ``httptools`` parser per
-connection and plain method calls replace Agent, hyperlink and
-``HTTP11ClientProtocol``: an introspection is on the miss path of every new
-token, so its client must cost little.
+``jose.KeySource`` calls it the way it would call treq: ``request(method,
+url, data=..., headers=...)`` (and ``get``, ``post``) return a ``Deferred``
+firing a ``Response`` with ``code``, ``headers``
+(``twisted.web.http_headers.Headers``), ``length`` and
+``deliverBody(protocol)``.  The introspector wants answers whole:
+``fetch`` fires once with an ``Answer`` (code, decoded headers, bounded
+body), with no Response, body protocol or Headers in between.  Underneath,
+one ``httptools`` parser per connection and plain method calls replace
+Agent, hyperlink and ``HTTP11ClientProtocol``: an introspection is on the
+miss path of every new token, so its client must cost little.
 
 What it never does: follow redirects (a 3xx is an answer like any other),
 keep or send cookies, pipeline, retry (a POST may not be repeated).
@@ -185,13 +187,98 @@ def _failed_body(e: BaseException) -> Failure:
     return Failure(ResponseFailed([Failure(e)]))
 
 
+class Answer:
+    """A whole answer from ``fetch``: ``code``, ``headers`` (lower-case
+    names to every value, both ``str``, decoded as Latin-1) and ``body``
+    (``b""`` for a status whose body was not kept)."""
+
+    __slots__ = ("code", "headers", "body")
+
+    def __init__(self, code: int, headers: dict[str, list[str]],
+                 body: bytes) -> None:
+        self.code = code
+        self.headers = headers
+        self.body = body
+
+
+class BodyTooLarge(Exception):
+    """A kept body passed ``max_body``; the connection was dropped."""
+
+    def __init__(self, code: int, max_body: int) -> None:
+        super().__init__(code, max_body)
+        self.code = code
+        self.max_body = max_body
+
+
+class BodyFailed(Exception):
+    """The head of the answer arrived, its whole body did not: the
+    connection ended early, or the body was garbled or too long on the
+    wire.  ``reason`` is the underlying Failure."""
+
+    def __init__(self, code: int, reason: Failure) -> None:
+        super().__init__(code)
+        self.code = code
+        self.reason = reason
+
+
+class _Overflow(Exception):
+    """Internal: raised from ``on_body`` to stop the parser."""
+
+
+class _Collect:
+    """What a ``fetch`` gathers of an answer, in the place of a
+    ``Response``: the connection calls ``_data`` and ``_ended`` on it."""
+
+    __slots__ = ("code", "headers", "max_body", "keep", "result", "_parts",
+                 "_size")
+
+    def __init__(self, code: int, headers: dict[str, list[str]],
+                 max_body: int, keep: bool, result: defer.Deferred) -> None:
+        self.code = code
+        self.headers = headers
+        self.max_body = max_body
+        self.keep = keep
+        self.result: Optional[defer.Deferred] = result
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def _data(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size > self.max_body:
+            raise _Overflow()
+        if self.keep:
+            self._parts.append(data)
+
+    def _ended(self, reason: Failure) -> None:
+        d, self.result = self.result, None
+        if d is None:
+            return
+        if reason is _DONE:
+            d.callback(Answer(self.code, self.headers,
+                              b"".join(self._parts)))
+            return
+        inner = reason.value.reasons[0] if isinstance(
+            reason.value, ResponseFailed) and reason.value.reasons else reason
+        if inner.check(_Overflow):
+            if self.keep:
+                d.errback(BodyTooLarge(self.code, self.max_body))
+            else:
+                # A body nobody reads need not be read to its end.
+                d.callback(Answer(self.code, self.headers, b""))
+            return
+        d.errback(BodyFailed(self.code, inner))
+
+
 class _Call:
     """One request from ``request()`` to its response head (or failure);
     its ``result`` is what the caller holds."""
 
-    def __init__(self, payload: bytes, head_method: bool) -> None:
+    def __init__(self, payload: bytes, head_method: bool,
+                 max_body: int = -1, keep: tuple = ()) -> None:
         self.payload = payload
         self.head_method = head_method
+        self.max_body = max_body  # -1: a streamed Response, else fetch
+        self.keep = keep
         self.result: defer.Deferred = defer.Deferred(self._cancel)
         self.conn: Optional[_Connection] = None
         self._connecting: Optional[defer.Deferred] = None
@@ -274,7 +361,8 @@ class _Connection(Protocol):
             return
         except HttpParserError as e:
             cause = e.__context__
-            self._fail(cause if isinstance(cause, MalformedAnswer) else
+            self._fail(cause if isinstance(cause, (MalformedAnswer,
+                                                   _Overflow)) else
                        MalformedAnswer("malformed HTTP answer: %s" % e))
             return
         response = self._fire
@@ -353,12 +441,24 @@ class _Connection(Protocol):
                 raise MalformedAnswer("101 Switching Protocols, which "
                                       "phantomd never asks for")
             return  # interim: the real answer follows
-        raw = Headers()
+        call = self._call
+        collect = call.max_body >= 0
+        if collect:
+            decoded: dict[str, list[str]] = {}
+        else:
+            raw = Headers()
         length: Any = UNKNOWN_LENGTH
         chunked = False
         for name, value in headers:
-            raw.addRawHeader(name, value)
             lower = name.lower()
+            if collect:
+                key = lower.decode("latin-1")
+                if key in decoded:
+                    decoded[key].append(value.decode("latin-1"))
+                else:
+                    decoded[key] = [value.decode("latin-1")]
+            else:
+                raw.addRawHeader(name, value)
             if lower == b"content-length":
                 length = int(value)
             elif lower == b"transfer-encoding":
@@ -377,6 +477,11 @@ class _Connection(Protocol):
             length = UNKNOWN_LENGTH
         elif length is UNKNOWN_LENGTH:
             self._eof_body = True
+        if collect:
+            # Nothing fires before the whole answer is in.
+            self._response = _Collect(  # type: ignore[assignment]
+                code, decoded, call.max_body, code in call.keep, call.result)
+            return
         self._response = self._fire = Response(self, code, phrase, raw,
                                                length)
 
@@ -397,6 +502,7 @@ class _Connection(Protocol):
         """The body is complete: pool or close, then tell the body
         protocol."""
         response, self._response = self._response, None
+        self._call = None  # a fetch holds its call until the end
         self._reset()
         if not self.lost:
             if reuse and not self._broken:
@@ -577,6 +683,27 @@ class HTTPClient:
         ``reactor`` are accepted for treq's sake and change nothing (no
         redirect is ever followed, bodies are always streamed, the client
         has its own reactor)."""
+        return self._send(method, url, data, headers, -1, ())
+
+    def fetch(self, method: Union[str, bytes], url: str,
+              data: Optional[bytes] = None, headers: Any = None,
+              max_body: int = 65536, keep: tuple = (200,)
+              ) -> defer.Deferred:
+        """``Deferred[Answer]``: the whole answer at once, for callers that
+        want it whole (the introspector) rather than streamed.
+
+        The body of a status in ``keep`` is kept, up to ``max_body`` bytes:
+        past that the connection is dropped and the result fails with
+        ``BodyTooLarge``.  Other bodies are counted, not kept: past
+        ``max_body`` the connection is dropped and the answer is given
+        with an empty body.  A failure after the head is ``BodyFailed``;
+        before it, as for ``request``.  Cancelling drops the connection.
+        """
+        return self._send(method, url, data, headers, max(max_body, 0), keep)
+
+    def _send(self, method: Union[str, bytes], url: str,
+              data: Optional[bytes], headers: Any, max_body: int,
+              keep: tuple) -> defer.Deferred:
         try:
             target = self._target(url)
             if isinstance(method, str):
@@ -584,7 +711,7 @@ class HTTPClient:
             payload = _request_bytes(method, target, headers, data)
         except Exception:
             return defer.fail()
-        call = _Call(payload, method == b"HEAD")
+        call = _Call(payload, method == b"HEAD", max_body, keep)
         conn = self.pool.take(target.key)
         if conn is not None:
             conn.send(call)
