@@ -39,7 +39,7 @@ from twisted.web.http import PotentialDataLoss
 from phantomd import cachecontrol, jose, tokens
 from phantomd.clientauth import ClientAuth
 from phantomd.http.client import (AnswerTooLarge, Answer, BodyFailed,
-                                  BodyTooLarge, HTTPClient)
+                                  BodyTooLarge, HTTPClient, encode_headers)
 from phantomd.outcomes import Active, Inactive, IntrospectionFailed
 
 log = Logger()
@@ -285,9 +285,16 @@ class Introspector:
         self._auth = ClientAuth.from_settings(clock, settings, client_secret)
         self._url = settings.url
         fetch = getattr(http_client, "fetch", None)
-        self._fetch = fetch if fetch is not None else (
-            lambda *args: _fetch_via_treq(http_client, *args))
-        self._static_form = self._form() if self._auth.static else None
+        if fetch is not None:
+            self._fetch = fetch
+            encode: Callable[[Any], Any] = encode_headers
+        else:
+            self._fetch = (lambda *args: _fetch_via_treq(http_client, *args))
+            encode = dict
+        self._static_form: Optional[tuple[bytes, Any]] = None
+        if self._auth.static:
+            tail, headers = self._form()
+            self._static_form = (tail, encode(headers))
         self._logged: dict[tuple[str, int], list[float]] = {}
         self.last_success: Optional[float] = None
 

@@ -18,7 +18,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH
 
 from phantomd import tls
 from phantomd.http.client import (AnswerTooLarge, BodyFailed,
-                                  BodyTooLarge, HTTPClient, MalformedAnswer)
+                                  BodyTooLarge, HTTPClient, MalformedAnswer,
+                                  encode_headers)
 from tests.test_tls import PKI
 
 URL = "http://127.0.0.1:8080/introspect?x=1"
@@ -91,6 +92,15 @@ class MemoryTests(unittest.TestCase):
                          b"Content-Length: 7\r\n\r\ntoken=x")
         self.assertEqual(self.reactor.tcpClients[-1][:2], ("127.0.0.1", 8080))
         self.assertEqual(self.reactor.tcpClients[-1][3], 7)  # connect timeout
+
+    def test_encoded_headers_same_bytes(self) -> None:
+        headers = {b"Accept": [b"application/jwt"], "X-Two": ["a", "b"]}
+        _, _, plain = self.start(headers=headers)
+        _, _, encoded = self.start(headers=encode_headers(headers))
+        self.assertEqual(encoded.value(), plain.value())
+        for bad in ({b"Host": [b"x"]}, {b"X-Split": [b"a\r\nb: c"]},
+                    {b"bad name": [b"v"]}):
+            self.assertRaises(ValueError, encode_headers, bad)
 
     def test_get_default_port(self) -> None:
         _, _, transport = self.start("GET", "http://127.0.0.1/keys")

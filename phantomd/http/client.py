@@ -769,6 +769,24 @@ class HTTPClient:
         return target
 
 
+class EncodedHeaders:
+    """Request headers checked and encoded once, for a caller that sends
+    the same ones on every request (``encode_headers``)."""
+
+    __slots__ = ("block",)
+
+    def __init__(self, block: bytes) -> None:
+        self.block = block
+
+
+def encode_headers(headers: Any) -> EncodedHeaders:
+    """``headers`` (as ``request`` takes them) checked and encoded; raises
+    ValueError as ``request`` would fail."""
+    lines: list[bytes] = []
+    _header_lines(headers, lines)
+    return EncodedHeaders(b"".join(lines))
+
+
 def _request_bytes(method: bytes, target: _Target, headers: Any,
                    data: Optional[bytes]) -> bytes:
     """The whole request, head and body.  Raises ValueError for a header
@@ -779,22 +797,10 @@ def _request_bytes(method: bytes, target: _Target, headers: Any,
         raise TypeError("data must be bytes")
     lines = [b"%s %s HTTP/1.1\r\nHost: %s\r\n" % (
         method, target.path, target.authority)]
-    if headers:
-        items = (headers.getAllRawHeaders() if isinstance(headers, Headers)
-                 else headers.items())
-        for name, values in items:
-            if type(name) is not bytes:
-                name = name.encode("ascii")
-            if type(values) is bytes or type(values) is str:
-                values = [values]
-            if _is_token(name) is None or name.lower() in _OWN_HEADERS:
-                raise ValueError("header %r cannot be set" % name)
-            for value in values:
-                if type(value) is not bytes:
-                    value = value.encode("utf-8")
-                if _splits_head(value) is not None:
-                    raise ValueError("header %r has a line break" % name)
-                lines.append(b"%s: %s\r\n" % (name, value))
+    if type(headers) is EncodedHeaders:
+        lines.append(headers.block)
+    elif headers:
+        _header_lines(headers, lines)
     if data is not None:
         lines.append(b"Content-Length: %d\r\n\r\n" % len(data))
         lines.append(data)
@@ -803,3 +809,23 @@ def _request_bytes(method: bytes, target: _Target, headers: Any,
     else:
         lines.append(b"\r\n")
     return b"".join(lines)
+
+
+def _header_lines(headers: Any, lines: list[bytes]) -> None:
+    if not headers:
+        return
+    items = (headers.getAllRawHeaders() if isinstance(headers, Headers)
+             else headers.items())
+    for name, values in items:
+        if type(name) is not bytes:
+            name = name.encode("ascii")
+        if type(values) is bytes or type(values) is str:
+            values = [values]
+        if _is_token(name) is None or name.lower() in _OWN_HEADERS:
+            raise ValueError("header %r cannot be set" % name)
+        for value in values:
+            if type(value) is not bytes:
+                value = value.encode("utf-8")
+            if _splits_head(value) is not None:
+                raise ValueError("header %r has a line break" % name)
+            lines.append(b"%s: %s\r\n" % (name, value))
