@@ -79,7 +79,12 @@ class Coalescer:
         flight = self._flights[key] = _Flight()
         self._update_gauge()
         waiter = self._wait(flight)
-        shared = defer.maybeDeferred(work)
+        try:
+            shared = work()
+        except BaseException:
+            shared = defer.fail()
+        if not isinstance(shared, Deferred):
+            shared = defer.succeed(shared)
         shared.addBoth(self._finished, key, flight)
         return waiter
 

@@ -119,11 +119,13 @@ def _b64encode(data: bytes) -> str:
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise JOSEError("member %r appears twice" % k)
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise JOSEError("member %r appears twice" % k)
+            seen.add(k)
     return out
 
 
