@@ -49,13 +49,15 @@ class MemoryTests(unittest.TestCase):
                                  max_idle=2, idle_timeout=4,
                                  max_answer_bytes=4096)
 
-    def start(self, method: str = "POST", url: str = URL,
+    def start(self, method: str = "POST", url: str = URL, fetch: bool = False,
               **kwargs: Any) -> tuple[defer.Deferred, Any, StringTransport]:
-        """A request on a new connection: its Deferred, the connection and
-        its transport (what the client wrote is in ``value()``)."""
+        """A request (``fetch`` when asked) on a new connection: its
+        Deferred, the connection and its transport (what the client wrote
+        is in ``value()``)."""
         kwargs.setdefault("data", b"token=x" if method == "POST" else None)
         connecting = len(self.reactor.tcpClients)
-        d = self.client.request(method, url, **kwargs)
+        d = (self.client.fetch if fetch else self.client.request)(
+            method, url, **kwargs)
         self.assertEqual(len(self.reactor.tcpClients), connecting + 1,
                          "a pooled connection was used")
         factory = self.reactor.tcpClients[-1][2]
@@ -325,15 +327,8 @@ class MemoryTests(unittest.TestCase):
               method: str = "POST") -> tuple[Any, Any, StringTransport]:
         """Answer a ``fetch`` on a new connection with ``pieces``; its
         result (an Answer or a Failure), the connection, the transport."""
-        self.client.pool.close()
-        self.client.pool.closed = False
-        connecting = len(self.reactor.tcpClients)
-        d = self.client.fetch(method, URL, data=b"token=x",
-                              max_body=max_body)
-        self.assertEqual(len(self.reactor.tcpClients), connecting + 1)
-        conn = self.reactor.tcpClients[-1][2].buildProtocol(None)
-        transport = StringTransport()
-        conn.makeConnection(transport)
+        self.drain()
+        d, conn, transport = self.start(method, fetch=True, max_body=max_body)
         results: list = []
         d.addBoth(results.append)
         for piece in pieces:
@@ -413,12 +408,7 @@ class MemoryTests(unittest.TestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_fetch_cancelled_mid_body_drops_the_connection(self) -> None:
-        self.client.pool.close()
-        self.client.pool.closed = False
-        d = self.client.fetch("POST", URL, data=b"t")
-        conn = self.reactor.tcpClients[-1][2].buildProtocol(None)
-        transport = StringTransport()
-        conn.makeConnection(transport)
+        d, conn, transport = self.start(fetch=True)
         conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
         d.cancel()
         self.failureResultOf(d, CancelledError)
