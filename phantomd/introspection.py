@@ -24,22 +24,20 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 from urllib.parse import quote_plus, urlencode
 
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
 
 from phantomd import cachecontrol, jose, tokens
 from phantomd.clientauth import ClientAuth
 from phantomd.http.client import (AnswerTooLarge, Answer, BodyFailed,
                                   BodyTooLarge, HTTPClient, encode_headers)
+from phantomd.http.fetch import fetcher_for
 from phantomd.outcomes import Active, Inactive, IntrospectionFailed
 
 log = Logger()
@@ -77,116 +75,6 @@ _MAX_LOG_KEYS = 64
 def _failed(kind: str, description: str,
             retry_after: Optional[int] = None) -> IntrospectionFailed:
     return IntrospectionFailed(kind, description, retry_after)
-
-
-class _TooLarge(Exception):
-    """The answer body passed ``max_response_bytes``."""
-
-
-class _BoundedBody(Protocol):
-    """Reads a response body of at most ``limit`` bytes, for
-    ``_fetch_via_treq``.
-
-    Past the bound it stops reading and closes the connection (the rest is
-    never read) and reports ``_TooLarge``; with ``keep`` false the bytes are
-    counted but not kept (bodies of error statuses).  ``done`` is called
-    exactly once, with the body bytes or a Failure.  Bodies delimited by the
-    connection closing (no Content-Length, not chunked) are complete.
-    """
-
-    def __init__(self, limit: int, keep: bool,
-                 done: Callable[[Union[bytes, Failure]], None]) -> None:
-        self._limit = limit
-        self._keep = keep
-        self._done: Optional[Callable[[Union[bytes, Failure]], None]] = done
-        self._parts: list[bytes] = []
-        self._size = 0
-        self._finished = False
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._finished:
-            return
-        self._size += len(data)
-        if self._size > self._limit:
-            self._stop()
-            self._report(Failure(_TooLarge()))
-        elif self._keep:
-            self._parts.append(data)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self._report(b"".join(self._parts))
-        else:
-            self._report(reason)
-
-    def abort(self) -> None:
-        """Stop reading and drop the connection; ``done`` is not called."""
-        self._done = None
-        self._stop()
-
-    def _stop(self) -> None:
-        self._finished = True
-        self._parts = []
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-    def _report(self, result: Union[bytes, Failure]) -> None:
-        done, self._done = self._done, None
-        if done is not None:
-            done(result)
-
-
-def _fetch_via_treq(http: Any, method: str, url: str, data: bytes,
-                    headers: Any, max_body: int, keep: tuple) -> Deferred:
-    """``HTTPClient.fetch`` for a client with treq's interface (treq
-    itself, or ``treq.testing.StubTreq`` in tests): the same ``Answer``
-    and the same failures, from a streamed response read by
-    ``_BoundedBody``."""
-    reader: list[_BoundedBody] = []
-
-    def cancel(_: Deferred) -> None:
-        if reader:
-            reader[0].abort()
-        else:
-            request.cancel()
-
-    result: Deferred = Deferred(cancel)
-
-    def got(response: Any) -> None:
-        if result.called:  # cancelled meanwhile
-            late = _BoundedBody(0, False, lambda _: None)
-            response.deliverBody(late)
-            late.abort()
-            return
-        code, kept = response.code, response.code in keep
-        fields: dict[str, list[str]] = {}
-        for name, values in response.headers.getAllRawHeaders():
-            fields.setdefault(name.decode("latin-1").lower(), []).extend(
-                v.decode("latin-1") for v in values)
-
-        def done(body: Union[bytes, Failure]) -> None:
-            if result.called:
-                return
-            if not isinstance(body, Failure):
-                result.callback(Answer(code, fields, body))
-            elif not body.check(_TooLarge):
-                result.errback(BodyFailed(code, body))
-            elif kept:
-                result.errback(BodyTooLarge(code, max_body))
-            else:
-                result.callback(Answer(code, fields, b""))
-
-        reader.append(_BoundedBody(max_body, kept, done))
-        response.deliverBody(reader[0])
-
-    def failed(failure: Failure) -> None:
-        if not result.called:
-            result.errback(failure)
-
-    request = http.request(method, url, data=data, headers=headers,
-                           unbuffered=True, allow_redirects=False)
-    request.addCallbacks(got, failed)
-    return result
 
 
 def _describe(failure: Failure) -> str:
@@ -263,7 +151,6 @@ class Introspector:
                  response_verifier: Any = None,
                  jwt_verifier: Any = None) -> None:
         self._clock = clock
-        self._http = http_client
         self._settings = settings
         self._mode = settings.response
         if self._mode not in ACCEPT:
@@ -284,13 +171,9 @@ class Introspector:
         self._jwt_verifier = jwt_verifier
         self._auth = ClientAuth.from_settings(clock, settings, client_secret)
         self._url = settings.url
-        fetch = getattr(http_client, "fetch", None)
-        if fetch is not None:
-            self._fetch = fetch
-            encode: Callable[[Any], Any] = encode_headers
-        else:
-            self._fetch = (lambda *args: _fetch_via_treq(http_client, *args))
-            encode = dict
+        self._fetch = fetcher_for(http_client)
+        encode: Callable[[Any], Any] = (
+            encode_headers if isinstance(http_client, HTTPClient) else dict)
         self._static_form: Optional[tuple[bytes, Any]] = None
         if self._auth.static:
             tail, headers = self._form()

@@ -37,6 +37,9 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from phantomd.http.client import Answer, BodyFailed, BodyTooLarge
+from phantomd.http.fetch import fetcher_for
+
 log = Logger()
 
 
@@ -500,7 +503,7 @@ class KeySource:
             raise ValueError("a jwks_url or an issuer (for discovery) is "
                              "required")
         self._clock = clock
-        self._http = http_client
+        self._get = fetcher_for(http_client)
         self._jwks_url = jwks_url or None
         self._issuer = issuer or None
         self._discovered: Optional[str] = None
@@ -631,26 +634,23 @@ class KeySource:
         return uri
 
     def _get_json(self, url: str, what: str) -> Deferred:
-        def got(response: Any) -> Deferred:
-            if response.code != 200:
-                response.deliverBody(_Discard())
+        def got(answer: Answer) -> dict[str, Any]:
+            if answer.code != 200:
                 raise _NotThere("%s %s answered HTTP %d" % (
-                    what, url, response.code))
-            length = response.length
-            if isinstance(length, int) and length > self._max_bytes:
-                response.deliverBody(_Discard())
+                    what, url, answer.code))
+            return _json_object(answer.body, "%s %s" % (what, url))
+
+        def failed(failure: Failure) -> Failure:
+            if failure.check(BodyTooLarge):
                 raise JOSEError("%s %s is larger than %d bytes" % (
                     what, url, self._max_bytes))
-            return _read_bounded(response, self._max_bytes, what, url)
+            if failure.check(BodyFailed):
+                raise JOSEError("%s %s was cut short" % (what, url))
+            return failure
 
-        def parse(body: bytes) -> dict[str, Any]:
-            return _json_object(body, "%s %s" % (what, url))
-
-        d = self._http.get(url, headers={b"Accept": [b"application/json"]},
-                           allow_redirects=False)
-        d.addCallback(got)
-        d.addCallback(parse)
-        return d
+        d = self._get("GET", url, None, {b"Accept": [b"application/json"]},
+                      self._max_bytes, (200,))
+        return d.addCallbacks(got, failed)
 
     def _parse_jwks(self, doc: dict[str, Any]) -> dict[Optional[str], _jwk.JWK]:
         entries = doc.get("keys")
@@ -685,37 +685,6 @@ class KeySource:
         if not keys:
             raise JOSEError("JWKS holds no usable signing key")
         return keys
-
-
-class _Discard:
-    """A body protocol that drops everything (frees the connection)."""
-
-    def makeConnection(self, transport: Any) -> None:
-        self.transport = transport
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason: Any) -> None:
-        pass
-
-
-def _read_bounded(response: Any, max_bytes: int, what: str, url: str
-                  ) -> Deferred:
-    import treq
-
-    chunks: list[bytes] = []
-    size = [0]
-
-    def collect(data: bytes) -> None:
-        size[0] += len(data)
-        if size[0] > max_bytes:
-            raise JOSEError("%s %s is larger than %d bytes" % (
-                what, url, max_bytes))
-        chunks.append(data)
-
-    return treq.collect(response, collect).addCallback(
-        lambda _: b"".join(chunks))
 
 
 # -- verifying what the token service signed ----------------------------------
