@@ -4,7 +4,7 @@ loopback sockets."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.defer import CancelledError
@@ -12,9 +12,7 @@ from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web.client import (ResponseDone, ResponseFailed,
-                                ResponseNeverReceived)
-from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
 from phantomd import tls
 from phantomd.http.client import (AnswerTooLarge, BodyFailed,
@@ -25,23 +23,6 @@ from tests.test_tls import PKI
 URL = "http://127.0.0.1:8080/introspect?x=1"
 
 
-class Body(protocol.Protocol):
-    """Collects a body and how it ended."""
-
-    def __init__(self) -> None:
-        self.data = b""
-        self.reason: Optional[Failure] = None
-        self.ended = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.data += data
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore
-        assert self.reason is None, "connectionLost twice"
-        self.reason = reason
-        self.ended.callback(None)
-
-
 class MemoryTests(unittest.TestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
@@ -49,15 +30,13 @@ class MemoryTests(unittest.TestCase):
                                  max_idle=2, idle_timeout=4,
                                  max_answer_bytes=4096)
 
-    def start(self, method: str = "POST", url: str = URL, fetch: bool = False,
+    def start(self, method: str = "POST", url: str = URL,
               **kwargs: Any) -> tuple[defer.Deferred, Any, StringTransport]:
-        """A request (``fetch`` when asked) on a new connection: its
-        Deferred, the connection and its transport (what the client wrote
-        is in ``value()``)."""
+        """A fetch on a new connection: its Deferred, the connection and
+        its transport (what the client wrote is in ``value()``)."""
         kwargs.setdefault("data", b"token=x" if method == "POST" else None)
         connecting = len(self.reactor.tcpClients)
-        d = (self.client.fetch if fetch else self.client.request)(
-            method, url, **kwargs)
+        d = self.client.fetch(method, url, **kwargs)
         self.assertEqual(len(self.reactor.tcpClients), connecting + 1,
                          "a pooled connection was used")
         factory = self.reactor.tcpClients[-1][2]
@@ -66,20 +45,28 @@ class MemoryTests(unittest.TestCase):
         conn.makeConnection(transport)
         return d, conn, transport
 
-    def answer(self, pieces: list, method: str = "POST", lose: Any = None
-               ) -> tuple[Any, Body, Any, StringTransport]:
-        d, conn, transport = self.start(method)
+    def drain(self) -> None:
+        """Forget the pooled connections, so the next request connects."""
+        self.client.pool.close()
+        self.client.pool.closed = False
+
+    def answer(self, pieces: list, lose: Any = None, max_body: int = 10,
+               method: str = "POST") -> tuple[Any, Any, StringTransport]:
+        """Answer a fetch on a new connection with ``pieces`` (then lose
+        the connection with ``lose``); its result (an Answer or a
+        Failure), the connection, the transport.  Nothing may fire before
+        the last piece."""
+        self.drain()
+        d, conn, transport = self.start(method, max_body=max_body)
         results: list = []
         d.addBoth(results.append)
         for piece in pieces:
+            self.assertEqual(results, [], "fired before the answer ended")
             conn.dataReceived(piece)
         if lose is not None:
             conn.connectionLost(Failure(lose))
-        [response] = results
-        body = Body()
-        if not isinstance(response, Failure):
-            response.deliverBody(body)
-        return response, body, conn, transport
+        [result] = results
+        return result, conn, transport
 
     # -- the request --------------------------------------------------------
 
@@ -125,98 +112,110 @@ class MemoryTests(unittest.TestCase):
                 (URL, {b"Bad\nName": [b"a"]}),
                 (URL, {b"Host": [b"elsewhere"]}),
                 (URL, {b"Content-Length": [b"1"]})]:
-            d = self.client.request("POST", url, data=b"", headers=headers)
+            d = self.client.fetch("POST", url, data=b"", headers=headers)
             self.failureResultOf(d)
         self.assertEqual(self.reactor.tcpClients, [])
 
     # -- answers, row by row --------------------------------------------------
 
     ROWS = [
-        # name, pieces, lost with, code, body, end, pooled
+        # name, pieces, lost with, (code, headers subset, body) or the
+        # failure, connection pooled afterwards
         ("content-length",
-         [b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"],
-         None, 200, b"abc", ResponseDone, True),
+         [b"HTTP/1.1 200 OK\r\nContent-Type: application/jwt\r\n"
+          b"X-A: 1\r\nx-a: 2\r\nContent-Length: 3\r\n\r\nab", b"c"], None,
+         (200, {"content-type": ["application/jwt"], "x-a": ["1", "2"]},
+          b"abc"), True),
         ("content-length, byte by byte",
          [bytes([c]) for c in
           b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"],
-         None, 200, b"abc", ResponseDone, True),
+         None, (200, {}, b"abc"), True),
         ("chunked",
          [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
           b"2\r\nab\r\n", b"1\r\nc\r\n0\r\n\r\n"],
-         None, 200, b"abc", ResponseDone, True),
+         None, (200, {}, b"abc"), True),
         ("close-delimited",
          [b"HTTP/1.1 200 OK\r\n\r\nab", b"c"],
-         ConnectionDone(), 200, b"abc", ResponseDone, False),
+         ConnectionDone(), (200, {}, b"abc"), False),
         ("close-delimited, reset",
          [b"HTTP/1.1 200 OK\r\n\r\nab", b"c"],
-         ConnectionLost(), 200, b"abc", ResponseFailed, False),
+         ConnectionLost(), BodyFailed, False),
         ("content-length cut short",
          [b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc"],
-         ConnectionDone(), 200, b"abc", ResponseFailed, False),
+         ConnectionDone(), BodyFailed, False),
         ("chunked cut short",
          [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc"],
-         ConnectionDone(), 200, b"abc", ResponseFailed, False),
+         ConnectionDone(), BodyFailed, False),
+        ("garbled chunk",
+         [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+         None, BodyFailed, False),
         ("interim 100 skipped",
          [b"HTTP/1.1 100 Continue\r\n\r\n",
           b"HTTP/1.1 204 No Content\r\n\r\n"],
-         None, 204, b"", ResponseDone, True),
+         None, (204, {}, b""), True),
         ("304 has no body",
          [b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n"],
-         None, 304, b"", ResponseDone, True),
+         None, (304, {}, b""), True),
         ("redirect is an answer",
          [b"HTTP/1.1 302 Found\r\nLocation: http://evil/\r\n"
           b"Content-Length: 0\r\n\r\n"],
-         None, 302, b"", ResponseDone, True),
+         None, (302, {"location": ["http://evil/"]}, b""), True),
         ("connection: close",
          [b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n"
           b"\r\nx"],
-         None, 200, b"x", ResponseDone, False),
+         None, (200, {}, b"x"), False),
         ("HTTP/1.0",
          [b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\nx"],
-         None, 200, b"x", ResponseDone, False),
+         None, (200, {}, b"x"), False),
         ("an extra answer nobody asked for",
          [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"
           b"HTTP/1.1 200 OK\r\n"],
-         None, 200, b"x", ResponseDone, False),
+         None, (200, {}, b"x"), False),
+        ("other status: body not kept",
+         [b"HTTP/1.1 500 Oops\r\nContent-Length: 4\r\n\r\nfail"],
+         None, (500, {}, b""), True),
+        ("other status: long body given up",
+         [b"HTTP/1.1 503 Busy\r\nRetry-After: 7\r\nContent-Length: 99\r\n"
+          b"\r\n" + b"x" * 11],
+         None, (503, {"retry-after": ["7"]}, b""), False),
+        ("kept body too large",
+         [b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n" + b"x" * 11],
+         None, BodyTooLarge, False),
+        ("no head", [], ConnectionDone(), ResponseNeverReceived, False),
+        ("garbled head", [b"SMTP ready\r\n"], None, ResponseFailed, False),
     ]
 
-    def drain(self) -> None:
-        """Forget the pooled connections, so the next request connects."""
-        self.client.pool.close()
-        self.client.pool.closed = False
-
     def test_rows(self) -> None:
-        for name, pieces, lose, code, data, end, pooled in self.ROWS:
-            self.drain()
-            response, body, conn, transport = self.answer(pieces, lose=lose)
-            self.assertEqual((response.code, body.data), (code, data), name)
-            self.assertIsNotNone(body.reason, name)
-            self.assertTrue(body.reason.check(end), (name, body.reason))
+        for name, pieces, lose, expected, pooled in self.ROWS:
+            result, _, transport = self.answer(pieces, lose)
+            if isinstance(expected, tuple):
+                code, headers, body = expected
+                self.assertFalse(isinstance(result, Failure), (name, result))
+                self.assertEqual((result.code, result.body), (code, body),
+                                 name)
+                for key, values in headers.items():
+                    self.assertEqual(result.headers[key], values, name)
+            else:
+                self.assertIsInstance(result, Failure, name)
+                self.assertTrue(result.check(expected), (name, result))
             self.assertEqual(self.client.pool.idle_count(), int(pooled),
                              name)
             if lose is None:  # else the server closed it
                 self.assertEqual(transport.disconnecting, not pooled, name)
 
-    def test_headers_and_length(self) -> None:
-        response, body, _, _ = self.answer([
+    def test_every_header_value_kept(self) -> None:
+        answer, _, _ = self.answer([
             b"HTTP/1.1 200 OK\r\nContent-Type: application/jwt\r\n"
             b"Set-Cookie: a=1\r\nset-cookie: b=2\r\nContent-Length: 2\r\n"
             b"\r\nok"])
-        self.assertEqual(response.headers.getRawHeaders(b"set-cookie"),
-                         [b"a=1", b"b=2"])
-        self.assertEqual(dict(response.headers.getAllRawHeaders())[
-            b"Content-Type"], [b"application/jwt"])
-        self.assertEqual((response.length, response.phrase), (2, b"OK"))
-        self.drain()
-        response, _, _, _ = self.answer(
-            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"])
-        self.assertIs(response.length, UNKNOWN_LENGTH)
+        self.assertEqual(answer.headers["set-cookie"], ["a=1", "b=2"])
+        self.assertEqual(answer.headers["content-type"], ["application/jwt"])
+        self.assertEqual(answer.headers["content-length"], ["2"])
 
     def test_head_has_no_body(self) -> None:
-        response, body, _, transport = self.answer(
+        answer, _, transport = self.answer(
             [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"], method="HEAD")
-        self.assertEqual((response.length, body.data), (0, b""))
-        self.assertTrue(body.reason.check(ResponseDone))
+        self.assertEqual((answer.code, answer.body), (200, b""))
         self.assertTrue(transport.disconnecting)  # llhttp would wait
 
     def test_garbled_answers_fail(self) -> None:
@@ -225,19 +224,20 @@ class MemoryTests(unittest.TestCase):
                        [b"SMTP ready\r\n"],
                        [b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n"
                         b"Content-Length: 2\r\n\r\n"]):
-            failure, _, _, transport = self.answer(pieces)
+            failure, _, transport = self.answer(pieces)
             self.assertIsInstance(failure, Failure)
             self.assertTrue(failure.check(ResponseFailed), failure)
             [inner] = failure.value.reasons
             self.assertTrue(inner.check(MalformedAnswer), inner)
             self.assertTrue(transport.disconnecting)
 
-    def test_closed_before_answer(self) -> None:
-        failure, _, _, _ = self.answer([], lose=ConnectionDone())
-        self.assertTrue(failure.check(ResponseNeverReceived))
-        self.assertEqual(self.client.pool.idle_count(), 0)
+    def test_too_large_says_the_bound(self) -> None:
+        failure, _, _ = self.answer([b"HTTP/1.1 200 OK\r\nContent-Length: 11"
+                                     b"\r\n\r\n" + b"x" * 11])
+        self.assertEqual((failure.value.code, failure.value.max_body),
+                         (200, 10))
 
-    # -- bounds --------------------------------------------------------------
+    # -- bounds on the wire --------------------------------------------------
 
     def test_endless_head_cut_off(self) -> None:
         d, conn, transport = self.start()
@@ -259,170 +259,54 @@ class MemoryTests(unittest.TestCase):
         self.failureResultOf(d, ResponseFailed)
 
     def test_body_past_the_bound(self) -> None:
-        response, body, _, transport = self.answer([
+        failure, _, transport = self.answer([
             b"HTTP/1.1 200 OK\r\nContent-Length: 9000\r\n\r\n" + b"a" * 4000,
-            b"a" * 4000])
+            b"a" * 4000], max_body=65536)
         self.assertTrue(transport.disconnecting)
-        self.assertTrue(body.reason.check(ResponseFailed))
-        self.assertTrue(body.reason.value.reasons[0].check(AnswerTooLarge))
+        self.assertTrue(failure.check(BodyFailed))
+        self.assertTrue(failure.value.reason.check(AnswerTooLarge))
 
     def test_bound_counts_each_answer(self) -> None:
         answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\n\r\n" + \
             b"a" * 3000
-        response, body, conn, _ = self.answer([answer])
-        self.assertTrue(body.reason.check(ResponseDone))
-        d = self.client.request("POST", URL, data=b"t")
+        first, conn, _ = self.answer([answer], max_body=65536)
+        self.assertEqual(first.body, b"a" * 3000)
+        d = self.client.fetch("POST", URL, data=b"t", max_body=65536)
         conn.dataReceived(answer)
         self.assertEqual(self.successResultOf(d).code, 200)
         self.assertEqual(len(self.reactor.tcpClients), 1)  # reused
 
-    # -- the body protocol ---------------------------------------------------
-
-    def test_body_buffered_until_delivered(self) -> None:
-        d, conn, _ = self.start()
-        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\na")
-        conn.dataReceived(b"bc")
-        response = self.successResultOf(d)
-        self.assertEqual(self.client.pool.idle_count(), 1)
-        body = Body()
-        response.deliverBody(body)
-        self.assertEqual(body.data, b"abc")
-        self.assertTrue(body.reason.check(ResponseDone))
-
-    def test_stop_producing_drops_the_connection(self) -> None:
-        d, conn, transport = self.start()
-        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab")
-        body = Body()
-        self.successResultOf(d).deliverBody(body)
-        body.transport.stopProducing()
-        self.assertTrue(transport.disconnecting)
-        self.assertIsNone(body.reason)  # not from inside stopProducing
-        conn.dataReceived(b"cdefghi")
-        self.reactor.advance(0)
-        self.assertTrue(body.reason.check(ResponseFailed))
-        self.assertEqual(body.data, b"ab")
-        self.assertEqual(self.client.pool.idle_count(), 0)
-
     # -- cancelling ----------------------------------------------------------
 
     def test_cancel_while_connecting(self) -> None:
-        d = self.client.request("POST", URL, data=b"t")
+        d = self.client.fetch("POST", URL, data=b"t")
         connector = self.reactor.connectors[-1]
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertTrue(connector.stoppedConnecting)
 
-    def test_cancel_after_sending(self) -> None:
-        d, conn, transport = self.start()
-        conn.dataReceived(b"HTTP/1.1 200 OK\r\n")
-        d.cancel()
-        self.failureResultOf(d, CancelledError)
-        self.assertTrue(transport.disconnecting)
-        conn.dataReceived(b"Content-Length: 0\r\n\r\n")
-        self.assertEqual(self.client.pool.idle_count(), 0)
-
-    # -- fetch: the whole answer at once -------------------------------------
-
-    def fetch(self, pieces: list, lose: Any = None, max_body: int = 10,
-              method: str = "POST") -> tuple[Any, Any, StringTransport]:
-        """Answer a ``fetch`` on a new connection with ``pieces``; its
-        result (an Answer or a Failure), the connection, the transport."""
-        self.drain()
-        d, conn, transport = self.start(method, fetch=True, max_body=max_body)
-        results: list = []
-        d.addBoth(results.append)
-        for piece in pieces:
-            self.assertEqual(results, [], "fired before the answer ended")
-            conn.dataReceived(piece)
-        if lose is not None:
-            conn.connectionLost(Failure(lose))
-        [result] = results
-        return result, conn, transport
-
-    FETCH_ROWS = [
-        # name, pieces, lose, (code, headers subset, body) or exception,
-        # connection pooled afterwards
-        ("length", [b"HTTP/1.1 200 OK\r\nContent-Type: application/jwt\r\n"
-                    b"X-A: 1\r\nx-a: 2\r\nContent-Length: 5\r\n\r\nab",
-                    b"cde"], None,
-         (200, {"content-type": ["application/jwt"], "x-a": ["1", "2"]},
-          b"abcde"), True),
-        ("chunked", [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-                     b"3\r\nabc\r\n", b"2\r\nde\r\n0\r\n\r\n"], None,
-         (200, {}, b"abcde"), True),
-        ("until close", [b"HTTP/1.1 200 OK\r\n\r\nabc"], ConnectionDone(),
-         (200, {}, b"abc"), False),
-        ("204", [b"HTTP/1.1 204 No Content\r\n\r\n"], None,
-         (204, {}, b""), True),
-        ("other status: body not kept", [
-            b"HTTP/1.1 500 Oops\r\nContent-Length: 4\r\n\r\nfail"], None,
-         (500, {}, b""), True),
-        ("other status: long body given up", [
-            b"HTTP/1.1 503 Busy\r\nRetry-After: 7\r\nContent-Length: 99\r\n"
-            b"\r\n" + b"x" * 11], None,
-         (503, {"retry-after": ["7"]}, b""), False),
-        ("kept body too large", [
-            b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n" + b"x" * 11],
-         None, BodyTooLarge, False),
-        ("cut short", [b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab"],
-         ConnectionLost(), BodyFailed, False),
-        ("garbled chunk", [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked"
-                           b"\r\n\r\nzz\r\n"], None, BodyFailed, False),
-        ("no head", [], ConnectionDone(), ResponseNeverReceived, False),
-        ("garbled head", [b"SMTP ready\r\n"], None, ResponseFailed, False),
-    ]
-
-    def test_fetch_rows(self) -> None:
-        for name, pieces, lose, expected, pooled in self.FETCH_ROWS:
-            result, _, transport = self.fetch(pieces, lose)
-            if isinstance(expected, tuple):
-                code, headers, body = expected
-                self.assertFalse(isinstance(result, Failure), (name, result))
-                self.assertEqual((result.code, result.body), (code, body),
-                                 name)
-                for key, values in headers.items():
-                    self.assertEqual(result.headers[key], values, name)
-            else:
-                self.assertIsInstance(result, Failure, name)
-                self.assertTrue(result.check(expected), (name, result))
-            self.assertEqual(self.client.pool.idle_count(), int(pooled),
-                             name)
-            if lose is None:
-                self.assertEqual(transport.disconnecting, not pooled, name)
-
-    def test_fetch_too_large_says_the_bound(self) -> None:
-        result, _, _ = self.fetch([b"HTTP/1.1 200 OK\r\nContent-Length: 11"
-                                   b"\r\n\r\n" + b"x" * 11])
-        self.assertEqual((result.value.code, result.value.max_body),
-                         (200, 10))
-
-    def test_fetch_then_reuse(self) -> None:
-        _, conn, transport = self.fetch(
-            [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"])
-        transport.clear()
-        d = self.client.fetch("POST", URL, data=b"t")
-        self.assertIn(b"POST /introspect", transport.value())
-        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nyes")
-        self.assertEqual(self.successResultOf(d).body, b"yes")
-        conn.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")  # nobody asked
-        self.assertTrue(transport.disconnecting)
-
-    def test_fetch_cancelled_mid_body_drops_the_connection(self) -> None:
-        d, conn, transport = self.start(fetch=True)
-        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
-        d.cancel()
-        self.failureResultOf(d, CancelledError)
-        self.assertTrue(transport.disconnecting)
-        conn.dataReceived(b"cd")
-        self.assertEqual(self.client.pool.idle_count(), 0)
+    def test_cancel_drops_the_connection(self) -> None:
+        for arrived, rest in [
+                (b"", b"HTTP/1.1 204 No Content\r\n\r\n"),
+                (b"HTTP/1.1 200 OK\r\n", b"Content-Length: 0\r\n\r\n"),
+                (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab", b"cd")]:
+            self.drain()
+            d, conn, transport = self.start()
+            if arrived:
+                conn.dataReceived(arrived)
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+            self.assertTrue(transport.disconnecting, arrived)
+            conn.dataReceived(rest)
+            self.assertEqual(self.client.pool.idle_count(), 0, arrived)
 
     # -- the pool -------------------------------------------------------------
 
     def test_reuse_and_no_cookies(self) -> None:
-        response, body, conn, transport = self.answer([
+        _, conn, transport = self.answer([
             b"HTTP/1.1 200 OK\r\nSet-Cookie: s=1\r\nContent-Length: 0\r\n\r\n"])
         transport.clear()
-        d = self.client.request("POST", URL, data=b"t")
+        d = self.client.fetch("POST", URL, data=b"t")
         self.assertEqual(len(self.reactor.tcpClients), 1)
         self.assertNotIn(b"cookie", transport.value().lower())
         conn.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
@@ -438,7 +322,7 @@ class MemoryTests(unittest.TestCase):
                          [False, False, True])
 
     def test_idle_connections_expire(self) -> None:
-        _, _, conn, transport = self.answer(
+        _, conn, transport = self.answer(
             [b"HTTP/1.1 204 No Content\r\n\r\n"])
         self.reactor.advance(3)
         self.assertFalse(transport.disconnecting)
@@ -447,15 +331,15 @@ class MemoryTests(unittest.TestCase):
         self.assertEqual(self.client.pool.idle_count(), 0)
 
     def test_idle_connection_expired_when_picked(self) -> None:
-        _, _, conn, transport = self.answer(
+        _, conn, transport = self.answer(
             [b"HTTP/1.1 204 No Content\r\n\r\n"])
         self.reactor.rightNow += 5  # the timer has not run yet
-        self.client.request("POST", URL, data=b"t")
+        self.client.fetch("POST", URL, data=b"t")
         self.assertTrue(transport.disconnecting)
         self.assertEqual(len(self.reactor.tcpClients), 2)
 
     def test_unasked_bytes_on_idle_connection(self) -> None:
-        _, _, conn, transport = self.answer(
+        _, conn, transport = self.answer(
             [b"HTTP/1.1 204 No Content\r\n\r\n"])
         conn.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
         self.assertTrue(transport.disconnecting)
@@ -525,13 +409,9 @@ class LoopbackTests(unittest.TestCase):
         return port.getHost().port
 
     @defer.inlineCallbacks
-    def fetch(self, client: HTTPClient, url: str) -> Any:
-        response = yield client.request("POST", url, data=b"token=x")
-        body = Body()
-        response.deliverBody(body)
-        yield body.ended
-        self.assertTrue(body.reason.check(ResponseDone), body.reason)
-        return response.code, body.data
+    def post(self, client: HTTPClient, url: str) -> Any:
+        answer = yield client.fetch("POST", url, data=b"token=x")
+        return answer.code, answer.body
 
     @defer.inlineCallbacks
     def test_sequential_requests_share_a_connection(self):
@@ -539,7 +419,7 @@ class LoopbackTests(unittest.TestCase):
         url = "http://127.0.0.1:%d/introspect" % self.listen(factory)
         client = self.client()
         for _ in range(3):
-            result = yield self.fetch(client, url)
+            result = yield self.post(client, url)
             self.assertEqual(result, (200, b"hello"))
         self.assertEqual(factory.connections, 1)
         self.assertEqual(client.pool.idle_count(), 1)
@@ -552,7 +432,7 @@ class LoopbackTests(unittest.TestCase):
         url = "http://127.0.0.1:%d/" % self.listen(factory)
         client = self.client()
         results = yield defer.gatherResults(
-            [self.fetch(client, url) for _ in range(3)])
+            [self.post(client, url) for _ in range(3)])
         self.assertEqual(results, [(200, b"hello")] * 3)
         self.assertEqual(client.pool.idle_count(), 3)
         conn = client.pool.take(("http", "127.0.0.1", int(url.split(":")[2]
@@ -568,9 +448,9 @@ class LoopbackTests(unittest.TestCase):
         ccert, ckey, _ = pki.issue("gateway_client", client=True)
         client = self.client(tls.ClientPolicy(pki.ca_file, ccert, ckey))
         url = "https://localhost:%d/introspect" % port
-        result = yield self.fetch(client, url)
+        result = yield self.post(client, url)
         self.assertEqual(result, (200, b"hello"))
-        result = yield self.fetch(client, url)
+        result = yield self.post(client, url)
         self.assertEqual(client.pool.idle_count(), 1)
 
     @defer.inlineCallbacks
@@ -580,8 +460,8 @@ class LoopbackTests(unittest.TestCase):
         port = self.listen(Counting(), pki.server_options(cert, key, False))
         client = self.client(tls.ClientPolicy(pki.ca_file))
         with self.assertRaises(ResponseNeverReceived):
-            yield client.request("POST", "https://localhost:%d/" % port,
-                                 data=b"x")
+            yield client.fetch("POST", "https://localhost:%d/" % port,
+                               data=b"x")
         self.assertEqual(client.pool.idle_count(), 0)
 
     @defer.inlineCallbacks
@@ -590,4 +470,4 @@ class LoopbackTests(unittest.TestCase):
         number = port.getHost().port
         yield port.stopListening()
         with self.assertRaises(Exception):
-            yield self.client().request("GET", "http://127.0.0.1:%d/" % number)
+            yield self.client().fetch("GET", "http://127.0.0.1:%d/" % number)

@@ -344,4 +344,4 @@ class FramingTests(E2ETestCase):
         yield self.tracking.all_gone()
         self.assertEqual(self.tracking.connections, 1)
         self.assertEqual(introspection.IDLE_CONNECTION_SECONDS,
-                         client.pool.cachedConnectionTimeout)
+                         client.pool.idle_timeout)

@@ -1,15 +1,14 @@
 """A lean, pooled HTTP/1.1 client for the token service and its key set.
 
-``jose.KeySource`` calls it the way it would call treq: ``request(method,
-url, data=..., headers=...)`` (and ``get``, ``post``) return a ``Deferred``
-firing a ``Response`` with ``code``, ``headers``
-(``twisted.web.http_headers.Headers``), ``length`` and
-``deliverBody(protocol)``.  The introspector wants answers whole:
-``fetch`` fires once with an ``Answer`` (code, decoded headers, bounded
-body), with no Response, body protocol or Headers in between.  Underneath,
-one ``httptools`` parser per connection and plain method calls replace
-Agent, hyperlink and ``HTTP11ClientProtocol``: an introspection is on the
-miss path of every new token, so its client must cost little.
+The introspector and ``jose.KeySource`` want answers whole:
+``fetch(method, url, data, headers, max_body, keep)`` returns a
+``Deferred`` that fires once, with an ``Answer`` (code, decoded headers,
+bounded body) -- no Response object, body protocol or Twisted ``Headers``
+in between.  Underneath, one ``httptools`` parser per connection and plain
+method calls replace Agent, hyperlink and ``HTTP11ClientProtocol``: an
+introspection is on the miss path of every new token, so its client must
+cost little.  (``phantomd.http.fetch`` gives the same ``fetch`` for a
+client with treq's interface, which the unit tests use.)
 
 What it never does: follow redirects (a 3xx is an answer like any other),
 keep or send cookies, pipeline, retry (a POST may not be repeated).
@@ -21,8 +20,7 @@ Bounds:
   ``max_answer_bytes`` the connection is aborted and the exchange fails with
   ``AnswerTooLarge`` (so an endless header line or an endless head cannot
   grow memory: llhttp keeps a header it has not finished);
-* body bytes that arrive before ``deliverBody`` is called are buffered,
-  within that same bound;
+* a body is kept up to ``max_body`` bytes (see ``HTTPClient.fetch``);
 * at most ``max_idle`` idle connections are kept per (scheme, host, port);
   one handed back beyond that is closed, and so is one idle for longer than
   ``idle_timeout`` seconds;
@@ -46,19 +44,14 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet import defer
 from twisted.internet.endpoints import (
     HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS)
-from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
-from twisted.web.client import (ResponseDone, ResponseFailed,
-                                ResponseNeverReceived)
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH
 
 from phantomd.http.fastio import writer_for
-
-_DONE = Failure(ResponseDone())
-"""Shared, as Twisted shares ``connectionDone``: a body's normal end."""
 
 MAX_TARGETS = 16
 """Parsed URLs (and their endpoints) kept by a client."""
@@ -81,110 +74,6 @@ class AnswerTooLarge(Exception):
 
 class MalformedAnswer(Exception):
     """The server's answer is not HTTP/1.1 as phantomd reads it."""
-
-
-class Response:
-    """One answer: ``code``, ``phrase``, ``headers``, ``length`` (an int, or
-    ``UNKNOWN_LENGTH`` for chunked and close-delimited bodies), and
-    ``deliverBody``.
-
-    The body protocol gets ``makeConnection(transport)`` (whose
-    ``stopProducing`` or ``loseConnection`` drops the connection),
-    ``dataReceived`` for each piece, then ``connectionLost`` once: with
-    ``ResponseDone`` when the body is complete, with ``ResponseFailed``
-    when it is cut short, garbled or too large.
-    """
-
-    version = (b"HTTP", 1, 1)
-    request = None
-    previousResponse = None
-
-    def __init__(self, conn: "_Connection", code: int, phrase: bytes,
-                 headers: Headers, length: Any) -> None:
-        self.code = code
-        self.phrase = phrase
-        self.headers = headers
-        self.length = length
-        self._conn: Optional[_Connection] = conn
-        self._protocol: Any = None
-        self._parts: list[bytes] = []
-        self._end: Optional[Failure] = None
-        self._told = False
-
-    def deliverBody(self, protocol: Any) -> None:
-        if self._protocol is not None:
-            raise RuntimeError("the body of a response is delivered once")
-        self._protocol = protocol
-        protocol.makeConnection(_BodyTransport(self))
-        parts, self._parts = self._parts, []
-        for part in parts:
-            if self._told:
-                return
-            protocol.dataReceived(part)
-        if self._end is not None:
-            self._tell()
-
-    def setPreviousResponse(self, response: Any) -> None:
-        pass  # never called: redirects are not followed
-
-    # -- what the connection calls ------------------------------------------
-
-    def _data(self, data: bytes) -> None:
-        if self._told or self._end is not None:
-            return
-        if self._protocol is None:
-            self._parts.append(data)
-        else:
-            self._protocol.dataReceived(data)
-
-    def _ended(self, reason: Failure) -> None:
-        self._conn = None
-        if self._end is None:
-            self._end = reason
-        if self._protocol is not None:
-            self._tell()
-
-    def _tell(self) -> None:
-        if not self._told:
-            self._told = True
-            self._parts = []
-            self._protocol.connectionLost(self._end)
-
-    def _stop(self) -> None:
-        conn = self._conn
-        if conn is not None:
-            conn.abort()
-            # As with Twisted's client: the protocol hears of it later,
-            # never from inside its own stopProducing call.
-            conn.client.reactor.callLater(
-                0, self._ended, _failed_body(ConnectionAborted()))
-
-
-class _BodyTransport:
-    """The transport a body protocol sees: stopping it drops the
-    connection, which is never reused."""
-
-    def __init__(self, response: Response) -> None:
-        self._response = response
-
-    def stopProducing(self) -> None:
-        self._response._stop()
-
-    loseConnection = stopProducing
-
-    def pauseProducing(self) -> None:
-        conn = self._response._conn
-        if conn is not None and not conn.lost:
-            conn.transport.pauseProducing()
-
-    def resumeProducing(self) -> None:
-        conn = self._response._conn
-        if conn is not None and not conn.lost:
-            conn.transport.resumeProducing()
-
-
-def _failed_body(e: BaseException) -> Failure:
-    return Failure(ResponseFailed([Failure(e)]))
 
 
 class Answer:
@@ -226,8 +115,9 @@ class _Overflow(Exception):
 
 
 class _Collect:
-    """What a ``fetch`` gathers of an answer, in the place of a
-    ``Response``: the connection calls ``_data`` and ``_ended`` on it."""
+    """What a ``fetch`` gathers of an answer once its head is in: the
+    connection calls ``_data`` with each piece of the body, then
+    ``_ended`` once, which fires the caller's Deferred."""
 
     __slots__ = ("code", "headers", "max_body", "keep", "result", "_parts",
                  "_size")
@@ -249,35 +139,32 @@ class _Collect:
         if self.keep:
             self._parts.append(data)
 
-    def _ended(self, reason: Failure) -> None:
+    def _ended(self, error: Optional[BaseException] = None) -> None:
+        """The answer is complete, or (``error``) it never will be."""
         d, self.result = self.result, None
         if d is None:
             return
-        if reason is _DONE:
+        if error is None:
             d.callback(Answer(self.code, self.headers,
                               b"".join(self._parts)))
-            return
-        inner = reason.value.reasons[0] if isinstance(
-            reason.value, ResponseFailed) and reason.value.reasons else reason
-        if inner.check(_Overflow):
-            if self.keep:
-                d.errback(BodyTooLarge(self.code, self.max_body))
-            else:
-                # A body nobody reads need not be read to its end.
-                d.callback(Answer(self.code, self.headers, b""))
-            return
-        d.errback(BodyFailed(self.code, inner))
+        elif not isinstance(error, _Overflow):
+            d.errback(BodyFailed(self.code, Failure(error)))
+        elif self.keep:
+            d.errback(BodyTooLarge(self.code, self.max_body))
+        else:
+            # A body nobody reads need not be read to its end.
+            d.callback(Answer(self.code, self.headers, b""))
 
 
 class _Call:
-    """One request from ``request()`` to its response head (or failure);
-    its ``result`` is what the caller holds."""
+    """One request from ``fetch()`` to its whole answer (or failure); its
+    ``result`` is what the caller holds."""
 
-    def __init__(self, payload: bytes, head_method: bool,
-                 max_body: int = -1, keep: tuple = ()) -> None:
+    def __init__(self, payload: bytes, head_method: bool, max_body: int,
+                 keep: tuple) -> None:
         self.payload = payload
         self.head_method = head_method
-        self.max_body = max_body  # -1: a streamed Response, else fetch
+        self.max_body = max_body
         self.keep = keep
         self.result: defer.Deferred = defer.Deferred(self._cancel)
         self.conn: Optional[_Connection] = None
@@ -326,14 +213,12 @@ class _Connection(Protocol):
         self._timer: Any = None
         self._broken = False
         self._call: Optional[_Call] = None
-        self._response: Optional[Response] = None
+        self._collect: Optional[_Collect] = None
         self._reset()
 
     def _reset(self) -> None:
         self._received = 0
         self._headers: list[tuple[bytes, bytes]] = []
-        self._phrase = b""
-        self._fire: Optional[Response] = None
         self._complete = False
         self._keep_alive = False
         self._eof_body = False
@@ -344,7 +229,7 @@ class _Connection(Protocol):
         self._write = writer_for(self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        if self._call is None and self._response is None:
+        if self._call is None and self._collect is None:
             # Bytes nobody asked for: never reuse this connection.
             self._broken = True
             self.transport.abortConnection()
@@ -365,13 +250,7 @@ class _Connection(Protocol):
                                                    _Overflow)) else
                        MalformedAnswer("malformed HTTP answer: %s" % e))
             return
-        response = self._fire
-        if response is not None:
-            self._fire = None
-            call, self._call = self._call, None
-            if call is not None:
-                call.result.callback(response)
-        if self._complete and self._response is not None:
+        if self._complete and self._collect is not None:
             self._finish(self._keep_alive)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -381,8 +260,8 @@ class _Connection(Protocol):
                 self._timer.cancel()
             self._timer = None
         self.client.pool.lost(self)
-        if self._response is not None and self._eof_body and \
-                self._fire is None and reason.check(ConnectionDone):
+        if self._collect is not None and self._eof_body and \
+                reason.check(ConnectionDone):
             self._finish(False)
         else:
             self._fail(reason.value)
@@ -390,7 +269,8 @@ class _Connection(Protocol):
     # -- what the client calls -----------------------------------------------
 
     def send(self, call: _Call) -> None:
-        """Write ``call``'s request; its result fires with the head."""
+        """Write ``call``'s request; its result fires with the whole
+        answer."""
         if self.lost:
             call.result.errback(ResponseNeverReceived(
                 [Failure(ConnectionDone("the connection closed"))]))
@@ -410,8 +290,7 @@ class _Connection(Protocol):
     def abort(self) -> None:
         """Give up on the exchange: drop the connection, tell nobody."""
         self._call = None
-        self._response = None
-        self._fire = None
+        self._collect = None
         self._broken = True
         if not self.lost:
             self.transport.abortConnection()
@@ -422,18 +301,14 @@ class _Connection(Protocol):
         if self._complete:
             self._broken = True  # bytes past the answer: never reuse
 
-    def on_status(self, phrase: bytes) -> None:
-        self._phrase += phrase
-
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        parser = self._parser
-        code = parser.get_status_code()
+        code = self._parser.get_status_code()
         headers, self._headers = self._headers, []
-        phrase, self._phrase = self._phrase, b""
-        if self._call is None or self._response is not None:
+        call = self._call
+        if call is None or self._collect is not None:
             self._broken = True  # an answer nobody asked for
             return
         if code < 200:
@@ -441,57 +316,40 @@ class _Connection(Protocol):
                 raise MalformedAnswer("101 Switching Protocols, which "
                                       "phantomd never asks for")
             return  # interim: the real answer follows
-        call = self._call
-        collect = call.max_body >= 0
-        if collect:
-            decoded: dict[str, list[str]] = {}
-        else:
-            raw = Headers()
-        length: Any = UNKNOWN_LENGTH
-        chunked = False
+        decoded: dict[str, list[str]] = {}
+        has_length = chunked = False
         for name, value in headers:
             lower = name.lower()
-            if collect:
-                key = lower.decode("latin-1")
-                if key in decoded:
-                    decoded[key].append(value.decode("latin-1"))
-                else:
-                    decoded[key] = [value.decode("latin-1")]
+            key = lower.decode("latin-1")
+            if key in decoded:
+                decoded[key].append(value.decode("latin-1"))
             else:
-                raw.addRawHeader(name, value)
+                decoded[key] = [value.decode("latin-1")]
             if lower == b"content-length":
-                length = int(value)
+                has_length = True
             elif lower == b"transfer-encoding":
                 if value.strip().lower() != b"chunked":
                     # gzip and friends would reach the caller undeclared.
                     raise MalformedAnswer("a transfer coding other than "
                                           "chunked")
                 chunked = True
-        if self._head_method or code == 204 or code == 304:
-            length = 0
-            if self._head_method:
-                # llhttp cannot be told that a HEAD answer has no body.
-                self._complete = True
-                self._broken = True
-        elif chunked:
-            length = UNKNOWN_LENGTH
-        elif length is UNKNOWN_LENGTH:
+        if self._head_method:
+            # llhttp cannot be told that a HEAD answer has no body.
+            self._complete = True
+            self._broken = True
+        elif code != 204 and code != 304 and not chunked and not has_length:
             self._eof_body = True
-        if collect:
-            # Nothing fires before the whole answer is in.
-            self._response = _Collect(  # type: ignore[assignment]
-                code, decoded, call.max_body, code in call.keep, call.result)
-            return
-        self._response = self._fire = Response(self, code, phrase, raw,
-                                               length)
+        # Nothing fires before the whole answer is in.
+        self._collect = _Collect(code, decoded, call.max_body,
+                                 code in call.keep, call.result)
 
     def on_body(self, data: bytes) -> None:
-        response = self._response
-        if response is not None:
-            response._data(data)
+        collect = self._collect
+        if collect is not None:
+            collect._data(data)
 
     def on_message_complete(self) -> None:
-        if self._response is not None:
+        if self._collect is not None:
             self._complete = True
             # Asked here: once the message is done, llhttp says False.
             self._keep_alive = self._parser.should_keep_alive()
@@ -499,26 +357,24 @@ class _Connection(Protocol):
     # -- internals -----------------------------------------------------------
 
     def _finish(self, reuse: bool) -> None:
-        """The body is complete: pool or close, then tell the body
-        protocol."""
-        response, self._response = self._response, None
-        self._call = None  # a fetch holds its call until the end
+        """The answer is complete: pool or close, then tell the caller."""
+        collect, self._collect = self._collect, None
+        self._call = None
         self._reset()
         if not self.lost:
             if reuse and not self._broken:
                 self.client.pool.put(self)
             else:
                 self.close()
-        if response is not None:
-            response._ended(_DONE)
+        if collect is not None:
+            collect._ended()
 
     def _fail(self, e: BaseException) -> None:
         """The exchange failed: drop the connection, tell whoever waits."""
-        call, response = self._call, self._response
-        got_head = self._fire is None and response is not None
+        call, collect = self._call, self._collect
         self.abort()
-        if got_head:
-            response._ended(_failed_body(e))
+        if collect is not None:
+            collect._ended(e)
         elif call is not None and not call.result.called:
             kind = ResponseFailed if self._received else ResponseNeverReceived
             call.result.errback(kind([Failure(e)]))
@@ -532,7 +388,7 @@ class _Connection(Protocol):
 
     def _idle_check(self) -> None:
         self._timer = None
-        if self.lost or self._call is not None or self._response is not None:
+        if self.lost or self._call is not None or self._collect is not None:
             return
         left = self.idle_since + self.client.pool.idle_timeout \
             - self.client.reactor.seconds()
@@ -571,11 +427,6 @@ class ConnectionPool:
         self._idle: dict[tuple, list[_Connection]] = {}
         self._closing: set[_Connection] = set()
         self._close_waiters: list[defer.Deferred] = []
-
-    @property
-    def cachedConnectionTimeout(self) -> float:
-        """``idle_timeout`` under the name Twisted's pool gives it."""
-        return self.idle_timeout
 
     def take(self, key: tuple) -> Optional[_Connection]:
         idle = self._idle.get(key)
@@ -662,48 +513,22 @@ class HTTPClient:
         self._connect_timeout = connect_timeout
         self._targets: dict[str, _Target] = {}
 
-    @property
-    def client(self) -> "HTTPClient":
-        """This client itself, for callers that hold a (client, pool) pair
-        under ``.client``."""
-        return self
-
-    def get(self, url: str, **kwargs: Any) -> defer.Deferred:
-        return self.request("GET", url, **kwargs)
-
-    def post(self, url: str, data: Optional[bytes] = None,
-             **kwargs: Any) -> defer.Deferred:
-        return self.request("POST", url, data=data, **kwargs)
-
-    def request(self, method: Union[str, bytes], url: str,
-                data: Optional[bytes] = None, headers: Any = None,
-                allow_redirects: bool = False, unbuffered: bool = True,
-                reactor: Any = None) -> defer.Deferred:
-        """``Deferred[Response]``; ``allow_redirects``, ``unbuffered`` and
-        ``reactor`` are accepted for treq's sake and change nothing (no
-        redirect is ever followed, bodies are always streamed, the client
-        has its own reactor)."""
-        return self._send(method, url, data, headers, -1, ())
-
     def fetch(self, method: Union[str, bytes], url: str,
               data: Optional[bytes] = None, headers: Any = None,
               max_body: int = 65536, keep: tuple = (200,)
               ) -> defer.Deferred:
-        """``Deferred[Answer]``: the whole answer at once, for callers that
-        want it whole (the introspector) rather than streamed.
+        """``Deferred[Answer]``: the whole answer, once it is all in.
 
         The body of a status in ``keep`` is kept, up to ``max_body`` bytes:
         past that the connection is dropped and the result fails with
         ``BodyTooLarge``.  Other bodies are counted, not kept: past
         ``max_body`` the connection is dropped and the answer is given
         with an empty body.  A failure after the head is ``BodyFailed``;
-        before it, as for ``request``.  Cancelling drops the connection.
+        before it, ``ResponseNeverReceived`` (nothing came back) or
+        ``ResponseFailed`` (something unusable did), wrapping the cause as
+        Twisted's client does.  A bad URL or header fails at once, before
+        anything is sent.  Cancelling drops the connection.
         """
-        return self._send(method, url, data, headers, max(max_body, 0), keep)
-
-    def _send(self, method: Union[str, bytes], url: str,
-              data: Optional[bytes], headers: Any, max_body: int,
-              keep: tuple) -> defer.Deferred:
         try:
             target = self._target(url)
             if isinstance(method, str):
@@ -711,7 +536,7 @@ class HTTPClient:
             payload = _request_bytes(method, target, headers, data)
         except Exception:
             return defer.fail()
-        call = _Call(payload, method == b"HEAD", max_body, keep)
+        call = _Call(payload, method == b"HEAD", max(max_body, 0), keep)
         conn = self.pool.take(target.key)
         if conn is not None:
             conn.send(call)
@@ -780,8 +605,8 @@ class EncodedHeaders:
 
 
 def encode_headers(headers: Any) -> EncodedHeaders:
-    """``headers`` (as ``request`` takes them) checked and encoded; raises
-    ValueError as ``request`` would fail."""
+    """``headers`` (as ``fetch`` takes them) checked and encoded; raises
+    ValueError where ``fetch`` would fail."""
     lines: list[bytes] = []
     _header_lines(headers, lines)
     return EncodedHeaders(b"".join(lines))
