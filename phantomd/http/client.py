@@ -198,9 +198,9 @@ class _Call:
 class _Connection(Protocol):
     """One HTTP/1.1 connection; one exchange at a time on it.
 
-    httptools callbacks only collect; what reaches callers (the response,
-    its end) happens after ``feed_data`` returns, so a caller that starts
-    its next request from a callback never meets a parser mid-feed.
+    httptools callbacks only collect; the caller hears of the answer
+    after ``feed_data`` returns, so a caller that starts its next request
+    from a callback never meets a parser mid-feed.
     """
 
     def __init__(self, client: "HTTPClient", key: tuple) -> None:
