@@ -850,6 +850,26 @@ async def wait_closed(reactor, client: RawClient, timeout: float) -> bool:
     return closed
 
 
+async def drip_until_closed(reactor, client: RawClient, pieces,
+                            timeout: float, every: float = 0.2) -> bool:
+    """Send the next of ``pieces`` every ``every`` seconds until the peer
+    closes (or they run out); True if it closed within ``timeout``, as
+    ``wait_closed``."""
+    def drip() -> None:
+        if not client.is_closed:
+            piece = next(pieces, None)
+            if piece is not None:
+                client.send(piece)
+    loop = task.LoopingCall(drip)
+    loop.clock = reactor
+    loop.start(every)
+    try:
+        return await wait_closed(reactor, client, timeout)
+    finally:
+        if loop.running:
+            loop.stop()
+
+
 async def wait_for(reactor, predicate: Callable[[], bool], timeout: float,
                    interval: float = 0.02) -> bool:
     """Poll ``predicate`` until it holds or ``timeout`` passes."""

@@ -8,14 +8,15 @@ framing.  The fake API only counts a request it received completely, so
 
 from __future__ import annotations
 
+import itertools
 import os
 
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.trial import unittest
 
 from .fakes import (
-    Scene, async_test, connect_http, connect_raw, connect_tls, exchange,
-    request_bytes, sleep, wait_closed, wait_for,
+    Scene, async_test, connect_http, connect_raw, connect_tls,
+    drip_until_closed, exchange, request_bytes, sleep, wait_closed, wait_for,
 )
 
 
@@ -400,17 +401,9 @@ class SlowAndIdle(Hostile):
         the head is never complete within header_timeout."""
         await self.scene()
         client = await connect_raw(reactor, self.s.front)
-        data = iter(self.head(b"GET / HTTP/1.1", b"X-Slow: " + b"s" * 200))
-
-        def drip():
-            if not client.is_closed:
-                client.send(bytes([next(data)]))
-        loop = task.LoopingCall(drip)
-        loop.clock = reactor
-        loop.start(0.2)
-        self.addCleanup(lambda: loop.running and loop.stop())
-        closed = await wait_closed(reactor, client, 4.0)
-        loop.stop()
+        head = self.head(b"GET / HTTP/1.1", b"X-Slow: " + b"s" * 200)
+        closed = await drip_until_closed(
+            reactor, client, (bytes([b]) for b in head), 4.0)
         self.assertTrue(closed, "slowloris connection still open after 4 s")
         self.assertEqual([r.status for r in client.responses()], [408])
         self.assertEqual(self.s.api.requests, [])
@@ -420,16 +413,8 @@ class SlowAndIdle(Hostile):
         client = await connect_raw(reactor, self.s.front)
         client.send(request_bytes("POST", "/slow", self.token,
                                   headers=headers))
-
-        def drip():
-            if not client.is_closed:
-                client.send(unit)
-        loop = task.LoopingCall(drip)
-        loop.clock = reactor
-        loop.start(0.2)
-        self.addCleanup(lambda: loop.running and loop.stop())
-        closed = await wait_closed(reactor, client, 8.0)
-        loop.stop()
+        closed = await drip_until_closed(reactor, client,
+                                         itertools.repeat(unit), 8.0)
         self.assertTrue(closed, "a request body trickling in at 5 bytes/s "
                         "held the connection for 8 s (header_timeout 0.5, "
                         "idle_timeout 1, upstream_timeout 1)")
@@ -719,18 +704,10 @@ class OverTLS(unittest.TestCase):
     async def test_dribbled_client_hello_is_closed(self):
         await self.scene()
         client = await connect_raw(reactor, self.s.front)
-        hello = iter(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
-                     + b"\x00" * 400)
-
-        def drip():
-            if not client.is_closed:
-                client.send(bytes([next(hello)]))
-        loop = task.LoopingCall(drip)
-        loop.clock = reactor
-        loop.start(0.2)
-        self.addCleanup(lambda: loop.running and loop.stop())
-        closed = await wait_closed(reactor, client, 4.0)
-        loop.stop()
+        hello = (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+                 + b"\x00" * 400)
+        closed = await drip_until_closed(
+            reactor, client, (bytes([b]) for b in hello), 4.0)
         self.assertTrue(closed, "a dribbled ClientHello keeps the "
                         "connection open")
 
@@ -750,17 +727,9 @@ class OverTLS(unittest.TestCase):
     async def test_slowloris_inside_tls_gets_408(self):
         await self.scene()
         client = await connect_tls(reactor, self.s.front)
-        head = iter(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 200)
-
-        def drip():
-            if not client.is_closed:
-                client.send(bytes([next(head)]))
-        loop = task.LoopingCall(drip)
-        loop.clock = reactor
-        loop.start(0.2)
-        self.addCleanup(lambda: loop.running and loop.stop())
-        closed = await wait_closed(reactor, client, 4.0)
-        loop.stop()
+        head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"s" * 200
+        closed = await drip_until_closed(
+            reactor, client, (bytes([b]) for b in head), 4.0)
         self.assertTrue(closed)
         self.assertEqual([r.status for r in client.responses()], [408])
 
