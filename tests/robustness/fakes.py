@@ -881,6 +881,22 @@ async def wait_for(reactor, predicate: Callable[[], bool], timeout: float,
     return True
 
 
+async def wait_stalled(reactor, measure: Callable[[], int],
+                       limit: float = 10.0) -> int:
+    """Wait until ``measure()`` (bytes moved so far) stops growing for half
+    a second, or ``limit`` passes; return its value."""
+    last = [-1]
+
+    def stalled() -> bool:
+        value = measure()
+        if value == last[0] and value > 0:
+            return True
+        last[0] = value
+        return False
+    await wait_for(reactor, stalled, limit, interval=0.5)
+    return measure()
+
+
 async def sleep(reactor, seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
 

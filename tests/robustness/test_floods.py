@@ -18,7 +18,7 @@ from twisted.trial import unittest
 from .fakes import (
     Delayed, FakeAPI, Scene, TokenService, async_test, connect_http,
     connect_raw, exchange, gateway_ini, jwt_reply, make_jwt, new_token,
-    request_bytes, spawn_gateway, wait_for,
+    request_bytes, spawn_gateway, wait_for, wait_stalled,
 )
 
 MB = 1 << 20
@@ -241,14 +241,7 @@ class PipelineFlood(unittest.TestCase):
         pump = UploadPump(client, 512 * MB, unit=request_bytes(
             target="/p", token=token))
         pump.start(reactor)
-        last = [-1]
-
-        def stalled():
-            if pump.sent == last[0] and last[0] > 0:
-                return True
-            last[0] = pump.sent
-            return False
-        await wait_for(reactor, stalled, 12.0, interval=0.5)
+        await wait_stalled(reactor, lambda: pump.sent, 12.0)
         self.assertLess(pump.sent, 64 * MB, "phantomd accepted %d MB of "
                         "pipelined requests from a client reading nothing"
                         % (pump.sent // MB))

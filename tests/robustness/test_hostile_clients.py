@@ -17,6 +17,7 @@ from twisted.trial import unittest
 from .fakes import (
     Scene, async_test, connect_http, connect_raw, connect_tls,
     drip_until_closed, exchange, request_bytes, sleep, wait_closed, wait_for,
+    wait_stalled,
 )
 
 
@@ -769,7 +770,7 @@ class OverTLS(unittest.TestCase):
         client.send(request_bytes(token=self.token))
         await wait_for(reactor, lambda: self.s.api.requests, 3.0)
         client.transport.pauseProducing()
-        written = await _stalled(lambda: self.s.api.written)
+        written = await wait_stalled(reactor, lambda: self.s.api.written)
         self.assertLess(written, 64 << 20, "phantomd took %d MB for a TLS "
                         "client that reads nothing" % (written >> 20))
 
@@ -783,7 +784,7 @@ class OverTLS(unittest.TestCase):
                                   headers=[("Transfer-Encoding", "chunked")]))
         pump = UploadPump(client, 256 << 20)
         pump.start(reactor)
-        sent = await _stalled(lambda: pump.sent)
+        sent = await wait_stalled(reactor, lambda: pump.sent)
         self.assertLess(sent, 64 << 20, "phantomd took %d MB of upload over "
                         "TLS that the API did not read" % (sent >> 20))
 
@@ -824,17 +825,3 @@ class RequestTargets(Hostile):
         self.assertIn(await self.target(b"GET", b"*"), (400,))
         self.assertEqual([r.method for r in self.s.api.requests], [])
 
-
-async def _stalled(measure, limit: float = 10.0) -> int:
-    """Wait until ``measure()`` stops growing for half a second (or
-    ``limit`` passes); return its value."""
-    last = [-1]
-
-    def stalled():
-        value = measure()
-        if value == last[0] and value > 0:
-            return True
-        last[0] = value
-        return False
-    await wait_for(reactor, stalled, limit, interval=0.5)
-    return measure()

@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from .fakes import (
     Hang, Raw, Reply, Scene, Stream, async_test, closed_port, connect_raw,
-    exchange, request_bytes, response_head, wait_for,
+    exchange, request_bytes, response_head, wait_for, wait_stalled,
 )
 
 MB = 1 << 20
@@ -124,15 +124,7 @@ class UpstreamFaults(unittest.TestCase):
         client.transport.pauseProducing()  # never read
         client.send(request_bytes(token=self.token))
 
-        last = [-1]
-
-        def stalled():
-            if self.s.api.written == last[0] and last[0] > 0:
-                return True
-            last[0] = self.s.api.written
-            return False
-        await wait_for(reactor, stalled, 10.0, interval=0.5)
-        written = self.s.api.written
+        written = await wait_stalled(reactor, lambda: self.s.api.written)
         self.assertLess(written, 64 * MB,
                         "phantomd accepted %d MB from the API for a client "
                         "that read nothing" % (written // MB))
@@ -240,14 +232,7 @@ class UploadBackpressure(unittest.TestCase):
                                   headers=[("Transfer-Encoding", "chunked")]))
         pump = UploadPump(client, 256 * MB)
         pump.start(reactor)
-        last = [-1]
-
-        def stalled():
-            if pump.sent == last[0] and last[0] > 0:
-                return True
-            last[0] = pump.sent
-            return False
-        await wait_for(reactor, stalled, 10.0, interval=0.5)
+        await wait_stalled(reactor, lambda: pump.sent)
         self.assertLess(pump.sent, 64 * MB, "phantomd took %d MB of upload "
                         "the API did not read" % (pump.sent // MB))
         self.assertGreater(s.api.bytes_received, 0)
