@@ -251,3 +251,16 @@ def buffered(transport: Any) -> int:
     """Bytes waiting in a Twisted TCP transport's send buffer."""
     return (len(transport.dataBuffer) - transport.offset
             + transport._tempDataLen)
+
+
+def listen_loopback(test: Any, reactor: Any, factory: Any,
+                    tls_options: Any = None) -> int:
+    """Listen on a free loopback port (TLS with ``tls_options``) until
+    ``test`` ends; the port number."""
+    if tls_options is None:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    else:
+        port = reactor.listenSSL(0, factory, tls_options,
+                                 interface="127.0.0.1")
+    test.addCleanup(port.stopListening)
+    return port.getHost().port

@@ -18,6 +18,7 @@ from phantomd import tls
 from phantomd.http.client import (AnswerTooLarge, BodyFailed,
                                   BodyTooLarge, HTTPClient, MalformedAnswer,
                                   encode_headers)
+from tests.helpers_http import listen_loopback
 from tests.test_tls import PKI
 
 URL = "http://127.0.0.1:8080/introspect?x=1"
@@ -400,13 +401,7 @@ class LoopbackTests(unittest.TestCase):
         return client
 
     def listen(self, factory: Any, tls_options: Any = None) -> int:
-        if tls_options is None:
-            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        else:
-            port = reactor.listenSSL(0, factory, tls_options,
-                                     interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        return port.getHost().port
+        return listen_loopback(self, reactor, factory, tls_options)
 
     @defer.inlineCallbacks
     def post(self, client: HTTPClient, url: str) -> Any:

@@ -15,6 +15,7 @@ from twisted.web.server import Site
 from phantomd import introspection
 from phantomd.introspection import Introspector, make_http_client
 from phantomd.outcomes import Active, Inactive, IntrospectionFailed
+from tests.helpers_http import listen_loopback
 from tests.test_introspection import (TOKEN, TokenService, make_jwt,
                                       make_settings)
 from tests.test_tls import PKI
@@ -66,13 +67,7 @@ class E2ETestCase(unittest.TestCase):
                                     "x")
 
     def listen(self, factory: Any, tls_options: Any = None) -> int:
-        if tls_options is None:
-            port = reactor.listenTCP(0, factory, interface="127.0.0.1")
-        else:
-            port = reactor.listenSSL(0, factory, tls_options,
-                                     interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        return port.getHost().port
+        return listen_loopback(self, reactor, factory, tls_options)
 
 
 class PeerCertificateService(TokenService):
