@@ -75,44 +75,41 @@ class RandomTokenFlood(unittest.TestCase):
         rss = {}
         flooding = [True]
 
-        async def flooder():
+        async def client_loop(next_token, counts: Counter) -> None:
+            """Requests on one keep-alive connection (a new one after a
+            failure) while ``next_token()`` gives tokens; every status or
+            exception name is counted."""
             client = None
-            while remaining[0] > 0:
-                remaining[0] -= 1
-                if remaining[0] == FLOOD - 2000:
-                    rss["warm"] = gw.rss_bytes()
+            while (token := next_token()) is not None:
                 if client is None or client.lost:
                     client = await connect_http(reactor, gw.front)
                 try:
-                    r = await client.request(request_bytes(
-                        token=new_token("rnd")))
+                    r = await client.request(request_bytes(token=token))
                 except Exception as e:
-                    statuses[type(e).__name__] += 1
+                    counts[type(e).__name__] += 1
                     client = None
                     continue
-                statuses[r.status] += 1
+                counts[r.status] += 1
             if client is not None and not client.lost:
                 client.transport.loseConnection()
 
-        async def good_client():
-            client = None
-            while flooding[0]:
-                if client is None or client.lost:
-                    client = await connect_http(reactor, gw.front)
-                try:
-                    r = await client.request(request_bytes(token=good))
-                except Exception as e:
-                    good_statuses[type(e).__name__] += 1
-                    client = None
-                    continue
-                good_statuses[r.status] += 1
-            if client is not None and not client.lost:
-                client.transport.loseConnection()
+        def flood_token():
+            if remaining[0] <= 0:
+                return None
+            remaining[0] -= 1
+            if remaining[0] == FLOOD - 2000:
+                rss["warm"] = gw.rss_bytes()
+            return new_token("rnd")
+
+        def good_token():
+            return good if flooding[0] else None
 
         rss["start"] = gw.rss_bytes()
-        good_run = defer.ensureDeferred(good_client())
-        await defer.gatherResults([defer.ensureDeferred(flooder())
-                                   for _ in range(CONCURRENCY)])
+        good_run = defer.ensureDeferred(client_loop(good_token,
+                                                    good_statuses))
+        await defer.gatherResults([
+            defer.ensureDeferred(client_loop(flood_token, statuses))
+            for _ in range(CONCURRENCY)])
         flooding[0] = False
         await good_run
         rss["end"] = gw.rss_bytes()
