@@ -71,6 +71,25 @@ _MAX_GAP = 16 * 1024
 LINGER = 2.0
 
 
+def _head(status: int, reason: Optional[bytes], headers: list,
+          framing: bytes, close: bool, http11: bool) -> list:
+    """A response head in pieces: status line, ``headers``, the framing
+    line (Content-Length or Transfer-Encoding, or nothing), then Connection
+    as the client needs it, and the blank line."""
+    parts = [b"HTTP/1.1 %d %s\r\n" % (
+        status, reason or _REASONS.get(status, b"Unknown"))]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    parts.append(framing)
+    if close:
+        parts.append(b"Connection: close\r\n\r\n")
+    elif not http11:
+        parts.append(b"Connection: keep-alive\r\n\r\n")
+    else:
+        parts.append(b"\r\n")
+    return parts
+
+
 class _Limit(Exception):
     """Raised inside a parser callback to stop llhttp at a limit."""
 
@@ -737,28 +756,20 @@ class FrontProtocol(Protocol):
         self._status = status
         close = self._closing or not r.keep_alive
         http11 = r.version == "1.1"
-        parts = [b"HTTP/1.1 %d %s\r\n" % (
-            status, reason or _REASONS.get(status, b"Unknown"))]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
         chunk_out = False
+        framing = b""
         if mode == MODE_LENGTH:
-            parts += (b"Content-Length: %d\r\n" % length,)
+            framing = b"Content-Length: %d\r\n" % length
         elif mode == MODE_CHUNKED or mode == MODE_EOF:
             if http11:
                 chunk_out = True
-                parts.append(b"Transfer-Encoding: chunked\r\n")
+                framing = b"Transfer-Encoding: chunked\r\n"
             else:
                 close = True
-        if close:
-            parts.append(b"Connection: close\r\n\r\n")
-        elif not http11:
-            parts.append(b"Connection: keep-alive\r\n\r\n")
-        else:
-            parts.append(b"\r\n")
         self._chunk_out = chunk_out
         self._resp_close = close
-        head = b"".join(parts)
+        head = b"".join(_head(status, reason, headers, framing, close,
+                              http11))
         self._bytes_sent = len(head)
         self._out.append(head)
         self.factory.metrics.request_duration.observe(
@@ -824,16 +835,9 @@ class FrontProtocol(Protocol):
     def _answer(self, r: _Request, status: int, headers: list, body: bytes,
                 close: bool) -> None:
         close = close or self._closing or not r.keep_alive
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status,
-                                         _REASONS.get(status, b"Unknown"))]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts.append(b"Content-Length: %d\r\n" % len(body))
-        if close:
-            parts.append(b"Connection: close\r\n")
-        elif r.version != "1.1":
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
+        parts = _head(status, None, headers,
+                      b"Content-Length: %d\r\n" % len(body), close,
+                      r.version == "1.1")
         if r.method != b"HEAD":
             parts.append(body)
         data = b"".join(parts)
