@@ -33,7 +33,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from phantomd import cachecontrol, jose, tokens
+from phantomd import cachecontrol, jose, logs, tokens
 from phantomd.clientauth import ClientAuth
 from phantomd.http.client import (AnswerTooLarge, Answer, BodyFailed,
                                   BodyTooLarge, HTTPClient, encode_headers)
@@ -178,7 +178,7 @@ class Introspector:
         if self._auth.static:
             tail, headers = self._form()
             self._static_form = (tail, encode(headers))
-        self._logged: dict[tuple[str, int], list[float]] = {}
+        self._throttle = logs.Throttle(clock, LOG_INTERVAL, _MAX_LOG_KEYS)
         self.last_success: Optional[float] = None
 
     def introspect(self, token: str) -> Deferred:
@@ -323,16 +323,10 @@ class Introspector:
     def _log_failure(self, token: str, failure: Failure,
                      status: Optional[int]) -> None:
         e = failure.value
-        key = (getattr(e, "kind", "error"), status or 0)
-        now = self._clock.seconds()
-        seen = self._logged.get(key)
-        if seen is not None and now - seen[0] < LOG_INTERVAL:
-            seen[1] += 1
+        suppressed = self._throttle.admit(
+            (getattr(e, "kind", "error"), status or 0))
+        if suppressed is None:
             return
-        if seen is None and len(self._logged) >= _MAX_LOG_KEYS:
-            self._logged.clear()
-        suppressed = int(seen[1]) if seen else 0
-        self._logged[key] = [now, 0]
         token_id = tokens.token_id(tokens.token_key(token))
         if not isinstance(e, IntrospectionFailed):
             log.failure("introspection of {token_id} failed unexpectedly",

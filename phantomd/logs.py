@@ -47,6 +47,34 @@ PRIORITY = {
 _MAX_DEPTH = 4
 
 
+class Throttle:
+    """At most one log line per key per ``interval`` seconds of ``clock``.
+
+    ``admit(key)`` is None when the line should be dropped, else how many
+    were dropped for that key since the last one logged.  An outage fails
+    every request; one line per request would flood the log.  At most
+    ``max_keys`` keys are remembered: at the bound the map is emptied.
+    """
+
+    def __init__(self, clock: Any, interval: float,
+                 max_keys: int = 64) -> None:
+        self._clock = clock
+        self.interval = interval
+        self._max_keys = max_keys
+        self._seen: dict[Any, list] = {}
+
+    def admit(self, key: Any = None) -> Optional[int]:
+        now = self._clock.seconds()
+        seen = self._seen.get(key)
+        if seen is not None and now - seen[0] < self.interval:
+            seen[1] += 1
+            return None
+        if seen is None and len(self._seen) >= self._max_keys:
+            self._seen.clear()
+        self._seen[key] = [now, 0]
+        return seen[1] if seen is not None else 0
+
+
 def is_sensitive(name: str) -> bool:
     return name.lower() in SENSITIVE
 

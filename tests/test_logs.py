@@ -7,13 +7,14 @@ import json
 import os
 from types import SimpleNamespace
 
+from twisted.internet.task import Clock
 from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from phantomd.logs import (
     AccessLog, JSONLinesObserver, ObservedService, SwitchableObserver,
-    TextObserver,
+    TextObserver, Throttle,
     access_logger, journal_stream_matches, observer_for)
 from phantomd.outcomes import Forward
 
@@ -230,3 +231,21 @@ class ObservedServiceTests(SynchronousTestCase):
         ObservedService(SimpleNamespace(format="text"), io.StringIO(),
                         {}).setServiceParent(parent)
         self.assertEqual(len(list(parent)), 1)
+
+
+class ThrottleTests(SynchronousTestCase):
+    def test_one_line_per_key_per_interval_with_the_count_dropped(self):
+        clock = Clock()
+        throttle = Throttle(clock, 10.0, max_keys=2)
+        self.assertEqual(throttle.admit("a"), 0)
+        self.assertEqual([throttle.admit("a") for _ in range(3)],
+                         [None] * 3)
+        self.assertEqual(throttle.admit("b"), 0)  # keys are independent
+        clock.advance(9.9)
+        self.assertIsNone(throttle.admit("a"))
+        clock.advance(0.1)
+        self.assertEqual(throttle.admit("a"), 4)
+        self.assertIsNone(throttle.admit("a"))
+        # a third key empties the map: every key starts afresh
+        self.assertEqual(throttle.admit("c"), 0)
+        self.assertEqual(throttle.admit("a"), 0)

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from phantomd.http.fastio import writer_for
 from phantomd.http.headers import drop_connection_options
 from phantomd.http.headers import RESPONSE_DROP
+from phantomd.logs import Throttle
 
 MODE_NONE, MODE_LENGTH, MODE_CHUNKED, MODE_EOF = range(4)
 
@@ -422,8 +423,7 @@ class UpstreamPool:
         self._idle: list[UpstreamConnection] = []
         self.reconfigure(settings)
         self._closed = False
-        self._warned_at = float("-inf")
-        self._unlogged = 0
+        self._throttle = Throttle(reactor, WARN_INTERVAL, max_keys=1)
         self._close_waiters: list[defer.Deferred] = []
         self._factory = _ConnectionFactory(self)
         connect_timeout = settings.upstream_connect_timeout
@@ -498,14 +498,10 @@ class UpstreamPool:
         """Log an upstream fault at most once per ``WARN_INTERVAL`` seconds
         (an outage fails every request: one line per request would flood
         the log), with how many were not logged since."""
-        now = self.reactor.seconds()
-        if now - self._warned_at < WARN_INTERVAL:
-            self._unlogged += 1
-            return
-        log.warn(message + " ({unlogged} more since the last such line)",
-                 reason=reason, unlogged=self._unlogged)
-        self._warned_at = now
-        self._unlogged = 0
+        unlogged = self._throttle.admit()
+        if unlogged is not None:
+            log.warn(message + " ({unlogged} more since the last such line)",
+                     reason=reason, unlogged=unlogged)
 
     def _retry(self, front: Any) -> None:
         """A reused connection closed before answering a request without a
