@@ -139,7 +139,7 @@ class Gateway:
         c = config.cache
         self.cache = TokenCache(reactor, self.metrics, c.max_entries,
                                 c.max_ttl, c.default_ttl, c.negative_ttl)
-        self.coalescer = Coalescer(reactor, self.metrics,
+        self.coalescer = Coalescer(self.metrics,
                                    config.introspection.max_in_flight)
         self._stack = _IntrospectionStack(reactor, config)
         self.gate = Gate(reactor, self.cache, self.coalescer,

@@ -44,8 +44,7 @@ class Coalescer:
 
     log = Logger()
 
-    def __init__(self, clock: Any, metrics: Any, max_in_flight: int) -> None:
-        self._clock = clock
+    def __init__(self, metrics: Any, max_in_flight: int) -> None:
         self._metrics = metrics
         self._flights: dict[bytes, _Flight] = {}
         self.reconfigure(max_in_flight)

@@ -1,7 +1,6 @@
 """The coalescer: one work per key, a Deferred per caller, Shed at a bound."""
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from phantomd.coalescer import Coalescer
@@ -25,12 +24,11 @@ class FakeIntrospector:
 
 class CoalescerTestCase(SynchronousTestCase):
     def setUp(self):
-        self.clock = Clock()
         self.metrics = Metrics()
         self.fake = FakeIntrospector()
 
     def coalescer(self, max_in_flight=10):
-        return Coalescer(self.clock, self.metrics, max_in_flight)
+        return Coalescer(self.metrics, max_in_flight)
 
     def coalesced(self):
         return self.metrics.sample("phantomd_coalesced_requests_total")

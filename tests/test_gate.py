@@ -35,7 +35,7 @@ class GateTestsMixin:
         self.metrics = Metrics()
         self.cache = TokenCache(self.clock, self.metrics, max_entries=100,
                                 max_ttl=3600, default_ttl=0, negative_ttl=10)
-        self.coalescer = Coalescer(self.clock, self.metrics, max_in_flight=2)
+        self.coalescer = Coalescer(self.metrics, max_in_flight=2)
         self.introspector = FakeIntrospector()
         self.gate = Gate(self.clock, self.cache, self.coalescer,
                          self.introspector, self.metrics, "api",
