@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 from urllib.parse import quote_plus, urlencode
 
 from OpenSSL import SSL
@@ -36,8 +36,8 @@ from twisted.python.failure import Failure
 from phantomd import cachecontrol, jose, logs, tokens
 from phantomd.clientauth import ClientAuth
 from phantomd.http.client import (AnswerTooLarge, Answer, BodyFailed,
-                                  BodyTooLarge, HTTPClient, encode_headers)
-from phantomd.http.fetch import fetcher_for
+                                  BodyTooLarge, HTTPClient)
+from phantomd.http.fetch import fetcher_for, fixed_headers
 from phantomd.outcomes import Active, Inactive, IntrospectionFailed
 
 log = Logger()
@@ -172,12 +172,10 @@ class Introspector:
         self._auth = ClientAuth.from_settings(clock, settings, client_secret)
         self._url = settings.url
         self._fetch = fetcher_for(http_client)
-        encode: Callable[[Any], Any] = (
-            encode_headers if isinstance(http_client, HTTPClient) else dict)
         self._static_form: Optional[tuple[bytes, Any]] = None
         if self._auth.static:
             tail, headers = self._form()
-            self._static_form = (tail, encode(headers))
+            self._static_form = (tail, fixed_headers(http_client, headers))
         self._throttle = logs.Throttle(clock, LOG_INTERVAL, _MAX_LOG_KEYS)
         self.last_success: Optional[float] = None
 

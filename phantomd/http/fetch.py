@@ -19,7 +19,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from phantomd.http.client import Answer, BodyFailed, BodyTooLarge, HTTPClient
+from phantomd.http.client import (Answer, BodyFailed, BodyTooLarge, HTTPClient,
+                                  encode_headers)
 
 Fetch = Callable[[str, str, Optional[bytes], Any, int, tuple], Deferred]
 """``fetch(method, url, data, headers, max_body, keep) -> Deferred[Answer]``,
@@ -31,6 +32,15 @@ def fetcher_for(http: Any) -> Fetch:
     if isinstance(http, HTTPClient):
         return http.fetch
     return lambda *args: _via_treq(http, *args)
+
+
+def fixed_headers(http: Any, headers: Any) -> Any:
+    """``headers`` as the fetcher for ``http`` takes them fastest when they
+    are sent on every request: checked and encoded once for a
+    ``HTTPClient``, as they are otherwise."""
+    if isinstance(http, HTTPClient):
+        return encode_headers(headers)
+    return headers
 
 
 class _TooLarge(Exception):
