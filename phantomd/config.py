@@ -10,11 +10,13 @@ naming the file, the section and the key.  Attribute names equal ini keys, so
 from __future__ import annotations
 
 import configparser
+import difflib
+import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 from urllib.parse import urlsplit
 
 
@@ -161,73 +163,132 @@ def optional_endpoints(value: str) -> tuple[str, ...]:
 
 # -- the schema ---------------------------------------------------------------
 
-SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
+class Key(NamedTuple):
+    """One ini key: how to parse it, its default, and what a change means.
+
+    ``trust`` has no default on purpose: every key says whether it decides
+    what phantomd trusts, i.e. whether a cached introspection answer
+    obtained under the old value may be wrong under the new one (which
+    token service, which keys, which answer format, which checks).  A
+    reload that changes a ``trust=True`` key -- or the contents of a
+    ``trust=True`` file -- empties the token cache (``identity``).
+    ``restart=True``: a reload cannot apply it; it is reported as needing a
+    restart while it differs from what the process started with.
+    ``secret=True``: a file holding a secret or private key; startup warns
+    when group or others may read it.  A key whose parser is
+    ``readable_file`` is a file: reload compares its contents, not just its
+    path.
+    """
+
+    parse: Callable[[str], Any]
+    default: Any
+    trust: bool
+    restart: bool = False
+    secret: bool = False
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
     "phantomd": {
-        "listen": (endpoints_list, "tcp:8080:interface=127.0.0.1:backlog=1024"),
-        "upstream": (http_url, REQUIRED),
-        "realm": (text, "api"),
-        "required_scopes": (scopes, ""),
-        "workers": (workers, "1"),
-        "header_timeout": (positive_float, "10"),
-        "idle_timeout": (positive_float, "60"),
-        "drain_timeout": (non_negative_float, "30"),
-        "max_connections": (positive_int, "10000"),
-        "max_request_line": (_number(int, 256, 1 << 20), "8192"),
-        "max_header_bytes": (_number(int, 1024, 1 << 24), "65536"),
-        "max_headers": (_number(int, 8, 10000), "100"),
-        "upstream_timeout": (positive_float, "60"),
-        "upstream_connect_timeout": (positive_float, "5"),
-        "upstream_max_idle": (non_negative_int, "100"),
-        "upstream_idle_timeout": (positive_float, "1.5"),
-        "upstream_ca_file": (readable_file, ""),
-        "upstream_client_cert": (readable_file, ""),
-        "upstream_client_key": (readable_file, ""),
+        "listen": Key(endpoints_list,
+                      "tcp:8080:interface=127.0.0.1:backlog=1024",
+                      trust=False, restart=True),
+        "upstream": Key(http_url, REQUIRED, trust=False),
+        "realm": Key(text, "api", trust=False),
+        # Checked on every request, cache hits included.
+        "required_scopes": Key(scopes, "", trust=False),
+        "workers": Key(workers, "1", trust=False, restart=True),
+        "header_timeout": Key(positive_float, "10", trust=False),
+        "idle_timeout": Key(positive_float, "60", trust=False),
+        "drain_timeout": Key(non_negative_float, "30", trust=False),
+        "max_connections": Key(positive_int, "10000", trust=False),
+        "max_request_line": Key(_number(int, 256, 1 << 20), "8192",
+                                trust=False),
+        "max_header_bytes": Key(_number(int, 1024, 1 << 24), "65536",
+                                trust=False),
+        "max_headers": Key(_number(int, 8, 10000), "100", trust=False),
+        "upstream_timeout": Key(positive_float, "60", trust=False),
+        "upstream_connect_timeout": Key(positive_float, "5", trust=False),
+        "upstream_max_idle": Key(non_negative_int, "100", trust=False),
+        "upstream_idle_timeout": Key(positive_float, "1.5", trust=False),
+        # Which API phantomd trusts with JWTs; the cached answers stay
+        # valid (a reload re-reads the files and builds a new pool).
+        "upstream_ca_file": Key(readable_file, "", trust=False),
+        "upstream_client_cert": Key(readable_file, "", trust=False),
+        "upstream_client_key": Key(readable_file, "", trust=False,
+                                   secret=True),
     },
     "introspection": {
-        "url": (http_url, REQUIRED),
-        "client_id": (text, REQUIRED),
-        "client_secret": (optional_text, ""),
-        "client_secret_file": (readable_file, ""),
-        "auth_method": (one_of("client_secret_basic", "client_secret_post",
-                               "private_key_jwt", "tls_client_auth"),
-                        "client_secret_basic"),
-        "response": (one_of("jwt", "phantom_token", "token-introspection+jwt",
-                            "json"), "jwt"),
-        "timeout": (positive_float, "5"),
-        "max_in_flight": (positive_int, "256"),
-        "max_response_bytes": (_number(int, 256, 1 << 24), "65536"),
-        "issuer": (optional_text, ""),
-        "jwks_url": (optional_http_url, ""),
-        "token_type_hint": (optional_text, ""),
-        "verify_jwt": (boolean, "no"),
-        "ca_file": (readable_file, ""),
-        "client_cert": (readable_file, ""),
-        "client_key": (readable_file, ""),
-        "private_key_file": (readable_file, ""),
-        "private_key_alg": (one_of("RS256", "PS256", "ES256", "EdDSA"),
-                            "RS256"),
+        "url": Key(http_url, REQUIRED, trust=True),
+        # The token service may answer per client (audience, claims).
+        "client_id": Key(text, REQUIRED, trust=True),
+        # How phantomd proves it is client_id: not what it trusts.
+        "client_secret": Key(optional_text, "", trust=False),
+        "client_secret_file": Key(readable_file, "", trust=False,
+                                  secret=True),
+        "auth_method": Key(one_of("client_secret_basic", "client_secret_post",
+                                  "private_key_jwt", "tls_client_auth"),
+                           "client_secret_basic", trust=False),
+        "response": Key(one_of("jwt", "phantom_token",
+                               "token-introspection+jwt", "json"), "jwt",
+                        trust=True),
+        "timeout": Key(positive_float, "5", trust=False),
+        "max_in_flight": Key(positive_int, "256", trust=False),
+        "max_response_bytes": Key(_number(int, 256, 1 << 24), "65536",
+                                  trust=False),
+        "issuer": Key(optional_text, "", trust=True),
+        "jwks_url": Key(optional_http_url, "", trust=True),
+        "token_type_hint": Key(optional_text, "", trust=True),
+        "verify_jwt": Key(boolean, "no", trust=True),
+        # Who may answer as the token service (and serve its keys).
+        "ca_file": Key(readable_file, "", trust=True),
+        "client_cert": Key(readable_file, "", trust=False),
+        "client_key": Key(readable_file, "", trust=False, secret=True),
+        "private_key_file": Key(readable_file, "", trust=False,
+                                secret=True),
+        "private_key_alg": Key(one_of("RS256", "PS256", "ES256", "EdDSA"),
+                               "RS256", trust=False),
     },
     "minting": {
-        "key_file": (readable_file, ""),
-        "issuer": (optional_text, ""),
-        "jwks_path": (url_path, "/.well-known/jwks.json"),
-        "audience": (optional_text, ""),
-        "lifetime": (positive_int, "300"),
+        # Cached minted JWTs are signed with these keys and say these.
+        "key_file": Key(readable_file, "", trust=True, secret=True),
+        "issuer": Key(optional_text, "", trust=True),
+        "jwks_path": Key(url_path, "/.well-known/jwks.json", trust=False,
+                         restart=True),
+        "audience": Key(optional_text, "", trust=True),
+        "lifetime": Key(positive_int, "300", trust=False),
     },
     "cache": {
-        "max_entries": (positive_int, "100000"),
-        "max_ttl": (non_negative_float, "3600"),
-        "default_ttl": (non_negative_float, "0"),
-        "negative_ttl": (non_negative_float, "10"),
+        "max_entries": Key(positive_int, "100000", trust=False),
+        "max_ttl": Key(non_negative_float, "3600", trust=False),
+        "default_ttl": Key(non_negative_float, "0", trust=False),
+        "negative_ttl": Key(non_negative_float, "10", trust=False),
     },
     "metrics": {
-        "listen": (optional_endpoints, "tcp:9100:interface=127.0.0.1"),
+        "listen": Key(optional_endpoints, "tcp:9100:interface=127.0.0.1",
+                      trust=False, restart=True),
     },
     "log": {
-        "format": (one_of("text", "json"), "text"),
-        "access": (boolean, "no"),
+        "format": Key(one_of("text", "json"), "text", trust=False),
+        "level": Key(one_of("debug", "info", "warn", "error"), "info",
+                     trust=False),
+        "access": Key(boolean, "no", trust=False, restart=True),
     },
 }
+
+
+def _check_schema(schema: Mapping[str, Mapping[str, Any]]) -> None:
+    """Every key is a ``Key`` that states ``trust`` (a bool): a key added
+    as a bare tuple, or without deciding, fails at import."""
+    for section, keys in schema.items():
+        for name, key in keys.items():
+            if not isinstance(key, Key) or not all(
+                    type(getattr(key, flag)) is bool
+                    for flag in ("trust", "restart", "secret")):
+                raise TypeError("SCHEMA[%r][%r] must be a Key stating "
+                                "trust=True or trust=False" % (section, name))
+
+
+_check_schema(SCHEMA)
 
 
 class Section:
@@ -271,15 +332,50 @@ class Config:
     metrics: Section
     log: Section
     client_secret: Optional[str]  # resolved from client_secret or its file
+    # (section, key) -> SHA-256 hex of the file's contents when loaded.
+    files: Mapping[tuple[str, str], str] = field(
+        default_factory=lambda: MappingProxyType({}), hash=False)
+
+
+def changed(old: Config, new: Config,
+            which: Callable[[Key], bool] = lambda key: True
+            ) -> list[tuple[str, str]]:
+    """The ``(section, key)`` pairs, among the keys ``which`` selects, whose
+    value -- or, for a file, whose contents -- differ between two configs."""
+    out = []
+    for section, keys in SCHEMA.items():
+        for name, key in keys.items():
+            if which(key) and (
+                    getattr(getattr(old, section), name)
+                    != getattr(getattr(new, section), name)
+                    or old.files.get((section, name))
+                    != new.files.get((section, name))):
+                out.append((section, name))
+    return out
+
+
+def identity(c: Config) -> tuple:
+    """What makes a cached answer mean what it meant: the value of every
+    ``trust=True`` key and the contents of every ``trust=True`` file."""
+    return tuple((section, name, getattr(getattr(c, section), name),
+                  c.files.get((section, name)))
+                 for section, keys in SCHEMA.items()
+                 for name, key in keys.items() if key.trust)
+
+
+def names(pairs) -> str:
+    """``[introspection] verify_jwt, [minting] key_file`` for a log line."""
+    return ", ".join("[%s] %s" % pair for pair in pairs)
 
 
 def load(path: str,
          overrides: Optional[Mapping[str, Mapping[str, str]]] = None
          ) -> Config:
     """Read and validate ``path``; raise ConfigError on the first mistake.
-    ``overrides`` as for ``parse``."""
+    ``overrides`` as for ``parse``.  A UTF-8 byte order mark (which some
+    Windows editors write) is accepted."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             source = f.read()
     except OSError as e:
         raise ConfigError(path, "", None, "cannot read: %s" % (
@@ -289,14 +385,86 @@ def load(path: str,
     return parse(source, path, overrides)
 
 
+_COMMENT = ("#", ";")
+
+
+def _refuse_indented_lines(source: str, path: str) -> None:
+    """configparser reads an indented line as the continuation of the
+    value above it, so ``realm = api`` followed by ``  required_scopes =
+    read`` would make the realm two lines and the scope check silently
+    absent.  phantomd has no multi-line values: any indented line that is
+    not blank or a comment is refused, naming its line."""
+    section, key = "", None
+    for number, line in enumerate(source.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(_COMMENT):
+            continue
+        if line[0].isspace():
+            after = (" (it would continue the value of %s)" % key
+                     if key else "")
+            raise ConfigError(path, section, None,
+                              "line %d is indented%s: remove the leading "
+                              "whitespace" % (number, after))
+        if stripped.startswith("["):
+            section, key = stripped.strip("[]").strip(), None
+        else:
+            key = stripped.split("=", 1)[0].strip()
+
+
+def _did_you_mean(word: str, known, hint: str = "") -> str:
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    if close:
+        return "did you mean %s?" % close[0]
+    return hint
+
+
+def _refuse_unknown(cp: configparser.ConfigParser, path: str) -> None:
+    for section in cp.sections():
+        if section not in SCHEMA:
+            raise ConfigError(path, section, None, "unknown section; %s" % (
+                _did_you_mean(section, SCHEMA, "known sections: %s"
+                              % ", ".join(SCHEMA))))
+        for key in cp[section]:
+            if key in SCHEMA[section]:
+                continue
+            elsewhere = [s for s in SCHEMA if key in SCHEMA[s]]
+            hint = _did_you_mean(key, SCHEMA[section])
+            if not hint and elsewhere:
+                hint = "it is a key of [%s]" % elsewhere[0]
+            raise ConfigError(path, section, key, "unknown key" + (
+                "; " + hint if hint else ""))
+
+
+def _file_digests(path: str, sections: Mapping[str, Section]
+                  ) -> Mapping[tuple[str, str], str]:
+    """SHA-256 of every file the config names, as read now: a reload
+    compares contents, so a key rotated in place is seen."""
+    out: dict[tuple[str, str], str] = {}
+    for name, keys in SCHEMA.items():
+        for key, spec in keys.items():
+            value = getattr(sections[name], key)
+            if spec.parse is not readable_file or not value:
+                continue
+            try:
+                with open(value, "rb") as f:
+                    out[(name, key)] = hashlib.sha256(f.read()).hexdigest()
+            except OSError as e:
+                raise ConfigError(path, name, key, "cannot read %r: %s" % (
+                    value, e.strerror or e))
+    return MappingProxyType(out)
+
+
 def parse(source: str, path: str = "<string>",
           overrides: Optional[Mapping[str, Mapping[str, str]]] = None
           ) -> Config:
     """Parse ini text.  ``overrides`` (section -> key -> raw value) wins
     over the file; the demo uses it to point at its own loopback ports."""
+    source = source.removeprefix("\ufeff")
+    _refuse_indented_lines(source, path)
     cp = configparser.ConfigParser(
         interpolation=None, strict=True, empty_lines_in_values=False,
-        inline_comment_prefixes=(";", "#"), default_section="\0none")
+        inline_comment_prefixes=_COMMENT, comment_prefixes=_COMMENT,
+        default_section="\0none")
     cp.optionxform = str  # keys are case-sensitive, as documented
     try:
         cp.read_string(source, source=path)
@@ -312,29 +480,23 @@ def parse(source: str, path: str = "<string>",
     except configparser.Error as e:
         raise ConfigError(path, "", None, str(e).replace("\n", " "))
 
-    for section in cp.sections():
-        if section not in SCHEMA:
-            raise ConfigError(path, section, None, "unknown section (known: %s)"
-                              % ", ".join(SCHEMA))
-        for key in cp[section]:
-            if key not in SCHEMA[section]:
-                raise ConfigError(path, section, key, "unknown key")
+    _refuse_unknown(cp, path)
 
     sections: dict[str, Section] = {}
     for name, keys in SCHEMA.items():
         values: dict[str, Any] = {}
-        for key, (parser, default) in keys.items():
+        for key, spec in keys.items():
             raw = None
             if overrides and key in overrides.get(name, {}):
                 raw = overrides[name][key]
             elif cp.has_option(name, key):
                 raw = cp.get(name, key).strip()
-            if raw is None or (raw == "" and default is REQUIRED):
-                if default is REQUIRED:
+            if raw is None or (raw == "" and spec.default is REQUIRED):
+                if spec.default is REQUIRED:
                     raise ConfigError(path, name, key, "is required")
-                raw = default
+                raw = spec.default
             try:
-                values[key] = parser(raw)
+                values[key] = spec.parse(raw)
             except _Invalid as e:
                 raise ConfigError(path, name, key, str(e))
         sections[name] = Section(name, values)
@@ -397,4 +559,5 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
     if intro.response == "token-introspection+jwt" and not intro.issuer:
         raise ConfigError(path, "introspection", "issuer",
                           "is required for response = token-introspection+jwt")
-    return Config(path=path, client_secret=secret, **s)
+    return Config(path=path, client_secret=secret,
+                  files=_file_digests(path, s), **s)

@@ -201,13 +201,40 @@ def journal_stream_matches(environ: Mapping[str, str], stream: IO[str]
     return (st.st_dev, st.st_ino) == (dev, inode)
 
 
+#: ``[log] level`` names, least to most severe.
+LEVELS = ("debug", "info", "warn", "error")
+_RANK = {getattr(LogLevel, name): rank for rank, name in enumerate(LEVELS)}
+_RANK[LogLevel.critical] = len(LEVELS)
+
+ACCESS_NAMESPACE = "phantomd.access"
+
+
+@implementer(ILogObserver)
+class LevelFilter:
+    """Passes events of ``level`` or more severe.  Access-log lines always
+    pass: ``[log] access = yes`` asks for them whatever the level."""
+
+    def __init__(self, observer: ILogObserver, level: str) -> None:
+        self.observer = observer
+        self.rank = LEVELS.index(level)
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        if _RANK.get(_level(event), 1) >= self.rank or \
+                event.get("log_namespace") == ACCESS_NAMESPACE:
+            self.observer(event)
+
+
 def observer_for(log_settings, stream: IO[str],
                  environ: Mapping[str, str]) -> ILogObserver:
-    """The observer ``[log] format`` asks for, on ``stream``."""
+    """The observer ``[log] format`` and ``[log] level`` ask for, on
+    ``stream``."""
     journal = journal_stream_matches(environ, stream)
     if log_settings.format == "json":
-        return JSONLinesObserver(stream, prefix=journal)
-    return TextObserver(stream, journal=journal)
+        out: ILogObserver = JSONLinesObserver(stream, prefix=journal)
+    else:
+        out = TextObserver(stream, journal=journal)
+    level = getattr(log_settings, "level", "info")
+    return out if level == "debug" else LevelFilter(out, level)
 
 
 @implementer(ILogObserver)
@@ -266,7 +293,7 @@ class AccessLog:
     """
 
     def __init__(self, logger: Optional[Logger] = None) -> None:
-        self._log = logger or Logger(namespace="phantomd.access")
+        self._log = logger or Logger(namespace=ACCESS_NAMESPACE)
 
     def __call__(self, record: Mapping[str, Any]) -> None:
         method = record.get("method", "-")

@@ -34,7 +34,35 @@ class ExampleTests(SynchronousTestCase):
         for section, keys in config.SCHEMA.items():
             self.assertIn("[%s]" % section, text)
             for key in keys:
-                self.assertRegex(text, r"(?m)^%s =" % key)
+                # Set, or shown commented out (;key = example).
+                self.assertRegex(text, r"(?m)^;?%s =" % key)
+
+    def test_example_sets_one_client_secret_and_shows_the_other(self):
+        """Both set is an error: the example ships client_secret and shows
+        client_secret_file commented out, so uncommenting it alone (after
+        removing client_secret) is the documented switch."""
+        with open(EXAMPLE) as f:
+            text = f.read()
+        self.assertRegex(text, r"(?m)^client_secret = ")
+        self.assertRegex(text, r"(?m)^;client_secret_file = /")
+        self.assertIsNone(config.load(EXAMPLE).introspection.client_secret_file)
+        both = text.replace(";client_secret_file = /etc/phantomd/client-secret",
+                            "client_secret_file = " + EXAMPLE)
+        e = self.assertRaises(config.ConfigError, config.parse, both, "x.ini")
+        self.assertIn("not both", str(e))
+
+    def test_example_documents_private_key_alg_and_log_level_values(self):
+        with open(EXAMPLE) as f:
+            text = f.read()
+        alg_doc = text[:text.index("\nprivate_key_alg =")]
+        alg_doc = alg_doc[alg_doc.rindex("private_key_jwt"):]
+        accept = config.SCHEMA["introspection"]["private_key_alg"].parse
+        for alg in ("RS256", "PS256", "ES256", "EdDSA"):
+            self.assertEqual(accept(alg), alg)
+            self.assertIn(alg, alg_doc)
+        level_doc = text[text.index("[log]"):text.index("\nlevel =")]
+        for level in ("debug", "info", "warn", "error"):
+            self.assertIn(level, level_doc)
 
     def test_defaults(self):
         c = config.parse(MINIMAL)
@@ -155,3 +183,126 @@ class MistakeTests(SynchronousTestCase):
         with self.assertRaises(config.ConfigError) as cm:
             config.parse("upstream = x\n", "f.ini")
         self.assertIn("before any [section]", str(cm.exception))
+
+
+class StrictReaderTests(SynchronousTestCase):
+    """DESIGN section 7: an indented line is an error naming file and line,
+    a UTF-8 BOM is accepted, an unknown key names the closest known one."""
+
+    def test_indented_line_is_refused_not_folded_into_the_value_above(self):
+        # configparser would read realm as "api\nrequired_scopes = read"
+        # and leave required_scopes empty: the scope check silently off.
+        text = MINIMAL.replace(
+            "upstream = http://127.0.0.1:3000\n",
+            "upstream = http://127.0.0.1:3000\nrealm = api\n"
+            "  required_scopes = read\n")
+        with self.assertRaises(config.ConfigError) as cm:
+            config.parse(text, "/etc/phantomd/phantomd.ini")
+        message = str(cm.exception)
+        self.assertTrue(message.startswith("/etc/phantomd/phantomd.ini: "),
+                        message)
+        self.assertIn("line 4 is indented", message)
+        self.assertIn("[phantomd]", message)
+        self.assertIn("realm", message)
+        self.assertNotIn("\n", message)
+
+    def test_indented_tab_and_section_lines_are_refused_too(self):
+        for text, line in (
+                (MINIMAL.replace("client_id", "\tclient_id"), 5),
+                (MINIMAL.replace("[introspection]", " [introspection]"), 3)):
+            with self.assertRaises(config.ConfigError) as cm:
+                config.parse(text, "f.ini")
+            self.assertIn("line %d is indented" % line, str(cm.exception))
+
+    def test_indented_comments_and_blank_lines_are_fine(self):
+        c = config.parse(MINIMAL.replace(
+            "[introspection]",
+            "realm = api      ; the realm\n"
+            "                 ; a comment aligned under it\n"
+            "   \n"
+            "    # another\n"
+            "[introspection]"), "f.ini")
+        self.assertEqual(c.phantomd.realm, "api")
+
+    def test_utf8_bom_is_accepted(self):
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"\xef\xbb\xbf" + MINIMAL.encode())
+        self.assertEqual(config.load(path).phantomd.upstream,
+                         "http://127.0.0.1:3000")
+        self.assertEqual(config.parse("\ufeff" + MINIMAL).introspection
+                         .client_id, "gw")
+
+    def test_unknown_key_names_the_closest_known_one(self):
+        for text, words in (
+                (_with("required_scope = read\n"),
+                 "[phantomd] required_scope: unknown key; did you mean "
+                 "required_scopes?"),
+                (_with(extra_intro="clientsecret = x\n"),
+                 "[introspection] clientsecret: unknown key; did you mean "
+                 "client_secret?"),
+                (_with("ca_file = /x\n"),
+                 "[phantomd] ca_file: unknown key; did you mean "
+                 "upstream_ca_file?"),
+                (_with("key_file = /x\n"),
+                 "[phantomd] key_file: unknown key; it is a key of "
+                 "[minting]"),
+                (_with(extra="[introspect]\nurl = x\n"),
+                 "[introspect]: unknown section; did you mean "
+                 "introspection?")):
+            with self.assertRaises(config.ConfigError, msg=text) as cm:
+                config.parse(text, "f.ini")
+            self.assertEqual(str(cm.exception), "f.ini: " + words)
+
+
+class SchemaTagTests(SynchronousTestCase):
+    """Every key states whether it decides what is trusted (issue 19): the
+    cache identity is built from the tags, so a key cannot be forgotten."""
+
+    def test_every_key_states_trust(self):
+        for section, keys in config.SCHEMA.items():
+            for name, key in keys.items():
+                self.assertIsInstance(key, config.Key, (section, name))
+                self.assertIs(type(key.trust), bool, (section, name))
+
+    def test_a_key_without_a_trust_tag_cannot_be_declared(self):
+        self.assertRaises(TypeError, config.Key, config.text, "")
+        for bad in ({"k": (config.text, "")},
+                    {"k": config.Key(config.text, "", trust=None)}):
+            self.assertRaises(TypeError, config._check_schema, {"s": bad})
+
+    def test_keys_that_decide_trust_are_tagged_so(self):
+        trusted = {(s, k) for s, keys in config.SCHEMA.items()
+                   for k, key in keys.items() if key.trust}
+        for key in (("introspection", "url"), ("introspection", "response"),
+                    ("introspection", "verify_jwt"),
+                    ("introspection", "issuer"),
+                    ("introspection", "jwks_url"),
+                    ("introspection", "ca_file"),
+                    ("introspection", "client_id"),
+                    ("minting", "key_file"), ("minting", "issuer"),
+                    ("minting", "audience")):
+            self.assertIn(key, trusted)
+
+    def test_identity_changes_with_each_trusted_value_and_file_contents(self):
+        ca = self.mktemp()
+        with open(ca, "w") as f:
+            f.write("one")
+        base = MINIMAL + "ca_file = %s\n" % ca
+        before = config.identity(config.parse(base))
+        self.assertEqual(before, config.identity(config.parse(base)))
+        # Not about trust: the identity stays.
+        self.assertEqual(before, config.identity(config.parse(
+            base.replace("client_secret = s3cret", "client_secret = other")
+            + "timeout = 9\n")))
+        for changed in (
+                base + "verify_jwt = yes\njwks_url = http://k.test/jwks\n",
+                base + "issuer = https://other.test\n",
+                base + "response = phantom_token\n",
+                base.replace("client_id = gw", "client_id = gw2"),
+                base.replace(":8443/", ":8444/")):
+            self.assertNotEqual(before, config.identity(
+                config.parse(changed)), changed)
+        with open(ca, "w") as f:
+            f.write("two")  # same path, new contents
+        self.assertNotEqual(before, config.identity(config.parse(base)))

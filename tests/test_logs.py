@@ -142,10 +142,40 @@ class ChoiceTests(SynchronousTestCase):
 
     def test_observer_for(self):
         out = io.StringIO()
-        text = observer_for(SimpleNamespace(format="text"), out, {})
-        js = observer_for(SimpleNamespace(format="json"), out, {})
+        text = observer_for(SimpleNamespace(format="text", level="debug"),
+                            out, {})
+        js = observer_for(SimpleNamespace(format="json", level="debug"),
+                          out, {})
         self.assertIsInstance(text, TextObserver)
         self.assertIsInstance(js, JSONLinesObserver)
+
+    def test_level_drops_less_severe_lines_but_never_access_lines(self):
+        """``[log] level = warn``: debug and info lines are not written,
+        warnings and errors are, and so is the access log (asked for by
+        ``[log] access = yes``, whatever the level)."""
+        out = io.StringIO()
+        observer = observer_for(SimpleNamespace(format="text", level="warn"),
+                                out, {})
+        log = Logger(namespace="phantomd.test", observer=observer)
+        log.debug("a debug line")
+        log.info("an info line")
+        log.warn("a warning line")
+        log.error("an error line")
+        AccessLog(Logger(namespace="phantomd.access", observer=observer))(
+            dict(method=b"GET", path=b"/x", status=200))
+        text = out.getvalue()
+        self.assertNotIn("debug line", text)
+        self.assertNotIn("info line", text)
+        self.assertIn("a warning line", text)
+        self.assertIn("an error line", text)
+        self.assertIn("GET /x 200", text)
+        out.truncate(0)
+        observer = observer_for(SimpleNamespace(format="json", level="info"),
+                                out, {})
+        Logger(namespace="phantomd.test", observer=observer).debug("dbg")
+        Logger(namespace="phantomd.test", observer=observer).info("inf")
+        self.assertNotIn("dbg", out.getvalue())
+        self.assertIn("inf", out.getvalue())
 
     def test_access_logger_only_when_asked(self):
         self.assertIsNone(access_logger(SimpleNamespace(access=False)))
