@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from phantomd import admin
 from phantomd.cache import TokenCache
 from phantomd.coalescer import Coalescer
+from phantomd import config as configmod
 from phantomd.config import Config, ConfigError
 from phantomd.gate import Gate
 from phantomd.http.server import FrontFactory
@@ -94,6 +95,16 @@ def check(config: Config) -> None:
                               "private_key_file", str(e))
 
 
+def warn_exposed_secrets(config: Config) -> None:
+    """One warning per secret or private key file that group or others may
+    read (the file names a credential: it should be mode 0600 or 0400)."""
+    for section, key, path, mode in configmod.exposed_secret_files(config):
+        log.warn("{file} ([{section}] {key}) holds a secret or private key "
+                 "but is readable by group or others (mode {mode}); "
+                 "chmod 600 it", file=path, section=section, key=key,
+                 mode="%04o" % mode)
+
+
 class _IntrospectionStack:
     """The introspector and what it needs (HTTP client, minter, keys);
     rebuilt as one piece on reload."""
@@ -101,7 +112,6 @@ class _IntrospectionStack:
     def __init__(self, reactor, config: Config) -> None:
         from phantomd import introspection
         i = config.introspection
-        self.settings = (i, config.minting, config.client_secret)
         self.http = introspection.make_http_client(reactor, i)
         self.minter = _minter(reactor, config)
         keys = response_verifier = jwt_verifier = None
@@ -134,6 +144,8 @@ class Gateway:
         check(config)
         self.reactor = reactor
         self.config = config
+        # What the restart-only keys are, whatever reloads come after.
+        self._started = config
         self.metrics = metrics if metrics is not None else Metrics()
         self.readiness = admin.Readiness(reactor)
         c = config.cache
@@ -207,37 +219,48 @@ class Gateway:
         """Apply ``new`` without closing client connections.
 
         Raises ConfigError (and changes nothing) if the new config names a
-        file that cannot be used.  Cached answers survive unless the token
-        service, its answer format or the minting keys changed: then they
-        are dropped, since they may not be valid under the new settings.
+        file that cannot be used.  Every file the config names is re-read:
+        the introspection client (with its keys, secret and certificates)
+        is rebuilt when any of its keys or files changed, the upstream pool
+        when its URL or TLS files did.  The token cache is emptied when a
+        key tagged ``trust=True`` in the schema, or such a file's contents,
+        changed (``config.identity``): an answer cached under the old
+        settings may not be one the new settings would trust.  Keys tagged
+        ``restart=True`` are reported while they differ from what this
+        process started with.
         """
         check(new)
         old = self.config
-        if new.phantomd.listen != old.phantomd.listen or \
-                new.metrics.listen != old.metrics.listen:
-            log.warn("listen addresses changed in {path}; they take effect "
-                     "only after a restart", path=new.path)
-        if new.minting.jwks_path != old.minting.jwks_path:
-            log.warn("[minting] jwks_path changed in {path}; it takes effect "
-                     "only after a restart", path=new.path)
-        if new.phantomd.workers != old.phantomd.workers:
-            log.warn("[phantomd] workers changed in {path}; it takes effect "
-                     "only after a restart", path=new.path)
+        pending = configmod.changed(self._started, new,
+                                    lambda key: key.restart)
+        if pending:
+            log.warn("{keys} changed in {path}; this takes effect only "
+                     "after a restart", keys=configmod.names(pending),
+                     path=new.path)
+        diff = [pair for pair in configmod.changed(old, new)
+                if not configmod.SCHEMA[pair[0]][pair[1]].restart]
+        trust = [pair for pair in diff
+                 if configmod.SCHEMA[pair[0]][pair[1]].trust]
         old_stack = None
-        if (new.introspection, new.minting, new.client_secret) != \
-                self._stack.settings:
+        if trust or new.client_secret != old.client_secret or any(
+                section in ("introspection", "minting")
+                for section, _ in diff):
             old_stack, self._stack = self._stack, _IntrospectionStack(
                 self.reactor, new)
         old_upstream = None
-        if _upstream_keys(new) != _upstream_keys(old):
+        if any(pair in _UPSTREAM_KEYS for pair in diff):
             old_upstream, self.upstream = self.upstream, UpstreamPool(
                 self.reactor, new.phantomd, self.metrics,
                 tls_options=_upstream_tls(new))
         else:
             self.upstream.reconfigure(new.phantomd)
         c = new.cache
-        if _identity(new) != _identity(old):
+        if configmod.identity(new) != configmod.identity(old):
+            dropped = len(self.cache)
             self.cache.clear()
+            log.info("token cache emptied ({n} entries): {keys} changed, "
+                     "which decides what is trusted", n=dropped,
+                     keys=configmod.names(trust))
         self.cache.reconfigure(max_entries=c.max_entries, max_ttl=c.max_ttl,
                                default_ttl=c.default_ttl,
                                negative_ttl=c.negative_ttl)
@@ -252,7 +275,9 @@ class Gateway:
             old_stack.close()
         if old_upstream is not None:
             old_upstream.close()
-        log.info("configuration reloaded from {path}", path=new.path)
+        log.info("configuration reloaded from {path}; applied: {keys}",
+                 path=new.path,
+                 keys=configmod.names(diff) if diff else "no change")
 
     def stop(self) -> defer.Deferred:
         """Stop accepting, let in-flight requests finish for up to
@@ -285,14 +310,7 @@ class Gateway:
             lambda _: None)
 
 
-def _upstream_keys(c: Config):
-    s = c.phantomd
-    return (s.upstream, s.upstream_ca_file, s.upstream_client_cert,
-            s.upstream_client_key, s.upstream_connect_timeout)
-
-
-def _identity(c: Config):
-    """What makes a cached answer mean what it meant."""
-    return (c.introspection.url, c.introspection.response,
-            c.introspection.client_id, c.minting.key_file,
-            c.minting.issuer, c.minting.audience)
+#: What the upstream pool is built from (the rest it reconfigures in place).
+_UPSTREAM_KEYS = frozenset(("phantomd", key) for key in (
+    "upstream", "upstream_ca_file", "upstream_client_cert",
+    "upstream_client_key", "upstream_connect_timeout"))

@@ -8,7 +8,7 @@ introspection the others are waiting for.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -46,7 +46,7 @@ class Coalescer:
 
     def __init__(self, metrics: Any, max_in_flight: int) -> None:
         self._metrics = metrics
-        self._flights: dict[bytes, _Flight] = {}
+        self._flights: dict[Hashable, _Flight] = {}
         self.reconfigure(max_in_flight)
         self._update_gauge()
 
@@ -61,7 +61,7 @@ class Coalescer:
     def __len__(self) -> int:
         return len(self._flights)
 
-    def run(self, key: bytes, work: Callable[[], Any]) -> Deferred:
+    def run(self, key: Hashable, work: Callable[[], Any]) -> Deferred:
         """A new ``Deferred`` with the result of the (shared) ``work()``.
 
         ``work`` may return a Deferred or a plain value, or raise; it is
@@ -95,7 +95,8 @@ class Coalescer:
         flight.waiters[waiter] = None
         return waiter
 
-    def _finished(self, result: Any, key: bytes, flight: _Flight) -> None:
+    def _finished(self, result: Any, key: Hashable,
+                  flight: _Flight) -> None:
         if self._flights.get(key) is flight:
             del self._flights[key]
             self._update_gauge()

@@ -363,6 +363,34 @@ def identity(c: Config) -> tuple:
                  for name, key in keys.items() if key.trust)
 
 
+def exposed_secret_files(c: Config) -> list[tuple[str, str, str, int]]:
+    """``(section, key, path, mode)`` of every secret or private key file
+    (``secret=True`` keys, and the ``privateKey`` of ``ssl:`` listeners)
+    that group or others may read."""
+    found = []
+    for section, keys in SCHEMA.items():
+        for name, key in keys.items():
+            value = getattr(getattr(c, section), name)
+            if key.secret and value:
+                found.append((section, name, value))
+            elif key.parse in (endpoints_list, optional_endpoints):
+                for d in value:
+                    files = dict(endpoint_files([d]))
+                    # Twisted reads the key from certKey without privateKey.
+                    private = files.get("privateKey") or files.get("certKey")
+                    if private:
+                        found.append((section, name, private))
+    out = []
+    for section, name, file in found:
+        try:
+            mode = os.stat(file).st_mode
+        except OSError:
+            continue
+        if mode & 0o077:
+            out.append((section, name, file, mode & 0o777))
+    return out
+
+
 def names(pairs) -> str:
     """``[introspection] verify_jwt, [minting] key_file`` for a log line."""
     return ", ".join("[%s] %s" % pair for pair in pairs)
@@ -435,14 +463,45 @@ def _refuse_unknown(cp: configparser.ConfigParser, path: str) -> None:
                 "; " + hint if hint else ""))
 
 
+#: Parameters of a Twisted ``ssl:`` server endpoint that name files.
+_SSL_FILE_PARAMETERS = ("privateKey", "certKey", "extraCertChain",
+                        "dhParameters")
+
+
+def endpoint_files(descriptions) -> list[tuple[str, str]]:
+    """``(parameter, path)`` for every file the ``ssl:`` endpoints among
+    ``descriptions`` name (the listener's certificate and key)."""
+    import re
+    out = []
+    for d in descriptions:
+        if not d.startswith("ssl:"):
+            continue
+        for part in re.split(r"(?<!\\):", d):
+            name, eq, value = part.partition("=")
+            if eq and name in _SSL_FILE_PARAMETERS and value:
+                out.append((name, value.replace("\\:", ":")))
+    return out
+
+
 def _file_digests(path: str, sections: Mapping[str, Section]
                   ) -> Mapping[tuple[str, str], str]:
     """SHA-256 of every file the config names, as read now: a reload
-    compares contents, so a key rotated in place is seen."""
+    compares contents, so a key rotated in place is seen.  For a listen
+    key, one digest covers the files its ``ssl:`` endpoints name."""
     out: dict[tuple[str, str], str] = {}
     for name, keys in SCHEMA.items():
         for key, spec in keys.items():
             value = getattr(sections[name], key)
+            if spec.parse in (endpoints_list, optional_endpoints):
+                digest = hashlib.sha256()
+                for _, file in endpoint_files(value):
+                    try:
+                        with open(file, "rb") as f:
+                            digest.update(hashlib.sha256(f.read()).digest())
+                    except OSError:
+                        digest.update(b"unreadable")
+                out[(name, key)] = digest.hexdigest()
+                continue
             if spec.parse is not readable_file or not value:
                 continue
             try:

@@ -76,17 +76,22 @@ class Gate:
             self.metrics.lookup["negative_hit"].inc()
             return succeed(self._inactive(tid, "negative_hit"))
         self.metrics.lookup["miss"].inc()
+        # Flights are per introspector as well as per token: a request
+        # arriving after a reload that replaced the token service's client
+        # must not join an introspection still running against the old one.
+        introspector = self.introspector
         d = self.coalescer.run(
-            key, lambda: self._introspect(parsed, key, tid))
+            (introspector, key),
+            lambda: self._introspect(introspector, parsed, key, tid))
         d.addCallbacks(self._answered, self._failed,
                        callbackArgs=(tid,), errbackArgs=(tid,))
         return d
 
     # -- the shared introspection (one per token at a time) ----------------
 
-    def _introspect(self, token: str, key: bytes, tid: str) -> Deferred:
+    def _introspect(self, introspector, token: str, key: bytes,
+                    tid: str) -> Deferred:
         start = self.clock.seconds()
-        introspector = self.introspector
         d = introspector.introspect(token)
 
         def answered(result):

@@ -144,6 +144,9 @@ def makeService(options) -> service.IService:
     config = options["parsed"]
     # Registers phantomd's observer ([log] format, journald) with twistd.
     top = logs.ObservedService(config.log, sys.stdout, os.environ)
+    if not workers.is_worker(os.environ):  # once, not once per worker
+        from phantomd.app import warn_exposed_secrets
+        warn_exposed_secrets(config)
     if workers.is_worker(os.environ):
         workers.die_with_parent(os.environ)
 

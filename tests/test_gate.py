@@ -191,6 +191,27 @@ class IntrospectionRows(GateTestsMixin, SynchronousTestCase):
         self.decide(bearer("t"))
         self.assertEqual(len(self.gate.introspector.calls), 1)
 
+    def test_request_after_a_reload_does_not_join_the_old_flight(self):
+        """Issue 19: an introspection in flight against the old token
+        service is not joined by a request arriving after a reload that
+        replaced it; that request asks the new one, and each gets the
+        answer of the service it was meant for."""
+        before = self.decide(bearer("t"))
+        new = FakeIntrospector()
+        self.gate.reconfigure(introspector=new)
+        after = self.decide(bearer("t"))
+        self.assertEqual(len(new.calls), 1,
+                         "the request after the reload joined the flight "
+                         "against the old token service")
+        new.calls[0][1].callback(Inactive(lifetime=10))
+        self.assertEqual(self.only(after).status, 401)
+        self.introspector.calls[0][1].callback(self.active())
+        self.assertIsInstance(self.only(before), Forward)
+        # The new service's answer is what the cache keeps.
+        self.assertEqual(self.only(self.decide(bearer("t"))).status, 401)
+        self.assertEqual(self.metrics.sample(
+            "phantomd_coalesced_requests_total"), 0)
+
     def test_cancelled_waiter_leaves_others(self):
         d1 = self.gate.authorize(bearer("same"))
         d1.addErrback(lambda f: None)

@@ -386,6 +386,29 @@ class LifecycleTests(ServiceCase):
                         "no access log line")
 
     @defer.inlineCallbacks
+    def test_a_readable_secret_file_is_named_once_at_startup(self):
+        """Issue 19: a secret file readable by group or others gets one
+        warning line naming it (not one per worker), and phantomd runs."""
+        secret = os.path.join(self.dir, "client-secret")
+        with open(secret, "w") as f:
+            f.write(SECRET + "\n")
+        os.chmod(secret, 0o644)
+        self.write_ini(workers=2)
+        with open(self.ini) as f:
+            text = f.read()
+        with open(self.ini, "w") as f:
+            f.write(text.replace("client_secret = %s\n" % SECRET,
+                                 "client_secret_file = %s\n" % secret))
+        yield self.start()
+        status, _, body = yield deferToThread(get_once, self.port, "/a",
+                                              self.good)
+        self.assertEqual(status, 200, self.why(body))
+        warned = self.log_lines("readable by group or others")
+        self.assertEqual(len(warned), 1, self.why(warned))
+        self.assertIn(secret, warned[0])
+        self.assertIn("0644", warned[0])
+
+    @defer.inlineCallbacks
     def test_reload_good_and_bad_on_a_kept_alive_connection(self):
         self.write_ini(required_scopes="read")
         yield self.start()
