@@ -182,6 +182,8 @@ class DemoService(service.MultiService):
 phantomd demo is running.
   phantomd        {base}   (forwards to the echo API)
   token service   http://127.0.0.1:{tokens}   (POST /token, POST /introspect)
+                  phantomd introspects as client_id={CLIENT_ID}
+                  client_secret={CLIENT_SECRET} (HTTP Basic, client_secret_basic)
   metrics         http://127.0.0.1:{metrics}/metrics
 
 Try these (each prints the status line first):
@@ -200,6 +202,9 @@ Try these (each prints the status line first):
 
   # a fresh opaque token from the demo token service
   curl -s -X POST http://127.0.0.1:{tokens}/token -d scope=read
+
+  # introspect a token yourself, with phantomd's credentials (the JWT it gets)
+  curl -s -u {CLIENT_ID}:{CLIENT_SECRET} http://127.0.0.1:{tokens}/introspect -d token={good}
 
   # cache and introspection metrics
   curl -s http://127.0.0.1:{metrics}/metrics | grep '^phantomd_'

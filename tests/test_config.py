@@ -306,3 +306,30 @@ class SchemaTagTests(SynchronousTestCase):
         with open(ca, "w") as f:
             f.write("two")  # same path, new contents
         self.assertNotEqual(before, config.identity(config.parse(base)))
+
+
+class ReadmeReloadSectionTests(SynchronousTestCase):
+    """README's reload section lists exactly the keys SCHEMA tags: those
+    whose change empties the cache (trust) and those needing a restart."""
+
+    def bullet(self, starts: str) -> set:
+        import re
+        with open(os.path.join(HERE, os.pardir, "README.rst"),
+                  encoding="utf-8") as f:
+            text = f.read()
+        section = text[text.index("Reloading (SIGHUP)"):]
+        section = section[:section.index("\nCaching and coalescing")]
+        [item] = [b for b in section.split("\n* ") if b.startswith(starts)]
+        return set(re.findall(r"``\[(\w+)\]\s+(\w+)``", item))
+
+    def tagged(self, flag: str) -> set:
+        return {(s, k) for s, keys in config.SCHEMA.items()
+                for k, key in keys.items() if getattr(key, flag)}
+
+    def test_trust_keys_listed(self):
+        self.assertEqual(self.bullet("The token cache is emptied"),
+                         self.tagged("trust"))
+
+    def test_restart_keys_listed(self):
+        self.assertEqual(self.bullet("Need a restart"),
+                         self.tagged("restart"))

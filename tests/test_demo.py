@@ -120,6 +120,11 @@ def parse_curls(text: str) -> list:
                     c.method = "POST"
                 i += 2
                 continue
+            if a == "-u":
+                c.headers.append(("Authorization", "Basic " + base64.b64encode(
+                    argv[i + 1].encode()).decode()))
+                i += 2
+                continue
             if a.startswith("http://"):
                 c.url = a
             elif not re.fullmatch(r"-[si]+", a):
@@ -224,13 +229,16 @@ class DemoTests(unittest.TestCase):
         for c in curls:
             for key in ("200", "401 invalid_token", "401 with a bare",
                         "403 insufficient_scope", "a fresh opaque token",
-                        "metrics"):
+                        "introspect a token yourself", "metrics"):
                 if c.comment.startswith(key) or key in c.comment:
                     self.assertNotIn(key, by, "two commands for %r" % key)
                     by[key] = c
-        self.assertEqual(len(by), 6, "commands found: %r" % (
+        self.assertEqual(len(by), 7, "commands found: %r" % (
             [c.line for c in curls],))
-        self.assertEqual(len(curls), 6)
+        self.assertEqual(len(curls), 7)
+        # The token service's credentials are printed (issue 12).
+        self.assertRegex(text, r"client_id=\S+")
+        self.assertRegex(text, r"client_secret=\S+")
 
         # 200: the API received a JWT instead of the opaque token
         good = by["200"]
@@ -279,6 +287,17 @@ class DemoTests(unittest.TestCase):
         self.assertEqual(jwt_payload(doc["authorization"][7:])["scope"],
                          "read")
         self.assertNotIn(fresh, r.body.decode())
+
+        # introspect a token with the printed credentials: the JWT itself
+        r = await perform(by["introspect a token yourself"])
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(r.header(b"content-type"), [b"application/jwt"])
+        self.assertIn("read", jwt_payload(r.body.decode())["scope"].split())
+        creds = re.search(r"client_id=(\S+)\s+client_secret=(\S+)", text)
+        self.assertIsNotNone(creds, text)
+        self.assertEqual(by["introspect a token yourself"].headers[0][1],
+                         "Basic " + base64.b64encode(
+                             ("%s:%s" % creds.groups()).encode()).decode())
 
         # cache and introspection metrics
         m = by["metrics"]
