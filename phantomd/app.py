@@ -235,8 +235,13 @@ class Gateway:
                                     lambda key: key.restart)
         if pending:
             log.warn("{keys} changed in {path}; this takes effect only "
-                     "after a restart", keys=configmod.names(pending),
-                     path=new.path)
+                     "after a restart", path=new.path, keys=", ".join(
+                         "[%s] %s" % (section, key) + (
+                             "" if getattr(getattr(self._started, section),
+                                           key)
+                             != getattr(getattr(new, section), key)
+                             else " (contents of the files it names)")
+                         for section, key in pending))
         diff = [pair for pair in configmod.changed(old, new)
                 if not configmod.SCHEMA[pair[0]][pair[1]].restart]
         trust = [pair for pair in diff

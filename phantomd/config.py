@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -471,7 +472,6 @@ _SSL_FILE_PARAMETERS = ("privateKey", "certKey", "extraCertChain",
 def endpoint_files(descriptions) -> list[tuple[str, str]]:
     """``(parameter, path)`` for every file the ``ssl:`` endpoints among
     ``descriptions`` name (the listener's certificate and key)."""
-    import re
     out = []
     for d in descriptions:
         if not d.startswith("ssl:"):

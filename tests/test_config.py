@@ -333,3 +333,29 @@ class ReadmeReloadSectionTests(SynchronousTestCase):
     def test_restart_keys_listed(self):
         self.assertEqual(self.bullet("Need a restart"),
                          self.tagged("restart"))
+
+
+class ListenerFilesTests(SynchronousTestCase):
+    def test_listener_certificate_rewritten_in_place_is_a_pending_restart(self):
+        """A reload cannot re-read an ``ssl:`` listener's certificate: its
+        contents count as a change of ``[phantomd] listen`` (restart-only,
+        so the reload warns) instead of passing unnoticed."""
+        from tests.robustness.fakes import self_signed
+        base = os.path.abspath(self.mktemp())
+        cert, key = self_signed(os.path.join(base, "a"))
+        other_cert, other_key = self_signed(os.path.join(base, "b"))
+        text = MINIMAL.replace(
+            "[introspection]",
+            "listen = ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s\n"
+            "[introspection]" % (key, cert))
+        before = config.parse(text)
+        self.assertEqual(config.changed(before, config.parse(text)), [])
+        with open(other_cert, "rb") as f, open(cert, "wb") as g:
+            g.write(f.read())
+        with open(other_key, "rb") as f, open(key, "wb") as g:
+            g.write(f.read())
+        after = config.parse(text)
+        self.assertEqual(config.changed(before, after,
+                                        lambda k: k.restart),
+                         [("phantomd", "listen")])
+        self.assertEqual(config.identity(before), config.identity(after))
