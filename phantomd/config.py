@@ -5,6 +5,10 @@ not declared, a section that is not declared, a value a parser refuses, or a
 cross-key rule that fails raises ``ConfigError`` whose message is one line
 naming the file, the section and the key.  Attribute names equal ini keys, so
 ``config.introspection.max_in_flight`` is ``[introspection] max_in_flight``.
+The reader is strict (DESIGN section 7): an indented line is refused rather
+than glued to the value above, an unknown key names the closest known one,
+a UTF-8 byte order mark is accepted.  Each ``Key`` states whether it decides
+what is trusted, which is what ``Gateway.reload`` compares (``identity``).
 """
 
 from __future__ import annotations
