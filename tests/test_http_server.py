@@ -316,6 +316,25 @@ class ForwardingTests(FrontCase):
         self.assertTrue(conn.sent)
         self.assertTrue(conn.retryable)
 
+    def test_only_safe_bodiless_requests_may_be_resent(self) -> None:
+        """The pool may resend a request once when a reused connection
+        closes unanswered: only a safe method without a body qualifies
+        (RFC 9110 section 9.2.2), never POST, PATCH, PUT or DELETE."""
+        rows = [(b"GET", b"", True), (b"HEAD", b"", True),
+                (b"OPTIONS", b"", True), (b"GET", b"Content-Length: 0\r\n",
+                                          True),
+                (b"POST", b"", False), (b"POST", b"Content-Length: 0\r\n",
+                                        False),
+                (b"PATCH", b"", False), (b"DELETE", b"", False),
+                (b"PUT", b"Content-Length: 0\r\n", False),
+                (b"GET", b"Content-Length: 1\r\n", False)]
+        for method, extra, retryable in rows:
+            proto, transport = self.connect()
+            proto.dataReceived(method + b" / HTTP/1.1\r\nHost: h\r\n" + AUTH
+                               + extra + b"\r\n")
+            self.assertIs(self.pool.conns[-1].retryable, retryable,
+                          (method, extra))
+
     def test_targets(self) -> None:
         """Absolute-form becomes origin-form; the base path is prefixed."""
         self.pool.base_path = b"/api"

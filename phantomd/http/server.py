@@ -69,6 +69,11 @@ _SLICE = 4096
 _MAX_GAP = 16 * 1024
 # Seconds a closing connection discards what the client still sends.
 LINGER = 2.0
+# Methods the upstream pool may send a second time when a reused connection
+# closes before answering (RFC 9110 section 9.2.2 forbids resending the
+# others).  Only the safe ones: PUT and DELETE are idempotent on paper, but
+# whether an API's DELETE really is, phantomd cannot know; the client can.
+RETRYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 
 
 def _head(status: int, reason: Optional[bytes], headers: list,
@@ -701,7 +706,8 @@ class FrontProtocol(Protocol):
         self._upstream = conn
         self._phase = _UPSTREAM
         conn.send(self, r.head, r.method == b"HEAD",
-                  not r.chunked and (r.length is None or r.length == b"0"))
+                  r.method in RETRYABLE_METHODS and not r.chunked
+                  and (r.length is None or r.length == b"0"))
         if self._client_full:
             conn.pause_reading()
         if not r.complete:
