@@ -129,6 +129,15 @@ def readable_file(value: str) -> Optional[str]:
     return value
 
 
+def proxy_networks(value: str) -> Any:
+    """A whitespace-separated CIDR list, as ``http.proxies.TrustedProxies``."""
+    from phantomd.http.proxies import TrustedProxies
+    try:
+        return TrustedProxies(value.split())
+    except ValueError as e:
+        raise _Invalid(str(e))
+
+
 def workers(value: str) -> int:
     if value == "auto":
         return os.cpu_count() or 1
@@ -182,6 +191,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "upstream_ca_file": (readable_file, ""),
         "upstream_client_cert": (readable_file, ""),
         "upstream_client_key": (readable_file, ""),
+        "trusted_proxies": (proxy_networks, ""),
     },
     "introspection": {
         "url": (http_url, REQUIRED),
