@@ -47,7 +47,7 @@ def _underscore_spellings(names: frozenset) -> frozenset:
 
 
 _GUARDED = HOP_BY_HOP | SET_BY_PROXY | NEVER_FORWARDED | frozenset((
-    b"x-request-id",  # phantomd sets it; its real spelling is handled there
+    b"x-request-id",  # the front keeps or replaces the real spelling
 ))
 
 REQUEST_DROP = HOP_BY_HOP | SET_BY_PROXY | NEVER_FORWARDED | \
