@@ -136,6 +136,15 @@ def readable_file(value: str) -> Optional[str]:
     return value
 
 
+def proxy_networks(value: str) -> Any:
+    """A whitespace-separated CIDR list, as ``http.proxies.TrustedProxies``."""
+    from phantomd.http.proxies import TrustedProxies
+    try:
+        return TrustedProxies(value.split())
+    except ValueError as e:
+        raise _Invalid(str(e))
+
+
 def workers(value: str) -> int:
     if value == "auto":
         return os.cpu_count() or 1
@@ -221,6 +230,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "upstream_client_cert": Key(readable_file, "", trust=False),
         "upstream_client_key": Key(readable_file, "", trust=False,
                                    secret=True),
+        # Whose X-Forwarded-* are believed; applied live on reload.
+        "trusted_proxies": Key(proxy_networks, "", trust=False),
     },
     "introspection": {
         "url": Key(http_url, REQUIRED, trust=True),

@@ -483,7 +483,8 @@ class KeySource:
 
     From ``jwks_url``, else discovered: ``jwks_uri`` from
     ``{issuer}/.well-known/openid-configuration``, then RFC 8414's
-    ``/.well-known/oauth-authorization-server``.  An unknown ``kid`` causes
+    ``/.well-known/oauth-authorization-server``; an ``https`` issuer's
+    ``jwks_uri`` must be ``https`` too.  An unknown ``kid`` causes
     one refetch, at most one per ``min_refresh_interval`` seconds (a burst
     of unknown kids shares one fetch; a flood of forged kids cannot turn into
     a flood of fetches).  At most ``max_keys`` keys are kept: a larger set is
@@ -630,6 +631,12 @@ class KeySource:
                 "http", "https"):
             raise JOSEError("discovery document %s has no usable jwks_uri"
                             % url)
+        if urlsplit(url).scheme == "https" and \
+                urlsplit(uri).scheme != "https":
+            # Keys fetched in clear would let anyone on the path have
+            # forged JWTs verified: the issuer's TLS must cover them too.
+            raise JOSEError("discovery document %s names jwks_uri %s, not "
+                            "https like its issuer: refused" % (url, uri))
         self._discovered = uri
         return uri
 

@@ -395,6 +395,28 @@ class UpstreamFaultTests(ProxyCase):
                          [b"/1", b"/2", b"/2"])
 
 
+    @defer.inlineCallbacks
+    def test_unsafe_methods_are_never_resent(self) -> Any:
+        """RFC 9110 section 9.2.2: a proxy must not resend a non-idempotent
+        request by itself.  A POST, PATCH or DELETE (even without a body)
+        on a pooled connection that closes without answering may have been
+        acted on: the client gets 502 and the API saw it exactly once."""
+        for method in (b"POST", b"PATCH", b"DELETE"):
+            self.api.requests = []
+            self.api.handler = lambda request, proto: (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            yield self.exchange(get(b"/warm"), expect=1)
+            self.assertEqual(self.pool.idle_count(), 1)
+            self.api.handler = \
+                lambda request, proto: proto.transport.loseConnection()
+            _, [resp] = yield self.exchange(
+                method + b" /act HTTP/1.1\r\nHost: front.example\r\n" + AUTH
+                + b"Content-Length: 0\r\n\r\n", expect=1)
+            self.assertEqual(resp.status, 502, method)
+            self.assertEqual([r.target for r in self.api.requests],
+                             [b"/warm", b"/act"], method)
+
+
 class BlockSource:
     """A streaming producer writing ``size`` bytes as fast as allowed."""
 

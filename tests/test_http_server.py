@@ -316,6 +316,25 @@ class ForwardingTests(FrontCase):
         self.assertTrue(conn.sent)
         self.assertTrue(conn.retryable)
 
+    def test_only_safe_bodiless_requests_may_be_resent(self) -> None:
+        """The pool may resend a request once when a reused connection
+        closes unanswered: only a safe method without a body qualifies
+        (RFC 9110 section 9.2.2), never POST, PATCH, PUT or DELETE."""
+        rows = [(b"GET", b"", True), (b"HEAD", b"", True),
+                (b"OPTIONS", b"", True), (b"GET", b"Content-Length: 0\r\n",
+                                          True),
+                (b"POST", b"", False), (b"POST", b"Content-Length: 0\r\n",
+                                        False),
+                (b"PATCH", b"", False), (b"DELETE", b"", False),
+                (b"PUT", b"Content-Length: 0\r\n", False),
+                (b"GET", b"Content-Length: 1\r\n", False)]
+        for method, extra, retryable in rows:
+            proto, transport = self.connect()
+            proto.dataReceived(method + b" / HTTP/1.1\r\nHost: h\r\n" + AUTH
+                               + extra + b"\r\n")
+            self.assertIs(self.pool.conns[-1].retryable, retryable,
+                          (method, extra))
+
     def test_targets(self) -> None:
         """Absolute-form becomes origin-form; the base path is prefixed."""
         self.pool.base_path = b"/api"
@@ -475,6 +494,130 @@ class ForwardingTests(FrontCase):
             "phantomd_requests_total", {"code": "2xx"}), 1)
         self.assertEqual(self.metrics.sample(
             "phantomd_request_duration_seconds_count"), 1)
+
+
+def upstream_headers(head: bytes) -> list:
+    """(lower-cased name, value) of each header line in ``head``."""
+    seen: list = []
+
+    class P:
+        def on_header(s, n: bytes, v: bytes) -> None:
+            seen.append((n.lower(), v))
+    httptools.HttpRequestParser(P()).feed_data(head)
+    return seen
+
+
+SPOOFED = (b"X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7\r\n"
+           b"X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.example\r\n"
+           b"X-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6;proto=https\r\n")
+
+
+class ForwardingHeaderTests(FrontCase):
+    """X-Forwarded-* from clients are replaced, from trusted proxies kept
+    and extended; X-Real-IP and Forwarded never pass."""
+
+    def connect_from(self, host: str) -> tuple:
+        from twisted.internet.address import IPv4Address, IPv6Address
+        kind = IPv6Address if ":" in host else IPv4Address
+        proto = self.factory.buildProtocol(None)
+        transport = StringTransport(peerAddress=kind("TCP", host, 40000))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def forwarded(self, host: str, extra: bytes) -> list:
+        proto, transport = self.connect_from(host)
+        proto.dataReceived(get(b"/f", extra))
+        return upstream_headers(self.pool.conns[-1].head)
+
+    def only(self, headers: list, name: bytes) -> bytes:
+        values = [v for n, v in headers if n == name]
+        self.assertEqual(len(values), 1, (name, headers))
+        return values[0]
+
+    def assert_own(self, headers: list, peer: bytes) -> None:
+        self.assertEqual(self.only(headers, b"x-forwarded-for"), peer)
+        self.assertEqual(self.only(headers, b"x-forwarded-proto"), b"http")
+        self.assertEqual(self.only(headers, b"x-forwarded-host"),
+                         b"front.example")
+        names = [n for n, _ in headers]
+        self.assertNotIn(b"x-real-ip", names)
+        self.assertNotIn(b"forwarded", names)
+        self.assertNotIn(b"6.6.6.6", b"".join(v for _, v in headers))
+
+    def test_untrusted_peers_get_phantomds_own(self) -> None:
+        for peer in ("192.168.1.1", "2001:db8::7", "::ffff:192.168.1.1"):
+            self.assert_own(self.forwarded(peer, SPOOFED), peer.encode())
+
+    def test_underscore_spellings_are_dropped(self) -> None:
+        """CGI/WSGI servers read X_Forwarded_For as X-Forwarded-For."""
+        headers = self.forwarded("192.168.1.1", (
+            b"X_Forwarded_For: 6.6.6.6\r\nx-forwarded_host: 6.6.6.6\r\n"
+            b"X_Forwarded-Proto: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\n"
+            b"X_Request_Id: 6.6.6.6\r\nContent_Length: 6\r\n"
+            b"Transfer_Encoding: 6.6.6.6\r\nProxy_Authorization: 6.6.6.6\r\n"
+            b"X_Keep: yes\r\n"))
+        self.assert_own(headers, b"192.168.1.1")
+        self.assertEqual([n for n, _ in headers if b"_" in n], [b"x_keep"])
+
+    def test_connection_option_drops_its_underscore_spelling(self) -> None:
+        headers = self.forwarded("192.168.1.1", b"Connection: X-Secret\r\n"
+                                 b"X_Secret: 1\r\nX-Secret: 2\r\n")
+        self.assertEqual([v for n, v in headers if b"secret" in n], [])
+
+    def test_content_length_is_sent_as_a_number(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: h\r\n" + AUTH +
+                           b"Content-Length: 0005\r\n\r\nhello")
+        [conn] = self.pool.conns
+        self.assertEqual(self.only(upstream_headers(conn.head),
+                                   b"content-length"), b"5")
+        self.assertEqual(bytes(conn.body), b"hello")
+
+    def trust(self, cidrs: str) -> None:
+        self.factory.reconfigure(settings=settings(trusted_proxies=cidrs))
+
+    def test_trusted_proxy_is_kept_and_extended(self) -> None:
+        self.trust("192.168.0.0/16 2001:db8::/32")
+        for peer in ("192.168.1.1", "::ffff:192.168.1.1", "2001:db8::7"):
+            headers = self.forwarded(peer, SPOOFED)
+            self.assertEqual(self.only(headers, b"x-forwarded-for"),
+                             b"6.6.6.6, 7.7.7.7, " + peer.encode())
+            self.assertEqual(self.only(headers, b"x-forwarded-proto"),
+                             b"https")
+            self.assertEqual(self.only(headers, b"x-forwarded-host"),
+                             b"evil.example")
+            names = [n for n, _ in headers]
+            self.assertNotIn(b"x-real-ip", names)
+            self.assertNotIn(b"forwarded", names)
+
+    def test_trusted_proxy_sending_nothing_gets_phantomds_own(self) -> None:
+        self.trust("192.168.0.0/16")
+        self.assert_own(self.forwarded("192.168.1.1", b""), b"192.168.1.1")
+
+    def test_peers_outside_the_networks_are_not_trusted(self) -> None:
+        self.trust("192.168.0.0/16 2001:db8::/32")
+        for peer in ("10.0.0.1", "2001:db9::7", "::ffff:10.0.0.1",
+                     "::192.168.1.1"):
+            self.assert_own(self.forwarded(peer, SPOOFED), peer.encode())
+
+    def test_reload_changes_trust_on_open_connections(self) -> None:
+        """A SIGHUP that removes a proxy stops trusting it at its next
+        request, even on a keep-alive connection opened before."""
+        self.trust("192.168.0.0/16")
+        proto, transport = self.connect_from("192.168.1.1")
+        proto.dataReceived(get(b"/1", SPOOFED))
+        self.pool.conns[-1].respond()
+        self.assertIn((b"x-forwarded-proto", b"https"),
+                      upstream_headers(self.pool.conns[-1].head))
+        self.trust("")
+        proto.dataReceived(get(b"/2", SPOOFED))
+        self.assert_own(upstream_headers(self.pool.conns[-1].head),
+                        b"192.168.1.1")
+        self.pool.conns[-1].respond()
+        self.trust("192.168.1.1")
+        proto.dataReceived(get(b"/3", SPOOFED))
+        self.assertIn((b"x-forwarded-for", b"6.6.6.6, 7.7.7.7, 192.168.1.1"),
+                      upstream_headers(self.pool.conns[-1].head))
 
 
 class RejectTests(FrontCase):

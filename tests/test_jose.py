@@ -630,6 +630,36 @@ class KeySourceTests(SynchronousTestCase):
         source = jose.KeySource(self.clock, self.stub, issuer=ISSUER)
         self.assertIn("no usable jwks_uri", str(self.refused(source, "x")))
 
+    def test_discovery_refuses_plain_http_jwks_uri_of_an_https_issuer(self):
+        """Keys fetched in clear are keys anyone on the path can choose:
+        an https issuer's jwks_uri must be https too.  Refused without
+        fetching it, with one log line per attempt."""
+        from twisted.logger import Logger
+        events: list = []
+        self.patch(jose, "log", Logger(observer=events.append))
+        self.service.serve(b"/.well-known/openid-configuration",
+                           {"issuer": ISSUER, "jwks_uri":
+                            "http://login.example.com/jwks"})
+        source = jose.KeySource(self.clock, self.stub, issuer=ISSUER)
+        e = self.refused(source, "rsa-1")
+        self.assertIn("not https like its issuer", str(e))
+        self.assertEqual(self.service.count(b"/jwks"), 0)
+        self.assertEqual(len(events), 1)
+        self.assertIn("http://login.example.com/jwks", str(events[0]["why"]))
+        # Refused again after min_refresh_interval: nothing was remembered.
+        self.clock.advance(31)
+        self.refused(source, "rsa-1")
+        self.assertEqual(self.service.count(b"/jwks"), 0)
+
+    def test_discovery_of_a_plain_http_issuer_may_use_http(self):
+        """Nothing to downgrade: an http issuer (a test rig) keeps working."""
+        issuer = "http://login.example.com"
+        self.service.serve(b"/.well-known/openid-configuration",
+                           {"issuer": issuer,
+                            "jwks_uri": "http://login.example.com/jwks"})
+        source = jose.KeySource(self.clock, self.stub, issuer=issuer)
+        self.assertEqual(self.get(source, "rsa-1").get("kid"), "rsa-1")
+
 
 # -- RFC 9701 answers -----------------------------------------------------------
 

@@ -20,7 +20,38 @@ SET_BY_PROXY = frozenset((
     b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
 ))
 
-REQUEST_DROP = HOP_BY_HOP | SET_BY_PROXY
+# Client-address headers phantomd never forwards, from any peer: it cannot
+# extend them with its own hop, nor tell whether a proxy in front set them or
+# passed on a client's copy.  The API reads X-Forwarded-For.
+NEVER_FORWARDED = frozenset((b"x-real-ip",))
+
+# What a trusted proxy (``[phantomd] trusted_proxies``) may tell phantomd.
+FORWARDING = frozenset((
+    b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
+))
+
+
+def _underscore_spellings(names: frozenset) -> frozenset:
+    """Every spelling of ``names`` with some ``-`` written ``_``: CGI and
+    WSGI servers (gunicorn, uWSGI...) turn ``X_Forwarded_For`` into the same
+    ``HTTP_X_FORWARDED_FOR`` as the real header, which nginx guards against
+    with ``underscores_in_headers off``."""
+    out = set()
+    for name in names:
+        spellings = [b""]
+        for i, part in enumerate(name.split(b"-")):
+            spellings = [s + part for s in spellings] if i == 0 else [
+                s + sep + part for s in spellings for sep in (b"-", b"_")]
+        out.update(spellings)
+    return frozenset(out) - names
+
+
+_GUARDED = HOP_BY_HOP | SET_BY_PROXY | NEVER_FORWARDED | frozenset((
+    b"x-request-id",  # the front keeps or replaces the real spelling
+))
+
+REQUEST_DROP = HOP_BY_HOP | SET_BY_PROXY | NEVER_FORWARDED | \
+    _underscore_spellings(_GUARDED)
 RESPONSE_DROP = HOP_BY_HOP | frozenset((b"content-length",))
 
 
@@ -31,7 +62,10 @@ PLAIN_CONNECTION_OPTIONS = frozenset((b"keep-alive", b"close", b""))
 def drop_connection_options(kept: list, connection: list) -> list:
     """``kept`` without the headers named in ``Connection`` (RFC 9110
     section 7.6.1); ``connection`` holds its comma-separated items."""
-    tokens = {t.strip().lower() for t in connection} - PLAIN_CONNECTION_OPTIONS
+    tokens = {t.strip().lower().replace(b"_", b"-")
+              for t in connection} - PLAIN_CONNECTION_OPTIONS
     if not tokens:
         return kept
-    return [h for h in kept if h[0].lower() not in tokens]
+    # X_Foo is dropped with X-Foo: behind a CGI server they are one header.
+    return [h for h in kept
+            if h[0].lower().replace(b"_", b"-") not in tokens]

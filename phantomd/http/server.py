@@ -31,7 +31,8 @@ from twisted.logger import Logger
 
 from phantomd.http.fastio import writer_for
 from phantomd.http.headers import drop_connection_options
-from phantomd.http.headers import REQUEST_DROP
+from phantomd.http.headers import FORWARDING, REQUEST_DROP
+from phantomd.http.proxies import forwarded_by_proxy
 from phantomd.http.upstream import (
     MODE_CHUNKED, MODE_EOF, MODE_LENGTH)
 from phantomd.outcomes import Forward, Reject, error_response
@@ -69,6 +70,11 @@ _SLICE = 4096
 _MAX_GAP = 16 * 1024
 # Seconds a closing connection discards what the client still sends.
 LINGER = 2.0
+# Methods the upstream pool may send a second time when a reused connection
+# closes before answering (RFC 9110 section 9.2.2 forbids resending the
+# others).  Only the safe ones: PUT and DELETE are idempotent on paper, but
+# whether an API's DELETE really is, phantomd cannot know; the client can.
+RETRYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 
 
 def _head(status: int, reason: Optional[bytes], headers: list,
@@ -101,7 +107,7 @@ class _Request:
     __slots__ = ("url", "headers", "method", "version", "keep_alive",
                  "head_done", "complete", "body", "error", "chunked", "length",
                  "raw", "hbytes", "started_at", "target", "host", "kept",
-                 "head")
+                 "head", "fwd")
 
     def __init__(self) -> None:
         self.url = b""
@@ -122,6 +128,7 @@ class _Request:
         self.host: Optional[bytes] = None
         self.kept: list = []
         self.head = b""
+        self.fwd: Optional[list] = None  # the client's X-Forwarded-* lines
 
 
 class FrontProtocol(Protocol):
@@ -160,6 +167,9 @@ class FrontProtocol(Protocol):
         self._bytes_sent = 0
         self._upstream_duration: Optional[float] = None
         self._fwd = b""
+        self._peer: Optional[str] = None
+        self._proxies: Any = None
+        self._peer_trusted = False
         self._registered = False
         self._closed = False
         self._tls = False
@@ -201,6 +211,7 @@ class FrontProtocol(Protocol):
         self._write = writer_for(transport)
         self._tls = ISSLTransport.providedBy(transport)
         host = getattr(transport.getPeer(), "host", None)
+        self._peer = host
         fwd = b""
         if host:
             fwd = b"X-Forwarded-For: " + host.encode("ascii") + b"\r\n"
@@ -564,6 +575,7 @@ class FrontProtocol(Protocol):
         kept = []
         te = None
         connection = None
+        fwd = None
         for item in r.headers:
             name = item[0].lower()
             if name in REQUEST_DROP:
@@ -579,6 +591,8 @@ class FrontProtocol(Protocol):
                     te = item[1] if te is None else te + b"," + item[1]
                 elif name == b"connection":
                     connection = (connection or []) + item[1].split(b",")
+                elif name in FORWARDING:
+                    fwd = [item] if fwd is None else fwd + [item]
                 continue
             kept.append(item)
         r.headers = []
@@ -621,8 +635,13 @@ class FrontProtocol(Protocol):
             self._answer_error(r, *problem, close=True)
             return
         r.chunked = te is not None
+        if r.length is not None:
+            # As a number, never as written: "0005" or "5 " might be read
+            # otherwise by the API (llhttp has checked the digits).
+            r.length = b"%d" % int(r.length)
         r.host = host
         r.kept = kept
+        r.fwd = fwd
         self._phase = _GATE
         d = self.factory.gate.authorize(auth)
         result = getattr(d, "result", None)
@@ -633,6 +652,15 @@ class FrontProtocol(Protocol):
             self._gate_d = d
             d.addCallbacks(self._authorized, self._gate_failed,
                            callbackArgs=(r,), errbackArgs=(r,))
+
+    def _trusted(self) -> bool:
+        """Whether the peer is a trusted proxy, by the settings in force
+        now (worked out again after a reload changed them)."""
+        proxies = self.factory.proxies
+        if proxies is not self._proxies:
+            self._proxies = proxies
+            self._peer_trusted = proxies.trusts(self._peer)
+        return self._peer_trusted
 
     def _gate_failed(self, failure: Any, r: _Request) -> None:
         if failure.check(defer.CancelledError) or r is not self._req:
@@ -668,9 +696,14 @@ class FrontProtocol(Protocol):
                  pool.authority, b"\r\nAuthorization: Bearer ", jwt, b"\r\n"]
         for name, value in r.kept:
             parts += (name, b": ", value, b"\r\n")
-        parts.append(self._fwd)
-        if r.host is not None:
-            parts += (b"X-Forwarded-Host: ", r.host, b"\r\n")
+        if r.fwd is not None and self._trusted():
+            parts.append(forwarded_by_proxy(
+                r.fwd, self._peer.encode("ascii"),
+                b"https" if self._tls else b"http", r.host))
+        else:
+            parts.append(self._fwd)
+            if r.host is not None:
+                parts += (b"X-Forwarded-Host: ", r.host, b"\r\n")
         if r.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
         elif r.length is not None:
@@ -679,6 +712,7 @@ class FrontProtocol(Protocol):
             parts.append(b"\r\n")
         r.head = b"".join(parts)
         r.kept = []
+        r.fwd = None
         self._phase = _CONNECT
         self.upstream_connecting(pool.connect(self))
 
@@ -701,7 +735,8 @@ class FrontProtocol(Protocol):
         self._upstream = conn
         self._phase = _UPSTREAM
         conn.send(self, r.head, r.method == b"HEAD",
-                  not r.chunked and (r.length is None or r.length == b"0"))
+                  r.method in RETRYABLE_METHODS and not r.chunked
+                  and (r.length is None or r.length == b"0"))
         if self._client_full:
             conn.pause_reading()
         if not r.complete:
@@ -999,6 +1034,7 @@ class FrontFactory(Factory):
         self.max_header_bytes = settings.max_header_bytes
         self.max_headers = settings.max_headers
         self.max_head = settings.max_request_line + settings.max_header_bytes
+        self.proxies = settings.trusted_proxies
 
     def buildProtocol(self, addr: Any) -> FrontProtocol:
         return FrontProtocol(self)

@@ -504,8 +504,10 @@ class UpstreamPool:
                      reason=reason, unlogged=unlogged)
 
     def _retry(self, front: Any) -> None:
-        """A reused connection closed before answering a request without a
-        body: the server had timed it out; send once more, on a new one."""
+        """A reused connection closed before answering a safe request
+        without a body (the front decides which may be retried): the server
+        had timed it out; send once more, on a new one (itself never
+        retried)."""
         front.upstream_retry()
         front.upstream_connecting(self._connect(front))
 

@@ -85,6 +85,7 @@ class Request:
     body: bytes = b""
     received_at: float = 0.0
     trailers: bytes = b""
+    head_raw: bytes = b""  # the head exactly as received, up to CRLFCRLF
 
     def header(self, name: bytes) -> list:
         name = name.lower()
@@ -137,6 +138,7 @@ class RequestParser:
                 self.current = self._head(head)
                 if self.current is None:
                     continue
+                self.current.head_raw = head
             if self.chunked:
                 if not self._chunks():
                     return out
@@ -415,6 +417,7 @@ class ServerConnection(protocol.Protocol):
     def connectionMade(self):
         self.server.connections.add(self)
         self.server.connections_made += 1
+        self.server.every_connection.append(self)
 
     def dataReceived(self, data):
         self.server.bytes_received += len(data)
@@ -499,6 +502,14 @@ class FakeServer(protocol.Factory):
         self.bytes_received = 0
         self.stop_reading_after_head = False
         self._lost_waiters: list = []
+        self.every_connection: list = []  # open or closed, in order
+
+    def unparsed(self) -> list:
+        """Bytes some connection received that are not part of a complete
+        request (a smuggled remainder, or a request cut short)."""
+        return [c.parser.buf or b"<request cut short>"
+                for c in self.every_connection
+                if c.parser.buf or c.parser.current is not None]
 
     def buildProtocol(self, addr):
         return ServerConnection(self)
