@@ -561,6 +561,7 @@ class Supervisor(service.Service):
             lambda slot: self.pool.signal_slot(slot, signal.SIGHUP))
         self._notify_ports: list = []
         self._dir: Optional[str] = None
+        self._all_started = False
 
     def privilegedStartService(self) -> None:
         failures: list = []
@@ -583,6 +584,9 @@ class Supervisor(service.Service):
         if make is None:
             from phantomd.app import Gateway as make
         self.gateway = make(self.reactor, self.config, admin_registry=registry)
+        readiness = getattr(self.gateway, "readiness", None)
+        if readiness is not None:
+            readiness.add_check(self._workers_ready)
         self.gateway.start(front_ports=[]).addErrback(failures.append)
         if failures:
             failures[0].raiseException()
@@ -622,14 +626,28 @@ class Supervisor(service.Service):
             on_exit=self._worker_exited,
             slot_env=lambda slot: {"NOTIFY_SOCKET": self._notify_path(slot)},
             slot_fds=self._slot_fds)
-        self.readiness.await_all(lambda: self.notifier.ready(
-            "%d workers serving on %s" % (self.readiness.count,
-                                          self.where())))
+        self.readiness.await_all(self._all_serving)
         self.pool.start()
         if hasattr(signal, "SIGHUP"):
             self.reactor.addSystemEventTrigger(
                 "after", "startup", signal.signal, signal.SIGHUP,
                 lambda *_: self.reactor.callFromThread(self.reload))
+
+    def _all_serving(self) -> None:
+        self._all_started = True
+        self.notifier.ready("%d workers serving on %s" % (
+            self.readiness.count, self.where()))
+
+    def _workers_ready(self) -> Optional[str]:
+        """/readyz's part: every worker reported READY=1 once, and one at
+        least still serves (a restarting worker does not pull the rest)."""
+        serving = len(self.readiness.serving)
+        if not self._all_started:
+            return "%d of %d workers serving" % (serving,
+                                                 self.readiness.count)
+        if not serving:
+            return "no worker serving"
+        return None
 
     def _worker_exited(self, pid: int, slot: int) -> None:
         self.readiness.exited(slot)
