@@ -61,6 +61,19 @@ class AdminSiteTests(SynchronousTestCase):
                      "phantomd_cache_entries 42.0"]:
             self.assertIn(line, lines)
 
+    def test_metrics_shows_build_info_and_process(self):
+        import phantomd
+        _, body = self.fetch(self.client(), "/metrics")
+        lines = body.decode().splitlines()
+        self.assertIn('phantomd_build_info{version="%s"} 1.0'
+                      % phantomd.__version__, lines)
+        for name in ("process_resident_memory_bytes",
+                     "process_cpu_seconds_total", "process_open_fds",
+                     "process_start_time_seconds"):
+            self.assertEqual(
+                len([line for line in lines if line.startswith(name + " ")]),
+                1, name)
+
     def test_metrics_from_another_registry(self):
         registry = CollectorRegistry()
         Counter("phantomd_workers_aggregated", "x", registry=registry).inc(3)
