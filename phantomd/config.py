@@ -221,7 +221,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "negative_ttl": (non_negative_float, "10"),
     },
     "metrics": {
-        "listen": (optional_endpoints, "tcp:9100:interface=127.0.0.1"),
+        "listen": (optional_endpoints, "tcp:8084:interface=127.0.0.1"),
     },
     "log": {
         "format": (one_of("text", "json"), "text"),
