@@ -8,6 +8,7 @@ saves (and would read the metrics while the reactor is changing them).
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -22,14 +23,27 @@ _IDLE_TIMEOUT = 60
 
 
 class Readiness:
-    """What ``/readyz`` reports: can this process serve traffic right now?
+    """What ``/readyz`` reports: should a load balancer send traffic here?
 
-    Ready once ``mark_listening()`` was called and the token service either
-    has not been asked yet or answered at least once in the last ``window``
-    seconds of attempts; not ready while every attempt in the last
-    ``window`` seconds failed.  A quiet spell with no attempts at all (all
-    answers cached) keeps it ready; one good answer makes it ready again at
-    once.
+    Not ready until every one of these has happened once: the listeners are
+    bound (``mark_listening``), the token service gave an answer that was not
+    a failure (``token_service_ok``: from the startup probe, phantomd.probe,
+    or from real traffic), the token service's keys were loaded when
+    phantomd needs them (``expect_keys`` then ``keys_loaded``), and every
+    check added with ``add_check`` passes.
+
+    After that it stays ready whatever the token service does.  A token
+    service outage hits every phantomd of a fleet at the same moment; if
+    each went unready, the load balancer would pull the whole fleet at once
+    and clients would get its connection errors instead of phantomd's 502
+    with a ``WWW-Authenticate`` challenge, and traffic would come back only
+    as fast as the health checks notice.  The outage still shows: while every
+    token service request of the last ``window`` seconds failed, the reason
+    says so (and the alerts in etc/alerts.yml fire on the failure counters).
+
+    ``refuse(reason)`` is the exception: a token service that calls a random
+    token active would let anyone in, and that never goes away by itself.
+    Holds a handful of fields and a list of checks set at start-up.
     """
 
     def __init__(self, clock: Any, window: float = 60) -> None:
@@ -38,31 +52,82 @@ class Readiness:
         self._clock = clock
         self.window = window
         self._listening = False
+        self._first_ok: Optional[float] = None
         self._last_ok: Optional[float] = None
         self._last_failure: Optional[float] = None
+        self._failure_reason: Optional[str] = None
+        self._keys_expected = False
+        self._keys_loaded = False
+        self._keys_error: Optional[str] = None
+        self._refused: Optional[str] = None
+        self._checks: list[Callable[[], Optional[str]]] = []
 
     def mark_listening(self) -> None:
         self._listening = True
 
     def token_service_ok(self) -> None:
-        self._last_ok = self._clock.seconds()
+        now = self._clock.seconds()
+        if self._first_ok is None:
+            self._first_ok = now
+        self._last_ok = now
 
-    def token_service_failed(self) -> None:
+    def token_service_failed(self, reason: Optional[str] = None) -> None:
         self._last_failure = self._clock.seconds()
+        if reason:
+            self._failure_reason = reason
+
+    @property
+    def token_service_reached(self) -> bool:
+        return self._first_ok is not None
+
+    def expect_keys(self) -> None:
+        """The token service's key set is needed (RFC 9701, verify_jwt)."""
+        self._keys_expected = True
+
+    def keys_loaded(self) -> None:
+        self._keys_loaded = True
+
+    def keys_failed(self, reason: str) -> None:
+        self._keys_error = reason
+
+    @property
+    def keys_ready(self) -> bool:
+        return self._keys_loaded or not self._keys_expected
+
+    def refuse(self, reason: str) -> None:
+        """Never ready again in this process."""
+        self._refused = reason
+
+    def add_check(self, check: Callable[[], Optional[str]]) -> None:
+        """``check()`` returns None when fine, else why not ready."""
+        self._checks.append(check)
 
     def __call__(self) -> tuple[bool, str]:
+        if self._refused is not None:
+            return False, self._refused
+        missing = []
         if not self._listening:
-            return False, "listeners are not up yet"
-        if self._last_failure is None:
-            return True, "ok"
+            missing.append("listeners are not bound yet")
+        if self._first_ok is None:
+            missing.append("token service not reached yet" + (
+                " (last attempt: %s)" % self._failure_reason
+                if self._failure_reason else ""))
+        if not self.keys_ready:
+            missing.append("token service keys not loaded yet" + (
+                " (%s)" % self._keys_error if self._keys_error else ""))
+        for check in self._checks:
+            why = check()
+            if why:
+                missing.append(why)
+        if missing:
+            return False, "; ".join(missing)
         now = self._clock.seconds()
-        recent_failure = now - self._last_failure < self.window
-        recent_ok = (self._last_ok is not None
-                     and now - self._last_ok < self.window)
-        if recent_failure and not recent_ok:
-            return False, ("every token service request in the last %g s "
-                           "failed (last failure %.0f s ago)"
-                           % (self.window, now - self._last_failure))
+        if (self._last_failure is not None
+                and now - self._last_failure < self.window
+                and now - (self._last_ok or 0) >= self.window):
+            return True, ("ok, but every token service request in the last "
+                          "%g s failed (last success %.0f s ago)"
+                          % (self.window, now - (self._last_ok or 0)))
         return True, "ok"
 
 
@@ -89,6 +154,15 @@ class AdminResource(resource.Resource):
             self._routes[jwks_path.encode("ascii")] = self._jwks_document
 
     def render(self, request: server.Request) -> bytes:
+        body = self._answer(request)
+        if request.method == b"HEAD":
+            # The headers of the GET, no body: returning one would make
+            # twisted.web log a warning per HEAD and eat it itself.
+            request.setHeader(b"Content-Length", b"%d" % len(body))
+            return b""
+        return body
+
+    def _answer(self, request: server.Request) -> bytes:
         route = self._routes.get(request.path)
         if route is None:
             return _text(request, 404, "not found")
@@ -111,8 +185,12 @@ class AdminResource(resource.Resource):
             ready, reason = self._ready()
         except Exception:
             log.failure("readiness check raised")
-            return _text(request, 503, "readiness check failed")
-        return _text(request, 200 if ready else 503, reason)
+            ready, reason = False, "readiness check failed"
+        request.setResponseCode(200 if ready else 503)
+        request.setHeader(b"Content-Type", b"application/json")
+        request.setHeader(b"Cache-Control", b"no-store")
+        return json.dumps({"ready": bool(ready), "reason": reason},
+                          sort_keys=True).encode("utf-8") + b"\n"
 
     def _jwks_document(self, request: server.Request) -> bytes:
         assert self._jwks is not None

@@ -114,7 +114,7 @@ class _IntrospectionStack:
         i = config.introspection
         self.http = introspection.make_http_client(reactor, i)
         self.minter = _minter(reactor, config)
-        keys = response_verifier = jwt_verifier = None
+        keys = self.keys = response_verifier = jwt_verifier = None
         if i.response == "token-introspection+jwt" or i.verify_jwt:
             from phantomd import jose
             keys = jose.KeySource(reactor, self.http, jwks_url=i.jwks_url,
@@ -140,7 +140,7 @@ class Gateway:
     def __init__(self, reactor, config: Config,
                  metrics: Optional[Metrics] = None,
                  access_log: Optional[Callable[[dict], None]] = None,
-                 admin_registry=None) -> None:
+                 admin_registry=None, probe: bool = True) -> None:
         check(config)
         self.reactor = reactor
         self.config = config
@@ -169,6 +169,24 @@ class Gateway:
             jwks_path=config.minting.jwks_path, registry=admin_registry)
         self.front_ports: list = []
         self.admin_ports: list = []
+        # /readyz waits for the token service; without traffic this asks it
+        # once (phantomd.probe).  Only where there is a /readyz to serve:
+        # workers have no admin listener.  ``probe=False`` for tests that
+        # script every token service call.
+        self.probe = None
+        if probe and config.metrics.listen:
+            from phantomd.probe import StartupProbe
+            if self._stack.keys is not None:
+                self.readiness.expect_keys()
+            self.probe = StartupProbe(
+                reactor, self.readiness,
+                lambda token: self._stack.introspector.introspect(token),
+                load_keys=(self._load_keys if self._stack.keys is not None
+                           else None))
+
+    def _load_keys(self) -> defer.Deferred:
+        keys = self._stack.keys
+        return keys.load() if keys is not None else defer.succeed(None)
 
     def _jwks(self) -> Optional[bytes]:
         """The public keys phantomd signs with, None when it mints none;
@@ -201,6 +219,8 @@ class Gateway:
             self.front_ports = ports[:len(front)]
             self.admin_ports = ports[len(front):]
             self.readiness.mark_listening()
+            if self.probe is not None:
+                self.probe.start()
             log.info("phantomd listening on {front} (admin {admin}), "
                      "upstream {upstream}",
                      front=where(self.front_ports),
@@ -287,6 +307,8 @@ class Gateway:
     def stop(self) -> defer.Deferred:
         """Stop accepting, let in-flight requests finish for up to
         ``drain_timeout`` seconds, then close everything."""
+        if self.probe is not None:
+            self.probe.stop()
         stops = [defer.maybeDeferred(p.stopListening)
                  for p in self.front_ports]
         self.front_ports = []

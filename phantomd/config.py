@@ -280,7 +280,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "negative_ttl": Key(non_negative_float, "10", trust=False),
     },
     "metrics": {
-        "listen": Key(optional_endpoints, "tcp:9100:interface=127.0.0.1",
+        "listen": Key(optional_endpoints, "tcp:8084:interface=127.0.0.1",
                       trust=False, restart=True),
     },
     "log": {

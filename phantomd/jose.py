@@ -536,6 +536,13 @@ class KeySource:
                                   "recently)" % (kid,)))
         return self._refresh().addCallback(lambda _: self._pick(kid, alg))
 
+    def load(self) -> Deferred:
+        """Fetch the key set now unless it is loaded (the readiness probe,
+        phantomd.probe); fails with JOSEError like ``key``."""
+        if self._keys is not None:
+            return succeed(None)
+        return self._refresh()
+
     def _find(self, kid: Optional[str], alg: str) -> Optional[_jwk.JWK]:
         keys = self._keys or {}
         if kid is None and None not in keys:

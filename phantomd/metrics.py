@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector)
+from prometheus_client.core import GaugeMetricFamily
+
+from phantomd import __version__
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -20,6 +24,18 @@ CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _CLASS_OF = {int(c[0]): c for c in CODE_CLASSES}
 CACHE_RESULTS = ("hit", "miss", "negative_hit")
 INTROSPECTION_OUTCOMES = ("active", "inactive", "error", "timeout", "shed")
+
+
+class BuildInfo:
+    """``phantomd_build_info{version} 1``: which release runs where
+    (``count by (version) (phantomd_build_info)`` during an upgrade)."""
+
+    def collect(self):
+        family = GaugeMetricFamily(
+            "phantomd_build_info", "The phantomd release running; always 1.",
+            labels=["version"])
+        family.add_metric([__version__], 1)
+        yield family
 
 
 class Metrics:
@@ -61,6 +77,12 @@ class Metrics:
         self.connections = Gauge(
             "phantomd_client_connections", "Open client connections.",
             multiprocess_mode="livesum", registry=r)
+        r.register(BuildInfo())
+        try:
+            # process_* (CPU, memory, fds) of this process, from /proc.
+            ProcessCollector(registry=r)
+        except ValueError:  # a registry that has them already
+            pass
         # Pre-create every label value so dashboards see zeros, not gaps.
         # Label children looked up once: labels() is a measurable share of
         # a cache hit's CPU.

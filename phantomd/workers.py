@@ -16,6 +16,8 @@ Why each piece is shaped as it is:
   A dead worker's counters and histograms are folded into one archive file
   (totals never go backwards, files do not pile up) and its gauges are
   dropped (``archive_dead_worker``).
+  ``process_*`` come from ``/proc`` of each process, labelled by worker
+  slot (``WorkerProcesses``).
 * Readiness: each worker slot has its own ``NOTIFY_SOCKET`` (a datagram
   socket in the same private directory), so the parent knows which worker
   is serving; it sends READY=1 to systemd only when every worker is, after
@@ -189,6 +191,10 @@ class WorkerPool:
 
     def pids(self) -> list[int]:
         return sorted(p.pid for p, _ in self._procs.values() if p.pid)
+
+    def slots(self) -> dict[int, int]:
+        """Live workers: slot -> pid."""
+        return {slot: p.pid for slot, (p, _) in self._procs.items() if p.pid}
 
     def __len__(self) -> int:
         return len(self._procs)
@@ -401,6 +407,46 @@ def archive_dead_worker(directory: str, pid: int) -> None:
         os.remove(path)
 
 
+class WorkerProcesses:
+    """``process_*`` (CPU, memory, fds, start time) of the parent and of
+    every live worker, labelled ``worker="parent"``, ``worker="0"``...
+
+    The multiprocess files carry counters, gauges and histograms, not
+    process metrics, and each process's own ``ProcessCollector`` would
+    export unlabelled series that collide once merged.  So the parent reads
+    every worker's ``/proc/<pid>`` at scrape time (same user, so readable
+    even under ``ProtectProc=invisible``).  A worker replaced in its slot
+    keeps the slot's label (its ``process_start_time_seconds`` tells the
+    restart).  One series per process and metric: bounded by the worker
+    count.
+    """
+
+    def __init__(self, slots: Callable[[], Mapping[int, int]],
+                 proc: str = "/proc") -> None:
+        self._slots = slots
+        self._proc = proc
+
+    def collect(self):
+        from prometheus_client import ProcessCollector
+        from prometheus_client.metrics_core import Metric
+        merged: dict[str, Metric] = {}
+        who = [("parent", os.getpid())] + [
+            (str(slot), pid) for slot, pid in sorted(self._slots().items())]
+        for label, pid in who:
+            collector = ProcessCollector(pid=lambda pid=pid: pid,
+                                         proc=self._proc, registry=None)
+            for family in collector.collect():
+                out = merged.get(family.name)
+                if out is None:
+                    out = merged[family.name] = Metric(
+                        family.name, family.documentation, family.type)
+                for sample in family.samples:
+                    out.add_sample(sample.name,
+                                   dict(sample.labels, worker=label),
+                                   sample.value)
+        return list(merged.values())
+
+
 # -- the parent -----------------------------------------------------------------
 
 class UnshareableListener(Exception):
@@ -561,6 +607,7 @@ class Supervisor(service.Service):
             lambda slot: self.pool.signal_slot(slot, signal.SIGHUP))
         self._notify_ports: list = []
         self._dir: Optional[str] = None
+        self._all_started = False
 
     def privilegedStartService(self) -> None:
         failures: list = []
@@ -577,12 +624,19 @@ class Supervisor(service.Service):
                 NotifyListener(slot, self.readiness.ready)))
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
+        from phantomd.metrics import BuildInfo
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=metrics_dir)
+        registry.register(BuildInfo())
+        registry.register(WorkerProcesses(
+            lambda: self.pool.slots() if self.pool is not None else {}))
         make = self._gateway_factory
         if make is None:
             from phantomd.app import Gateway as make
         self.gateway = make(self.reactor, self.config, admin_registry=registry)
+        readiness = getattr(self.gateway, "readiness", None)
+        if readiness is not None:
+            readiness.add_check(self._workers_ready)
         self.gateway.start(front_ports=[]).addErrback(failures.append)
         if failures:
             failures[0].raiseException()
@@ -622,14 +676,28 @@ class Supervisor(service.Service):
             on_exit=self._worker_exited,
             slot_env=lambda slot: {"NOTIFY_SOCKET": self._notify_path(slot)},
             slot_fds=self._slot_fds)
-        self.readiness.await_all(lambda: self.notifier.ready(
-            "%d workers serving on %s" % (self.readiness.count,
-                                          self.where())))
+        self.readiness.await_all(self._all_serving)
         self.pool.start()
         if hasattr(signal, "SIGHUP"):
             self.reactor.addSystemEventTrigger(
                 "after", "startup", signal.signal, signal.SIGHUP,
                 lambda *_: self.reactor.callFromThread(self.reload))
+
+    def _all_serving(self) -> None:
+        self._all_started = True
+        self.notifier.ready("%d workers serving on %s" % (
+            self.readiness.count, self.where()))
+
+    def _workers_ready(self) -> Optional[str]:
+        """/readyz's part: every worker reported READY=1 once, and one at
+        least still serves (a restarting worker does not pull the rest)."""
+        serving = len(self.readiness.serving)
+        if not self._all_started:
+            return "%d of %d workers serving" % (serving,
+                                                 self.readiness.count)
+        if not serving:
+            return "no worker serving"
+        return None
 
     def _worker_exited(self, pid: int, slot: int) -> None:
         self.readiness.exited(slot)

@@ -71,7 +71,19 @@ class ExampleTests(SynchronousTestCase):
         self.assertEqual(c.introspection.timeout, 5.0)
         self.assertEqual(c.introspection.auth_method, "client_secret_basic")
         self.assertEqual(c.cache.negative_ttl, 10.0)
-        self.assertEqual(c.metrics.listen, ("tcp:9100:interface=127.0.0.1",))
+        self.assertEqual(c.metrics.listen, ("tcp:8084:interface=127.0.0.1",))
+
+    def test_metrics_port_is_not_another_exporters(self):
+        """9100 is node_exporter's: the README's own apt command installs
+        it, and the two then fight over the port.  The shipped ini says
+        the same as the default."""
+        default = config.parse(MINIMAL).metrics.listen
+        self.assertEqual(default, ("tcp:8084:interface=127.0.0.1",))
+        with open(EXAMPLE) as f:
+            shipped = [line for line in f.read().split("\n[metrics]\n")[1]
+                       .split("\n[")[0].splitlines()
+                       if line.startswith("listen")]
+        self.assertEqual(shipped, ["listen = " + default[0]])
 
     def test_inline_comments_and_scopes(self):
         c = config.parse(MINIMAL.replace(

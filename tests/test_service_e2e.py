@@ -479,6 +479,43 @@ class WorkerTests(ServiceCase):
                   % (what, self.proc.output.decode("utf-8", "replace")))
 
     @defer.inlineCallbacks
+    def test_two_workers_ready_and_process_metrics_per_worker(self):
+        """The parent's /readyz waits for the token service (its start-up
+        probe) and both workers; its /metrics shows each process once."""
+        self.write_ini(workers=2)
+        yield self.start()
+        ready = {}
+
+        def readyz():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(10)
+                s.connect(self.metrics_path)
+                s.sendall(b"GET /readyz HTTP/1.0\r\nHost: m\r\n\r\n")
+                raw = b"".join(iter(lambda: s.recv(65536), b""))
+            head, _, body = raw.partition(b"\r\n\r\n")
+            return int(head.split()[1]), json.loads(body)
+
+        for _ in range(100):
+            ready["status"], ready["doc"] = yield deferToThread(readyz)
+            if ready["status"] == 200:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertEqual((ready["status"], ready["doc"]),
+                         (200, {"ready": True, "reason": "ok"}), self.why())
+        self.assertGreaterEqual(self.tokens.calls, 1, "the probe")
+        text = yield deferToThread(unix_get, self.metrics_path, "/metrics")
+        rss = sorted(line.split(b" ")[0] for line in text.splitlines()
+                     if line.startswith(b"process_resident_memory_bytes"))
+        self.assertEqual(rss, [
+            b'process_resident_memory_bytes{worker="0"}',
+            b'process_resident_memory_bytes{worker="1"}',
+            b'process_resident_memory_bytes{worker="parent"}'])
+        self.assertEqual(len([line for line in text.splitlines()
+                              if line.startswith(b"phantomd_build_info{")]),
+                         1)
+        self.assertPromtoolClean(text)
+
+    @defer.inlineCallbacks
     def test_two_workers_one_killed_is_replaced_reload_reaches_all(self):
         self.write_ini(workers=2, extra="format = json\n")
         yield self.start()

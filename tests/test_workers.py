@@ -363,7 +363,11 @@ FAKE_WORKER = textwrap.dedent("""\
 
 class FakeGateway:
     def __init__(self, reactor, config, admin_registry=None):
+        from phantomd.admin import Readiness
         self.registry = admin_registry
+        self.readiness = Readiness(reactor)
+        self.readiness.mark_listening()
+        self.readiness.token_service_ok()
         self.reloaded = []
         self.stopped = False
 
@@ -494,6 +498,63 @@ class SupervisorTests(TestCase):
             self.assertRaises(ProcessLookupError, os.kill, pid, 0)
         self.assertFalse(os.path.exists(tmpdir))
         self.assertTrue(self.sup.gateway.stopped)
+
+
+    @defer.inlineCallbacks
+    def test_process_metrics_per_worker_and_build_info(self):
+        """One process_* series per process, labelled by worker slot; the
+        parent's /metrics used to show none at all."""
+        from prometheus_client import generate_latest
+        yield self.until(lambda: len(self.sup.pool.slots()) == 2, "workers")
+        text = generate_latest(self.sup.gateway.registry).decode()
+        lines = [line for line in text.splitlines()
+                 if line.startswith("process_resident_memory_bytes")]
+        self.assertEqual(sorted(line.split(" ")[0] for line in lines), [
+            'process_resident_memory_bytes{worker="0"}',
+            'process_resident_memory_bytes{worker="1"}',
+            'process_resident_memory_bytes{worker="parent"}'])
+        for line in lines:
+            self.assertGreater(float(line.split(" ")[1]), 0)
+        starts = {}
+        for line in text.splitlines():
+            if line.startswith("process_start_time_seconds{"):
+                starts[line.split('"')[1]] = float(line.split(" ")[1])
+        self.assertEqual(set(starts), {"0", "1", "parent"})
+        names = [line.split(" ")[0] for line in text.splitlines()
+                 if line and not line.startswith("#")]
+        self.assertEqual(len(names), len(set(names)), "duplicate series")
+        self.assertIn('phantomd_build_info{version="%s"} 1.0'
+                      % __import__("phantomd").__version__,
+                      text.splitlines())
+
+    @defer.inlineCallbacks
+    def test_readyz_waits_for_every_worker(self):
+        # No reactor turn since setUp spawned them: no READY=1 read yet.
+        self.assertEqual(self.sup.gateway.readiness(),
+                         (False, "0 of 2 workers serving"))
+        yield self.until(lambda: self.sup.gateway.readiness()[0],
+                         "ready once both workers serve")
+        self.assertEqual(self.sup.readiness.serving, {0, 1})
+
+
+class SupervisorReadinessTests(SynchronousTestCase):
+    def test_every_worker_once_then_one_at_least(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".ini") as f:
+            f.write(INI)
+            f.flush()
+            sup = workers.Supervisor(Clock(), configmod.load(f.name), {},
+                                     gateway_factory=FakeGateway)
+        check = sup._workers_ready
+        sup.readiness.await_all(sup._all_serving)
+        self.assertEqual(check(), "0 of 2 workers serving")
+        sup.readiness.ready(0)
+        self.assertEqual(check(), "1 of 2 workers serving")
+        sup.readiness.ready(1)
+        self.assertIsNone(check())
+        sup.readiness.exited(0)
+        self.assertIsNone(check(), "a restarting worker pulls no one")
+        sup.readiness.exited(1)
+        self.assertEqual(check(), "no worker serving")
 
 
 def deferToThreadAsk(case, n):

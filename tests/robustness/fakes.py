@@ -1134,8 +1134,12 @@ def gateway_ini(ts_port: int, api_port: int, response: str = "jwt",
 
 
 async def start_gateway(testcase, reactor, ini_text: str,
-                        overrides=None, access_log=None) -> RunningGateway:
-    """Build and start a Gateway; ``testcase.addCleanup`` stops it."""
+                        overrides=None, access_log=None,
+                        probe: bool = False) -> RunningGateway:
+    """Build and start a Gateway; ``testcase.addCleanup`` stops it.
+
+    Without the readiness probe unless ``probe``: these scenes script and
+    count every token service call (tests/test_readiness_e2e.py has it)."""
     try:
         from phantomd.app import Gateway
     except ImportError as e:
@@ -1145,7 +1149,8 @@ async def start_gateway(testcase, reactor, ini_text: str,
 
     config = configmod.parse(ini_text, "<robustness.ini>", overrides)
     metrics = Metrics()
-    gw = Gateway(reactor, config, metrics, access_log=access_log)
+    gw = Gateway(reactor, config, metrics, access_log=access_log,
+                 probe=probe)
     await gw.start()
     testcase.addCleanup(gw.stop)
     front = gw.front_ports[0].getHost().port
