@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from phantomd import admin
 from phantomd.cache import TokenCache
 from phantomd.coalescer import Coalescer
+from phantomd.fleet import Fleet, check as check_fleet
 from phantomd.config import Config, ConfigError
 from phantomd.gate import Gate
 from phantomd.http.server import FrontFactory
@@ -83,6 +84,7 @@ def check(config: Config) -> None:
     _upstream_tls(config)
     _minter(Clock(), config)
     _introspection_tls(config)
+    check_fleet(config)
     i = config.introspection
     if i.auth_method == "private_key_jwt":
         from phantomd import clientauth
@@ -142,8 +144,12 @@ class Gateway:
         self.coalescer = Coalescer(self.metrics,
                                    config.introspection.max_in_flight)
         self._stack = _IntrospectionStack(reactor, config)
+        # [shared_cache] / [revocation]: None when neither is configured.
+        self._wrapped = None
+        self.fleet = Fleet.from_config(reactor, config, self.cache,
+                                       self.metrics)
         self.gate = Gate(reactor, self.cache, self.coalescer,
-                         self._stack.introspector, self.metrics,
+                         self._introspector(), self.metrics,
                          config.phantomd.realm,
                          config.phantomd.required_scopes, self.readiness)
         self.upstream = UpstreamPool(reactor, config.phantomd, self.metrics,
@@ -154,9 +160,20 @@ class Gateway:
         self.admin_site = admin.make_admin_site(
             reactor, self.metrics, self.readiness,
             jwks=self._jwks,
-            jwks_path=config.minting.jwks_path, registry=admin_registry)
+            jwks_path=config.minting.jwks_path, registry=admin_registry,
+            revoke=self.fleet.revoke_resource if self.fleet else None)
         self.front_ports: list = []
         self.admin_ports: list = []
+
+    def _introspector(self):
+        """The introspector the gate calls: the stack's own, behind the
+        fleet's shared tier and revocation index when configured."""
+        inner = self._stack.introspector
+        if self.fleet is None:
+            return inner
+        if self._wrapped is None or self._wrapped[0] is not inner:
+            self._wrapped = (inner, self.fleet.wrap(inner))
+        return self._wrapped[1]
 
     def _jwks(self) -> Optional[bytes]:
         """The public keys phantomd signs with, None when it mints none;
@@ -177,6 +194,8 @@ class Gateway:
                  [defer.succeed(p) for p in front_ports])
         admin_ds = [self._listen(d, self.admin_site)
                     for d in self.config.metrics.listen]
+        if self.fleet is not None:
+            self.fleet.start()
         d = defer.DeferredList(front + admin_ds, consumeErrors=True)
 
         def bound(results):
@@ -242,9 +261,11 @@ class Gateway:
                                default_ttl=c.default_ttl,
                                negative_ttl=c.negative_ttl)
         self.coalescer.reconfigure(new.introspection.max_in_flight)
+        if self.fleet is not None:
+            self.fleet.reload(new)
         self.gate.reconfigure(realm=new.phantomd.realm,
                               required_scopes=new.phantomd.required_scopes,
-                              introspector=self._stack.introspector)
+                              introspector=self._introspector())
         self.front.reconfigure(gate=self.gate, upstream=self.upstream,
                                settings=new.phantomd)
         self.config = new
@@ -276,6 +297,8 @@ class Gateway:
         def close(_):
             closing = [defer.maybeDeferred(self.upstream.close),
                        defer.maybeDeferred(self._stack.close)]
+            if self.fleet is not None:
+                closing.append(defer.maybeDeferred(self.fleet.stop))
             closing += [defer.maybeDeferred(p.stopListening)
                         for p in self.admin_ports]
             self.admin_ports = []

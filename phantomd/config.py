@@ -159,6 +159,24 @@ def optional_endpoints(value: str) -> tuple[str, ...]:
     return endpoints_list(value) if value.strip() else ()
 
 
+def redis_url(value: str) -> Optional[str]:
+    if not value:
+        return None
+    from phantomd.redisconn import parse_url
+    try:
+        parse_url(value)
+    except ValueError as e:
+        raise _Invalid(str(e))
+    return value
+
+
+def key_prefix(value: str) -> str:
+    if len(value) > 64 or any(ord(c) <= 0x20 or ord(c) >= 0x7F
+                              for c in value):
+        raise _Invalid("%r: at most 64 visible ASCII characters" % value)
+    return value
+
+
 # -- the schema ---------------------------------------------------------------
 
 SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
@@ -227,6 +245,18 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[str], Any], Any]]] = {
         "format": (one_of("text", "json"), "text"),
         "access": (boolean, "no"),
     },
+    # DESIGN section 11: the fleet's Redis tier and revocation.
+    "shared_cache": {
+        "url": (redis_url, ""),
+        "password_file": (readable_file, ""),
+        "secret_file": (readable_file, ""),
+        "key_prefix": (key_prefix, "phantomd:"),
+        "timeout": (positive_float, "0.05"),
+        "ca_file": (readable_file, ""),
+    },
+    "revocation": {
+        "token_file": (readable_file, ""),
+    },
 }
 
 
@@ -270,6 +300,8 @@ class Config:
     cache: Section
     metrics: Section
     log: Section
+    shared_cache: Section
+    revocation: Section
     client_secret: Optional[str]  # resolved from client_secret or its file
 
 
@@ -397,4 +429,9 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
     if intro.response == "token-introspection+jwt" and not intro.issuer:
         raise ConfigError(path, "introspection", "issuer",
                           "is required for response = token-introspection+jwt")
+    shared = s["shared_cache"]
+    if shared.url and not shared.secret_file:
+        raise ConfigError(path, "shared_cache", "secret_file",
+                          "is required with url (the same file on every "
+                          "host of the fleet)")
     return Config(path=path, client_secret=secret, **s)

@@ -1,0 +1,451 @@
+"""``[shared_cache]`` and ``[revocation]`` end to end: several Gateways on
+loopback sharing one real ``redis-server``, a fake token service that
+counts introspections, a fake API.
+
+What a user would notice: a token is introspected once for the whole fleet;
+Redis holds neither tokens nor JWTs and cannot be used to plant an answer;
+Redis being slow, down or restarted changes nothing clients see except
+speed; ``POST /revoke`` takes a token out of every process's cache.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+from twisted.trial.unittest import SkipTest
+
+from tests.helpers_redis import REDIS_SERVER, SKIP_REASON, RedisServer
+from tests.robustness.fakes import (
+    Behaviour, FakeAPI, TokenService, async_test, gateway_ini, get,
+    jwt_claims, make_jwt, new_token, one_request, start_gateway, wait_for)
+
+LENIENT = {"phantomd": {"header_timeout": "5", "idle_timeout": "10",
+                        "upstream_timeout": "5"},
+           "introspection": {"timeout": "5"}}
+SECRET = b"0123456789abcdef0123456789abcdef-fleet-secret"
+BEARER = b"revocation-bearer-for-the-tests-0123"
+
+
+class Held(Behaviour):
+    """Hold every introspection until ``release()``, then answer each with
+    ``answer(request)``."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.held: list = []
+
+    def run(self, conn, request) -> None:
+        self.held.append((conn, request))
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for conn, request in held:
+            if not conn.lost:
+                self.answer(request).run(conn, request)
+
+
+def sample(gw, name, **labels) -> float:
+    return gw.metrics.sample(name, labels)
+
+
+class Fleet:
+    def __init__(self, ts, api, gateways, redis) -> None:
+        self.ts, self.api, self.gws, self.redis = ts, api, gateways, redis
+
+    async def get(self, i: int, token: str, **kw):
+        return await get(reactor, self.gws[i].front, token, **kw)
+
+
+class FleetCase(unittest.TestCase):
+    timeout = 30
+
+    def setUp(self) -> None:
+        if REDIS_SERVER is None:
+            raise SkipTest(SKIP_REASON)
+        self.redis = RedisServer().start()
+        self.addCleanup(self.redis.stop)
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.secret_file = self._file("fleet-secret", SECRET)
+        self.bearer_file = self._file("revocation-token", BEARER)
+
+    def _file(self, name: str, content: bytes) -> str:
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def sections(self, url=None, **extra) -> dict:
+        merged = {name: dict(keys) for name, keys in LENIENT.items()}
+        merged["shared_cache"] = {"url": url or self.redis.url,
+                                  "secret_file": self.secret_file}
+        merged["revocation"] = {"token_file": self.bearer_file}
+        for name, keys in extra.items():
+            merged.setdefault(name, {}).update(keys)
+        return merged
+
+    async def fleet(self, n: int = 2, url=None, **extra) -> Fleet:
+        ts, api = TokenService(reactor), FakeAPI(reactor)
+        ts_port, api_port = ts.listen(), api.listen()
+        self.addCleanup(ts.stop)
+        self.addCleanup(api.stop)
+        ini = gateway_ini(ts_port, api_port, "jwt",
+                          **self.sections(url, **extra))
+        gws = [await start_gateway(self, reactor, ini) for _ in range(n)]
+        self.assertTrue(await wait_for(reactor, lambda: all(
+            g.gateway.fleet.shared.client.connected
+            and g.gateway.fleet.shared.subscriber.connected
+            for g in gws), 10), "the gateways never connected to Redis")
+        return Fleet(ts, api, gws, self.redis)
+
+    async def revoke(self, gw, body: bytes, bearer: bytes = BEARER,
+                     method: str = "POST"):
+        head = [b"%s /revoke HTTP/1.1" % method.encode(),
+                b"Host: admin", b"Connection: close",
+                b"Content-Type: application/x-www-form-urlencoded",
+                b"Content-Length: %d" % len(body)]
+        if bearer is not None:
+            head.append(b"Authorization: Bearer " + bearer)
+        return await one_request(reactor, gw.admin,
+                                 b"\r\n".join(head) + b"\r\n\r\n" + body)
+
+
+class SharedTierTests(FleetCase):
+
+    @async_test
+    async def test_one_introspection_for_the_fleet(self):
+        f = await self.fleet(3)
+        token = new_token()
+        jwt = f.ts.activate(token)
+        for i in range(3):
+            r = await f.get(i, token)
+            self.assertEqual(r.status, 200, r.body)
+            self.assertEqual(f.api.requests[-1].header(b"authorization"),
+                             [b"Bearer " + jwt.encode()])
+        self.assertEqual(f.ts.calls_for(token), 1)
+        self.assertEqual(sample(f.gws[1], "phantomd_shared_cache_lookups_total",
+                                result="hit"), 1)
+
+    @async_test
+    async def test_redis_holds_no_token_and_no_jwt(self):
+        f = await self.fleet(2)
+        secrets = []
+        for _ in range(5):
+            token = new_token()
+            jwt = f.ts.activate(token, sub="alice@example.com")
+            secrets += [token, jwt] + jwt.split(".")
+            self.assertEqual((await f.get(0, token)).status, 200)
+        inactive = new_token()
+        secrets.append(inactive)
+        self.assertEqual((await f.get(0, inactive)).status, 401)
+        dump = self.redis.dump()
+        self.assertTrue(dump, "nothing was written to Redis")
+        text = repr(dump).encode()
+        for s in secrets + ["alice"]:
+            self.assertNotIn(s.encode(), text)
+            self.assertNotIn(base64.b64encode(s.encode())[:16], text)
+
+    @async_test
+    async def test_entry_forged_without_the_secret_is_ignored(self):
+        """Someone who can write to Redis, and even knows the key (say,
+        from a dump), but not the fleet secret: the value they plant is
+        not taken; the token service is asked and its answer served."""
+        from phantomd.fleet import identity
+        from phantomd.sharedcache import FleetKeys, encode_result
+        from phantomd.outcomes import Active
+        f = await self.fleet(1)
+        token = new_token()
+        real = f.ts.activate(token)
+        gw = f.gws[0].gateway
+        rkey = gw.fleet.shared.keys.redis_key(token)
+        evil_jwt = make_jwt({"sub": "admin", "scope": "everything"})
+        for forger in (FleetKeys(b"x" * 32, identity(gw.config), "phantomd:"),
+                       None):
+            now = reactor.seconds()
+            plain = encode_result(Active(evil_jwt, jwt_claims(evil_jwt),
+                                         300), now + 300, now)
+            value = (forger.seal(token, rkey, plain) if forger
+                     else b"\x01" + b"\0" * 12 + plain)
+            self.redis.command("SET", rkey, value, "PX", 60000)
+            gw.cache.clear()
+            before = f.ts.calls_for(token)
+            r = await f.get(0, token)
+            self.assertEqual(r.status, 200)
+            self.assertEqual(f.api.requests[-1].header(b"authorization"),
+                             [b"Bearer " + real.encode()])
+            self.assertEqual(f.ts.calls_for(token), before + 1)
+        self.assertEqual(sample(f.gws[0], "phantomd_shared_cache_lookups_total",
+                                result="refused"), 2)
+
+    @async_test
+    async def test_value_copied_to_another_tokens_key_is_refused(self):
+        f = await self.fleet(2)
+        good, bad = new_token(), new_token()
+        f.ts.activate(good)
+        self.assertEqual((await f.get(0, good)).status, 200)
+        keys = f.gws[0].gateway.fleet.shared.keys
+        value = self.redis.command("GET", keys.redis_key(good))
+        self.assertIsNotNone(value)
+        self.redis.command("SET", keys.redis_key(bad), value, "PX", 60000)
+        r = await f.get(1, bad)
+        self.assertEqual(r.status, 401)  # the token service says inactive
+        self.assertEqual(f.ts.calls_for(bad), 1)
+
+    @async_test
+    async def test_redis_ttl_follows_the_local_rules(self):
+        f = await self.fleet(1, cache={"negative_ttl": "7"})
+        keys = f.gws[0].gateway.fleet.shared.keys
+        active = new_token()
+        f.ts.activate(active)  # max-age=300 (the fake's default)
+        await f.get(0, active)
+        pttl = self.redis.command("PTTL", keys.redis_key(active))
+        self.assertTrue(290000 < pttl <= 300000, pttl)
+        inactive = new_token()
+        f.ts.cache_control = "max-age=600"
+        from tests.robustness.fakes import Reply
+        f.ts.default = Reply(204, ((b"Cache-Control", b"max-age=600"),))
+        await f.get(0, inactive)
+        pttl = self.redis.command("PTTL", keys.redis_key(inactive))
+        self.assertTrue(0 < pttl <= 7000, pttl)
+        short = new_token()
+        f.ts.activate(short, jwt=make_jwt(lifetime=20))
+        await f.get(0, short)
+        pttl = self.redis.command("PTTL", keys.redis_key(short))
+        self.assertTrue(0 < pttl <= 20000, pttl)
+        nostore = new_token()
+        f.ts.activate(nostore)
+        f.ts.cache_control = "no-store"
+        await f.get(0, nostore)
+        self.assertIsNone(self.redis.command("GET", keys.redis_key(nostore)))
+
+    @async_test
+    async def test_failures_are_not_stored(self):
+        from tests.robustness.fakes import Reply
+        f = await self.fleet(2)
+        token = new_token()
+        f.ts.behaviour = Reply(500)
+        self.assertEqual((await f.get(0, token)).status, 502)
+        keys = f.gws[0].gateway.fleet.shared.keys
+        self.assertIsNone(self.redis.command("GET", keys.redis_key(token)))
+        f.ts.behaviour = None
+        f.ts.activate(token)
+        self.assertEqual((await f.get(1, token)).status, 200)
+
+    @async_test
+    async def test_redis_killed_then_restarted(self):
+        f = await self.fleet(2)
+        cached = new_token()
+        f.ts.activate(cached)
+        self.assertEqual((await f.get(0, cached)).status, 200)
+        self.redis.kill()
+        shared = f.gws[0].gateway.fleet.shared
+        self.assertTrue(await wait_for(reactor,
+                                       lambda: not shared.client.connected, 5))
+        # Served from the local cache, no introspection.
+        self.assertEqual((await f.get(0, cached)).status, 200)
+        self.assertEqual(f.ts.calls_for(cached), 1)
+        # A new token: each process introspects it itself; never a 5xx.
+        fresh = new_token()
+        f.ts.activate(fresh)
+        for i in (0, 1):
+            self.assertEqual((await f.get(i, fresh)).status, 200)
+        self.assertEqual(f.ts.calls_for(fresh), 2)
+        # A forged-looking nothing: inactive tokens still refused.
+        self.assertEqual((await f.get(1, new_token())).status, 401)
+        self.assertGreater(sample(f.gws[0], "phantomd_shared_cache_errors_total",
+                                  kind="unavailable"), 0)
+        # Redis comes back on the same port: everyone reconnects by itself.
+        self.redis.start()
+        self.assertTrue(await wait_for(reactor, lambda: all(
+            g.gateway.fleet.shared.client.connected and
+            g.gateway.fleet.shared.subscriber.connected for g in f.gws), 15))
+        again = new_token()
+        f.ts.activate(again)
+        for i in (0, 1):
+            self.assertEqual((await f.get(i, again)).status, 200)
+        self.assertEqual(f.ts.calls_for(again), 1)
+
+    @async_test
+    async def test_slow_redis_counts_as_a_miss(self):
+        f = await self.fleet(1)
+        self.redis.pause()
+        self.addCleanup(self.redis.resume)
+        token = new_token()
+        f.ts.activate(token)
+        r = await f.get(0, token)
+        self.assertEqual(r.status, 200)
+        self.assertEqual(f.ts.calls_for(token), 1)
+        self.assertGreater(sample(f.gws[0], "phantomd_shared_cache_errors_total",
+                                  kind="timeout"), 0)
+        self.redis.resume()
+
+
+class FleetCoalescingTests(FleetCase):
+
+    @async_test
+    async def test_concurrent_misses_on_two_processes_introspect_once(self):
+        f = await self.fleet(2)
+        token = new_token()
+        jwt = f.ts.activate(token)
+        held = Held(lambda request: f.ts.active_reply(jwt))
+        f.ts.behaviour = held
+        first = defer.ensureDeferred(f.get(0, token))
+        self.assertTrue(await wait_for(reactor, lambda: held.held, 5))
+        second = defer.ensureDeferred(f.get(1, token))
+        self.assertTrue(await wait_for(reactor, lambda: sample(
+            f.gws[1], "phantomd_shared_cache_leases_total",
+            result="waited") == 1, 5))
+        held.release()
+        a, b = await first, await second
+        self.assertEqual((a.status, b.status), (200, 200))
+        self.assertEqual(f.ts.calls_for(token), 1)
+        self.assertEqual(f.api.requests[-1].header(b"authorization"),
+                         [b"Bearer " + jwt.encode()])
+
+    @async_test
+    async def test_lease_of_a_dead_holder_is_taken_over(self):
+        """A process took the lease and died: after the lease time another
+        process introspects the token itself."""
+        f = await self.fleet(1, introspection={"timeout": "0.5"})
+        token = new_token()
+        f.ts.activate(token)
+        shared = f.gws[0].gateway.fleet.shared
+        lease = shared.keys.lease_key(shared.keys.redis_key(token))
+        self.redis.command("SET", lease, "dead-process", "PX",
+                           int(shared.lease_time * 1000))
+        r = await f.get(0, token)
+        self.assertEqual(r.status, 200)
+        self.assertEqual(f.ts.calls_for(token), 1)
+        self.assertEqual(sample(f.gws[0], "phantomd_shared_cache_leases_total",
+                                result="expired"), 1)
+        self.assertEqual(sample(f.gws[0], "phantomd_shared_cache_leases_total",
+                                result="acquired"), 1)
+
+
+class RevocationTests(FleetCase):
+
+    @async_test
+    async def test_bearer_is_required(self):
+        f = await self.fleet(1)
+        r = await self.revoke(f.gws[0], b"token=abc", bearer=None)
+        self.assertEqual(r.status, 401)
+        self.assertEqual(r.first(b"www-authenticate"),
+                         b'Bearer realm="phantomd-revocation"')
+        r = await self.revoke(f.gws[0], b"token=abc", bearer=BEARER[:-1])
+        self.assertEqual(r.status, 401)
+        self.assertIn(b'error="invalid_token"', r.first(b"www-authenticate"))
+        r = await self.revoke(f.gws[0], b"token=abc", bearer=BEARER + b"x")
+        self.assertEqual(r.status, 401)
+        r = await self.revoke(f.gws[0], b"", method="GET")
+        self.assertEqual(r.status, 405)
+        r = await self.revoke(f.gws[0], b"nothing=here")
+        self.assertEqual(r.status, 400)
+        r = await self.revoke(f.gws[0], b"token=a&sub=b")
+        self.assertEqual(r.status, 400)
+
+    @async_test
+    async def test_revoked_token_leaves_every_process(self):
+        f = await self.fleet(3)
+        token = new_token()
+        f.ts.activate(token)
+        for i in range(3):
+            self.assertEqual((await f.get(i, token)).status, 200)
+        self.assertEqual(f.ts.calls_for(token), 1)
+        from phantomd.tokens import token_key
+        key = token_key(token)
+        self.assertTrue(all(g.gateway.cache.get(key) for g in f.gws))
+        del f.ts.tokens[token]  # the token service revoked it too
+        start = reactor.seconds()
+        r = await self.revoke(f.gws[0], b"token=" + token.encode())
+        self.assertEqual(r.status, 200, r.body)
+        self.assertTrue(await wait_for(reactor, lambda: all(
+            g.gateway.cache.get(key) is None for g in f.gws), 5,
+            interval=0.001))
+        elapsed = reactor.seconds() - start
+        print("revocation fan-out to 3 processes: %.1f ms" % (elapsed * 1000))
+        for i in range(3):
+            self.assertEqual((await f.get(i, token)).status, 401)
+        self.assertEqual(sample(f.gws[2], "phantomd_shared_cache_revocations_total",
+                                kind="token"), 1)
+
+    @async_test
+    async def test_revoked_subject_leaves_every_process_and_redis(self):
+        f = await self.fleet(2)
+        alice = [new_token() for _ in range(3)]
+        bob = new_token()
+        for t in alice:
+            f.ts.activate(t, sub="alice")
+        f.ts.activate(bob, sub="bob")
+        for t in alice + [bob]:
+            for i in (0, 1):
+                self.assertEqual((await f.get(i, t)).status, 200)
+        keys = f.gws[0].gateway.fleet.shared.keys
+        for t in alice:
+            del f.ts.tokens[t]
+        r = await self.revoke(f.gws[1], b"sub=alice")
+        self.assertEqual(r.status, 200, r.body)
+        for t in alice:
+            self.assertIsNone(self.redis.command("GET", keys.redis_key(t)))
+        self.assertIsNotNone(self.redis.command("GET", keys.redis_key(bob)))
+        from phantomd.tokens import token_key
+        self.assertTrue(await wait_for(reactor, lambda: all(
+            g.gateway.cache.get(token_key(t)) is None
+            for g in f.gws for t in alice), 5, interval=0.001))
+        for t in alice:
+            self.assertEqual((await f.get(0, t)).status, 401)
+        self.assertEqual((await f.get(0, bob)).status, 200)
+        self.assertEqual(f.ts.calls_for(bob), 1)
+
+    @async_test
+    async def test_forged_revocation_message_is_ignored(self):
+        f = await self.fleet(1)
+        token = new_token()
+        f.ts.activate(token)
+        self.assertEqual((await f.get(0, token)).status, 200)
+        from phantomd.tokens import token_key
+        channel = f.gws[0].gateway.fleet.shared.keys.channel
+        self.redis.command("PUBLISH", channel, json.dumps(
+            {"t": "token", "k": token_key(token).hex()}))
+        self.assertTrue(await wait_for(reactor, lambda: sample(
+            f.gws[0], "phantomd_shared_cache_errors_total",
+            kind="refused") == 1, 5))
+        self.assertIsNotNone(f.gws[0].gateway.cache.get(token_key(token)))
+
+
+class RevocationWithoutRedisTests(unittest.TestCase):
+    timeout = 15
+
+    @async_test
+    async def test_revoke_on_one_process(self):
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        bearer = os.path.join(d, "token")
+        with open(bearer, "wb") as fh:
+            fh.write(BEARER)
+        ts, api = TokenService(reactor), FakeAPI(reactor)
+        ts_port, api_port = ts.listen(), api.listen()
+        self.addCleanup(ts.stop)
+        self.addCleanup(api.stop)
+        sections = {name: dict(keys) for name, keys in LENIENT.items()}
+        sections["revocation"] = {"token_file": bearer}
+        gw = await start_gateway(self, reactor, gateway_ini(
+            ts_port, api_port, "jwt", **sections))
+        token = new_token()
+        ts.activate(token, sub="carol")
+        self.assertEqual((await get(reactor, gw.front, token)).status, 200)
+        self.assertEqual((await get(reactor, gw.front, token)).status, 200)
+        self.assertEqual(ts.calls_for(token), 1)
+        del ts.tokens[token]
+        body = b"sub=carol"
+        r = await one_request(reactor, gw.admin, b"\r\n".join([
+            b"POST /revoke HTTP/1.1", b"Host: a", b"Connection: close",
+            b"Authorization: Bearer " + BEARER,
+            b"Content-Type: application/x-www-form-urlencoded",
+            b"Content-Length: %d" % len(body), b"", body]))
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual((await get(reactor, gw.front, token)).status, 401)
+        self.assertEqual(ts.calls_for(token), 2)
