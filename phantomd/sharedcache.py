@@ -32,7 +32,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from twisted.internet import defer
 from twisted.logger import Logger
+from txredisapi import ResponseError
 
+from phantomd.logs import Throttle
 from phantomd.outcomes import Active, Inactive
 from phantomd.tokens import token_key
 
@@ -280,6 +282,7 @@ class SharedTier:
         self.on_event: Callable[[dict], None] = lambda event: None
         self._waiters: dict[bytes, list] = {}
         self._nwaiters = 0
+        self._throttle = Throttle(reactor, 30.0, max_keys=8)
 
     def wrap(self, introspector: Any) -> _Shared:
         return _Shared(self, introspector)
@@ -298,6 +301,18 @@ class SharedTier:
                 reply = await self.client.call(b"EVAL", _LOOKUP, 2, rkey,
                                                lease, owner, lease_ms)
                 kind = reply[0]
+            except ResponseError as e:
+                # A full Redis (maxmemory, noeviction) refuses scripts that
+                # may write: its answers can still be read.
+                self._error(e)
+                try:
+                    value = await self.client.call(b"GET", rkey)
+                except Exception as e2:
+                    self._error(e2)
+                    break
+                reply, kind = [1, value], (1 if value is not None else 0)
+                if value is None:
+                    break
             except Exception as e:
                 self._error(e)
                 break
@@ -337,8 +352,10 @@ class SharedTier:
               ) -> Optional[Result]:
         plaintext = self.keys.open(token, rkey, value)
         if plaintext is None:
-            log.warn("a Redis entry failed authentication (written without "
-                     "the fleet secret, or under another key); ignored")
+            if self._throttle.admit("entry") is not None:
+                log.warn("a Redis entry failed authentication (written "
+                         "without the fleet secret, or under another key); "
+                         "ignored")
             return None
         decoded = decode_result(plaintext, self.reactor.seconds())
         if decoded is None:
@@ -415,8 +432,9 @@ class SharedTier:
         event = self.keys.open_event(message)
         if event is None:
             self.metrics.shared_errors["refused"].inc()
-            log.warn("a message on {channel} failed authentication; ignored",
-                     channel=channel.decode("ascii", "replace"))
+            if self._throttle.admit("event") is not None:
+                log.warn("a message on {channel} failed authentication; "
+                         "ignored", channel=channel.decode("ascii", "replace"))
             return
         kind = event.get("t")
         if kind in ("done", "fail"):
@@ -454,5 +472,8 @@ class SharedTier:
             kind = "timeout"
         else:
             kind = "error"
-            log.warn("Redis call failed: {error}", error=type(e).__name__)
+            if self._throttle.admit(type(e)) is not None:
+                # Redis's own error text (OOM, READONLY...), never a value.
+                log.warn("Redis call failed: {error}: {text}",
+                         error=type(e).__name__, text=str(e)[:200])
         self.metrics.shared_errors[kind].inc()

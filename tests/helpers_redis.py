@@ -46,11 +46,31 @@ class RedisServer:
     def url(self) -> str:
         return "redis://127.0.0.1:%d/0" % self.port
 
+    def enable_tls(self) -> str:
+        """Also serve TLS on another free port, with a throw-away
+        certificate for 127.0.0.1; returns the certificate's path (the CA
+        to trust).  Call before ``start``."""
+        from tests.robustness.fakes import self_signed
+        cert, key = self_signed(os.path.join(self.dir, "tls"))
+        self.tls_port = _free_port()
+        self.extra_args += ["--tls-port", str(self.tls_port),
+                            "--tls-cert-file", cert, "--tls-key-file", key,
+                            "--tls-auth-clients", "no"]
+        return cert
+
+    @property
+    def tls_url(self) -> str:
+        return "rediss://127.0.0.1:%d/0" % self.tls_port
+
     @property
     def unix_url(self) -> str:
         return "unix://%s" % self.socket
 
     def start(self) -> "RedisServer":
+        self.password = None
+        for i, a in enumerate(self.extra_args):
+            if a == "--requirepass":
+                self.password = self.extra_args[i + 1]
         args = [REDIS_SERVER, "--port", str(self.port),
                 "--bind", "127.0.0.1", "--unixsocket", self.socket,
                 "--dir", self.dir, "--save", "", "--appendonly", "no",
@@ -63,7 +83,7 @@ class RedisServer:
         deadline = time.monotonic() + 10
         while True:
             try:
-                if self.command("PING") == b"+PONG":
+                if self.command("PING") in (b"+PONG", b"-NOAUTH"):
                     return self
             except OSError:
                 pass
@@ -88,8 +108,15 @@ class RedisServer:
             for a in args:
                 a = a if isinstance(a, bytes) else str(a).encode()
                 out += b"$%d\r\n%s\r\n" % (len(a), a)
+            if self.password:
+                auth = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (
+                    len(self.password), self.password.encode())
+                out = auth + out
             s.sendall(out)
-            return _read_reply(s.makefile("rb"))
+            f = s.makefile("rb")
+            if self.password:
+                _read_reply(f)
+            return _read_reply(f)
         finally:
             s.close()
 

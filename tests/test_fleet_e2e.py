@@ -284,6 +284,85 @@ class SharedTierTests(FleetCase):
         self.redis.resume()
 
 
+    @async_test
+    async def test_full_redis_still_serves_its_answers(self):
+        """maxmemory reached (noeviction): writes fail, reads still serve,
+        new tokens are introspected; clients see no difference."""
+        f = await self.fleet(2)
+        token = new_token()
+        f.ts.activate(token)
+        self.assertEqual((await f.get(0, token)).status, 200)
+        self.redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        self.redis.command("CONFIG", "SET", "maxmemory", "1")
+        self.addCleanup(lambda: self.redis.command("CONFIG", "SET",
+                                                   "maxmemory", "0"))
+        self.assertEqual((await f.get(1, token)).status, 200)
+        self.assertEqual(f.ts.calls_for(token), 1)
+        fresh = new_token()
+        f.ts.activate(fresh)
+        for i in (0, 1):
+            self.assertEqual((await f.get(i, fresh)).status, 200)
+        self.assertEqual(f.ts.calls_for(fresh), 2)
+        self.assertGreater(sample(f.gws[0], "phantomd_shared_cache_errors_total",
+                                  kind="error"), 0)
+
+
+class TransportTests(FleetCase):
+    """unix://, rediss:// and a password, each against a real server."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.redis.stop()
+
+    async def one_token_two_gateways(self, f):
+        token = new_token()
+        f.ts.activate(token)
+        for i in (0, 1):
+            self.assertEqual((await f.get(i, token)).status, 200)
+        self.assertEqual(f.ts.calls_for(token), 1)
+
+    @async_test
+    async def test_unix_socket(self):
+        self.redis = RedisServer().start()
+        self.addCleanup(self.redis.stop)
+        await self.one_token_two_gateways(
+            await self.fleet(2, url=self.redis.unix_url + "?db=3"))
+        self.assertIn(b"db3", self.redis.command("INFO", "keyspace"))
+
+    @async_test
+    async def test_tls(self):
+        self.redis = RedisServer()
+        ca = self.redis.enable_tls()
+        self.redis.start()
+        self.addCleanup(self.redis.stop)
+        await self.one_token_two_gateways(await self.fleet(
+            2, url=self.redis.tls_url, shared_cache={"ca_file": ca}))
+
+    @async_test
+    async def test_password(self):
+        self.redis = RedisServer(["--requirepass", "redis-pass-123"]).start()
+        self.addCleanup(self.redis.stop)
+        pw = self._file("redis-password", b"redis-pass-123\n")
+        await self.one_token_two_gateways(await self.fleet(
+            2, shared_cache={"password_file": pw}))
+
+    @async_test
+    async def test_wrong_password_is_a_miss_not_an_error(self):
+        self.redis = RedisServer(["--requirepass", "redis-pass-123"]).start()
+        self.addCleanup(self.redis.stop)
+        pw = self._file("redis-password", b"wrong\n")
+        ts, api = TokenService(reactor), FakeAPI(reactor)
+        self.addCleanup(ts.stop)
+        self.addCleanup(api.stop)
+        ini = gateway_ini(ts.listen(), api.listen(), "jwt", **self.sections(
+            shared_cache={"password_file": pw}))
+        gw = await start_gateway(self, reactor, ini)
+        token = new_token()
+        ts.activate(token)
+        self.assertEqual((await get(reactor, gw.front, token)).status, 200)
+        self.assertFalse(gw.gateway.fleet.shared.client.connected)
+
+
 class FleetCoalescingTests(FleetCase):
 
     @async_test
