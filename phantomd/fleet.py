@@ -195,21 +195,26 @@ class Fleet:
                                    for c in self._clients])
 
     def reload(self, new: Config) -> None:
-        """SIGHUP: the identity and the revocation bearer follow the new
-        file at once; connection settings take effect after a restart."""
+        """SIGHUP: the config identity, the fleet secret's content (a
+        rotation) and the revocation bearer follow the new files at once;
+        any other [shared_cache] change, and turning either section on or
+        off, takes effect after a restart (logged)."""
         secrets = read_secrets(new)
+        fleet_secret = self._secrets.fleet
         if _connection_keys(new) != _connection_keys(self.config):
             log.warn("[shared_cache] changed in {path}; it takes effect "
                      "only after a restart", path=new.path)
         elif self.shared is not None:
             from phantomd.sharedcache import FleetKeys
-            self.shared.keys = FleetKeys(self._secrets.fleet, identity(new),
+            fleet_secret = secrets.fleet
+            self.shared.keys = FleetKeys(fleet_secret, identity(new),
                                          self.config.shared_cache.key_prefix)
-        if (secrets.revocation is None) != (self._secrets.revocation is None):
+        bearer = self._secrets.revocation
+        if (secrets.revocation is None) != (bearer is None):
             log.warn("[revocation] token_file set or unset in {path}; it "
                      "takes effect only after a restart", path=new.path)
-        elif secrets.revocation is not None:
-            self._secrets = Secrets(self._secrets.fleet,
-                                    self._secrets.redis_password,
-                                    secrets.revocation)
+        else:
+            bearer = secrets.revocation
+        self._secrets = Secrets(fleet_secret, self._secrets.redis_password,
+                                bearer)
         self.revoker.max_entries = new.cache.max_entries

@@ -285,6 +285,25 @@ class SharedTierTests(FleetCase):
 
 
     @async_test
+    async def test_reload_to_another_identity_reads_no_old_answers(self):
+        """SIGHUP with a setting that changes what answers mean: the
+        reloaded process does not take the fleet's old answers."""
+        from phantomd import config as configmod
+        f = await self.fleet(2)
+        token = new_token()
+        f.ts.activate(token)
+        self.assertEqual((await f.get(0, token)).status, 200)
+        gw = f.gws[1]
+        text = gateway_ini(f.ts.portnum, f.api.portnum, "jwt",
+                           **self.sections(introspection={
+                               "token_type_hint": "access_token"}))
+        gw.gateway.reload(configmod.parse(text, "<reloaded>"))
+        self.assertEqual((await f.get(1, token)).status, 200)
+        self.assertEqual(f.ts.calls_for(token), 2)
+        self.assertEqual(sample(gw, "phantomd_shared_cache_lookups_total",
+                                result="hit"), 0)
+
+    @async_test
     async def test_full_redis_still_serves_its_answers(self):
         """maxmemory reached (noeviction): writes fail, reads still serve,
         new tokens are introspected; clients see no difference."""
@@ -425,6 +444,20 @@ class RevocationTests(FleetCase):
         self.assertEqual(r.status, 400)
         r = await self.revoke(f.gws[0], b"token=a&sub=b")
         self.assertEqual(r.status, 400)
+
+    @async_test
+    async def test_reload_rotates_the_bearer(self):
+        from phantomd import config as configmod
+        f = await self.fleet(1)
+        gw = f.gws[0]
+        with open(self.bearer_file, "wb") as fh:
+            fh.write(b"the-next-revocation-bearer-456")
+        gw.gateway.reload(configmod.parse(gateway_ini(
+            f.ts.portnum, f.api.portnum, "jwt", **self.sections()), "<r>"))
+        self.assertEqual((await self.revoke(gw, b"token=abc")).status, 401)
+        r = await self.revoke(gw, b"token=abc",
+                              bearer=b"the-next-revocation-bearer-456")
+        self.assertEqual(r.status, 200)
 
     @async_test
     async def test_revoked_token_leaves_every_process(self):
