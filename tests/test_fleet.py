@@ -80,6 +80,16 @@ class ConfigTests(SynchronousTestCase):
         self.assertRefused("[revocation]\ntoken_file = %s\n" % path,
                            "revocation", "token_file", "at least 16")
 
+    def test_revocation_with_workers_needs_redis(self):
+        path = self.file("rt", b"a-long-enough-revocation-token")
+        with self.assertRaises(ConfigError) as e:
+            config.parse(MINIMAL.replace("[phantomd]\n",
+                                         "[phantomd]\nworkers = 2\n")
+                         + "[revocation]\ntoken_file = %s\n" % path,
+                         "/etc/p.ini")
+        self.assertIn("[revocation] token_file: with workers > 1 needs "
+                      "[shared_cache] url", str(e.exception))
+
     def test_good(self):
         secret = self.file("secret", SECRET + b"\n")
         c = self.load("[shared_cache]\nurl = rediss://u:p@redis.example:6380/2"
