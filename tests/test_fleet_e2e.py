@@ -561,3 +561,114 @@ class RevocationWithoutRedisTests(unittest.TestCase):
         self.assertEqual(r.status, 200, r.body)
         self.assertEqual((await get(reactor, gw.front, token)).status, 401)
         self.assertEqual(ts.calls_for(token), 2)
+
+
+async def scrape(port: int) -> str:
+    from tests.robustness.fakes import request_bytes
+    r = await one_request(reactor, port, request_bytes(
+        "GET", "/metrics", None, (), b"", close=True))
+    return r.body.decode()
+
+
+def metric(text: str, line_start: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+class ProcessTests(FleetCase):
+    """Gateways in processes of their own, killed with SIGKILL."""
+
+    timeout = 60
+
+    async def spawn(self, n: int, **extra):
+        from tests.robustness.fakes import spawn_gateway
+        ts, api = TokenService(reactor), FakeAPI(reactor)
+        ts_port, api_port = ts.listen(), api.listen()
+        self.addCleanup(ts.stop)
+        self.addCleanup(api.stop)
+        ini = gateway_ini(ts_port, api_port, "jwt",
+                          **self.sections(**extra))
+        procs = [await spawn_gateway(self, reactor, ini) for _ in range(n)]
+        for p in procs:
+            up = [0.0]
+
+            async def poll(p=p):
+                up[0] = metric(await scrape(p.admin),
+                               "phantomd_shared_cache_connected")
+            for _ in range(200):
+                await poll()
+                if up[0] == 1:
+                    break
+                await _sleep(0.05)
+            self.assertEqual(up[0], 1, "process never connected to Redis")
+        return ts, api, procs
+
+    @async_test
+    async def test_lease_holder_killed(self):
+        ts, api, (a, b) = await self.spawn(
+            2, introspection={"timeout": "0.5"})
+        token = new_token()
+        jwt = ts.activate(token)
+        held = Held(lambda request: ts.active_reply(jwt))
+        ts.behaviour = held
+        first = defer.ensureDeferred(get(reactor, a.front, token))
+        first.addErrback(lambda f: None)  # its process dies
+        self.assertTrue(await wait_for(reactor, lambda: held.held, 10))
+        second = defer.ensureDeferred(get(reactor, b.front, token))
+        waited = 'phantomd_shared_cache_leases_total{result="waited"}'
+        self.assertTrue(await _until(lambda: scrape(b.admin),
+                                     lambda t: metric(t, waited) == 1))
+        a.transport.signalProcess("KILL")
+        await a.ended
+        ts.behaviour = None
+        r = await second
+        self.assertEqual(r.status, 200)
+        self.assertEqual(ts.calls_for(token), 2)  # the dead one's, and B's
+        text = await scrape(b.admin)
+        self.assertEqual(metric(
+            text, 'phantomd_shared_cache_leases_total{result="expired"}'), 1)
+        self.assertEqual(metric(
+            text, 'phantomd_shared_cache_leases_total{result="acquired"}'), 1)
+
+    @async_test
+    async def test_burst_across_three_processes_with_redis_killed(self):
+        ts, api, procs = await self.spawn(3)
+        tokens = [new_token() for _ in range(30)]
+        for t in tokens:
+            ts.activate(t)
+
+        async def burst(n: int) -> list:
+            ds = [defer.ensureDeferred(get(
+                reactor, procs[i % 3].front, tokens[i % len(tokens)]))
+                for i in range(n)]
+            return [r.status for r in await defer.gatherResults(ds)]
+
+        statuses = await burst(90)
+        self.assertEqual(set(statuses), {200})
+        self.assertEqual({ts.calls_for(t) for t in tokens}, {1})
+        fresh = [new_token() for _ in range(30)]
+        for t in fresh:
+            ts.activate(t)
+        tokens = fresh
+        running = defer.ensureDeferred(burst(90))
+        self.redis.kill()  # SIGKILL while the burst is in flight
+        statuses = await running
+        self.assertEqual(set(statuses), {200}, statuses)
+        # Each process introspected a token at most once.
+        self.assertLessEqual(max(ts.calls_for(t) for t in fresh), 3)
+
+
+async def _sleep(seconds: float) -> None:
+    from twisted.internet import task
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+async def _until(read, predicate, timeout: float = 10.0) -> bool:
+    deadline = reactor.seconds() + timeout
+    while reactor.seconds() < deadline:
+        if predicate(await read()):
+            return True
+        await _sleep(0.02)
+    return False
