@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from txredisapi import ResponseError
 
 from phantomd.logs import Throttle
@@ -297,41 +298,26 @@ class SharedTier:
         lease_ms = max(1, int(self.lease_time * 1000))
         held = False
         for _ in range(MAX_ROUNDS):
-            try:
-                reply = await self.client.call(b"EVAL", _LOOKUP, 2, rkey,
-                                               lease, owner, lease_ms)
-                kind = reply[0]
-            except ResponseError as e:
-                # A full Redis (maxmemory, noeviction) refuses scripts that
-                # may write: its answers can still be read.
-                self._error(e)
-                try:
-                    value = await self.client.call(b"GET", rkey)
-                except Exception as e2:
-                    self._error(e2)
-                    break
-                reply, kind = [1, value], (1 if value is not None else 0)
-                if value is None:
-                    break
-            except Exception as e:
-                self._error(e)
-                break
-            if kind == 1:
-                found = self._open(token, rkey, reply[1])
-                if found is not None:
-                    m.shared_lookup["hit"].inc()
-                    return found
-                m.shared_lookup["refused"].inc()
-                break
-            if kind == 2:
-                held = True
-                m.shared_lease["acquired"].inc()
-                break
-            if not self.subscriber.connected or \
-                    self._nwaiters >= MAX_WAITERS:
+            # Listen before asking: the holder's message may arrive on the
+            # subscriber connection before this lookup's answer does.
+            waiter = (self._wait(rkey) if self.subscriber.connected
+                      and self._nwaiters < MAX_WAITERS else None)
+            kind, value = await self._lookup(rkey, lease, owner, lease_ms)
+            if kind != 0 or waiter is None:
+                if waiter is not None:
+                    waiter.cancel()
+                if kind == 1:
+                    found = self._open(token, rkey, value)
+                    if found is not None:
+                        m.shared_lookup["hit"].inc()
+                        return found
+                    m.shared_lookup["refused"].inc()
+                elif kind == 2:
+                    held = True
+                    m.shared_lease["acquired"].inc()
                 break
             m.shared_lease["waited"].inc()
-            if not await self._wait(rkey):
+            if not await waiter:
                 m.shared_lease["expired"].inc()
         else:
             log.debug("lease still held elsewhere after {n} rounds; "
@@ -347,6 +333,28 @@ class SharedTier:
         await self._store(token, rkey, lease, owner if held else b"",
                           result, start)
         return result
+
+    async def _lookup(self, rkey: bytes, lease: bytes, owner: bytes,
+                      lease_ms: int) -> tuple[int, Any]:
+        """(1, value): Redis has an answer; (2, None): this process holds
+        the lease now; (0, None): another does; (-1, None): Redis failed."""
+        try:
+            reply = await self.client.call(b"EVAL", _LOOKUP, 2, rkey,
+                                           lease, owner, lease_ms)
+            return reply[0], (reply[1] if reply[0] == 1 else None)
+        except ResponseError as e:
+            # A full Redis (maxmemory, noeviction) refuses scripts that may
+            # write: its answers can still be read.
+            self._error(e)
+            try:
+                value = await self.client.call(b"GET", rkey)
+            except Exception as e2:
+                self._error(e2)
+                return -1, None
+            return (1, value) if value is not None else (-1, None)
+        except Exception as e:
+            self._error(e)
+            return -1, None
 
     def _open(self, token: str, rkey: bytes, value: Any
               ) -> Optional[Result]:
@@ -401,7 +409,8 @@ class SharedTier:
     def _wait(self, rkey: bytes) -> defer.Deferred:
         """Fires True when the lease holder says it is done (or gave up),
         False after ``lease_time`` (it may have died)."""
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred = defer.Deferred(
+            canceller=lambda d: self._forget(rkey, d))
         waiters = self._waiters.setdefault(rkey, [])
         waiters.append(d)
         self._nwaiters += 1
@@ -415,8 +424,11 @@ class SharedTier:
         def done(woke):
             if timer.active():
                 timer.cancel()
+            if isinstance(woke, Failure):
+                woke.trap(defer.CancelledError)  # not needed after all
+                return None
             return woke
-        return d.addCallback(done)
+        return d.addBoth(done)
 
     def _forget(self, rkey: bytes, d: defer.Deferred) -> None:
         waiters = self._waiters.get(rkey)
