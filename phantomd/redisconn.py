@@ -53,21 +53,62 @@ class Target:
     db: int = 0
     username: Optional[str] = None
     password: Optional[str] = None
+    #: ``redis-sentinel://``: the sentinels' addresses and the service name.
+    sentinels: tuple = ()
+    service: Optional[str] = None
 
     @property
     def tls(self) -> bool:
         return self.scheme == "rediss"
 
     def describe(self) -> str:
+        if self.sentinels:
+            return "sentinel service %s (%s)" % (self.service, ",".join(
+                "%s:%d" % a for a in self.sentinels))
         if self.path:
             return "unix:%s" % self.path
         return "%s://%s:%d/%d" % (self.scheme, self.host, self.port, self.db)
 
 
+def _parse_sentinel(url: str) -> Target:
+    rest = url[len("redis-sentinel://"):]
+    netloc, _, path = rest.partition("/")
+    password = None
+    if "@" in netloc:
+        userinfo, _, netloc = netloc.rpartition("@")
+        password = unquote(userinfo.partition(":")[2]) or None
+    sentinels = []
+    for item in netloc.split(","):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "",
+                                                                   "26379")
+        try:
+            n = int(port)
+        except ValueError:
+            raise ValueError("%r: sentinel port %r is not a number"
+                             % (url, port))
+        if not host or not 0 < n < 65536:
+            raise ValueError("%r: bad sentinel address %r" % (url, item))
+        sentinels.append((host.strip("[]"), n))
+    parts = [p for p in path.split("/") if p]
+    if not parts or len(parts) > 2:
+        raise ValueError("%r is not redis-sentinel://host:port[,host:port]"
+                         "/service[/db]" % url)
+    try:
+        db = int(parts[1]) if len(parts) > 1 else 0
+    except ValueError:
+        raise ValueError("%r: database %r is not a number" % (url, parts[1]))
+    return Target(scheme="redis-sentinel", db=db, password=password,
+                  sentinels=tuple(sentinels), service=unquote(parts[0]))
+
+
 def parse_url(url: str) -> Target:
     """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS),
-    ``unix:///path/redis.sock[?db=N]``; raises ValueError saying what is
+    ``unix:///path/redis.sock[?db=N]``,
+    ``redis-sentinel://[:password@]host:port[,host:port...]/service[/db]``
+    (the password is the master's); raises ValueError saying what is
     wrong."""
+    if url.startswith("redis-sentinel://"):
+        return _parse_sentinel(url)
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -89,8 +130,8 @@ def parse_url(url: str) -> Target:
             raise ValueError("%r is not unix:///absolute/path" % url)
         host, path_sock, port = None, parts.path, None
     else:
-        raise ValueError("%r is not a redis://, rediss:// or unix:// URL"
-                         % url)
+        raise ValueError("%r is not a redis://, rediss://, unix:// or "
+                         "redis-sentinel:// URL" % url)
     try:
         db = int(db_text) if db_text else 0
     except ValueError:
@@ -159,6 +200,59 @@ class _Factory(protocol.Factory):
         self._owner._warn(message)
 
 
+class _Ask(txredisapi.BaseRedisProtocol):
+    def __init__(self, reactor) -> None:
+        super().__init__(charset=None, replyTimeout=None,
+                         convertNumbers=False)
+        self.callLater = reactor.callLater
+
+
+class SentinelEndpoint:
+    """Asks the sentinels, in order, where the service's master is, before
+    every connection attempt (so a reconnection after a failover finds the
+    new master: Sentinel closes the clients of a demoted master).
+    txredisapi's own Sentinel support runs on the global reactor."""
+
+    def __init__(self, reactor, target: Target, timeout: float) -> None:
+        self.reactor = reactor
+        self.target = target
+        self.timeout = max(timeout, 0.5)
+
+    def connect(self, factory) -> defer.Deferred:
+        return defer.ensureDeferred(self._connect(factory))
+
+    async def _connect(self, factory):
+        from twisted.internet.endpoints import connectProtocol
+        errors = []
+        for host, port in self.target.sentinels:
+            proto = _Ask(self.reactor)
+            try:
+                d = connectProtocol(HostnameEndpoint(
+                    self.reactor, host, port, timeout=CONNECT_TIMEOUT), proto)
+                await d
+                await proto.whenConnected()
+                ask = proto.execute_command(
+                    b"SENTINEL", b"GET-MASTER-ADDR-BY-NAME",
+                    self.target.service)
+                ask.addTimeout(self.timeout, self.reactor)
+                addr = await ask
+            except Exception as e:
+                errors.append("%s:%d: %s" % (host, port, e))
+                continue
+            finally:
+                if proto.transport is not None:
+                    proto.transport.loseConnection()
+            if isinstance(addr, list) and len(addr) == 2:
+                master = HostnameEndpoint(
+                    self.reactor, addr[0].decode("ascii"), int(addr[1]),
+                    timeout=CONNECT_TIMEOUT)
+                return await master.connect(factory)
+            errors.append("%s:%d knows no master %r" % (
+                host, port, self.target.service))
+        raise Unavailable("no sentinel gave a master: %s"
+                          % "; ".join(errors))
+
+
 class RedisClient:
     """One reconnecting connection to ``target``.
 
@@ -185,7 +279,9 @@ class RedisClient:
         self._protocol_class = _Subscriber if on_message else _Commands
         self._proto: Optional[Any] = None
         self._throttle = Throttle(reactor, _LOG_INTERVAL, max_keys=4)
-        if target.path:
+        if target.sentinels:
+            endpoint = SentinelEndpoint(reactor, target, timeout)
+        elif target.path:
             endpoint = UNIXClientEndpoint(reactor, target.path,
                                           timeout=CONNECT_TIMEOUT)
         else:
@@ -222,12 +318,45 @@ class RedisClient:
         except Exception:
             return defer.fail()
         d.addTimeout(self.timeout, self.reactor)
-        return d
+        return d.addErrback(self._readonly, proto)
+
+    def _readonly(self, failure, proto):
+        """A primary demoted to replica (failover) answers writes with
+        READONLY: drop the connection, so the next one finds the new
+        primary (through Sentinel, or DNS)."""
+        if failure.check(txredisapi.ResponseError) and \
+                str(failure.value).startswith("READONLY") and \
+                proto.transport is not None:
+            self._warn("%s is a replica now; reconnecting"
+                       % self.target.describe())
+            proto.transport.loseConnection()
+        return failure
 
     # -- from the protocol ---------------------------------------------------
 
     def _usable(self, proto) -> None:
         if proto.transport is None or not proto.connected:
+            return
+        if self.target.sentinels and not getattr(proto, "_role_checked",
+                                                 False):
+            # Sentinel may answer with a primary it is demoting right now.
+            proto._role_checked = True
+            role = proto.execute_command(b"ROLE")
+            role.addTimeout(max(self.timeout, 0.5), self.reactor)
+
+            def checked(reply):
+                if isinstance(reply, list) and reply and \
+                        reply[0] == b"master":
+                    self._usable(proto)
+                else:
+                    self._warn("%s gave a replica; reconnecting"
+                               % self.target.describe())
+                    proto.transport.loseConnection()
+
+            def failed(f):
+                if proto.transport is not None:
+                    proto.transport.loseConnection()
+            role.addCallbacks(checked, failed)
             return
         log.info("connected to Redis at {where}",
                  where=self.target.describe())

@@ -105,6 +105,14 @@ class URLTests(SynchronousTestCase):
         self.assertTrue(parse_url("rediss://r.example").tls)
         t = parse_url("unix:///run/redis.sock?db=4")
         self.assertEqual((t.path, t.db), ("/run/redis.sock", 4))
+        t = parse_url("redis-sentinel://:pw@s1:26379,s2/mymaster/2")
+        self.assertEqual((t.sentinels, t.service, t.db, t.password),
+                         ((("s1", 26379), ("s2", 26379)), "mymaster", 2,
+                          "pw"))
+        for bad in ("redis-sentinel://s1:x/svc", "redis-sentinel://s1",
+                    "redis-sentinel://s1/svc/notadb"):
+            with self.assertRaises(ValueError):
+                parse_url(bad)
 
 
 class KeysTests(SynchronousTestCase):

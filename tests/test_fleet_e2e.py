@@ -672,3 +672,77 @@ async def _until(read, predicate, timeout: float = 10.0) -> bool:
             return True
         await _sleep(0.02)
     return False
+
+
+class SentinelTests(FleetCase):
+    """``redis-sentinel://``: a primary, a replica and one sentinel, all
+    real; when the primary dies the fleet follows Sentinel to the new one."""
+
+    timeout = 60
+
+    def sentinel(self, master_port: int):
+        import subprocess
+        from tests.helpers_redis import _free_port
+        port = _free_port()
+        conf = os.path.join(self.dir, "sentinel.conf")
+        with open(conf, "w") as f:
+            f.write("port %d\nbind 127.0.0.1\ndir %s\n"
+                    "sentinel monitor svc 127.0.0.1 %d 1\n"
+                    "sentinel down-after-milliseconds svc 1000\n"
+                    "sentinel failover-timeout svc 3000\n"
+                    % (port, self.dir, master_port))
+        proc = subprocess.Popen([REDIS_SERVER, conf, "--sentinel"],
+                                stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        self.addCleanup(lambda: (proc.kill(), proc.wait()))
+        return port
+
+    @async_test
+    async def test_failover(self):
+        replica = RedisServer(["--replicaof", "127.0.0.1",
+                               str(self.redis.port)]).start()
+        self.addCleanup(replica.stop)
+        sport = self.sentinel(self.redis.port)
+        sentinel = RedisServer()  # only to talk to it
+        self.addCleanup(sentinel.stop)
+        sentinel.port, sentinel.password = sport, None
+
+        def knows_replica() -> bool:
+            try:
+                info = replica.command("INFO", "replication")
+                if b"master_link_status:up" not in info:
+                    return False
+                return bool(sentinel.command("SENTINEL", "REPLICAS", "svc"))
+            except OSError:
+                return False
+        self.assertTrue(await wait_for(reactor, knows_replica, 30))
+        f = await self.fleet(2, url="redis-sentinel://127.0.0.1:%d/svc" % sport)
+        token = new_token()
+        f.ts.activate(token)
+        for i in (0, 1):
+            self.assertEqual((await f.get(i, token)).status, 200)
+        self.assertEqual(f.ts.calls_for(token), 1)
+        self.redis.kill()  # the primary dies; Sentinel promotes the replica
+        during = new_token()
+        f.ts.activate(during)
+        for i in (0, 1):
+            self.assertEqual((await f.get(i, during)).status, 200)
+        self.assertTrue(await wait_for(reactor, lambda: b"role:master" in (
+            replica.command("INFO", "replication")), 30))
+        # Clients never see an error meanwhile; once the fleet follows the
+        # new primary, a new token is introspected once again.
+        keys = f.gws[0].gateway.fleet.shared.keys
+
+        async def shared_on_new_primary() -> bool:
+            t = new_token()
+            f.ts.activate(t)
+            for i in (0, 1):
+                self.assertEqual((await f.get(i, t)).status, 200)
+            return replica.command("GET", keys.redis_key(t)) is not None \
+                and f.ts.calls_for(t) == 1
+        for _ in range(100):
+            if await shared_on_new_primary():
+                break
+            await _sleep(0.1)
+        else:
+            self.fail("the fleet never used the new primary")
