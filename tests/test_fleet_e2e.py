@@ -263,6 +263,10 @@ class SharedTierTests(FleetCase):
         self.assertTrue(await wait_for(reactor, lambda: all(
             g.gateway.fleet.shared.client.connected and
             g.gateway.fleet.shared.subscriber.connected for g in f.gws), 15))
+        # Revocations sent while the pub/sub link was down were missed, so
+        # each process emptied its local cache on resubscribing.
+        self.assertEqual((await f.get(0, cached)).status, 200)
+        self.assertEqual(f.ts.calls_for(cached), 2)
         again = new_token()
         f.ts.activate(again)
         for i in (0, 1):

@@ -118,3 +118,46 @@ class TierTests(SynchronousTestCase):
                                                  30))
         self.redis.calls[1][1].callback(1)
         self.assertEqual(self.successResultOf(d).jwt, "d.e.f")
+
+
+class FakeCache:
+    def __init__(self) -> None:
+        self.discarded: list = []
+
+    def discard(self, key) -> bool:
+        self.discarded.append(key)
+        return True
+
+
+class RevokerIndexTests(SynchronousTestCase):
+    def test_at_the_bound_the_oldest_leaves_index_and_cache(self):
+        """A cached answer the sub index forgot could never be revoked by
+        subject, so forgetting it also drops it from the cache."""
+        from phantomd.revocation import Revoker
+        from phantomd.tokens import token_key
+        cache = FakeCache()
+        revoker = Revoker(Clock(), cache, Metrics(), max_entries=2)
+        inner = FakeIntrospector()
+        wrapped = revoker.wrap(inner)
+        for i, token in enumerate(("t1", "t2", "t3")):
+            d = wrapped.introspect(token)
+            inner.pending[i][1].callback(Active("a.b.c", {"sub": "u"}, 60))
+            self.successResultOf(d)
+        self.assertEqual(cache.discarded, [token_key("t1")])
+        cache.discarded.clear()
+        revoker.revoke_subject("u")
+        self.assertEqual(set(cache.discarded),
+                         {token_key("t2"), token_key("t3")})
+
+    def test_answer_started_before_a_subject_revocation_is_asked_again(self):
+        from phantomd.revocation import Revoker
+        clock = Clock()
+        revoker = Revoker(clock, FakeCache(), Metrics(), max_entries=10)
+        inner = FakeIntrospector()
+        d = revoker.wrap(inner).introspect("tok")
+        clock.advance(1)
+        revoker.revoke_subject("u")
+        inner.pending[0][1].callback(Active("old.jwt.x", {"sub": "u"}, 60))
+        self.assertNoResult(d)
+        inner.pending[1][1].callback(Inactive(5))
+        self.assertIsInstance(self.successResultOf(d), Inactive)
