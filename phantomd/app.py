@@ -194,8 +194,6 @@ class Gateway:
                  [defer.succeed(p) for p in front_ports])
         admin_ds = [self._listen(d, self.admin_site)
                     for d in self.config.metrics.listen]
-        if self.fleet is not None:
-            self.fleet.start()
         d = defer.DeferredList(front + admin_ds, consumeErrors=True)
 
         def bound(results):
@@ -207,6 +205,8 @@ class Gateway:
                 return failures[0]
             self.front_ports = ports[:len(front)]
             self.admin_ports = ports[len(front):]
+            if self.fleet is not None:
+                self.fleet.start()  # connects to Redis in the background
             self.readiness.mark_listening()
             log.info("phantomd listening on {front} (admin {admin}), "
                      "upstream {upstream}",
