@@ -23,8 +23,12 @@ from tests.robustness.fakes import (
     Behaviour, FakeAPI, TokenService, async_test, gateway_ini, get,
     jwt_claims, make_jwt, new_token, one_request, start_gateway, wait_for)
 
+# A burst of fresh connections can overflow the fake API's listen backlog
+# (50): the kernel then retries the SYN after 1 s, past the fakes' 1 s
+# upstream_connect_timeout.
 LENIENT = {"phantomd": {"header_timeout": "5", "idle_timeout": "10",
-                        "upstream_timeout": "5"},
+                        "upstream_timeout": "5",
+                        "upstream_connect_timeout": "5"},
            "introspection": {"timeout": "5"}}
 SECRET = b"0123456789abcdef0123456789abcdef-fleet-secret"
 BEARER = b"revocation-bearer-for-the-tests-0123"
