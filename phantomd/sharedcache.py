@@ -317,8 +317,15 @@ class SharedTier:
                     m.shared_lease["acquired"].inc()
                 break
             m.shared_lease["waited"].inc()
-            if not await waiter:
+            woke = await waiter
+            if woke is False:
                 m.shared_lease["expired"].inc()
+            elif woke == "fail":
+                # The holder's introspection failed: asking again at once
+                # is what a client of this process would get without Redis
+                # (and a slow token service must not cost MAX_ROUNDS
+                # timeouts in a row).
+                break
         else:
             log.debug("lease still held elsewhere after {n} rounds; "
                       "introspecting without it", n=MAX_ROUNDS)
@@ -407,8 +414,9 @@ class SharedTier:
             lambda f: self._error(f.value))
 
     def _wait(self, rkey: bytes) -> defer.Deferred:
-        """Fires True when the lease holder says it is done (or gave up),
-        False after ``lease_time`` (it may have died)."""
+        """Fires True when the lease holder says it is done, ``"fail"``
+        when its introspection failed, False after ``lease_time`` (it may
+        have died)."""
         d: defer.Deferred = defer.Deferred(
             canceller=lambda d: self._forget(rkey, d))
         waiters = self._waiters.setdefault(rkey, [])
@@ -456,7 +464,7 @@ class SharedTier:
                 self._nwaiters -= len(waiters)
                 for d in waiters:
                     if not d.called:
-                        d.callback(True)
+                        d.callback(True if kind == "done" else "fail")
             return
         self.on_event(event)
 

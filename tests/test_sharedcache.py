@@ -161,3 +161,20 @@ class RevokerIndexTests(SynchronousTestCase):
         self.assertNoResult(d)
         inner.pending[1][1].callback(Inactive(5))
         self.assertIsInstance(self.successResultOf(d), Inactive)
+
+
+class HolderFailureTests(SynchronousTestCase):
+    setUp = TierTests.setUp
+    def test_holder_failure_makes_waiters_ask_at_once(self):
+        """The holder's token service call failed: waiting for another
+        round would stack timeouts; the waiter introspects itself now."""
+        d = self.wrapped.introspect("tok")
+        rkey = self.keys.redis_key("tok")
+        self.redis.calls[0][1].callback([0])
+        self.tier.message(self.keys.channel, self.keys.seal_event(
+            {"t": "fail", "r": rkey.decode()}))
+        self.assertEqual(len(self.inner.pending), 1)
+        self.assertEqual(len(self.redis.calls), 1)  # no new lookup round
+        self.inner.pending[0][1].callback(Inactive(5))
+        self.redis.calls[1][1].callback(1)
+        self.assertIsInstance(self.successResultOf(d), Inactive)
