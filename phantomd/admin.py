@@ -139,8 +139,10 @@ class AdminResource(resource.Resource):
     def __init__(self, metrics: Any, ready: Callable[[], tuple[bool, str]],
                  jwks: Optional[Callable[[], bytes]] = None,
                  jwks_path: str = "/.well-known/jwks.json",
-                 registry: Any = None) -> None:
+                 registry: Any = None, revoke: Any = None) -> None:
         super().__init__()
+        # POST /revoke ([revocation], phantomd.revocation) answers itself.
+        self._revoke = revoke
         self._registry = registry if registry is not None else \
             metrics.registry
         self._ready = ready
@@ -163,6 +165,8 @@ class AdminResource(resource.Resource):
         return body
 
     def _answer(self, request: server.Request) -> bytes:
+        if request.path == b"/revoke" and self._revoke is not None:
+            return self._revoke.render(request)
         route = self._routes.get(request.path)
         if route is None:
             return _text(request, 404, "not found")
@@ -227,7 +231,7 @@ def make_admin_site(clock: Any, metrics: Any,
                     ready: Callable[[], tuple[bool, str]],
                     jwks: Optional[Callable[[], bytes]] = None,
                     jwks_path: str = "/.well-known/jwks.json",
-                    registry: Any = None) -> server.Site:
+                    registry: Any = None, revoke: Any = None) -> server.Site:
     """The admin listener's factory.
 
     ``registry`` (anything with ``collect()``, default ``metrics.registry``)
@@ -236,5 +240,5 @@ def make_admin_site(clock: Any, metrics: Any,
     at ``jwks_path``; without it that path is 404 like any other.
     """
     root = AdminResource(metrics, ready, jwks=jwks, jwks_path=jwks_path,
-                         registry=registry)
+                         registry=registry, revoke=revoke)
     return AdminSite(root, timeout=_IDLE_TIMEOUT, reactor=clock)

@@ -19,6 +19,7 @@ from phantomd import admin
 from phantomd.cache import TokenCache
 from phantomd.coalescer import Coalescer
 from phantomd import config as configmod
+from phantomd.fleet import Fleet, check as check_fleet
 from phantomd.config import Config, ConfigError
 from phantomd.gate import Gate
 from phantomd.http.server import FrontFactory
@@ -84,6 +85,7 @@ def check(config: Config) -> None:
     _upstream_tls(config)
     _minter(Clock(), config)
     _introspection_tls(config)
+    check_fleet(config)
     i = config.introspection
     if i.auth_method == "private_key_jwt":
         from phantomd import clientauth
@@ -154,8 +156,12 @@ class Gateway:
         self.coalescer = Coalescer(self.metrics,
                                    config.introspection.max_in_flight)
         self._stack = _IntrospectionStack(reactor, config)
+        # [shared_cache] / [revocation]: None when neither is configured.
+        self._wrapped = None
+        self.fleet = Fleet.from_config(reactor, config, self.cache,
+                                       self.metrics)
         self.gate = Gate(reactor, self.cache, self.coalescer,
-                         self._stack.introspector, self.metrics,
+                         self._introspector(), self.metrics,
                          config.phantomd.realm,
                          config.phantomd.required_scopes, self.readiness)
         self.upstream = UpstreamPool(reactor, config.phantomd, self.metrics,
@@ -166,7 +172,8 @@ class Gateway:
         self.admin_site = admin.make_admin_site(
             reactor, self.metrics, self.readiness,
             jwks=self._jwks,
-            jwks_path=config.minting.jwks_path, registry=admin_registry)
+            jwks_path=config.minting.jwks_path, registry=admin_registry,
+            revoke=self.fleet.revoke_resource if self.fleet else None)
         self.front_ports: list = []
         self.admin_ports: list = []
         # /readyz waits for the token service; without traffic this asks it
@@ -187,6 +194,16 @@ class Gateway:
     def _load_keys(self) -> defer.Deferred:
         keys = self._stack.keys
         return keys.load() if keys is not None else defer.succeed(None)
+
+    def _introspector(self):
+        """The introspector the gate calls: the stack's own, behind the
+        fleet's shared tier and revocation index when configured."""
+        inner = self._stack.introspector
+        if self.fleet is None:
+            return inner
+        if self._wrapped is None or self._wrapped[0] is not inner:
+            self._wrapped = (inner, self.fleet.wrap(inner))
+        return self._wrapped[1]
 
     def _jwks(self) -> Optional[bytes]:
         """The public keys phantomd signs with, None when it mints none;
@@ -218,6 +235,8 @@ class Gateway:
                 return failures[0]
             self.front_ports = ports[:len(front)]
             self.admin_ports = ports[len(front):]
+            if self.fleet is not None:
+                self.fleet.start()  # connects to Redis in the background
             self.readiness.mark_listening()
             if self.probe is not None:
                 self.probe.start()
@@ -290,9 +309,11 @@ class Gateway:
                                default_ttl=c.default_ttl,
                                negative_ttl=c.negative_ttl)
         self.coalescer.reconfigure(new.introspection.max_in_flight)
+        if self.fleet is not None:
+            self.fleet.reload(new)
         self.gate.reconfigure(realm=new.phantomd.realm,
                               required_scopes=new.phantomd.required_scopes,
-                              introspector=self._stack.introspector)
+                              introspector=self._introspector())
         self.front.reconfigure(gate=self.gate, upstream=self.upstream,
                                settings=new.phantomd)
         self.config = new
@@ -328,6 +349,8 @@ class Gateway:
         def close(_):
             closing = [defer.maybeDeferred(self.upstream.close),
                        defer.maybeDeferred(self._stack.close)]
+            if self.fleet is not None:
+                closing.append(defer.maybeDeferred(self.fleet.stop))
             closing += [defer.maybeDeferred(p.stopListening)
                         for p in self.admin_ports]
             self.admin_ports = []

@@ -120,6 +120,18 @@ class TokenCache:
             entries.popitem(last=False)
         self._update_gauge()
 
+    def discard(self, key: bytes) -> bool:
+        """Forget one answer (a revocation); True if there was one."""
+        if self._entries.pop(key, None) is None:
+            return False
+        self._update_gauge()
+        return True
+
+    def ttl(self, result: Result) -> float:
+        """Seconds ``put`` would keep ``result`` now (<= 0: not at all);
+        the shared tier gives Redis entries the same lifetime."""
+        return self._ttl(result, self._clock.seconds())
+
     def clear(self) -> None:
         """Forget every answer (a reload changed what they mean)."""
         self._entries.clear()

@@ -175,6 +175,24 @@ def optional_endpoints(value: str) -> tuple[str, ...]:
     return endpoints_list(value) if value.strip() else ()
 
 
+def redis_url(value: str) -> Optional[str]:
+    if not value:
+        return None
+    from phantomd.redisconn import parse_url
+    try:
+        parse_url(value)
+    except ValueError as e:
+        raise _Invalid(str(e))
+    return value
+
+
+def key_prefix(value: str) -> str:
+    if len(value) > 64 or any(ord(c) <= 0x20 or ord(c) >= 0x7F
+                              for c in value):
+        raise _Invalid("%r: at most 64 visible ASCII characters" % value)
+    return value
+
+
 # -- the schema ---------------------------------------------------------------
 
 class Key(NamedTuple):
@@ -289,6 +307,23 @@ SCHEMA: dict[str, dict[str, Key]] = {
                      trust=False),
         "access": Key(boolean, "no", trust=False, restart=True),
     },
+    # DESIGN section 11: the fleet's Redis tier and revocation.
+    "shared_cache": {
+        # Which Redis: the client is built once (phantomd.fleet).
+        "url": Key(redis_url, "", trust=False, restart=True),
+        "password_file": Key(readable_file, "", trust=False, restart=True,
+                             secret=True),
+        # Re-read on reload; it keys and seals every shared entry.
+        "secret_file": Key(readable_file, "", trust=False, secret=True),
+        "key_prefix": Key(key_prefix, "phantomd:", trust=False,
+                          restart=True),
+        "timeout": Key(positive_float, "0.05", trust=False, restart=True),
+        "ca_file": Key(readable_file, "", trust=False, restart=True),
+    },
+    "revocation": {
+        # Re-read on reload: the bearer POST /revoke expects.
+        "token_file": Key(readable_file, "", trust=False, secret=True),
+    },
 }
 
 
@@ -347,6 +382,8 @@ class Config:
     cache: Section
     metrics: Section
     log: Section
+    shared_cache: Section
+    revocation: Section
     client_secret: Optional[str]  # resolved from client_secret or its file
     # (section, key) -> SHA-256 hex of the file's contents when loaded.
     files: Mapping[tuple[str, str], str] = field(
@@ -633,5 +670,16 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
     if intro.response == "token-introspection+jwt" and not intro.issuer:
         raise ConfigError(path, "introspection", "issuer",
                           "is required for response = token-introspection+jwt")
+    shared = s["shared_cache"]
+    if shared.url and not shared.secret_file:
+        raise ConfigError(path, "shared_cache", "secret_file",
+                          "is required with url (the same file on every "
+                          "host of the fleet)")
+    if s["revocation"].token_file and not shared.url \
+            and s["phantomd"].workers > 1:
+        # The workers would never hear of a revocation the parent receives.
+        raise ConfigError(path, "revocation", "token_file",
+                          "with workers > 1 needs [shared_cache] url (the "
+                          "workers hear revocations through Redis)")
     return Config(path=path, client_secret=secret,
                   files=_file_digests(path, s), **s)

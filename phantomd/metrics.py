@@ -24,6 +24,10 @@ CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _CLASS_OF = {int(c[0]): c for c in CODE_CLASSES}
 CACHE_RESULTS = ("hit", "miss", "negative_hit")
 INTROSPECTION_OUTCOMES = ("active", "inactive", "error", "timeout", "shed")
+SHARED_LOOKUPS = ("hit", "miss", "refused")
+SHARED_ERRORS = ("unavailable", "timeout", "error", "refused")
+SHARED_LEASES = ("acquired", "waited", "expired")
+REVOCATIONS = ("token", "sub")
 
 
 class BuildInfo:
@@ -92,6 +96,39 @@ class Metrics:
                        for c in CACHE_RESULTS}
         self.outcome = {c: self.introspections.labels(outcome=c)
                         for c in INTROSPECTION_OUTCOMES}
+
+        self._shared_cache(r)
+
+    def _shared_cache(self, r: CollectorRegistry) -> None:
+        """``[shared_cache]`` and ``[revocation]`` (DESIGN section 11)."""
+        lookups = Counter(
+            "phantomd_shared_cache_lookups",
+            "Shared (Redis) cache lookups after a local miss: hit, miss, "
+            "refused (an entry that failed authentication or was revoked).",
+            ["result"], registry=r)
+        errors = Counter(
+            "phantomd_shared_cache_errors",
+            "Redis calls that failed (counted as misses), by kind.",
+            ["kind"], registry=r)
+        leases = Counter(
+            "phantomd_shared_cache_leases",
+            "Fleet coalescing: leases acquired, waits for another "
+            "process's lease, waits that ran out (holder gone).",
+            ["result"], registry=r)
+        revocations = Counter(
+            "phantomd_shared_cache_revocations",
+            "Revocations applied to this process's cache, by kind.",
+            ["kind"], registry=r)
+        self.shared_connected = Gauge(
+            "phantomd_shared_cache_connected",
+            "1 while this process has a usable Redis connection.",
+            multiprocess_mode="livesum", registry=r)
+        self.shared_lookup = {c: lookups.labels(result=c)
+                              for c in SHARED_LOOKUPS}
+        self.shared_errors = {c: errors.labels(kind=c) for c in SHARED_ERRORS}
+        self.shared_lease = {c: leases.labels(result=c) for c in SHARED_LEASES}
+        self.revocations = {c: revocations.labels(kind=c)
+                            for c in REVOCATIONS}
 
     def request_answered(self, status: int) -> None:
         child = self._by_class.get(_CLASS_OF.get(status // 100, "5xx"))

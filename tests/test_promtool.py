@@ -85,7 +85,7 @@ class RulesTests(PromtoolCase):
     def test_check_rules(self):
         code, out = self.promtool("check", "rules", ALERTS)
         self.assertEqual(code, 0, out)
-        self.assertIn("SUCCESS: 6 rules found", out)
+        self.assertIn("SUCCESS: 7 rules found", out)
 
     def test_rules_reference_only_exported_metrics(self):
         with open(ALERTS) as f:
@@ -127,6 +127,7 @@ class RulesTests(PromtoolCase):
         bucket = ('phantomd_introspection_duration_seconds_bucket'
                   '{instance="a",le="%s"}')
         reqs = 'phantomd_requests_total{instance="a",code="%s"}'
+        shared = 'phantomd_shared_cache_errors_total{instance="a",kind="%s"}'
         tests = (
             case("PhantomdTokenServiceErrors", "critical", "20m",
                  [(intro % "error", "0+60x30"), (intro % "active", "0+60x30")],
@@ -146,6 +147,9 @@ class RulesTests(PromtoolCase):
             + case("PhantomdHigh5xxRatio", "critical", "20m",
                    [(reqs % "5xx", "0+30x30"), (reqs % "2xx", "0+60x30")],
                    [(reqs % "5xx", "0+1x30"), (reqs % "2xx", "0+600x30")])
+            + case("PhantomdSharedCacheDegraded", "warning", "25m",
+                   [(shared % "timeout", "0+60x30")],
+                   [(shared % "timeout", "0+1x30")])
         )
         spec = os.path.join(self.dir, "alerts_test.yml")
         with open(spec, "w") as f:

@@ -58,6 +58,7 @@ class TokenService(resource.Resource):
         super().__init__()
         self.tokens: dict[str, str] = {}
         self.calls = 0
+        self.asked: dict[str, int] = {}  # token -> introspections of it
 
     @staticmethod
     def credentials(request):
@@ -75,6 +76,7 @@ class TokenService(resource.Resource):
             request.setResponseCode(401)
             return b""
         token = request.args.get(b"token", [b""])[0].decode()
+        self.asked[token] = self.asked.get(token, 0) + 1
         jwt = self.tokens.get(token)
         if jwt is None:
             request.setResponseCode(204)

@@ -1,0 +1,261 @@
+"""Revocation: ``POST /revoke`` drops a token, or every token of a subject,
+from this process's cache, from Redis, and (through Redis pub/sub) from every
+other process of the fleet.
+
+``Revoker.wrap(introspector)`` sits between the coalescer and the shared
+tier, so it sees every answer before the local cache stores it; it keeps the
+subject → cache keys index a ``sub=`` revocation needs, and refuses an
+answer whose introspection started before its subject was revoked (it
+introspects once more instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from phantomd.sharedcache import subject_of
+from phantomd.tokens import token_id, token_key
+
+__all__ = ["Revoker", "RevokeResource"]
+
+log = Logger()
+
+#: Subjects whose revocation time is remembered (to refuse answers
+#: introspected before it); past this the oldest are forgotten.
+MAX_REVOKED_SUBJECTS = 10000
+MAX_BODY = 8192
+
+
+class _Recording:
+    def __init__(self, revoker: "Revoker", inner: Any) -> None:
+        self._revoker = revoker
+        self.inner = inner
+
+    def introspect(self, token: str) -> defer.Deferred:
+        return defer.ensureDeferred(self._revoker._introspect(token,
+                                                              self.inner))
+
+    @property
+    def last_success(self):
+        return getattr(self.inner, "last_success", None)
+
+
+class Revoker:
+    """Revocation for one process.
+
+    The index maps cache keys to subject digests and back; it holds at most
+    ``max_entries`` keys (the local cache's bound).  At the bound the oldest
+    key is dropped from the index *and from the cache*, so no cached answer
+    is ever out of a ``sub=`` revocation's reach.  ``shared`` (a
+    ``SharedTier`` or None) carries revocations to Redis and the fleet.
+    """
+
+    def __init__(self, clock: Any, cache: Any, metrics: Any,
+                 max_entries: int, shared: Any = None) -> None:
+        self.clock = clock
+        self.cache = cache
+        self.metrics = metrics
+        self.max_entries = max_entries
+        self.shared = shared
+        self._subject_of_key: OrderedDict[bytes, str] = OrderedDict()
+        self._keys_of_subject: dict[str, set] = {}
+        self._revoked: OrderedDict[str, float] = OrderedDict()
+        if shared is not None:
+            shared.revoked_after = self._revoked.get
+            shared.on_event = self._event
+
+    def wrap(self, introspector: Any) -> _Recording:
+        return _Recording(self, introspector)
+
+    def digest(self, subject: str) -> str:
+        if self.shared is not None:
+            return self.shared.keys.subject_digest(subject)
+        return hashlib.sha256(subject.encode("utf-8")).hexdigest()
+
+    async def _introspect(self, token: str, inner: Any):
+        for attempt in (1, 2):
+            start = self.clock.seconds()
+            result = await inner.introspect(token)
+            sub = subject_of(result)
+            if sub is None:
+                return result
+            digest = self.digest(sub)
+            revoked = self._revoked.get(digest)
+            if revoked is None or revoked < start or attempt == 2:
+                self._index(token_key(token), digest)
+                return result
+        return result  # not reached
+
+    def _index(self, key: bytes, digest: str) -> None:
+        old = self._subject_of_key.pop(key, None)
+        if old is not None and old != digest:
+            self._unindex_key(key, old)
+        self._subject_of_key[key] = digest
+        self._keys_of_subject.setdefault(digest, set()).add(key)
+        while len(self._subject_of_key) > self.max_entries:
+            evicted, d = self._subject_of_key.popitem(last=False)
+            self._unindex_key(evicted, d)
+            self.cache.discard(evicted)
+
+    def _unindex_key(self, key: bytes, digest: str) -> None:
+        keys = self._keys_of_subject.get(digest)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._keys_of_subject[digest]
+
+    # -- applying a revocation locally ------------------------------------------
+
+    def drop_key(self, key: bytes) -> None:
+        self.cache.discard(key)
+        digest = self._subject_of_key.pop(key, None)
+        if digest is not None:
+            self._unindex_key(key, digest)
+        self.metrics.revocations["token"].inc()
+
+    def drop_subject(self, digest: str, at: float) -> int:
+        self._revoked.pop(digest, None)
+        self._revoked[digest] = at
+        while len(self._revoked) > MAX_REVOKED_SUBJECTS:
+            self._revoked.popitem(last=False)
+        keys = self._keys_of_subject.pop(digest, set())
+        for key in keys:
+            self._subject_of_key.pop(key, None)
+            self.cache.discard(key)
+        self.metrics.revocations["sub"].inc()
+        return len(keys)
+
+    def _event(self, event: dict) -> None:
+        kind = event.get("t")
+        if kind == "token" and isinstance(event.get("k"), str):
+            try:
+                key = bytes.fromhex(event["k"])
+            except ValueError:
+                return
+            self.drop_key(key)
+        elif kind == "sub" and isinstance(event.get("s"), str) and \
+                isinstance(event.get("at"), (int, float)):
+            self.drop_subject(event["s"], float(event["at"]))
+
+    def missed_events(self) -> None:
+        """The pub/sub connection was down: revocations may have been
+        missed, so forget every cached answer (they are re-read from Redis
+        or introspected again)."""
+        self.cache.clear()
+        self._subject_of_key.clear()
+        self._keys_of_subject.clear()
+
+    # -- the calls from /revoke ---------------------------------------------------
+
+    def revoke_token(self, token: str) -> defer.Deferred:
+        """Fires with True when Redis and the fleet were told, False when
+        only this process could be (Redis unreachable)."""
+        self.drop_key(token_key(token))
+        log.info("revoked token {token_id}", token_id=token_id(
+            token_key(token)))
+        if self.shared is None:
+            return defer.succeed(False)
+        return self._shared(self.shared.revoke_token(token))
+
+    def revoke_subject(self, subject: str) -> defer.Deferred:
+        digest = self.digest(subject)
+        at = self.clock.seconds()
+        n = self.drop_subject(digest, at)
+        log.info("revoked subject {subject_id} ({n} cached here)",
+                 subject_id=digest[:12], n=n)
+        if self.shared is None:
+            return defer.succeed(False)
+        return self._shared(self.shared.revoke_subject(digest, at))
+
+    def _shared(self, d: defer.Deferred) -> defer.Deferred:
+        def failed(f):
+            self.shared._error(f.value)
+            log.warn("revocation could not reach Redis ({error}); applied "
+                     "to this process only", error=type(f.value).__name__)
+            return False
+        return d.addCallbacks(lambda _: True, failed)
+
+
+class RevokeResource(resource.Resource):
+    """``POST /revoke`` with ``Authorization: Bearer <token_file content>``
+    and a form body ``token=<opaque>`` or ``sub=<subject>``."""
+
+    isLeaf = True
+
+    def __init__(self, revoker: Revoker, bearer: Callable[[], bytes]) -> None:
+        super().__init__()
+        self._revoker = revoker
+        self._bearer = bearer
+
+    def render(self, request: server.Request):
+        if request.method != b"POST":
+            request.setHeader(b"Allow", b"POST")
+            return _json(request, 405, {"error": "method_not_allowed"})
+        given = request.getHeader(b"authorization") or b""
+        scheme, _, credential = given.partition(b" ")
+        if not given or scheme.lower() != b"bearer":
+            request.setHeader(b"WWW-Authenticate",
+                              b'Bearer realm="phantomd-revocation"')
+            return _json(request, 401, {"error": "unauthorized"})
+        if not hmac.compare_digest(
+                credential.strip(), self._bearer()):
+            request.setHeader(
+                b"WWW-Authenticate",
+                b'Bearer realm="phantomd-revocation", error="invalid_token"')
+            return _json(request, 401, {"error": "invalid_token"})
+        body = request.content.read(MAX_BODY + 1) if request.content else b""
+        if len(body) > MAX_BODY:
+            return _json(request, 413, {"error": "invalid_request",
+                                        "error_description": "body too large"})
+        from urllib.parse import parse_qs
+        try:
+            form = parse_qs(body.decode("ascii"), strict_parsing=False,
+                            max_num_fields=4)
+        except (UnicodeDecodeError, ValueError):
+            form = {}
+        tokens, subs = form.get("token", []), form.get("sub", [])
+        if len(tokens) + len(subs) != 1 or not (tokens or subs)[0]:
+            return _json(request, 400, {
+                "error": "invalid_request",
+                "error_description": "give exactly one of token= or sub="})
+        if tokens:
+            d = self._revoker.revoke_token(tokens[0])
+            kind = "token"
+        else:
+            d = self._revoker.revoke_subject(subs[0])
+            kind = "sub"
+
+        shared = self._revoker.shared is not None
+
+        def answered(fleet: bool) -> None:
+            if request._disconnected:
+                return
+            if shared and not fleet:
+                # Applied here only: the caller should try again.
+                request.setHeader(b"Retry-After", b"1")
+                body = _json(request, 503, {
+                    "error": "temporarily_unavailable",
+                    "error_description": "revoked in this process only: "
+                                         "Redis did not answer"})
+            else:
+                body = _json(request, 200, {"revoked": kind})
+            request.write(body)
+            request.finish()
+        d.addCallback(answered).addErrback(
+            lambda f: log.failure("revocation failed", f))
+        return server.NOT_DONE_YET
+
+
+def _json(request: server.Request, status: int, doc: dict) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(doc).encode("ascii")

@@ -1,0 +1,154 @@
+"""``[shared_cache]`` / ``[revocation]`` without Redis: config mistakes are
+one line naming the key, and what the fleet keys derive is bound to the
+secret, the config identity and the token."""
+
+import os
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from phantomd import config, fleet
+from phantomd.config import ConfigError
+from phantomd.outcomes import Active
+from phantomd.redisconn import parse_url
+from phantomd.sharedcache import FleetKeys, decode_result, encode_result
+
+MINIMAL = """\
+[phantomd]
+upstream = http://127.0.0.1:3000
+[introspection]
+url = http://127.0.0.1:8443/introspect
+client_id = gw
+client_secret = s3cret
+"""
+
+SECRET = b"s" * 40
+
+
+class ConfigTests(SynchronousTestCase):
+    def setUp(self):
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+
+    def file(self, name, content):
+        path = os.path.join(self.dir, name)
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def load(self, extra):
+        c = config.parse(MINIMAL + extra, "/etc/p.ini")
+        fleet.check(c)
+        return c
+
+    def assertRefused(self, extra, section, key, words):
+        with self.assertRaises(ConfigError) as e:
+            self.load(extra)
+        msg = str(e.exception)
+        self.assertNotIn("\n", msg)
+        self.assertIn("/etc/p.ini: [%s] %s: " % (section, key), msg)
+        self.assertIn(words, msg)
+
+    def test_off_by_default(self):
+        c = self.load("")
+        self.assertIsNone(c.shared_cache.url)
+        self.assertEqual(c.shared_cache.timeout, 0.05)
+
+    def test_url_without_secret_file(self):
+        self.assertRefused("[shared_cache]\nurl = redis://127.0.0.1\n",
+                           "shared_cache", "secret_file", "required with url")
+
+    def test_unreadable_secret_file(self):
+        self.assertRefused(
+            "[shared_cache]\nurl = redis://127.0.0.1\nsecret_file = %s\n"
+            % os.path.join(self.dir, "absent"),
+            "shared_cache", "secret_file", "cannot read")
+
+    def test_short_secret(self):
+        path = self.file("short", b"tooshort\n")
+        self.assertRefused(
+            "[shared_cache]\nurl = redis://127.0.0.1\nsecret_file = %s\n"
+            % path, "shared_cache", "secret_file", "at least 32 are needed")
+
+    def test_bad_urls(self):
+        for url in ("http://127.0.0.1", "redis://", "unix://host/x",
+                    "redis://h/notanumber", "redis://h:99999"):
+            self.assertRefused("[shared_cache]\nurl = %s\n" % url,
+                               "shared_cache", "url", url)
+
+    def test_short_revocation_token(self):
+        path = self.file("rt", b"short")
+        self.assertRefused("[revocation]\ntoken_file = %s\n" % path,
+                           "revocation", "token_file", "at least 16")
+
+    def test_revocation_with_workers_needs_redis(self):
+        path = self.file("rt", b"a-long-enough-revocation-token")
+        with self.assertRaises(ConfigError) as e:
+            config.parse(MINIMAL.replace("[phantomd]\n",
+                                         "[phantomd]\nworkers = 2\n")
+                         + "[revocation]\ntoken_file = %s\n" % path,
+                         "/etc/p.ini")
+        self.assertIn("[revocation] token_file: with workers > 1 needs "
+                      "[shared_cache] url", str(e.exception))
+
+    def test_good(self):
+        secret = self.file("secret", SECRET + b"\n")
+        c = self.load("[shared_cache]\nurl = rediss://u:p@redis.example:6380/2"
+                      "\nsecret_file = %s\n" % secret)
+        self.assertEqual(fleet.read_secrets(c).fleet, SECRET)
+
+
+class URLTests(SynchronousTestCase):
+    def test_forms(self):
+        t = parse_url("redis://:pw@10.0.0.1:6380/3")
+        self.assertEqual((t.host, t.port, t.db, t.password, t.tls),
+                         ("10.0.0.1", 6380, 3, "pw", False))
+        self.assertTrue(parse_url("rediss://r.example").tls)
+        t = parse_url("unix:///run/redis.sock?db=4")
+        self.assertEqual((t.path, t.db), ("/run/redis.sock", 4))
+        t = parse_url("redis-sentinel://:pw@s1:26379,s2/mymaster/2")
+        self.assertEqual((t.sentinels, t.service, t.db, t.password),
+                         ((("s1", 26379), ("s2", 26379)), "mymaster", 2,
+                          "pw"))
+        for bad in ("redis-sentinel://s1:x/svc", "redis-sentinel://s1",
+                    "redis-sentinel://s1/svc/notadb"):
+            with self.assertRaises(ValueError):
+                parse_url(bad)
+
+
+class KeysTests(SynchronousTestCase):
+    def test_key_depends_on_secret_and_identity(self):
+        a = FleetKeys(SECRET, b"id1", "p:")
+        self.assertTrue(a.redis_key("tok").startswith(b"p:t:"))
+        self.assertNotIn(b"tok", a.redis_key("tok"))
+        self.assertNotEqual(a.redis_key("tok"),
+                            FleetKeys(b"t" * 40, b"id1", "p:").redis_key("tok"))
+        self.assertNotEqual(a.redis_key("tok"),
+                            FleetKeys(SECRET, b"id2", "p:").redis_key("tok"))
+
+    def test_value_opens_only_for_its_token_key_and_fleet(self):
+        keys = FleetKeys(SECRET, b"id", "p:")
+        plain = encode_result(Active("a.b.c", {"sub": "x"}, 60), 100.0, 1.0)
+        k1 = keys.redis_key("one")
+        sealed = keys.seal("one", k1, plain)
+        self.assertNotIn(b"a.b.c", sealed)
+        self.assertEqual(keys.open("one", k1, sealed), plain)
+        self.assertIsNone(keys.open("two", keys.redis_key("two"), sealed))
+        self.assertIsNone(keys.open("one", keys.redis_key("two"), sealed))
+        self.assertIsNone(FleetKeys(SECRET, b"other", "p:").open(
+            "one", k1, sealed))
+        tampered = sealed[:-1] + bytes([sealed[-1] ^ 1])
+        self.assertIsNone(keys.open("one", k1, tampered))
+
+    def test_expired_value_is_a_miss(self):
+        plain = encode_result(Active("a.b.c", {}, 60), 100.0, 1.0)
+        result, at = decode_result(plain, 40.0)
+        self.assertEqual(result.lifetime, 60.0)
+        self.assertIsNone(decode_result(plain, 100.0))
+
+    def test_events_are_authenticated(self):
+        keys = FleetKeys(SECRET, b"id", "p:")
+        other = FleetKeys(b"o" * 40, b"id", "p:")
+        m = keys.seal_event({"t": "token", "k": "00"})
+        self.assertEqual(keys.open_event(m), {"t": "token", "k": "00"})
+        self.assertIsNone(other.open_event(m))
+        self.assertIsNone(keys.open_event(b'{"t":"token","k":"00"}'))
