@@ -71,7 +71,8 @@ def _minter(clock, config: Config):
     m = config.minting
     try:
         return jose.Minter.from_file(clock, m.key_file, m.issuer,
-                                     m.audience, m.lifetime)
+                                     m.audience, m.lifetime,
+                                     force_audience=m.force_audience)
     except ValueError as e:
         raise ConfigError(config.path, "minting", "key_file", str(e))
 
@@ -138,7 +139,8 @@ class Gateway:
         self.readiness = admin.Readiness(reactor)
         c = config.cache
         self.cache = TokenCache(reactor, self.metrics, c.max_entries,
-                                c.max_ttl, c.default_ttl, c.negative_ttl)
+                                c.max_ttl, c.default_ttl, c.negative_ttl,
+                                c.min_ttl)
         self.coalescer = Coalescer(self.metrics,
                                    config.introspection.max_in_flight)
         self._stack = _IntrospectionStack(reactor, config)
@@ -240,7 +242,8 @@ class Gateway:
             self.cache.clear()
         self.cache.reconfigure(max_entries=c.max_entries, max_ttl=c.max_ttl,
                                default_ttl=c.default_ttl,
-                               negative_ttl=c.negative_ttl)
+                               negative_ttl=c.negative_ttl,
+                               min_ttl=c.min_ttl)
         self.coalescer.reconfigure(new.introspection.max_in_flight)
         self.gate.reconfigure(realm=new.phantomd.realm,
                               required_scopes=new.phantomd.required_scopes,
@@ -295,4 +298,6 @@ def _identity(c: Config):
     """What makes a cached answer mean what it meant."""
     return (c.introspection.url, c.introspection.response,
             c.introspection.client_id, c.minting.key_file,
-            c.minting.issuer, c.minting.audience)
+            c.minting.issuer, c.minting.audience,
+            c.minting.force_audience, c.introspection.phantom_token_field,
+            c.introspection.accept, c.introspection.inactive_statuses)
