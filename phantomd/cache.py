@@ -139,12 +139,18 @@ class TokenCache:
         No entry outlives the reload by more than the new cap for its kind
         (the put time is not stored, so the cap counts from now); entries
         the new caps leave no time are dropped, then the least recently used
-        are evicted down to the new ``max_entries``.  ``default_ttl`` and
-        ``min_ttl`` only affect later puts.
+        are evicted down to the new ``max_entries``.  ``default_ttl`` only
+        affects later puts.  Lowering ``min_ttl`` drops every active entry:
+        an operator lowers it to see revocations sooner, and the cache does
+        not record which entries only the old floor kept.
         """
         old_max_ttl, old_negative_ttl = self.max_ttl, self.negative_ttl
+        old_min_ttl = self.min_ttl
         self._set_limits(max_entries, max_ttl, default_ttl, negative_ttl,
                          min_ttl)
+        if self.min_ttl < old_min_ttl:
+            for k in [k for k, e in self._entries.items() if len(e) > 1]:
+                del self._entries[k]
         shrinking = (self.max_ttl < old_max_ttl
                      or self.negative_ttl < old_negative_ttl)
         entries = self._entries

@@ -382,6 +382,25 @@ class MinTTLTests(CacheTestCase):
         c.put(key("t"), floorable(lifetime=0))
         self.assertKeptFor(c, 15)
 
+    def test_lowering_min_ttl_drops_active_entries(self):
+        """Lowered to see revocations sooner: no entry the old floor kept
+        may outlive the reload; inactive entries stay."""
+        c = self.cache(min_ttl=300)
+        c.put(key("t"), floorable(lifetime=0))
+        c.put(key("bad"), Inactive(lifetime=10))
+        c.reconfigure(max_entries=100, max_ttl=3600, default_ttl=0,
+                      negative_ttl=10, min_ttl=30)
+        self.assertIsNone(c.get(key("t")))
+        self.assertIsNotNone(c.get(key("bad")))
+        self.assertEqual(self.entries_gauge(), 1)
+
+    def test_raising_min_ttl_keeps_entries(self):
+        c = self.cache(min_ttl=30)
+        c.put(key("t"), floorable(lifetime=0))
+        c.reconfigure(max_entries=100, max_ttl=3600, default_ttl=0,
+                      negative_ttl=10, min_ttl=60)
+        self.assertIsNotNone(c.get(key("t")))
+
     def test_bad_min_ttl(self):
         for bad in (-1, float("inf"), "30"):
             self.assertRaises(ValueError, self.cache, min_ttl=bad)
