@@ -51,7 +51,8 @@ class _DOTProcess(ProcessProtocol):
     """The launcher's first stdout line (JSON) fires ``ready``; its stderr is
     kept (bounded to the last 64 KiB) to explain a failed start."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "Django OAuth Toolkit") -> None:
+        self.name = name
         self.ready: Deferred = Deferred()
         self.ended: Deferred = Deferred()
         self._out = b""
@@ -70,8 +71,8 @@ class _DOTProcess(ProcessProtocol):
     def processEnded(self, reason) -> None:
         if not self.ready.called:
             self.ready.errback(RuntimeError(
-                "Django OAuth Toolkit launcher exited before serving: %s"
-                % self.err.decode("utf-8", "replace")[-2000:]))
+                "%s launcher exited before serving: %s" % (
+                    self.name, self.err.decode("utf-8", "replace")[-2000:])))
         self.ended.callback(None)
 
 
