@@ -8,7 +8,7 @@ introspection request carries, for the configured ``auth_method``:
   form-urlencoded id and secret (RFC 6749 section 2.3.1: encode, then
   base64 -- a secret with ``:`` or non-ASCII characters survives), or with
   ``basic_auth_encoding = raw`` over the id and secret as written (UTF-8):
-  most token services compare the decoded strings without form-decoding
+  some token services compare the decoded strings without form-decoding
   them, so a secret like ``Secr3t!`` only works raw there;
 * ``client_secret_post``: ``client_id`` and ``client_secret`` in the form;
 * ``private_key_jwt``: a fresh signed ``client_assertion`` per request
