@@ -73,7 +73,8 @@ def _minter(clock, config: Config):
     m = config.minting
     try:
         return jose.Minter.from_file(clock, m.key_file, m.issuer,
-                                     m.audience, m.lifetime)
+                                     m.audience, m.lifetime,
+                                     force_audience=m.force_audience)
     except ValueError as e:
         raise ConfigError(config.path, "minting", "key_file", str(e))
 
@@ -152,7 +153,8 @@ class Gateway:
         self.readiness = admin.Readiness(reactor)
         c = config.cache
         self.cache = TokenCache(reactor, self.metrics, c.max_entries,
-                                c.max_ttl, c.default_ttl, c.negative_ttl)
+                                c.max_ttl, c.default_ttl, c.negative_ttl,
+                                c.min_ttl)
         self.coalescer = Coalescer(self.metrics,
                                    config.introspection.max_in_flight)
         self._stack = _IntrospectionStack(reactor, config)
@@ -307,7 +309,8 @@ class Gateway:
                      keys=configmod.names(trust))
         self.cache.reconfigure(max_entries=c.max_entries, max_ttl=c.max_ttl,
                                default_ttl=c.default_ttl,
-                               negative_ttl=c.negative_ttl)
+                               negative_ttl=c.negative_ttl,
+                               min_ttl=c.min_ttl)
         self.coalescer.reconfigure(new.introspection.max_in_flight)
         if self.fleet is not None:
             self.fleet.reload(new)

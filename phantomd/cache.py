@@ -44,22 +44,25 @@ class TokenCache:
     """
 
     def __init__(self, clock: Any, metrics: Any, max_entries: int,
-                 max_ttl: float, default_ttl: float, negative_ttl: float
-                 ) -> None:
+                 max_ttl: float, default_ttl: float, negative_ttl: float,
+                 min_ttl: float = 0) -> None:
         self._clock = clock
         self._metrics = metrics
         self._entries: OrderedDict[bytes, tuple] = OrderedDict()
         self._scopes: dict[str, str] = {}
-        self._set_limits(max_entries, max_ttl, default_ttl, negative_ttl)
+        self._set_limits(max_entries, max_ttl, default_ttl, negative_ttl,
+                         min_ttl)
         self._update_gauge()
 
     def _set_limits(self, max_entries: int, max_ttl: float,
-                    default_ttl: float, negative_ttl: float) -> None:
+                    default_ttl: float, negative_ttl: float,
+                    min_ttl: float) -> None:
         if not isinstance(max_entries, int) or max_entries < 1:
             raise ValueError("max_entries must be a whole number >= 1, not %r"
                              % (max_entries,))
         for name, value in (("max_ttl", max_ttl), ("default_ttl", default_ttl),
-                            ("negative_ttl", negative_ttl)):
+                            ("negative_ttl", negative_ttl),
+                            ("min_ttl", min_ttl)):
             if not (isinstance(value, (int, float)) and value >= 0
                     and math.isfinite(value)):
                 raise ValueError("%s must be a finite number >= 0, not %r"
@@ -68,6 +71,7 @@ class TokenCache:
         self.max_ttl = float(max_ttl)
         self.default_ttl = float(default_ttl)
         self.negative_ttl = float(negative_ttl)
+        self.min_ttl = float(min_ttl)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -94,9 +98,11 @@ class TokenCache:
     def put(self, key: bytes, result: Result) -> None:
         """Store ``result`` for as long as DESIGN section 4 allows.
 
-        Active: its lifetime (None: ``default_ttl``), capped by the token's
-        ``exp`` claim and by ``max_ttl``; an ``exp`` that is present but not
-        a number means "do not store", since we cannot tell when it ends.
+        Active: its lifetime (None: ``default_ttl``), raised to ``min_ttl``
+        when the answer is ``floorable`` (marked no-store/no-cache or
+        silent), then capped by the token's ``exp`` claim and by
+        ``max_ttl``; an ``exp`` that is present but not a number means "do
+        not store", since we cannot tell when it ends.
         Inactive: its lifetime (None: ``default_ttl``) capped by
         ``negative_ttl``.  A TTL <= 0 stores nothing and drops any older
         entry for the key, which the new answer supersedes.
@@ -138,17 +144,25 @@ class TokenCache:
         self._update_gauge()
 
     def reconfigure(self, max_entries: int, max_ttl: float,
-                    default_ttl: float, negative_ttl: float) -> None:
+                    default_ttl: float, negative_ttl: float,
+                    min_ttl: float = 0) -> None:
         """Apply new limits on reload, keeping what is still valid.
 
         No entry outlives the reload by more than the new cap for its kind
         (the put time is not stored, so the cap counts from now); entries
         the new caps leave no time are dropped, then the least recently used
         are evicted down to the new ``max_entries``.  ``default_ttl`` only
-        affects later puts.
+        affects later puts.  Lowering ``min_ttl`` drops every active entry:
+        an operator lowers it to see revocations sooner, and the cache does
+        not record which entries only the old floor kept.
         """
         old_max_ttl, old_negative_ttl = self.max_ttl, self.negative_ttl
-        self._set_limits(max_entries, max_ttl, default_ttl, negative_ttl)
+        old_min_ttl = self.min_ttl
+        self._set_limits(max_entries, max_ttl, default_ttl, negative_ttl,
+                         min_ttl)
+        if self.min_ttl < old_min_ttl:
+            for k in [k for k, e in self._entries.items() if len(e) > 1]:
+                del self._entries[k]
         shrinking = (self.max_ttl < old_max_ttl
                      or self.negative_ttl < old_negative_ttl)
         entries = self._entries
@@ -176,6 +190,8 @@ class TokenCache:
             lifetime = self.default_ttl
         if isinstance(result, Inactive):
             return min(lifetime, self.negative_ttl)
+        if result.floorable:
+            lifetime = max(lifetime, self.min_ttl)
         ttl = min(lifetime, self.max_ttl)
         if "exp" in result.claims:
             exp = result.claims["exp"]

@@ -29,7 +29,7 @@ import re
 import time
 from typing import Mapping, Optional, Sequence, Union
 
-__all__ = ["freshness_lifetime", "parse_http_date"]
+__all__ = ["freshness_lifetime", "floor_applies", "parse_http_date"]
 
 # RFC 9111 section 1.2.2: delta-seconds too large to represent are 2**31.
 _DELTA_MAX = 2 ** 31
@@ -61,6 +61,23 @@ def freshness_lifetime(headers: Mapping[str, HeaderValues],
         return _lifetime(headers, now)
     except _Stale:
         return 0.0
+
+
+def floor_applies(headers: Mapping[str, HeaderValues], now: float) -> bool:
+    """True when the answer is marked ``no-store`` or ``no-cache``, or says
+    nothing about freshness: the answers ``[cache] min_ttl`` may keep.
+
+    An explicit lifetime (``max-age=0`` included), ``private`` alone, and a
+    malformed or contradictory header are the token service's word and
+    stay as ``freshness_lifetime`` reads them.
+    """
+    try:
+        directives = _cache_control(_values(headers, "cache-control"))
+    except _Stale:
+        return False
+    if "no-store" in directives or "no-cache" in directives:
+        return True
+    return freshness_lifetime(headers, now) is None
 
 
 def _lifetime(headers: Mapping[str, HeaderValues],

@@ -6,7 +6,10 @@ introspection request carries, for the configured ``auth_method``:
 
 * ``client_secret_basic``: ``Authorization: Basic`` over the
   form-urlencoded id and secret (RFC 6749 section 2.3.1: encode, then
-  base64 -- a secret with ``:`` or non-ASCII characters survives);
+  base64 -- a secret with ``:`` or non-ASCII characters survives), or with
+  ``basic_auth_encoding = raw`` over the id and secret as written (UTF-8):
+  some token services compare the decoded strings without form-decoding
+  them, so a secret like ``Secr3t!`` only works raw there;
 * ``client_secret_post``: ``client_id`` and ``client_secret`` in the form;
 * ``private_key_jwt``: a fresh signed ``client_assertion`` per request
   (RFC 7523), so a captured assertion is useless after 60 seconds;
@@ -21,7 +24,8 @@ from __future__ import annotations
 
 import base64
 import json
-from typing import Any, Optional, Sequence, Union
+import re
+from typing import Any, Optional
 from urllib.parse import quote_plus
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -31,16 +35,38 @@ from jwcrypto.common import JWException
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt",
            "tls_client_auth")
+BASIC_ENCODINGS = ("form", "raw")
+
+_FORM_SAFE = re.compile(r"[A-Za-z0-9._~-]*\Z").match
+
+
+def form_safe(value: str) -> bool:
+    """True when form encoding leaves ``value`` as it is, so ``form`` and
+    ``raw`` Basic credentials are the same bytes."""
+    return _FORM_SAFE(value) is not None
 
 
 def _form_encode(value: str) -> str:
     return quote_plus(value, safe="", encoding="utf-8")
 
 
-def basic_authorization(client_id: str, client_secret: str) -> bytes:
-    """The ``Authorization`` value of RFC 6749 section 2.3.1."""
-    pair = "%s:%s" % (_form_encode(client_id), _form_encode(client_secret))
-    return b"Basic " + base64.b64encode(pair.encode("ascii"))
+def basic_authorization(client_id: str, client_secret: str,
+                        encoding: str = "form") -> bytes:
+    """The ``Authorization`` value: RFC 6749 section 2.3.1 (``form``), or
+    RFC 7617 over the UTF-8 id and secret as written (``raw``; an id with
+    ``:`` cannot be told from its secret then, so it raises ValueError)."""
+    if encoding == "form":
+        pair = "%s:%s" % (_form_encode(client_id), _form_encode(client_secret))
+    elif encoding == "raw":
+        if ":" in client_id:
+            raise ValueError("a client_id with ':' cannot be sent with "
+                             "basic_auth_encoding = raw (the token service "
+                             "would split it at the ':')")
+        pair = "%s:%s" % (client_id, client_secret)
+    else:
+        raise ValueError("unknown basic_auth_encoding %r (known: %s)"
+                         % (encoding, ", ".join(BASIC_ENCODINGS)))
+    return b"Basic " + base64.b64encode(pair.encode("utf-8"))
 
 
 def load_signing_key(path: str) -> _jwk.JWK:
@@ -83,28 +109,39 @@ def load_signing_key(path: str) -> _jwk.JWK:
 class ClientAuth:
     """The credentials of the configured ``auth_method``.
 
-    ``audience`` is what a ``private_key_jwt`` assertion is addressed to:
-    the introspection URL, plus the token service's issuer when one is
-    configured (RFC 7523 lets the server accept either; a list covers both).
+    ``audience`` is what a ``private_key_jwt`` assertion is addressed to,
+    always one string (``[introspection] assertion_audience``, else the
+    introspection URL): RFC 7523 allows a list, but servers that compare
+    ``aud`` with one string refuse one.  ``basic_encoding`` is ``form`` or
+    ``raw`` (``client_secret_basic`` only).
     """
 
     def __init__(self, clock: Any, method: str, client_id: str,
                  client_secret: Optional[str] = None,
-                 audience: Union[str, Sequence[str]] = "",
+                 audience: str = "",
                  private_key_file: Optional[str] = None,
-                 private_key_alg: str = "RS256") -> None:
+                 private_key_alg: str = "RS256",
+                 basic_encoding: str = "form") -> None:
         if method not in METHODS:
             raise ValueError("unknown auth_method %r (known: %s)"
                              % (method, ", ".join(METHODS)))
         if method in ("client_secret_basic", "client_secret_post") \
                 and not client_secret:
             raise ValueError("auth_method %s needs a client secret" % method)
+        if not isinstance(audience, str):
+            raise ValueError("the client assertion audience is one string, "
+                             "not %r" % (audience,))
         self._clock = clock
         self.method = method
         self.client_id = client_id
         self._secret = client_secret
-        self._audience = (audience if isinstance(audience, str)
-                          else list(audience))
+        self._audience = audience
+        self.basic_encoding = basic_encoding
+        self._basic: Optional[bytes] = None
+        if method == "client_secret_basic":
+            assert client_secret is not None
+            self._basic = basic_authorization(client_id, client_secret,
+                                              basic_encoding)
         self._key: Optional[_jwk.JWK] = None
         self._alg = private_key_alg
         if method == "private_key_jwt":
@@ -122,12 +159,11 @@ class ClientAuth:
     def from_settings(cls, clock: Any, settings: Any,
                       client_secret: Optional[str]) -> "ClientAuth":
         """From ``config.introspection`` and ``config.client_secret``."""
-        audience: Union[str, list[str]] = settings.url
-        if settings.issuer and settings.issuer != settings.url:
-            audience = [settings.url, settings.issuer]
         return cls(clock, settings.auth_method, settings.client_id,
-                   client_secret, audience, settings.private_key_file,
-                   settings.private_key_alg)
+                   client_secret,
+                   settings.assertion_audience or settings.url,
+                   settings.private_key_file, settings.private_key_alg,
+                   settings.basic_auth_encoding)
 
     def _assertion(self) -> str:
         from phantomd import jose
@@ -141,14 +177,28 @@ class ClientAuth:
         ``private_key_jwt``), so they may be encoded once."""
         return self.method != "private_key_jwt"
 
+    def encoding_hint(self) -> Optional[str]:
+        """What to try when the token service refuses these credentials:
+        for Basic credentials that form encoding changes, the other
+        ``basic_auth_encoding``; None when the encoding cannot matter."""
+        if self.method != "client_secret_basic":
+            return None
+        assert self._secret is not None
+        if form_safe(self.client_id) and form_safe(self._secret):
+            return None
+        other = "raw" if self.basic_encoding == "form" else "form"
+        return ("the client_id or secret has characters that form encoding "
+                "changes and the token service may %s them: try "
+                "[introspection] basic_auth_encoding = %s" % (
+                    "not decode" if other == "raw" else "decode", other))
+
     def credentials(self) -> tuple[list[tuple[str, str]],
                                    dict[bytes, list[bytes]]]:
         """(form fields, headers) for one request; a fresh assertion each
         time for ``private_key_jwt``."""
         if self.method == "client_secret_basic":
-            assert self._secret is not None
-            return [], {b"Authorization": [
-                basic_authorization(self.client_id, self._secret)]}
+            assert self._basic is not None
+            return [], {b"Authorization": [self._basic]}
         if self.method == "client_secret_post":
             assert self._secret is not None
             return [("client_id", self.client_id),

@@ -145,6 +145,68 @@ def proxy_networks(value: str) -> Any:
         raise _Invalid(str(e))
 
 
+_TCHAR = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_MEDIA_RANGE = re.compile(
+    r"%s/%s(?:[ \t]*;[ \t]*%s=(?:%s|\"[^\"\\\x00-\x1f\x7f]*\"))*\Z"
+    % (_TCHAR, _TCHAR, _TCHAR, _TCHAR))
+
+
+def accept_header(value: str) -> Optional[str]:
+    """An Accept value (RFC 9110 section 12.5.1), or None: per response."""
+    if not value:
+        return None
+    for part in value.split(","):
+        if not _MEDIA_RANGE.match(part.strip()):
+            raise _Invalid("%r is not an Accept value (media ranges like "
+                           "application/jwt, comma-separated)" % value)
+    return value
+
+
+def json_member(value: str) -> str:
+    if not value or any(ord(c) < 0x20 or c.isspace() for c in value):
+        raise _Invalid("%r is not a JSON member name (non-empty, no spaces "
+                       "or control characters)" % value)
+    return value
+
+
+def one_string(value: str) -> Optional[str]:
+    """One value that must not look like a list of several."""
+    if not value:
+        return None
+    if any(c.isspace() or c == "," for c in value):
+        raise _Invalid("%r is one value: no spaces or commas" % value)
+    return value
+
+
+INACTIVE_STATUS_REFUSED = {
+    200: "200 is the status of an answer",
+    401: "401 means the token service refused phantomd's own credentials",
+    403: "403 means the token service refused phantomd's own credentials",
+    407: "407 means a proxy refused phantomd's credentials",
+    408: "408 is a timeout, not an answer",
+    429: "429 means the token service is shedding load",
+}
+
+
+def inactive_statuses(value: str) -> frozenset[int]:
+    """HTTP statuses that mean "inactive token": 2xx and 4xx only, never
+    one that says phantomd or the token service is at fault."""
+    out = set()
+    for word in value.replace(",", " ").split():
+        if not (word.isdigit() and word.isascii() and len(word) == 3):
+            raise _Invalid("%r is not an HTTP status" % word)
+        status = int(word)
+        if status in INACTIVE_STATUS_REFUSED:
+            raise _Invalid("%d cannot mean an inactive token: %s" % (
+                status, INACTIVE_STATUS_REFUSED[status]))
+        if not (200 <= status < 300 or 400 <= status < 500):
+            raise _Invalid("%d cannot mean an inactive token: only 2xx and "
+                           "4xx statuses can (5xx is a failure, 3xx a "
+                           "moved endpoint)" % status)
+        out.add(status)
+    return frozenset(out)
+
+
 def workers(value: str) -> int:
     if value == "auto":
         return os.cpu_count() or 1
@@ -281,6 +343,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                 secret=True),
         "private_key_alg": Key(one_of("RS256", "PS256", "ES256", "EdDSA"),
                                "RS256", trust=False),
+        # DESIGN section 14.  How phantomd proves who it is: not trust.
+        "basic_auth_encoding": Key(one_of("form", "raw"), "form",
+                                   trust=False),
+        "assertion_audience": Key(one_string, "", trust=False),
+        # Where the JWT is read from, which answer is asked for, and which
+        # statuses mean "inactive": they decide what an answer means.
+        "phantom_token_field": Key(json_member, "phantom_token", trust=True),
+        "accept": Key(accept_header, "", trust=True),
+        "inactive_statuses": Key(inactive_statuses, "204", trust=True),
     },
     "minting": {
         # Cached minted JWTs are signed with these keys and say these.
@@ -290,12 +361,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
                          restart=True),
         "audience": Key(optional_text, "", trust=True),
         "lifetime": Key(positive_int, "300", trust=False),
+        # The aud of every cached minted JWT.
+        "force_audience": Key(boolean, "no", trust=True),
     },
     "cache": {
         "max_entries": Key(positive_int, "100000", trust=False),
         "max_ttl": Key(non_negative_float, "3600", trust=False),
         "default_ttl": Key(non_negative_float, "0", trust=False),
         "negative_ttl": Key(non_negative_float, "10", trust=False),
+        # A lower floor drops the cached active answers (cache.reconfigure).
+        "min_ttl": Key(non_negative_float, "0", trust=False),
     },
     "metrics": {
         "listen": Key(optional_endpoints, "tcp:8084:interface=127.0.0.1",
@@ -670,6 +745,7 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
     if intro.response == "token-introspection+jwt" and not intro.issuer:
         raise ConfigError(path, "introspection", "issuer",
                           "is required for response = token-introspection+jwt")
+    _token_service_checks(path, s)
     shared = s["shared_cache"]
     if shared.url and not shared.secret_file:
         raise ConfigError(path, "shared_cache", "secret_file",
@@ -683,3 +759,44 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
                           "workers hear revocations through Redis)")
     return Config(path=path, client_secret=secret,
                   files=_file_digests(path, s), **s)
+
+
+def _token_service_checks(path: str, s: dict[str, Section]) -> None:
+    """DESIGN section 14: a key that cannot apply to the rest of the file
+    is a mistake the operator should hear about, not a silent no-op."""
+    intro, minting, cache = s["introspection"], s["minting"], s["cache"]
+    if intro.basic_auth_encoding == "raw":
+        if intro.auth_method != "client_secret_basic":
+            raise ConfigError(path, "introspection", "basic_auth_encoding",
+                              "raw applies to auth_method = "
+                              "client_secret_basic only (auth_method is %s)"
+                              % intro.auth_method)
+        if ":" in intro.client_id:
+            raise ConfigError(path, "introspection", "client_id",
+                              "contains ':', which basic_auth_encoding = raw "
+                              "cannot send (the token service would split "
+                              "the id there); use form")
+    if intro.assertion_audience and intro.auth_method != "private_key_jwt":
+        raise ConfigError(path, "introspection", "assertion_audience",
+                          "applies to auth_method = private_key_jwt only "
+                          "(auth_method is %s)" % intro.auth_method)
+    if intro.phantom_token_field != "phantom_token" \
+            and intro.response != "phantom_token":
+        raise ConfigError(path, "introspection", "phantom_token_field",
+                          "applies to response = phantom_token only "
+                          "(response is %s)" % intro.response)
+    minted = intro.response in ("json", "token-introspection+jwt")
+    if minting.force_audience:
+        if not minted:
+            raise ConfigError(path, "minting", "force_audience",
+                              "applies only when phantomd mints the JWT "
+                              "(response = json or token-introspection+jwt; "
+                              "response is %s)" % intro.response)
+        if not minting.audience:
+            raise ConfigError(path, "minting", "audience",
+                              "is required for force_audience = yes")
+    if cache.min_ttl > cache.max_ttl:
+        raise ConfigError(path, "cache", "min_ttl",
+                          "%g is above max_ttl (%g): the floor cannot be "
+                          "higher than the ceiling" % (
+                              cache.min_ttl, cache.max_ttl))

@@ -7,14 +7,18 @@ the answer in the configured ``response`` form:
 
 * ``jwt`` (Curity): ``Accept: application/jwt``; a 200 body is the JWT,
   204 or 200 ``{"active": false}`` means inactive;
-* ``phantom_token``: JSON; the JWT is its ``phantom_token`` member;
+* ``phantom_token``: JSON; the JWT is its ``phantom_token`` member (the
+  member is ``phantom_token_field``: Keycloak >= 25 calls it ``jwt``, and
+  sends it only for ``accept = application/jwt``);
 * ``json`` (plain RFC 7662): phantomd mints the JWT (jose.Minter);
 * ``token-introspection+jwt`` (RFC 9701): the signed answer is verified,
   then phantomd mints the JWT.
 
 Whatever the form, the JWT that goes upstream must be well formed and
 unexpired, and with ``verify_jwt`` its signature must check out against the
-token service's keys.  A 503 is ``unavailable`` (with ``Retry-After``), a
+token service's keys.  A status in ``inactive_statuses`` (default 204)
+with an empty body means inactive, in every form; 401, 403 and 5xx never
+can (config refuses them).  A 503 is ``unavailable`` (with ``Retry-After``), a
 timeout is ``timeout``, everything else that is not a clear answer is
 ``error``.  Nothing is retried or cached here: the cache and coalescer
 above decide that.
@@ -33,7 +37,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from phantomd import cachecontrol, jose, logs, tokens
+from phantomd import cachecontrol, config, jose, logs, tokens
 from phantomd.clientauth import ClientAuth
 from phantomd.http.client import (AnswerTooLarge, Answer, BodyFailed,
                                   BodyTooLarge, HTTPClient)
@@ -51,6 +55,8 @@ ACCEPT = {
     "json": b"application/json",
     "token-introspection+jwt": b"application/token-introspection+jwt",
 }
+"""The default ``Accept`` of each response form, and the Content-Type its
+answers must have (``[introspection] accept`` changes only the former)."""
 
 RETRY_AFTER_DEFAULT = 5
 RETRY_AFTER_MIN = 1
@@ -170,6 +176,18 @@ class Introspector:
         self._response_verifier = response_verifier
         self._jwt_verifier = jwt_verifier
         self._auth = ClientAuth.from_settings(clock, settings, client_secret)
+        self._accept = (settings.accept.encode("ascii") if settings.accept
+                        else ACCEPT[self._mode])
+        self._inactive_statuses = frozenset(settings.inactive_statuses)
+        # Config refuses these already; a caller building settings by hand
+        # must not be able to turn "our credentials were refused" or a
+        # server fault into "inactive token" either.
+        config.inactive_statuses(" ".join(
+            str(status) for status in self._inactive_statuses))
+        self._field = settings.phantom_token_field
+        # Bodies kept: an answer's, and those of the inactive statuses,
+        # which count only when empty (so they must be seen, bounded).
+        self._keep = (200,) + tuple(sorted(self._inactive_statuses))
         self._url = settings.url
         self._fetch = fetcher_for(http_client)
         self._static_form: Optional[tuple[bytes, Any]] = None
@@ -194,7 +212,7 @@ class Introspector:
         if self._settings.token_type_hint:
             fields.append(("token_type_hint", self._settings.token_type_hint))
         tail = urlencode(fields + form).encode("ascii")
-        headers[b"Accept"] = [ACCEPT[self._mode]]
+        headers[b"Accept"] = [self._accept]
         headers[b"Content-Type"] = [b"application/x-www-form-urlencoded"]
         return (b"&" + tail if tail else b""), headers
 
@@ -204,7 +222,7 @@ class Introspector:
             token = quote_plus(token, safe="")
         body = b"token=%s%s" % (token.encode("ascii"), tail)
         return self._fetch("POST", self._url, body, headers,
-                           self._settings.max_response_bytes, (200,))
+                           self._settings.max_response_bytes, self._keep)
 
     def _answer(self, status: int, headers: dict[str, list[str]],
                 body: bytes) -> Any:
@@ -218,7 +236,11 @@ class Introspector:
         if status == 503:
             raise _failed("unavailable", "token service unavailable (HTTP "
                           "503)", self._retry_after(headers, now))
-        if status == 204 and self._mode == "jwt":
+        if status in self._inactive_statuses:
+            if body.strip():
+                raise _failed("error", "token service answered HTTP %d "
+                              "with a body (inactive_statuses counts only "
+                              "empty answers as inactive)" % status)
             return Inactive(self._lifetime(headers, now))
         if status != 200:
             raise _failed("error", "token service answered HTTP %d" % status)
@@ -251,10 +273,12 @@ class Introspector:
             return self._from_claims(doc, headers, now)
         if not _active(doc):
             return Inactive(self._lifetime(headers, now))
-        jwt = doc.get("phantom_token")
+        jwt = doc.get(self._field)
         if not isinstance(jwt, str) or not jwt:
             raise _failed("error", "token service answered active without "
-                          "a phantom_token")
+                          "a %s member%s" % (
+                              self._field[:64], "" if self._field in doc
+                              else " (phantom_token_field)"))
         return self._check_jwt(jwt, headers, now)
 
     def _from_claims(self, doc: dict, headers: dict[str, list[str]],
@@ -266,7 +290,8 @@ class Introspector:
         except jose.JOSEError as e:
             raise _failed("error", "cannot mint a JWT from the token "
                           "service's answer: %s" % e)
-        return Active(jwt, claims, self._lifetime(headers, now))
+        return Active(jwt, claims, self._lifetime(headers, now),
+                      cachecontrol.floor_applies(headers, now))
 
     def _check_jwt(self, jwt: str, headers: dict[str, list[str]],
                    now: float) -> Any:
@@ -283,11 +308,13 @@ class Introspector:
             raise _failed("error", "token service answered an unusable JWT: "
                           "%s" % e)
         lifetime = self._lifetime(headers, now)
+        floorable = cachecontrol.floor_applies(headers, now)
         if not self._verify_jwt:
-            return Active(jwt, claims, lifetime)
+            return Active(jwt, claims, lifetime, floorable)
         d = self._jwt_verifier.verify(jwt)
         d.addErrback(self._jose_failed, "JWT")
-        d.addCallback(lambda verified: Active(jwt, verified, lifetime))
+        d.addCallback(lambda verified: Active(jwt, verified, lifetime,
+                                              floorable))
         return d
 
     @staticmethod
@@ -330,14 +357,16 @@ class Introspector:
             log.failure("introspection of {token_id} failed unexpectedly",
                         failure, token_id=token_id)
         elif status in (401, 403):
+            hint = self._auth.encoding_hint()
             log.error(
                 "token service at {url} refused phantomd's client "
                 "credentials (HTTP {status}, client_id={client_id}, "
                 "auth_method={auth_method}): check them; every "
-                "introspection fails until they are fixed",
+                "introspection fails until they are fixed{hint}",
                 url=self._settings.url, status=status,
                 client_id=self._settings.client_id,
                 auth_method=self._settings.auth_method,
+                hint="; " + hint if hint else "",
                 token_id=token_id, suppressed=suppressed)
         else:
             log.warn("introspection of {token_id} failed ({kind}): "

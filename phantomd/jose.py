@@ -335,7 +335,8 @@ class Minter:
 
     def __init__(self, clock: Any,
                  keys: Union[_jwk.JWKSet, Sequence[_jwk.JWK]],
-                 issuer: str, audience: Optional[str], lifetime: int) -> None:
+                 issuer: str, audience: Optional[str], lifetime: int,
+                 force_audience: bool = False) -> None:
         if isinstance(keys, _jwk.JWKSet):
             keys = list(keys)
             if len(keys) > 1:
@@ -354,6 +355,9 @@ class Minter:
         self._clock = clock
         self.issuer = issuer
         self.audience = audience or None
+        if force_audience and self.audience is None:
+            raise ValueError("force_audience needs an audience")
+        self.force_audience = bool(force_audience)
         self.lifetime = lifetime
         named: list[tuple[_jwk.JWK, str]] = []
         kids: set[str] = set()
@@ -385,7 +389,8 @@ class Minter:
 
     @classmethod
     def from_file(cls, clock: Any, path: str, issuer: str,
-                  audience: Optional[str], lifetime: int) -> "Minter":
+                  audience: Optional[str], lifetime: int,
+                  force_audience: bool = False) -> "Minter":
         """Read a JWK set JSON file (order kept: the first key signs).
 
         Reads the file synchronously: meant for startup and reload, where the
@@ -415,7 +420,8 @@ class Minter:
                 raise ValueError("%s: key %d is not a valid JWK (%s)" % (
                     path, i, e.__class__.__name__))
         try:
-            return cls(clock, keys, issuer, audience, lifetime)
+            return cls(clock, keys, issuer, audience, lifetime,
+                       force_audience)
         except ValueError as e:
             raise ValueError("%s: %s" % (path, e))
 
@@ -428,7 +434,8 @@ class Minter:
         the lifetime caps it (the JWT then may outlive a revoked token by at
         most ``lifetime`` seconds, as a cached answer would).  ``aud`` is the
         introspection ``aud`` if present, else the configured audience, else
-        absent.  RFC 9068 requires ``sub``; token services that leave it out
+        absent; with ``force_audience`` it is always the configured audience
+        (some token services put the calling client's id in ``aud``).  RFC 9068 requires ``sub``; token services that leave it out
         (Django OAuth Toolkit does) get ``username``, else ``client_id`` (the
         RFC's advice for client-credentials tokens).  An answer whose ``exp``
         has passed raises
@@ -465,7 +472,8 @@ class Minter:
             subject = claims.get("username") or claims.get("client_id")
             if subject is not None:
                 claims["sub"] = subject
-        aud = introspection_claims.get("aud") or self.audience
+        aud = (self.audience if self.force_audience
+               else introspection_claims.get("aud") or self.audience)
         if aud:
             claims["aud"] = aud
         header = {"typ": "at+jwt", "kid": self.kid}

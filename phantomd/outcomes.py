@@ -109,11 +109,15 @@ def error_response(status: int, error: str, description: str) -> Reject:
 class Active:
     """The token is active; ``jwt`` goes upstream, ``claims`` are its
     payload (for scopes and ``exp``), ``lifetime`` the token service's
-    freshness lifetime in seconds (None: it said nothing; 0: do not store)."""
+    freshness lifetime in seconds (None: it said nothing; 0: do not store).
+    ``floorable``: the answer was marked ``no-store``/``no-cache`` or said
+    nothing, so ``[cache] min_ttl`` may raise its lifetime (not compared:
+    it says how the lifetime was found, not what the answer is)."""
 
     jwt: str
     claims: Mapping[str, Any]
     lifetime: Optional[float]
+    floorable: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -309,3 +309,98 @@ class ModelTests(CacheTestCase):
                 else:
                     self.assertIsNone(got)
         self.assertLessEqual(len(c), 3)
+
+
+def floorable(lifetime=None, exp=None, **claims):
+    a = active(lifetime, exp, **claims)
+    return Active(a.jwt, a.claims, a.lifetime, floorable=True)
+
+
+class MinTTLTests(CacheTestCase):
+    """[cache] min_ttl: a floor for no-store/no-cache/silent active
+    answers, never past exp or max_ttl, never for inactive answers."""
+
+    def assertKeptFor(self, c, seconds):
+        self.clock.advance(seconds - 0.5)
+        self.assertIsNotNone(c.get(key("t")))
+        self.clock.advance(0.5)
+        self.assertIsNone(c.get(key("t")))
+
+    def test_no_store_kept_for_min_ttl(self):
+        c = self.cache(min_ttl=30)
+        c.put(key("t"), floorable(lifetime=0))
+        self.assertKeptFor(c, 30)
+
+    def test_without_min_ttl_no_store_is_not_kept(self):
+        c = self.cache()
+        c.put(key("t"), floorable(lifetime=0))
+        self.assertIsNone(c.get(key("t")))
+
+    def test_never_past_exp(self):
+        c = self.cache(min_ttl=30)
+        c.put(key("t"), floorable(lifetime=0, exp=T0 + 10))
+        self.assertKeptFor(c, 10)
+
+    def test_expired_or_unreadable_exp_not_kept(self):
+        c = self.cache(min_ttl=30)
+        c.put(key("t"), floorable(lifetime=0, exp=T0 - 1))
+        self.assertIsNone(c.get(key("t")))
+        c.put(key("t"), floorable(lifetime=0, exp="soon"))
+        self.assertIsNone(c.get(key("t")))
+
+    def test_never_past_max_ttl(self):
+        c = self.cache(max_ttl=20, min_ttl=30)
+        c.put(key("t"), floorable(lifetime=0))
+        self.assertKeptFor(c, 20)
+
+    def test_explicit_lifetime_is_honoured(self):
+        """max-age=5 (not floorable) stays 5 s; min_ttl is no override."""
+        c = self.cache(min_ttl=30)
+        c.put(key("t"), active(lifetime=5))
+        self.assertKeptFor(c, 5)
+        c.put(key("t"), active(lifetime=0))
+        self.assertIsNone(c.get(key("t")))
+
+    def test_longer_default_ttl_wins(self):
+        c = self.cache(default_ttl=60, min_ttl=30)
+        c.put(key("t"), floorable(lifetime=None))
+        self.assertKeptFor(c, 60)
+
+    def test_inactive_answers_keep_negative_ttl(self):
+        c = self.cache(min_ttl=30, negative_ttl=10)
+        c.put(key("t"), Inactive(lifetime=0))
+        self.assertIsNone(c.get(key("t")))
+        c.put(key("t"), Inactive(lifetime=None))
+        self.assertIsNone(c.get(key("t")))
+        c.put(key("t"), Inactive(lifetime=100))
+        self.assertKeptFor(c, 10)
+
+    def test_reconfigure_sets_the_floor_for_later_puts(self):
+        c = self.cache()
+        c.reconfigure(max_entries=100, max_ttl=3600, default_ttl=0,
+                      negative_ttl=10, min_ttl=15)
+        c.put(key("t"), floorable(lifetime=0))
+        self.assertKeptFor(c, 15)
+
+    def test_lowering_min_ttl_drops_active_entries(self):
+        """Lowered to see revocations sooner: no entry the old floor kept
+        may outlive the reload; inactive entries stay."""
+        c = self.cache(min_ttl=300)
+        c.put(key("t"), floorable(lifetime=0))
+        c.put(key("bad"), Inactive(lifetime=10))
+        c.reconfigure(max_entries=100, max_ttl=3600, default_ttl=0,
+                      negative_ttl=10, min_ttl=30)
+        self.assertIsNone(c.get(key("t")))
+        self.assertIsNotNone(c.get(key("bad")))
+        self.assertEqual(self.entries_gauge(), 1)
+
+    def test_raising_min_ttl_keeps_entries(self):
+        c = self.cache(min_ttl=30)
+        c.put(key("t"), floorable(lifetime=0))
+        c.reconfigure(max_entries=100, max_ttl=3600, default_ttl=0,
+                      negative_ttl=10, min_ttl=60)
+        self.assertIsNotNone(c.get(key("t")))
+
+    def test_bad_min_ttl(self):
+        for bad in (-1, float("inf"), "30"):
+            self.assertRaises(ValueError, self.cache, min_ttl=bad)

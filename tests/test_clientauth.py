@@ -56,6 +56,59 @@ class BasicTests(unittest.SynchronousTestCase):
         value = clientauth.basic_authorization(client_id, secret)
         self.assertEqual(_decode_basic(value), (client_id, secret))
 
+    # (client_id, secret, the user:password that is base64-encoded, raw)
+    RAW_TABLE = [
+        ("gateway_client", "Secr3t!", "gateway_client:Secr3t!"),
+        ("gateway client", "a:b", "gateway client:a:b"),
+        ("id+1", "p%20q", "id+1:p%20q"),
+        ("caf\u00e9", "\u00fcber/secret=", "caf\u00e9:\u00fcber/secret="),
+    ]
+
+    def test_raw_table(self):
+        """raw sends the UTF-8 id and secret as written: what a server
+        that compares without form-decoding (most of them) expects."""
+        for client_id, secret, pair in self.RAW_TABLE:
+            auth = ClientAuth(Clock(), "client_secret_basic", client_id,
+                              secret, basic_encoding="raw")
+            self.assertEqual(auth.credentials(), ([], {b"Authorization": [
+                b"Basic " + base64.b64encode(pair.encode("utf-8"))]}),
+                (client_id, secret))
+
+    def test_raw_id_with_colon_refused(self):
+        """The server splits at the first ':', so such an id would be read
+        as a shorter id and a different secret."""
+        e = self.assertRaises(ValueError, ClientAuth, Clock(),
+                              "client_secret_basic", "tenant:gw", "s",
+                              basic_encoding="raw")
+        self.assertIn("':'", str(e))
+        # form encodes it, so it is fine there
+        ClientAuth(Clock(), "client_secret_basic", "tenant:gw", "s")
+
+    def test_unknown_encoding(self):
+        e = self.assertRaises(ValueError, ClientAuth, Clock(),
+                              "client_secret_basic", "gw", "s",
+                              basic_encoding="base64")
+        self.assertIn("basic_auth_encoding", str(e))
+
+    def test_encoding_hint(self):
+        for client_id, secret, encoding, hint in [
+                ("gw", "Secr3t!", "form", "basic_auth_encoding = raw"),
+                ("gw client", "s", "form", "basic_auth_encoding = raw"),
+                ("gw", "a+b", "raw", "basic_auth_encoding = form"),
+                ("gw", "plain-secret_1.~", "form", None),
+                ("gw", "plain-secret_1.~", "raw", None)]:
+            auth = ClientAuth(Clock(), "client_secret_basic", client_id,
+                              secret, basic_encoding=encoding)
+            got = auth.encoding_hint()
+            if hint is None:
+                self.assertIsNone(got, (client_id, secret, encoding))
+            else:
+                self.assertIn(hint, got)
+                if len(secret) > 3:
+                    self.assertNotIn(secret, got)
+        post = ClientAuth(Clock(), "client_secret_post", "gw", "Secr3t!")
+        self.assertIsNone(post.encoding_hint())
+
     def test_secret_required(self):
         for method in ("client_secret_basic", "client_secret_post"):
             e = self.assertRaises(ValueError, ClientAuth, Clock(), method,
@@ -87,7 +140,8 @@ class _Settings:
         self.__dict__.update(dict(
             url=URL, issuer=None, client_id="gw",
             auth_method="private_key_jwt", private_key_file=None,
-            private_key_alg="RS256"), **kw)
+            private_key_alg="RS256", assertion_audience=None,
+            basic_auth_encoding="form"), **kw)
 
 
 class PrivateKeyJWTTests(unittest.SynchronousTestCase):
@@ -139,13 +193,30 @@ class PrivateKeyJWTTests(unittest.SynchronousTestCase):
         second = self.verify(self.assertion(auth), key, "RS256")
         self.assertNotEqual(second["jti"], claims["jti"])
 
-    def test_audience_includes_issuer(self):
+    def test_audience_is_one_string(self):
+        """With ``issuer`` set (RFC 9701), ``aud`` stays the URL alone:
+        servers that compare it with one string refuse a list."""
         path, key = self.rsa_pem()
         auth = ClientAuth.from_settings(
             self.clock, _Settings(private_key_file=path, issuer=ISSUER,
                                   private_key_alg="PS256"), None)
         claims = self.verify(self.assertion(auth), key, "PS256")
-        self.assertEqual(claims["aud"], [URL, ISSUER])
+        self.assertEqual(claims["aud"], URL)
+
+    def test_assertion_audience(self):
+        path, key = self.rsa_pem()
+        auth = ClientAuth.from_settings(
+            self.clock, _Settings(private_key_file=path, issuer=ISSUER,
+                                  assertion_audience=ISSUER), None)
+        claims = self.verify(self.assertion(auth), key, "RS256")
+        self.assertEqual(claims["aud"], ISSUER)
+
+    def test_audience_list_refused(self):
+        path, _ = self.rsa_pem()
+        e = self.assertRaises(ValueError, ClientAuth, self.clock,
+                              "private_key_jwt", "gw", None, [URL, ISSUER],
+                              path)
+        self.assertIn("one string", str(e))
 
     def test_es256_jwk_and_jwk_set(self):
         key = jwk.JWK.generate(kty="EC", crv="P-256", kid="k1")

@@ -168,7 +168,94 @@ MISTAKES = [
     (_with(extra="[minting]\njwks_path = jwks\n"), "minting", "jwks_path",
      "path"),
     (_with(extra="[log]\nformat = xml\n"), "log", "format", "one of"),
+    # DESIGN section 14: the keys for more token services
+    (_with(extra_intro="basic_auth_encoding = base64\n"), "introspection",
+     "basic_auth_encoding", "one of"),
+    (_with(extra_intro="basic_auth_encoding = raw\n").replace(
+        "client_id = gw", "client_id = tenant:gw"), "introspection",
+     "client_id", "':'"),
+    (_with(extra_intro="basic_auth_encoding = raw\n"
+           "auth_method = client_secret_post\n"), "introspection",
+     "basic_auth_encoding", "client_secret_basic only"),
+    (_with(extra_intro="assertion_audience = https://a https://b\n"),
+     "introspection", "assertion_audience", "one value"),
+    (_with(extra_intro="assertion_audience = https://a,https://b\n"),
+     "introspection", "assertion_audience", "one value"),
+    (_with(extra_intro="assertion_audience = https://idp\n"),
+     "introspection", "assertion_audience", "private_key_jwt only"),
+    (_with(extra_intro="phantom_token_field = jwt\n"), "introspection",
+     "phantom_token_field", "response = phantom_token only"),
+    (_with(extra_intro="response = phantom_token\n"
+           "phantom_token_field = my jwt\n"), "introspection",
+     "phantom_token_field", "JSON member"),
+    (_with(extra_intro="accept = jwt\n"), "introspection", "accept",
+     "Accept value"),
+    (_with(extra_intro="inactive_statuses = 204 401\n"), "introspection",
+     "inactive_statuses", "refused phantomd's own credentials"),
+    (_with(extra_intro="inactive_statuses = 403\n"), "introspection",
+     "inactive_statuses", "refused phantomd's own credentials"),
+    (_with(extra_intro="inactive_statuses = 400 502\n"), "introspection",
+     "inactive_statuses", "5xx is a failure"),
+    (_with(extra_intro="inactive_statuses = 500\n"), "introspection",
+     "inactive_statuses", "5xx is a failure"),
+    (_with(extra_intro="inactive_statuses = 200\n"), "introspection",
+     "inactive_statuses", "status of an answer"),
+    (_with(extra_intro="inactive_statuses = 429\n"), "introspection",
+     "inactive_statuses", "shedding load"),
+    (_with(extra_intro="inactive_statuses = 302\n"), "introspection",
+     "inactive_statuses", "moved"),
+    (_with(extra_intro="inactive_statuses = 4OO\n"), "introspection",
+     "inactive_statuses", "not an HTTP status"),
+    (_with(extra="[minting]\nforce_audience = perhaps\n"), "minting",
+     "force_audience", "yes or no"),
+    (_with(extra="[minting]\nforce_audience = yes\n"), "minting",
+     "force_audience", "only when phantomd mints"),
+    (_with(extra_intro="response = json\n",
+           extra="[minting]\nkey_file = %s\nissuer = https://gw\n"
+           "force_audience = yes\n" % __file__), "minting", "audience",
+     "required for force_audience"),
+    (_with(extra="[cache]\nmin_ttl = -1\n"), "cache", "min_ttl", "range"),
+    (_with(extra="[cache]\nmin_ttl = 7200\n"), "cache", "min_ttl",
+     "above max_ttl"),
+    (_with(extra="[cache]\nmax_ttl = 0\nmin_ttl = 1\n"), "cache",
+     "min_ttl", "above max_ttl"),
 ]
+
+
+class TokenServiceKeyTests(SynchronousTestCase):
+    """DESIGN section 14's keys: defaults, and the values they accept."""
+
+    def test_defaults(self):
+        c = config.parse(MINIMAL)
+        i = c.introspection
+        self.assertEqual(
+            (i.basic_auth_encoding, i.assertion_audience,
+             i.phantom_token_field, i.accept, i.inactive_statuses),
+            ("form", None, "phantom_token", None, frozenset({204})))
+        self.assertIs(c.minting.force_audience, False)
+        self.assertEqual(c.cache.min_ttl, 0)
+
+    def test_values(self):
+        c = config.parse(_with(
+            extra_intro="response = phantom_token\n"
+            "phantom_token_field = jwt\naccept = application/jwt\n"
+            "inactive_statuses = 204, 400\nbasic_auth_encoding = raw\n",
+            extra="[cache]\nmin_ttl = 30\n"))
+        i = c.introspection
+        self.assertEqual(
+            (i.basic_auth_encoding, i.phantom_token_field, i.accept,
+             i.inactive_statuses),
+            ("raw", "jwt", "application/jwt", frozenset({204, 400})))
+        self.assertEqual(c.cache.min_ttl, 30)
+
+    def test_empty_inactive_statuses(self):
+        """Nothing but a 200 answer then counts: stricter, never looser."""
+        c = config.parse(_with(extra_intro="inactive_statuses =\n"))
+        self.assertEqual(c.introspection.inactive_statuses, frozenset())
+
+    def test_raw_with_a_form_safe_colon_free_id(self):
+        c = config.parse(_with(extra_intro="basic_auth_encoding = raw\n"))
+        self.assertEqual(c.introspection.basic_auth_encoding, "raw")
 
 
 class MistakeTests(SynchronousTestCase):

@@ -252,3 +252,35 @@ class ScopeRows(GateTestsMixin, SynchronousTestCase):
         self.assertEqual(self.only(results).status, 403)
         self.gate.reconfigure(required_scopes=("read",))
         self.assertIsInstance(self.only(self.decide(bearer("t"))), Forward)
+
+
+class MinTTLRows(GateTestsMixin, SynchronousTestCase):
+    """[cache] min_ttl through the gate: floored active answers are hits,
+    failures and inactive answers are not kept by the floor."""
+
+    def setUp(self):
+        super().setUp()
+        self.cache.reconfigure(max_entries=100, max_ttl=3600, default_ttl=0,
+                               negative_ttl=10, min_ttl=300)
+
+    def test_no_store_active_answer_is_a_hit(self):
+        self.decide(bearer("t"))
+        self.introspector.calls[0][1].callback(Active(
+            jwt="header.payload.sig",
+            claims={"sub": "alice", "exp": self.clock.seconds() + 3600},
+            lifetime=0, floorable=True))
+        self.clock.advance(299)
+        r = self.only(self.decide(bearer("t")))
+        self.assertIsInstance(r, Forward)
+        self.assertEqual(r.cache, "hit")
+        self.assertEqual(len(self.introspector.calls), 1)
+
+    def test_failures_and_inactive_answers_are_not_floored(self):
+        self.decide(bearer("t"))
+        self.introspector.calls[-1][1].errback(
+            IntrospectionFailed("error", "boom"))
+        self.decide(bearer("t"))
+        self.assertEqual(len(self.introspector.calls), 2)
+        self.introspector.calls[-1][1].callback(Inactive(lifetime=0))
+        self.decide(bearer("t"))
+        self.assertEqual(len(self.introspector.calls), 3)

@@ -21,6 +21,7 @@ from jwcrypto import jwk, jws
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -50,7 +51,8 @@ class _DOTProcess(ProcessProtocol):
     """The launcher's first stdout line (JSON) fires ``ready``; its stderr is
     kept (bounded to the last 64 KiB) to explain a failed start."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "Django OAuth Toolkit") -> None:
+        self.name = name
         self.ready: Deferred = Deferred()
         self.ended: Deferred = Deferred()
         self._out = b""
@@ -69,8 +71,8 @@ class _DOTProcess(ProcessProtocol):
     def processEnded(self, reason) -> None:
         if not self.ready.called:
             self.ready.errback(RuntimeError(
-                "Django OAuth Toolkit launcher exited before serving: %s"
-                % self.err.decode("utf-8", "replace")[-2000:]))
+                "%s launcher exited before serving: %s" % (
+                    self.name, self.err.decode("utf-8", "replace")[-2000:])))
         self.ended.callback(None)
 
 
@@ -158,7 +160,9 @@ class DjangoOAuthToolkitTests(TestCase):
         self.assertEqual(code, 200, body)
 
     def write_keys(self) -> str:
-        path = os.path.join(self.state, "gateway.jwks")
+        fd, path = tempfile.mkstemp(suffix=".jwks", dir=self.state)
+        os.close(fd)
+        os.unlink(path)
         key = jwk.JWK.generate(kty="EC", crv="P-256", kid="interop-1")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -230,9 +234,11 @@ class DjangoOAuthToolkitTests(TestCase):
         self.assertIn("bad signature", str(error))
 
     @inlineCallbacks
-    def start_gateway(self, client_secret=None):
+    def start_gateway(self, client_secret=None, client=None, intro="",
+                      cache="max_ttl = 0\n"):
         """A real phantomd in front of a recording API, introspecting at DOT
-        with ``response = json``; returns (api, front URL, admin URL)."""
+        with ``response = json``; returns (api, front URL, admin URL).
+        ``intro`` and ``cache`` are extra ini lines for those sections."""
         from phantomd.app import Gateway
         from phantomd.config import parse
         from phantomd.metrics import Metrics
@@ -240,7 +246,7 @@ class DjangoOAuthToolkitTests(TestCase):
         api = _RecordingAPI()
         api_port = reactor.listenTCP(0, Site(api), interface="127.0.0.1")
         self.addCleanup(api_port.stopListening)
-        gateway_client = dict(self.info["gateway"])
+        gateway_client = dict(self.info[client or "gateway"])
         if client_secret is not None:
             gateway_client["client_secret"] = client_secret
 
@@ -256,16 +262,18 @@ url = %(dot)s/o/introspect/
 client_id = %(client_id)s
 client_secret = %(client_secret)s
 response = json
+%(intro)s
 [minting]
 key_file = %(keys)s
 issuer = %(issuer)s
 audience = %(audience)s
 [cache]
-max_ttl = 0
+%(cache)s
 [metrics]
 listen = tcp:0:interface=127.0.0.1
 """ % {"api": api_port.getHost().port, "dot": self.base,
        "keys": self.write_keys(), "issuer": ISSUER, "audience": AUDIENCE,
+       "intro": intro, "cache": cache,
        **gateway_client}, os.path.join(self.state, "phantomd.ini"))
         gateway = Gateway(reactor, config, Metrics())
         yield gateway.start()
@@ -333,3 +341,58 @@ listen = tcp:0:interface=127.0.0.1
         body = yield treq.content(response)
         self.assertEqual(response.code, 502, body)
         self.assertEqual(api.requests, [])
+
+    @inlineCallbacks
+    def get(self, front, token):
+        response = yield self.http.get(
+            front + "/orders/42",
+            headers={b"Authorization": [b"Bearer " + token.encode()]},
+            timeout=30)
+        body = yield treq.content(response)
+        return response.code, body
+
+    @inlineCallbacks
+    def test_secret_with_bang_and_plus_needs_form_encoding(self):
+        """DOT form-decodes Basic credentials (RFC 6749 section 2.3.1): the
+        secret ``Secr3t!+tail`` works with basic_auth_encoding = form (the
+        default) and is refused raw (its '+' arrives as a space), and the
+        log line then says to try form."""
+        events = []
+        from phantomd import introspection
+        self.patch(introspection, "log", Logger(observer=events.append))
+        token = yield self.new_token()
+        api, front, _ = yield self.start_gateway(client="special")
+        code, body = yield self.get(front, token)
+        self.assertEqual(code, 200, body)
+
+        api, front, _ = yield self.start_gateway(
+            client="special", intro="basic_auth_encoding = raw")
+        code, body = yield self.get(front, token)
+        self.assertEqual(code, 502, body)
+        self.assertEqual(api.requests, [])
+        [line] = [formatEvent(e) for e in events
+                  if "refused phantomd's client" in e["log_format"]]
+        self.assertIn("HTTP 403", line)
+        self.assertIn("try [introspection] basic_auth_encoding = form", line)
+        self.assertNotIn(self.info["special"]["client_secret"], line)
+
+    @inlineCallbacks
+    def test_min_ttl_keeps_dot_answers_past_revocation(self):
+        """DOT sends no freshness information on introspection answers, so
+        nothing is cached by default (the revocation test above); with
+        min_ttl the answer is kept, and a revocation at DOT then takes up
+        to min_ttl to be seen (README's trade-off): the token still works
+        from the cache."""
+        api, front, _ = yield self.start_gateway(
+            cache="max_ttl = 3600\nmin_ttl = 300\n")
+        token = yield self.new_token()
+        code, _ = yield self.get(front, token)
+        self.assertEqual(code, 200)
+        yield self.revoke(token)
+        answer = yield self.introspect(token)
+        self.assertEqual(answer, {"active": False})
+        code, _ = yield self.get(front, token)
+        self.assertEqual(code, 200)
+        self.assertEqual(len(api.requests), 2)
+        self.assertEqual(api.requests[0][1][b"authorization"],
+                         api.requests[1][1][b"authorization"])

@@ -15,7 +15,7 @@ from treq.testing import StubTreq
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
-from twisted.logger import Logger
+from twisted.logger import Logger, formatEvent
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
@@ -231,7 +231,8 @@ class WireFormTests(IntrospectorTestCase):
         first, second = assertions
         self.assertEqual(first["iss"], "gateway client")
         self.assertEqual(first["sub"], "gateway client")
-        self.assertEqual(first["aud"], [URL, "https://login.example.com"])
+        # one string, even with issuer set (servers refuse a list)
+        self.assertEqual(first["aud"], URL)
         self.assertLessEqual(first["exp"] - first["iat"], 60)
         self.assertEqual(first["iat"], NOW)
         self.assertNotEqual(first["jti"], second["jti"])
@@ -422,8 +423,11 @@ class MintingFormTests(IntrospectorTestCase):
                 (b'{"active": true, "exp": "soon"}', "not a number")]:
             self.service.answer(200, body, content_type="application/json")
             self.assertIn(message, self.failure(intro, "error").description)
+        # inactive_statuses (default 204) holds in every response form
         self.service.answer(204)
-        self.assertIn("HTTP 204", self.failure(intro, "error").description)
+        self.assertEqual(self.outcome(intro), Inactive(None))
+        self.service.answer(404)
+        self.assertIn("HTTP 404", self.failure(intro, "error").description)
 
     def test_signed_answer(self):
         verifier = FakeVerifier({"active": True, "sub": "bob",
@@ -608,3 +612,138 @@ class TimeoutTests(IntrospectorTestCase):
         self.assertEqual(len(self.service.lost), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.events, [])
+
+
+class TokenServiceKeysTests(IntrospectorTestCase):
+    """DESIGN section 14: accept, phantom_token_field, inactive_statuses,
+    basic_auth_encoding and the 401 hint, as the token service sees them."""
+
+    def keycloak_answer(self, **extra: Any) -> bytes:
+        self.jwt = make_jwt()
+        doc = {"active": True, "sub": "alice", "scope": "read",
+               "jwt": self.jwt}
+        doc.update(extra)
+        return json.dumps(doc).encode()
+
+    def test_keycloak_jwt_field(self):
+        """Keycloak >= 25: Accept: application/jwt, JSON answer, JWT in its
+        ``jwt`` member."""
+        self.service.answer(200, self.keycloak_answer(),
+                            content_type="application/json")
+        intro = self.introspector(response="phantom_token",
+                                  phantom_token_field="jwt",
+                                  accept="application/jwt")
+        result = self.outcome(intro)
+        self.assertEqual(result.jwt, self.jwt)
+        [seen] = self.service.requests
+        self.assertEqual(seen.headers[b"accept"], [b"application/jwt"])
+
+    def test_default_field_does_not_read_keycloak(self):
+        self.service.answer(200, self.keycloak_answer(),
+                            content_type="application/json")
+        e = self.failure(self.introspector(response="phantom_token"), "error")
+        self.assertIn("phantom_token member (phantom_token_field)",
+                      e.description)
+
+    def test_field_of_the_wrong_type(self):
+        self.service.answer(200, self.keycloak_answer(jwt=42),
+                            content_type="application/json")
+        e = self.failure(self.introspector(response="phantom_token",
+                                           phantom_token_field="jwt"),
+                         "error")
+        self.assertIn("without a jwt member", e.description)
+
+    def test_accept_does_not_change_the_expected_content_type(self):
+        """accept = application/json in jwt mode: an answer that is not
+        application/jwt is still refused."""
+        self.service.answer(200, make_jwt().encode(),
+                            content_type="text/plain")
+        intro = self.introspector(accept="application/json")
+        self.failure(intro, "error")
+        [seen] = self.service.requests
+        self.assertEqual(seen.headers[b"accept"], [b"application/json"])
+
+    def test_empty_400_is_inactive_when_listed(self):
+        self.service.answer(400, b"", content_type=None,
+                            Cache_Control="max-age=5")
+        intro = self.introspector(inactive_statuses=frozenset({204, 400}))
+        self.assertEqual(self.outcome(intro), Inactive(5.0))
+        # not listed: a failure (502), as before
+        self.assertIn("HTTP 400", self.failure(self.introspector(),
+                                                "error").description)
+
+    def test_400_with_a_body_stays_a_failure(self):
+        """A 400 that says something (invalid_client, invalid_request) is
+        about phantomd's request, not the token."""
+        self.service.answer(400, b'{"error": "invalid_client"}',
+                            content_type="application/json")
+        intro = self.introspector(inactive_statuses=frozenset({204, 400}))
+        e = self.failure(intro, "error")
+        self.assertIn("with a body", e.description)
+
+    def test_refused_statuses_cannot_be_inactive(self):
+        """Even when settings are built by hand, past config."""
+        for status in (401, 403, 500, 503, 200):
+            self.assertRaises(ValueError, self.introspector,
+                              inactive_statuses=frozenset({204, status}))
+
+    def test_empty_401_still_refused_credentials(self):
+        self.service.answer(401, b"", content_type=None)
+        intro = self.introspector(inactive_statuses=frozenset({204, 400}))
+        self.failure(intro, "error")
+
+    def test_raw_basic_on_the_wire(self):
+        self.service.answer(204)
+        self.outcome(self.introspector(secret="Secr3t!",
+                                       basic_auth_encoding="raw"))
+        [seen] = self.service.requests
+        self.assertEqual(seen.headers[b"authorization"], [
+            b"Basic " + base64.b64encode(b"gateway client:Secr3t!")])
+
+    def credential_log(self) -> str:
+        [event] = [e for e in self.events
+                   if "refused phantomd's client" in e["log_format"]]
+        return formatEvent(event)
+
+    def test_401_hint_names_the_key_to_try(self):
+        self.service.answer(401, b"", content_type=None)
+        self.failure(self.introspector(secret="Secr3t!"), "error")
+        line = self.credential_log()
+        self.assertIn("try [introspection] basic_auth_encoding = raw", line)
+        self.assertNotIn("Secr3t", line)
+        self.assertNothingSecretLogged("Secr3t!")
+
+    def test_401_hint_back_to_form(self):
+        self.service.answer(401, b"", content_type=None)
+        self.failure(self.introspector(secret="a+b",
+                                       basic_auth_encoding="raw"), "error")
+        self.assertIn("basic_auth_encoding = form", self.credential_log())
+
+    def test_no_hint_when_encoding_cannot_matter(self):
+        self.service.answer(401, b"", content_type=None)
+        self.failure(self.introspector(secret="plain_secret",
+                                       client_id="gw"), "error")
+        self.assertNotIn("basic_auth_encoding", self.credential_log())
+        self.events.clear()
+        self.clock.advance(60)
+        self.failure(self.introspector(secret="Secr3t!",
+                                       auth_method="client_secret_post"),
+                     "error")
+        self.assertNotIn("basic_auth_encoding", self.credential_log())
+
+    def test_floorable(self):
+        """Which answers [cache] min_ttl may keep longer."""
+        for headers, floorable in [
+                ({}, True),
+                ({"Cache_Control": "no-store"}, True),
+                ({"Cache_Control": "no-cache"}, True),
+                ({"Cache_Control": "max-age=0, no-cache, no-store, "
+                  "must-revalidate, private"}, True),  # Django never_cache
+                ({"Cache_Control": "max-age=0"}, False),
+                ({"Cache_Control": "max-age=60"}, False),
+                ({"Cache_Control": "private"}, False),
+                ({"Cache_Control": "max-age=abc"}, False),
+                ({"Cache_Control": "no-store, max-age=\"x"}, False)]:
+            self.service.answer(200, make_jwt().encode(), **headers)
+            result = self.outcome(self.introspector())
+            self.assertEqual(result.floorable, floorable, headers)

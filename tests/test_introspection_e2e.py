@@ -5,6 +5,7 @@ the in-memory tests cannot produce (no Content-Length, endless bodies)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from cryptography.x509.oid import NameOID
@@ -340,3 +341,81 @@ class FramingTests(E2ETestCase):
         self.assertEqual(self.tracking.connections, 1)
         self.assertEqual(introspection.IDLE_CONNECTION_SECONDS,
                          client.pool.idle_timeout)
+
+
+class KeycloakStandIn(TokenService):
+    """Keycloak >= 25's introspection answer, as its documentation gives it
+    (Keycloak does not install here): plain RFC 7662 JSON, plus a ``jwt``
+    member holding the access token as a JWT, only when the request asks
+    ``Accept: application/jwt``; inactive tokens get ``{"active": false}``.
+    An empty-bodied 400 stands for servers that answer inactive tokens so.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jwt = make_jwt(exp=int(reactor.seconds()) + 300)
+        self.active = True
+        self.empty_400 = False
+
+    def render_POST(self, request: Any) -> Any:
+        accept = request.getHeader("accept") or ""
+        if self.empty_400:
+            self.answer(400, b"", content_type=None)
+        elif not self.active:
+            self.answer(200, b'{"active": false}',
+                        content_type="application/json")
+        else:
+            doc = {"active": True, "sub": "alice", "scope": "read",
+                   "exp": int(reactor.seconds()) + 300}
+            if "application/jwt" in accept:
+                doc["jwt"] = self.jwt
+            self.answer(200, json.dumps(doc).encode(),
+                        content_type="application/json")
+        return super().render_POST(request)
+
+
+class TokenServiceShapeTests(E2ETestCase):
+    """DESIGN section 14's keys over real sockets, against stand-ins for
+    the shapes no installable server shows."""
+
+    def intro(self, **settings: Any) -> Any:
+        self.service = KeycloakStandIn()
+        port = self.listen(TrackingSite(self.service, self.tracking))
+        _, intro = self.client(url="http://127.0.0.1:%d/introspect" % port,
+                               **settings)
+        return intro
+
+    @defer.inlineCallbacks
+    def test_keycloak_jwt_member(self):
+        intro = self.intro(response="phantom_token",
+                           phantom_token_field="jwt",
+                           accept="application/jwt")
+        result = yield intro.introspect(TOKEN)
+        self.assertIsInstance(result, Active)
+        self.assertEqual(result.jwt, self.service.jwt)
+        self.service.active = False
+        result = yield intro.introspect(TOKEN)
+        self.assertIsInstance(result, Inactive)
+
+    @defer.inlineCallbacks
+    def test_keycloak_without_accept_has_no_jwt(self):
+        """The default Accept of response = phantom_token is
+        application/json, for which Keycloak leaves the member out: 502,
+        with a description naming the key."""
+        intro = self.intro(response="phantom_token",
+                           phantom_token_field="jwt")
+        e = yield self.assertFailure(intro.introspect(TOKEN),
+                                     IntrospectionFailed)
+        self.assertIn("without a jwt member", e.description)
+
+    @defer.inlineCallbacks
+    def test_empty_400_as_inactive(self):
+        intro = self.intro(inactive_statuses=frozenset({204, 400}))
+        self.service.empty_400 = True
+        result = yield intro.introspect(TOKEN)
+        self.assertIsInstance(result, Inactive)
+        intro = self.intro()
+        self.service.empty_400 = True
+        e = yield self.assertFailure(intro.introspect(TOKEN),
+                                     IntrospectionFailed)
+        self.assertIn("HTTP 400", e.description)

@@ -347,6 +347,36 @@ def _two_key_set():
     return keyset
 
 
+class ForceAudienceTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = Clock()
+        self.clock.advance(NOW)
+
+    def minter(self, force):
+        return jose.Minter(self.clock, [EC_KEY], "https://gw.example.com",
+                           "https://api.example.com", 300,
+                           force_audience=force)
+
+    def test_answer_aud_wins_without_force(self):
+        _, claims = self.minter(False).mint(dict(INTRO, aud="webapp"))
+        self.assertEqual(claims["aud"], "webapp")
+
+    def test_force_audience(self):
+        """Some token services put the calling client's id in aud."""
+        for aud in ("webapp", ["webapp", "other"], None):
+            intro = dict(INTRO, aud=aud)
+            token, claims = self.minter(True).mint(intro)
+            self.assertEqual(claims["aud"], "https://api.example.com")
+            _, payload = verify_with_jwks(token,
+                                          self.minter(True).jwks_json())
+            self.assertEqual(payload["aud"], "https://api.example.com")
+
+    def test_force_needs_an_audience(self):
+        e = self.assertRaises(ValueError, jose.Minter, self.clock, [EC_KEY],
+                              "https://gw", None, 300, force_audience=True)
+        self.assertIn("audience", str(e))
+
+
 class MinterFromFileTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()

@@ -16,6 +16,10 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 #: The gateway authenticates to the introspection endpoint with this client.
 GATEWAY = {"client_id": "phantomd-gateway", "client_secret": "gateway-secret"}
+#: A gateway client whose secret form encoding changes ('!', '+'): DOT
+#: form-decodes Basic credentials (RFC 6749 section 2.3.1), so it needs
+#: basic_auth_encoding = form; raw reaches it as "Secr3t! tail".
+SPECIAL = {"client_id": "phantomd-special", "client_secret": "Secr3t!+tail"}
 #: The application that obtains tokens (password grant, so tokens have a user).
 WEBAPP = {"client_id": "interop-webapp", "client_secret": "webapp-secret"}
 USER = {"username": "alice", "password": "alice-password"}
@@ -61,6 +65,11 @@ def _setup(state):
         authorization_grant_type=Application.GRANT_CLIENT_CREDENTIALS,
         **GATEWAY)
     Application.objects.create(
+        name="phantomd-special", user=user,
+        client_type=Application.CLIENT_CONFIDENTIAL,
+        authorization_grant_type=Application.GRANT_CLIENT_CREDENTIALS,
+        **SPECIAL)
+    Application.objects.create(
         name="webapp", user=user,
         client_type=Application.CLIENT_CONFIDENTIAL,
         authorization_grant_type=Application.GRANT_PASSWORD,
@@ -80,7 +89,8 @@ def main(argv):
     import oauth2_provider
     print(json.dumps({
         "port": server.server_address[1],
-        "gateway": GATEWAY, "webapp": WEBAPP, "user": USER,
+        "gateway": GATEWAY, "special": SPECIAL, "webapp": WEBAPP,
+        "user": USER,
         "versions": {"django": django.get_version(),
                      "django-oauth-toolkit": oauth2_provider.__version__},
     }), flush=True)
