@@ -20,6 +20,14 @@ CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 _CLASS_OF = {int(c[0]): c for c in CODE_CLASSES}
 CACHE_RESULTS = ("hit", "miss", "negative_hit")
 INTROSPECTION_OUTCOMES = ("active", "inactive", "error", "timeout", "shed")
+# Why phantomd refused a client connection (answered it with an error and
+# closed it, or dropped it): connection_cap (503 at max_connections),
+# header_timeout (408, or no TLS handshake, within header_timeout),
+# body_timeout (408, body slower than the minimum rate), head_too_large
+# (414, 431), bad_request (400: malformed request or framing), unsupported
+# (501, 505: CONNECT, other transfer codings, HTTP/2 prior knowledge).
+REJECT_REASONS = ("connection_cap", "header_timeout", "body_timeout",
+                  "head_too_large", "bad_request", "unsupported")
 
 
 class Metrics:
@@ -61,6 +69,10 @@ class Metrics:
         self.connections = Gauge(
             "phantomd_client_connections", "Open client connections.",
             multiprocess_mode="livesum", registry=r)
+        self.connections_rejected = Counter(
+            "phantomd_connections_rejected",
+            "Client connections refused and closed by phantomd, by reason.",
+            ["reason"], registry=r)
         # Pre-create every label value so dashboards see zeros, not gaps.
         # Label children looked up once: labels() is a measurable share of
         # a cache hit's CPU.
@@ -70,6 +82,8 @@ class Metrics:
                        for c in CACHE_RESULTS}
         self.outcome = {c: self.introspections.labels(outcome=c)
                         for c in INTROSPECTION_OUTCOMES}
+        self.rejected = {c: self.connections_rejected.labels(reason=c)
+                         for c in REJECT_REASONS}
 
     def request_answered(self, status: int) -> None:
         child = self._by_class.get(_CLASS_OF.get(status // 100, "5xx"))
