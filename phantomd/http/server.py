@@ -906,7 +906,8 @@ class FrontProtocol(Protocol):
 
     def _broken_mid_request(self, r: _Request) -> None:
         """The body of the request in flight turned out malformed."""
-        self.factory.metrics.rejected[_REJECTED[r.error[0]]].inc()
+        self.factory.metrics.rejected[
+            _REJECTED.get(r.error[0], "bad_request")].inc()
         self._drop_pending()
         if self._phase >= _RESPONSE:
             self.response_aborted()
@@ -918,7 +919,8 @@ class FrontProtocol(Protocol):
     def _refuse(self, r: _Request, status: int, error: str,
                 description: str, reason: Optional[str] = None) -> None:
         """Answer a request phantomd will not serve, and close."""
-        self.factory.metrics.rejected[reason or _REJECTED[status]].inc()
+        reason = reason or _REJECTED.get(status, "bad_request")
+        self.factory.metrics.rejected[reason].inc()
         self._answer_error(r, status, error, description, close=True)
 
     def _rid(self, r: _Request) -> bytes:
