@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 from typing import Any
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task, threads
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import StringTransport
 from twisted.internet.task import Clock
@@ -483,3 +485,75 @@ class GeneratedIdTests(unittest.SynchronousTestCase):
         os.waitpid(pid, 0)
         self.assertEqual(len(child), 32)
         self.assertNotEqual(child, ids())
+
+
+class LoopbackLimitTests(ProxyCase):
+    front_keys = {"max_connections": 1}
+
+    @defer.inlineCallbacks
+    def test_503_at_the_cap_and_a_drain_cut_over_sockets(self) -> Any:
+        self.gate.hold = True
+        first = RawClient()
+        yield self.connect(first)
+        first.transport.write(get(b"/held", b"X-Request-Id: held-1\r\n"))
+        while not self.gate.pending:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        second, [resp] = yield self.exchange(get())
+        self.assertEqual(resp.status, 503)
+        headers = dict((n.lower(), v) for n, v in resp.headers)
+        self.assertIn(b"date", headers)
+        self.assertTrue(GENERATED.match(headers[b"x-request-id"]))
+        self.assertEqual(self.metrics.sample(
+            "phantomd_connections_rejected_total",
+            {"reason": "connection_cap"}), 1)
+        self.assertEqual(self.metrics.sample("phantomd_client_connections"),
+                         1)
+        # Shutdown: the held request outlives drain_timeout and is cut.
+        drained = self.front.drain()
+        drained.addTimeout(0.05, reactor)
+        drained.addErrback(lambda _: self.front.abort())
+        yield first.done
+        while len(self.access) < 2:
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        cap, cut = self.access
+        self.assertEqual((cap["method"], cap["status"], cap["end"],
+                          cap["client"]), ("-", 503, "ok", "127.0.0.1"))
+        self.assertEqual((cut["method"], cut["path"], cut["status"],
+                          cut["end"], cut["request_id"]),
+                         ("GET", "/held", None, "drain", "held-1"))
+
+
+class CurlTests(ProxyCase):
+    """What curl users see."""
+
+    def setUp(self) -> None:
+        if shutil.which("curl") is None:
+            raise unittest.SkipTest("curl is not installed (apt-get install "
+                                    "curl)")
+        super().setUp()
+
+    def curl(self, *args: str) -> defer.Deferred:
+        url = "http://127.0.0.1:%d/c" % self.port.getHost().port
+        return threads.deferToThread(
+            subprocess.run, ["curl", "-sS", "-i", "-m", "10", *args, url],
+            capture_output=True)
+
+    @defer.inlineCallbacks
+    def test_own_answer_headers(self) -> Any:
+        done = yield self.curl("-H", "X-Request-Id: curl-1")
+        self.assertEqual(done.returncode, 0, done.stderr)
+        head = done.stdout.split(b"\r\n\r\n")[0]
+        self.assertTrue(head.startswith(b"HTTP/1.1 401"), head)
+        self.assertIn(b"\r\nX-Request-Id: curl-1\r\n", head)
+        self.assertRegex(head, rb"\r\nDate: \w{3}, \d\d \w{3} \d{4} "
+                               rb"\d\d:\d\d:\d\d GMT\r\n")
+
+    @defer.inlineCallbacks
+    def test_http2_prior_knowledge_is_refused_not_hung(self) -> Any:
+        done = yield self.curl("--http2-prior-knowledge")
+        self.assertNotEqual(done.returncode, 0)
+        self.assertNotIn(b"Pause", done.stdout + done.stderr)
+        [entry] = self.access
+        self.assertEqual((entry["method"], entry["path"], entry["status"]),
+                         ("PRI", "*", 505))
+        self.assertEqual(self.api.requests, [])
