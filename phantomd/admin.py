@@ -15,6 +15,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from phantomd.http.headers import http_date
+
 __all__ = ["make_admin_site", "Readiness"]
 
 log = Logger()
@@ -225,6 +227,11 @@ class AdminSite(server.Site):
 
     def log(self, request: server.Request) -> None:
         pass
+
+    def getResourceFor(self, request: server.Request) -> Any:
+        # twisted.web stamps Date from the system clock; use ours.
+        request.setHeader(b"Date", http_date(self.reactor.seconds()))
+        return super().getResourceFor(request)
 
 
 def make_admin_site(clock: Any, metrics: Any,

@@ -250,21 +250,27 @@ class SwitchableObserver:
 
 # -- the access log -----------------------------------------------------------
 
-ACCESS_FIELDS = ("method", "path", "status", "duration", "upstream_duration",
-                 "cache", "token_id", "bytes_sent")
+ACCESS_FIELDS = ("client", "method", "path", "status", "duration",
+                 "upstream_duration", "cache", "token_id", "bytes_sent",
+                 "request_id", "end")
 
 _QUERY_SECRETS = ("access_token", "token", "code", "client_secret",
                   "refresh_token", "id_token")
 
 
+def _printable(text: Any) -> str:
+    """``text`` with every byte that is not visible ASCII %-escaped, so a
+    field can neither break the line nor forge another field."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    return "".join(c if 0x20 < ord(c) < 0x7F else "%%%02X" % (ord(c) & 0xFF)
+                   for c in str(text))
+
+
 def _clean_path(path: Any) -> str:
     """The request path as printable text, with credentials that RFC 6750
     section 2.3 lets clients put in the query replaced by ``<redacted>``."""
-    if isinstance(path, bytes):
-        path = path.decode("latin-1")
-    path = str(path)
-    path = "".join(c if 0x20 < ord(c) < 0x7F else "%%%02X" % (ord(c) & 0xFF)
-                   for c in path)
+    path = _printable(path)
     base, sep, query = path.partition("?")
     if not sep:
         return base
@@ -283,13 +289,24 @@ def _ms(seconds: Any) -> Optional[float]:
     return None
 
 
+_ACCESS_FORMAT = (
+    "{client} {method} {path} {status} {bytes_sent}B {duration_ms}ms"
+    " upstream={upstream} cache={cache} token_id={token_id}"
+    " request_id={request_id} end={end}")
+# No status line went out (the request was cut first): JSON says null.
+_ACCESS_FORMAT_NO_STATUS = _ACCESS_FORMAT.replace("{status}", "-")
+
+
 class AccessLog:
     """Turns the front's per-request dict into one ``phantomd.access`` event.
 
     Only the fields in ``ACCESS_FIELDS`` are kept, so whatever else the front
     puts in the dict (headers, the outcome) cannot leak into the log.
     Durations arrive in seconds and are logged as ``duration_ms`` and
-    ``upstream_ms``.  Holds nothing between requests.
+    ``upstream_ms``.  A field the request never got (no method read, no
+    status sent, no token) reads ``-``; ``end`` says how the request ended
+    (``ok``, ``aborted``, ``client_closed``, ``drain``).  Holds nothing
+    between requests.
     """
 
     def __init__(self, logger: Optional[Logger] = None) -> None:
@@ -300,18 +317,21 @@ class AccessLog:
         if isinstance(method, bytes):
             method = method.decode("latin-1")
         upstream_ms = _ms(record.get("upstream_duration"))
+        status = record.get("status")
         self._log.info(
-            "{method} {path} {status} {bytes_sent}B {duration_ms}ms"
-            " upstream={upstream} cache={cache} token_id={token_id}",
-            method=_clean_path(method),
-            path=_clean_path(record.get("path", "-")),
-            status=record.get("status"),
+            _ACCESS_FORMAT if status is not None else _ACCESS_FORMAT_NO_STATUS,
+            client=_printable(record.get("client") or "-"),
+            method=_printable(method or "-"),
+            path=_clean_path(record.get("path") or "-"),
+            status=status,
             bytes_sent=record.get("bytes_sent", 0),
             duration_ms=_ms(record.get("duration")),
             upstream_ms=upstream_ms,
             upstream="-" if upstream_ms is None else "%sms" % upstream_ms,
             cache=record.get("cache") or "-",
             token_id=record.get("token_id") or "-",
+            request_id=_printable(record.get("request_id") or "-"),
+            end=record.get("end") or "ok",
         )
 
 

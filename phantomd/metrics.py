@@ -40,6 +40,14 @@ class BuildInfo:
             labels=["version"])
         family.add_metric([__version__], 1)
         yield family
+# Why phantomd refused a client connection (answered it with an error and
+# closed it, or dropped it): connection_cap (503 at max_connections),
+# header_timeout (408, or no TLS handshake, within header_timeout),
+# body_timeout (408, body slower than the minimum rate), head_too_large
+# (414, 431), bad_request (400: malformed request or framing), unsupported
+# (501, 505: CONNECT, other transfer codings, HTTP/2 prior knowledge).
+REJECT_REASONS = ("connection_cap", "header_timeout", "body_timeout",
+                  "head_too_large", "bad_request", "unsupported")
 
 
 class Metrics:
@@ -87,6 +95,10 @@ class Metrics:
             ProcessCollector(registry=r)
         except ValueError:  # a registry that has them already
             pass
+        self.connections_rejected = Counter(
+            "phantomd_connections_rejected",
+            "Client connections refused and closed by phantomd, by reason.",
+            ["reason"], registry=r)
         # Pre-create every label value so dashboards see zeros, not gaps.
         # Label children looked up once: labels() is a measurable share of
         # a cache hit's CPU.
@@ -96,6 +108,8 @@ class Metrics:
                        for c in CACHE_RESULTS}
         self.outcome = {c: self.introspections.labels(outcome=c)
                         for c in INTROSPECTION_OUTCOMES}
+        self.rejected = {c: self.connections_rejected.labels(reason=c)
+                         for c in REJECT_REASONS}
 
         self._shared_cache(r)
 

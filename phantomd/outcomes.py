@@ -57,11 +57,16 @@ class Reject:
         return ("Bearer " + ", ".join(
             '%s="%s"' % (k, _quote(v)) for k, v in params)).encode("ascii")
 
-    def body(self) -> bytes:
-        return json.dumps({
+    def body(self, request_id: Optional[str] = None) -> bytes:
+        """The JSON error document; ``request_id`` (the request's
+        ``X-Request-Id``) lets a client quote the request to an operator."""
+        doc = {
             "error": self.error or _DEFAULT_ERRORS.get(self.status, "error"),
             "error_description": self.description,
-        }, separators=(",", ":")).encode("ascii")
+        }
+        if request_id is not None:
+            doc["request_id"] = request_id
+        return json.dumps(doc, separators=(",", ":")).encode("ascii")
 
     def headers(self, realm: str) -> list[tuple[bytes, bytes]]:
         """Every header of the error response except framing ones."""

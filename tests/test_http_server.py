@@ -303,12 +303,13 @@ class ForwardingTests(FrontCase):
             b"GET /p%20q?x=%2F&y HTTP/1.1\r\nHost: front.example\r\n" + AUTH +
             b"X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Host: evil\r\n"
             b"Forwarded: for=1.2.3.4\r\nConnection: X-Drop\r\nX-Drop: 1\r\n"
-            b"Accept: */*\r\n\r\n")
+            b"Accept: */*\r\nX-Request-Id: req-42\r\n\r\n")
         [conn] = self.pool.conns
         self.assertEqual(conn.head, (
             b"GET /p%20q?x=%2F&y HTTP/1.1\r\n"
             b"Host: api.internal:3000\r\n"
             b"Authorization: Bearer " + JWT.encode() + b"\r\n"
+            b"X-Request-Id: req-42\r\n"
             b"Accept: */*\r\n"
             b"X-Forwarded-For: 192.168.1.1\r\n"
             b"X-Forwarded-Proto: http\r\n"
@@ -481,14 +482,15 @@ class ForwardingTests(FrontCase):
 
     def test_access_log_and_metrics(self) -> None:
         proto, transport = self.connect()
-        proto.dataReceived(get(b"/a?b=c"))
+        proto.dataReceived(get(b"/a?b=c", b"X-Request-Id: r1\r\n"))
         self.reactor.advance(0.5)
         self.pool.conns[-1].respond(200, b"abc")
         [entry] = self.access
         self.assertEqual(entry, {
-            "method": "GET", "path": "/a", "status": 200, "duration": 0.5,
+            "client": "192.168.1.1", "method": "GET", "path": "/a",
+            "status": 200, "duration": 0.5,
             "upstream_duration": 0.001, "cache": "hit",
-            "token_id": "abcdef012345",
+            "token_id": "abcdef012345", "request_id": "r1", "end": "ok",
             "bytes_sent": len(transport.value())})
         self.assertEqual(self.metrics.sample(
             "phantomd_requests_total", {"code": "2xx"}), 1)
@@ -993,7 +995,8 @@ class NoInjectionTests(FrontCase):
 
         def client_headers(hs: list) -> list:
             return [h for h in hs if h[0].startswith(b"X-")
-                    and not h[0].startswith(b"X-Forwarded")]
+                    and not h[0].startswith(b"X-Forwarded")
+                    and h[0].lower() != b"x-request-id"]
         self.assertEqual(client_headers(seen), client_headers(reference))
 
 

@@ -187,9 +187,11 @@ class AccessLogTests(SynchronousTestCase):
     def record(self, **overrides):
         events = []
         log = Logger(namespace="phantomd.access", observer=events.append)
-        rec = dict(method=b"GET", path=b"/orders/7?page=2", status=200,
+        rec = dict(client="203.0.113.7", method=b"GET",
+                   path=b"/orders/7?page=2", status=200,
                    duration=0.0123, upstream_duration=0.01, cache="hit",
-                   token_id="ab12cd34ef56", bytes_sent=512)
+                   token_id="ab12cd34ef56", bytes_sent=512,
+                   request_id="req-1", end="ok")
         rec.update(overrides)
         AccessLog(log)(rec)
         self.assertEqual(len(events), 1)
@@ -203,8 +205,33 @@ class AccessLogTests(SynchronousTestCase):
         self.assertEqual(event["upstream_ms"], 10.0)
         self.assertEqual(
             formatEvent(event),
-            "GET /orders/7?page=2 200 512B 12.3ms upstream=10.0ms cache=hit"
-            " token_id=ab12cd34ef56")
+            "203.0.113.7 GET /orders/7?page=2 200 512B 12.3ms"
+            " upstream=10.0ms cache=hit token_id=ab12cd34ef56"
+            " request_id=req-1 end=ok")
+        self.assertEqual((event["client"], event["request_id"],
+                          event["end"]), ("203.0.113.7", "req-1", "ok"))
+
+    def test_a_request_cut_before_any_answer(self):
+        """No status line went out: the text says -, JSON says null."""
+        event = self.record(method="-", path="", status=None,
+                            upstream_duration=None, cache=None,
+                            token_id=None, bytes_sent=0, end="drain")
+        self.assertEqual(
+            formatEvent(event),
+            "203.0.113.7 - - - 0B 12.3ms upstream=- cache=- token_id=-"
+            " request_id=req-1 end=drain")
+        out = io.StringIO()
+        JSONLinesObserver(out)(event)
+        record = json.loads(out.getvalue())
+        self.assertIsNone(record["status"])
+        self.assertEqual(record["end"], "drain")
+
+    def test_fields_cannot_forge_the_line(self):
+        event = self.record(request_id="a\nfake b", client="x y",
+                            method="G\rET")
+        self.assertEqual(formatEvent(event).split(" ")[:2],
+                         ["x%20y", "G%0DET"])
+        self.assertIn(" request_id=a%0Afake%20b ", formatEvent(event))
 
     def test_missing_upstream(self):
         event = self.record(upstream_duration=None, cache="", token_id="",

@@ -24,10 +24,6 @@ PROMTOOL = shutil.which("promtool")
 METRIC_NAME = re.compile(r"\b(?:phantomd|process)_[a-zA-Z0-9_]+")
 # Prometheus' own series, which the dashboard and alerts may use too.
 PROMETHEUS_OWN = re.compile(r"\bup\{")
-# Metrics that the dashboard shows and another branch of issue 12 adds
-# (the connection-cap and header-timeout rejections).  Once that branch is
-# merged, test_pending_metrics_are_really_pending fails: delete the entry.
-PENDING = {"phantomd_connections_rejected_total"}
 
 
 def drive(metrics: Metrics) -> None:
@@ -248,15 +244,11 @@ class DashboardTests(PromtoolCase):
         self.assertIn("histogram_quantile(0.99,", exprs)
 
     def test_every_expression_uses_exported_metrics(self):
-        exported = exported_names() | PENDING
+        exported = exported_names()
         for title, expr in dashboard_exprs():
             used = set(METRIC_NAME.findall(expr))
             self.assertTrue(used or PROMETHEUS_OWN.search(expr), title)
             self.assertEqual(used - exported, set(), title)
-
-    def test_pending_metrics_are_really_pending(self):
-        self.assertEqual(PENDING & exported_names(), set(),
-                         "now exported: remove from PENDING")
 
     def test_panels_for_connections_processes_and_targets(self):
         exprs = {title: " ".join(e for t, e in dashboard_exprs()

@@ -8,6 +8,8 @@ too.
 
 from __future__ import annotations
 
+from email.utils import formatdate
+
 HOP_BY_HOP = frozenset((
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
     b"transfer-encoding", b"upgrade", b"proxy-authorization",
@@ -18,6 +20,7 @@ HOP_BY_HOP = frozenset((
 SET_BY_PROXY = frozenset((
     b"authorization", b"host", b"content-length", b"x-forwarded-for",
     b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
+    b"x-request-id",
 ))
 
 # Client-address headers phantomd never forwards, from any peer: it cannot
@@ -69,3 +72,9 @@ def drop_connection_options(kept: list, connection: list) -> list:
     # X_Foo is dropped with X-Foo: behind a CGI server they are one header.
     return [h for h in kept
             if h[0].lower().replace(b"_", b"-") not in tokens]
+
+
+def http_date(seconds: float) -> bytes:
+    """``seconds`` since the epoch as an RFC 9110 IMF-fixdate
+    (``Sun, 06 Nov 1994 08:49:37 GMT``), for the ``Date`` header."""
+    return formatdate(int(seconds), usegmt=True).encode("ascii")

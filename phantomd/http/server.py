@@ -17,7 +17,9 @@ Timers, one per connection: ``header_timeout`` for a request head (408),
 
 from __future__ import annotations
 
+import os
 import re
+from binascii import b2a_hex
 from collections import deque
 from typing import Any, Callable, Optional
 
@@ -33,6 +35,7 @@ from phantomd.http.fastio import writer_for
 from phantomd.http.headers import drop_connection_options
 from phantomd.http.headers import FORWARDING, REQUEST_DROP
 from phantomd.http.proxies import forwarded_by_proxy
+from phantomd.http.headers import REQUEST_DROP, http_date
 from phantomd.http.upstream import (
     MODE_CHUNKED, MODE_EOF, MODE_LENGTH)
 from phantomd.outcomes import Forward, Reject, error_response
@@ -52,6 +55,14 @@ _REASONS = {
 _OUTCOMES = (Forward, Reject)
 
 _JWT = re.compile(rb"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]*)*\Z").match
+
+# A client's X-Request-Id is kept when it is 1-128 visible ASCII characters.
+_REQUEST_ID = re.compile(rb"[!-~]{1,128}\Z").match
+
+# connections_rejected reason of a request phantomd refuses, by status.
+_REJECTED = {400: "bad_request", 408: "body_timeout",
+             414: "head_too_large", 431: "head_too_large",
+             501: "unsupported", 505: "unsupported"}
 
 # Where the current request is (FrontProtocol._phase).
 _IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE = range(5)
@@ -96,6 +107,50 @@ def _head(status: int, reason: Optional[bytes], headers: list,
     return parts
 
 
+class _RequestIds:
+    """New request ids: 128 bits from the kernel's CSPRNG as 32 hex digits.
+
+    The kernel is asked for 256 ids at a time (8 KiB of hex held, no more):
+    one ``os.urandom`` per id costs twice as much (0.5 us).  A forked
+    child starts a fresh batch, so no two processes share ids."""
+
+    _BATCH = 16 * 256
+
+    def __init__(self) -> None:
+        self._hex = b""
+        self._at = 0
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._hex = b""
+        self._at = 0
+
+    def __call__(self) -> bytes:
+        at = self._at
+        if at >= len(self._hex):
+            self._hex = b2a_hex(os.urandom(self._BATCH))
+            at = 0
+        self._at = at + 32
+        return self._hex[at:at + 32]
+
+
+_new_request_id = _RequestIds()
+
+
+def _request_id(headers: list) -> bytes:
+    """The client's X-Request-Id if it sent exactly one acceptable one,
+    else a new one."""
+    found = [v for n, v in headers if n.lower() == b"x-request-id"]
+    if len(found) == 1 and _REQUEST_ID(found[0]):
+        return found[0]
+    return _new_request_id()
+
+
+def _peer_host(transport: Any) -> str:
+    return getattr(transport.getPeer(), "host", None) or "-"
+
+
 class _Limit(Exception):
     """Raised inside a parser callback to stop llhttp at a limit."""
 
@@ -107,12 +162,12 @@ class _Request:
     __slots__ = ("url", "headers", "method", "version", "keep_alive",
                  "head_done", "complete", "body", "error", "chunked", "length",
                  "raw", "hbytes", "started_at", "target", "host", "kept",
-                 "head", "fwd")
+                 "head", "fwd", "rid")
 
     def __init__(self) -> None:
         self.url = b""
         self.headers: list = []
-        self.method = b"GET"
+        self.method = b"-"  # until the request line names one
         self.version = "1.1"
         self.keep_alive = False
         self.head_done = False
@@ -129,6 +184,7 @@ class _Request:
         self.kept: list = []
         self.head = b""
         self.fwd: Optional[list] = None  # the client's X-Forwarded-* lines
+        self.rid: Optional[bytes] = None
 
 
 class FrontProtocol(Protocol):
@@ -184,25 +240,29 @@ class FrontProtocol(Protocol):
         self._blocked_at = 0.0
         self._out: list = []
         self._write: Any = None
+        self._peer = "-"
+        self._cut: Optional[str] = None
 
     # -- connection lifetime -------------------------------------------------
 
     def connectionMade(self) -> None:
         f = self.factory
         transport = self.transport
+        self._peer = _peer_host(transport)
         if len(f.connections) >= f.max_connections:
             self._rejected = True
             self._dead = True
-            body = error_response(503, "temporarily_unavailable",
-                                  "too many connections").body()
-            transport.write(
-                b"HTTP/1.1 503 Service Unavailable\r\n"
-                b"Content-Type: application/json\r\nCache-Control: no-store\r\n"
-                b"Retry-After: 1\r\nConnection: close\r\n"
-                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-            f.metrics.request_answered(503)
             self._tls = ISSLTransport.providedBy(transport)
-            self._close()
+            self._write = transport.write
+            f.metrics.rejected["connection_cap"].inc()
+            r = _Request()
+            r.started_at = self.reactor.seconds()
+            reject = Reject(503, "temporarily_unavailable",
+                            "too many connections", retry_after=1,
+                            bearer=False)
+            self._req = r
+            self._answer(r, 503, reject.headers(f.realm),
+                         reject.body(self._rid(r).decode("ascii")), close=True)
             return
         f.connections.add(self)
         f.metrics.connections.inc()
@@ -233,10 +293,23 @@ class FrontProtocol(Protocol):
         f = self.factory
         f.connections.discard(self)
         f.metrics.connections.dec()
-        self._req = None
+        r, self._req = self._req, None
+        if r is not None:
+            # Cut before its answer was complete: by the client, or by
+            # phantomd when drain_timeout ran out.
+            self._log_access(r, self._cut or "client_closed")
+        if self._closing:
+            for queued in self._queue:
+                if queued.head_done:
+                    self._log_access(queued, "drain")
         self._queue.clear()
         self._drop_pending()
         f._gone(self)
+
+    def abort(self) -> None:
+        """Drop the connection now (``drain_timeout`` ran out)."""
+        self._cut = "drain"
+        self.transport.abortConnection()
 
     def _drop_pending(self) -> None:
         """Forget the request in flight: the gate's answer, a pending
@@ -419,12 +492,20 @@ class FrontProtocol(Protocol):
 
     def _parse_failed(self, exc: Optional[Exception]) -> None:
         limit, self._limit = self._limit, None
+        r = self._parsing
         if limit is not None:
             status, err, desc = limit
         elif isinstance(exc, HttpParserInvalidMethodError):
             status, err, desc = 400, "invalid_request", "unknown method"
         elif isinstance(exc, HttpParserInvalidURLError):
             status, err, desc = 400, "invalid_request", "malformed request target"
+            if r is not None and r.method == b"-":
+                r.method = self._parser.get_method()
+        elif r is not None and r.method == b"PRI" and not r.head_done:
+            # The HTTP/2 connection preface (prior knowledge, RFC 9113
+            # section 3.3): llhttp pauses on it.
+            status, err = 505, "invalid_request"
+            desc = "HTTP/2 is not supported: use HTTP/1.1"
         else:
             status, err = 400, "invalid_request"
             desc = "malformed request: %s" % (exc,)
@@ -432,7 +513,6 @@ class FrontProtocol(Protocol):
                 log.failure("request parser callback failed",
                             _failure_of(exc.__context__))
         self._dead = True
-        r = self._parsing
         self._parsing = None
         if r is None:
             r = _Request()
@@ -456,6 +536,8 @@ class FrontProtocol(Protocol):
 
     def on_url(self, url: bytes) -> None:
         r = self._parsing
+        if not r.url:
+            r.method = self._parser.get_method()
         r.url += url
         if len(r.url) > self.factory.max_request_line:
             self._limit = (414, "uri_too_long", "the request line is too long")
@@ -477,7 +559,6 @@ class FrontProtocol(Protocol):
         self._progress = True
         r = self._parsing
         p = self._parser
-        r.method = p.get_method()
         r.version = p.get_http_version()
         r.keep_alive = p.should_keep_alive()
         r.head_done = True
@@ -567,7 +648,7 @@ class FrontProtocol(Protocol):
 
     def _start(self, r: _Request) -> None:
         if r.error is not None:
-            self._answer_error(r, *r.error, close=True)
+            self._refuse(r, *r.error)
             return
         auth = []
         host = None
@@ -576,6 +657,8 @@ class FrontProtocol(Protocol):
         te = None
         connection = None
         fwd = None
+        rid = None
+        rids = 0
         for item in r.headers:
             name = item[0].lower()
             if name in REQUEST_DROP:
@@ -593,9 +676,13 @@ class FrontProtocol(Protocol):
                     connection = (connection or []) + item[1].split(b",")
                 elif name in FORWARDING:
                     fwd = [item] if fwd is None else fwd + [item]
+                elif name == b"x-request-id":
+                    rid = item[1]
+                    rids += 1
                 continue
             kept.append(item)
         r.headers = []
+        r.rid = rid if rids == 1 and _REQUEST_ID(rid) else _new_request_id()
         if connection:
             kept = drop_connection_options(kept, connection)
         problem = None
@@ -632,7 +719,7 @@ class FrontProtocol(Protocol):
             elif problem is None:
                 problem = (400, "invalid_request", "malformed request target")
         if problem is not None:
-            self._answer_error(r, *problem, close=True)
+            self._refuse(r, *problem)
             return
         r.chunked = te is not None
         if r.length is not None:
@@ -677,7 +764,8 @@ class FrontProtocol(Protocol):
         self._outcome = outcome
         if type(outcome) is not Forward:
             self._answer(r, outcome.status,
-                         outcome.headers(self.factory.realm), outcome.body(),
+                         outcome.headers(self.factory.realm),
+                         outcome.body(r.rid.decode("ascii")),
                          close=not r.complete)
             return
         jwt = outcome.jwt.encode("ascii", "replace")
@@ -694,6 +782,7 @@ class FrontProtocol(Protocol):
             target = pool.base_path + (target if target != b"*" else b"")
         parts = [r.method, b" ", target, b" HTTP/1.1\r\nHost: ",
                  pool.authority, b"\r\nAuthorization: Bearer ", jwt, b"\r\n"]
+        parts += (b"X-Request-Id: ", r.rid, b"\r\n")
         for name, value in r.kept:
             parts += (name, b": ", value, b"\r\n")
         if r.fwd is not None and self._trusted():
@@ -845,7 +934,7 @@ class FrontProtocol(Protocol):
         self._upstream = None
         if r is None:
             return
-        self._log_access(r)
+        self._log_access(r, "aborted")
         self.flush_output()
         self._req = None
         self._dead = True
@@ -853,6 +942,8 @@ class FrontProtocol(Protocol):
 
     def _broken_mid_request(self, r: _Request) -> None:
         """The body of the request in flight turned out malformed."""
+        self.factory.metrics.rejected[
+            _REJECTED.get(r.error[0], "bad_request")].inc()
         self._drop_pending()
         if self._phase >= _RESPONSE:
             self.response_aborted()
@@ -861,15 +952,30 @@ class FrontProtocol(Protocol):
 
     # -- answering -----------------------------------------------------------
 
+    def _refuse(self, r: _Request, status: int, error: str,
+                description: str, reason: Optional[str] = None) -> None:
+        """Answer a request phantomd will not serve, and close."""
+        reason = reason or _REJECTED.get(status, "bad_request")
+        self.factory.metrics.rejected[reason].inc()
+        self._answer_error(r, status, error, description, close=True)
+
+    def _rid(self, r: _Request) -> bytes:
+        if r.rid is None:
+            r.rid = _request_id(r.headers)
+        return r.rid
+
     def _answer_error(self, r: _Request, status: int, error: str,
                       description: str, close: bool) -> None:
         reject = error_response(status, error, description)
         self._answer(r, status, reject.headers(self.factory.realm),
-                     reject.body(), close)
+                     reject.body(self._rid(r).decode("ascii")), close)
 
     def _answer(self, r: _Request, status: int, headers: list, body: bytes,
                 close: bool) -> None:
+        """Send an answer phantomd makes itself (never the upstream's)."""
         close = close or self._closing or not r.keep_alive
+        headers.append((b"Date", self.factory.date()))
+        headers.append((b"X-Request-Id", self._rid(r)))
         parts = _head(status, None, headers,
                       b"Content-Length: %d\r\n" % len(body), close,
                       r.version == "1.1")
@@ -888,8 +994,6 @@ class FrontProtocol(Protocol):
         self._log_access(r)
         self._req = None
         self._phase = _IDLE
-        self._outcome = None
-        self._upstream_duration = None
         if close or self._closing:
             self._input_pending = not r.complete or self._dead
             self._close()
@@ -901,25 +1005,39 @@ class FrontProtocol(Protocol):
             self._arm(f.idle_timeout, _IDLE_KA)
         self._advance()
 
-    def _log_access(self, r: _Request) -> None:
+    def _log_access(self, r: _Request, end: str = "ok") -> None:
+        """Count and log request ``r``, however it ended: ``ok`` (answered),
+        ``aborted`` (its response broken off), ``client_closed``, ``drain``
+        (cut by the shutdown).  ``status`` is None when no status line went
+        out."""
         f = self.factory
         status = self._status
-        f.metrics.request_answered(status)
+        outcome = self._outcome
+        upstream_duration = self._upstream_duration
+        bytes_sent = self._bytes_sent
+        self._status = 0
+        self._outcome = None
+        self._upstream_duration = None
+        self._bytes_sent = 0
+        if status:
+            f.metrics.request_answered(status)
         access_log = f.access_log
         if access_log is None:
             return
-        outcome = self._outcome
         url = r.url
         q = url.find(b"?")
         access_log({
+            "client": self._peer,
             "method": r.method.decode("ascii", "replace"),
-            "path": (url if q < 0 else url[:q]).decode("latin-1"),
-            "status": status,
+            "path": (url if q < 0 else url[:q]).decode("latin-1") or "-",
+            "status": status or None,
             "duration": self.reactor.seconds() - r.started_at,
-            "upstream_duration": self._upstream_duration,
+            "upstream_duration": upstream_duration,
             "cache": getattr(outcome, "cache", None) or None,
             "token_id": getattr(outcome, "token_id", None) or None,
-            "bytes_sent": self._bytes_sent,
+            "bytes_sent": bytes_sent,
+            "request_id": self._rid(r).decode("ascii"),
+            "end": end,
         })
 
     # -- timers --------------------------------------------------------------
@@ -962,6 +1080,7 @@ class FrontProtocol(Protocol):
             # No TLS handshake completed: a 408 could never be delivered,
             # and a TLS transport would wait for it forever.
             self._dead = True
+            self.factory.metrics.rejected["header_timeout"].inc()
             self.transport.abortConnection()
             return
         r = self._parsing or _Request()
@@ -970,9 +1089,9 @@ class FrontProtocol(Protocol):
         if not r.started_at:
             r.started_at = self.reactor.seconds()
         self._req = r
-        self._answer_error(r, 408, "request_timeout",
-                           "the request head did not arrive within "
-                           "header_timeout", close=True)
+        self._refuse(r, 408, "request_timeout",
+                     "the request head did not arrive within "
+                     "header_timeout", reason="header_timeout")
 
     def _body_timed_out(self) -> None:
         """The body must average ``MIN_BODY_RATE`` after ``header_timeout``
@@ -1020,6 +1139,8 @@ class FrontFactory(Factory):
         self.metrics = metrics
         self.access_log = access_log
         self.connections: set = set()
+        self._date_at = -1
+        self._date = b""
         self._drain_waiters: list = []
         self._draining = False
         self._apply(settings)
@@ -1038,6 +1159,15 @@ class FrontFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> FrontProtocol:
         return FrontProtocol(self)
+
+    def date(self) -> bytes:
+        """The ``Date`` value for now on the reactor's clock (formatted
+        once a second)."""
+        now = int(self.reactor.seconds())
+        if now != self._date_at:
+            self._date_at = now
+            self._date = http_date(now)
+        return self._date
 
     def reconfigure(self, gate: Any = None, upstream: Any = None,
                     settings: Any = None) -> None:
@@ -1067,7 +1197,7 @@ class FrontFactory(Factory):
     def abort(self) -> None:
         """Drop every connection at once (when ``drain`` took too long)."""
         for p in list(self.connections):
-            p.transport.abortConnection()
+            p.abort()
 
     def _gone(self, protocol: FrontProtocol) -> None:
         if self._draining and not self.connections and self._drain_waiters:
