@@ -12,7 +12,6 @@ from typing import Callable, Optional
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
-from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
 from phantomd import admin
@@ -77,6 +76,20 @@ def _minter(clock, config: Config):
                                      force_audience=m.force_audience)
     except ValueError as e:
         raise ConfigError(config.path, "minting", "key_file", str(e))
+
+
+def listen_error(path: str, section: str, description: str,
+                 error: BaseException) -> ConfigError:
+    """The one line for a ``[section] listen`` endpoint that cannot be
+    bound: the endpoint and the system's reason, e.g. ``address already in
+    use`` (another process, or another phantomd, serves it)."""
+    reason = getattr(error, "socketError", error)  # CannotListenError
+    if isinstance(reason, OSError) and reason.strerror:
+        text = reason.strerror[:1].lower() + reason.strerror[1:]
+    else:
+        text = str(reason) or type(reason).__name__
+    return ConfigError(path, section, "listen", "cannot listen on %s: %s"
+                       % (description, text))
 
 
 def check(config: Config) -> None:
@@ -220,11 +233,11 @@ class Gateway:
         ``front_ports`` lets a worker process use listening ports adopted
         from its parent instead of binding ``[phantomd] listen`` itself.
         """
-        front = ([self._listen(d, self.front)
+        front = ([self._listen(d, self.front, "phantomd")
                   for d in self.config.phantomd.listen]
                  if front_ports is None else
                  [defer.succeed(p) for p in front_ports])
-        admin_ds = [self._listen(d, self.admin_site)
+        admin_ds = [self._listen(d, self.admin_site, "metrics")
                     for d in self.config.metrics.listen]
         d = defer.DeferredList(front + admin_ds, consumeErrors=True)
 
@@ -250,11 +263,19 @@ class Gateway:
             return self
         return d.addCallback(bound)
 
-    def _listen(self, description: str, factory) -> defer.Deferred:
+    def _listen(self, description: str, factory,
+                section: str) -> defer.Deferred:
+        """Bind one endpoint; a failure is ``listen_error``'s ConfigError."""
+        from phantomd import tls
         try:
-            return serverFromString(self.reactor, description).listen(factory)
+            d = tls.server_endpoint(self.reactor, description).listen(factory)
         except Exception:
-            return defer.fail()
+            d = defer.fail()
+
+        def failed(failure):
+            raise listen_error(self.config.path, section, description,
+                               failure.value)
+        return d.addErrback(failed)
 
     def reload(self, new: Config) -> None:
         """Apply ``new`` without closing client connections.

@@ -2,6 +2,13 @@
 
 The only module that touches the global reactor; everything it builds takes
 the reactor as a parameter.
+
+A mistake in the ini, or a listener that cannot be bound, ends twistd with
+one line (file, section, key and what is wrong) and exit status 1.  twistd
+prints its whole usage text before a ``UsageError`` and a traceback after
+any other exception, which buries that line, so these two cases leave
+through ``StartupError`` (a ``SystemExit``) instead; ``UsageError`` stays
+for mistakes on the command line itself.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from typing import Optional
 
 from twisted.application import service
 from twisted.logger import Logger
@@ -19,6 +27,14 @@ from phantomd import logs, workers
 from phantomd.sdnotify import Notifier, NotifyService, where
 
 log = Logger()
+
+
+class StartupError(SystemExit):
+    """Ends twistd with exit status 1; its message, if any, is the one line
+    Python prints to stderr on the way out."""
+
+    def __init__(self, message: Optional[str] = None) -> None:
+        super().__init__(1 if message is None else message)
 
 
 class Options(usage.Options):
@@ -50,7 +66,7 @@ class Options(usage.Options):
             self["parsed"] = load(self["config"])
             app.check(self["parsed"])
         except configmod.ConfigError as e:
-            raise usage.UsageError(str(e))
+            raise StartupError("phantomd: %s" % e)
 
 
 class GatewayService(service.Service):
@@ -135,6 +151,19 @@ class GatewayService(service.Service):
             return self.gateway.stop()
 
 
+class TopService(logs.ObservedService):
+    """The service twistd starts: a listener that cannot be bound (a
+    ``ConfigError`` from binding) is logged as one critical line, in the
+    configured log format, and ends twistd with status 1."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except configmod.ConfigError as e:
+            log.critical("{error}", error=str(e))
+            raise StartupError()
+
+
 def makeService(options) -> service.IService:
     from twisted.internet import reactor
 
@@ -143,7 +172,7 @@ def makeService(options) -> service.IService:
         return DemoService(reactor)
     config = options["parsed"]
     # Registers phantomd's observer ([log] format, journald) with twistd.
-    top = logs.ObservedService(config.log, sys.stdout, os.environ)
+    top = TopService(config.log, sys.stdout, os.environ)
     if not workers.is_worker(os.environ):  # once, not once per worker
         from phantomd.app import warn_exposed_secrets
         warn_exposed_secrets(config)

@@ -1,4 +1,12 @@
-"""TLS client contexts for phantomd's outgoing connections.
+"""TLS for phantomd: its ``ssl:`` listeners and its outgoing connections.
+
+Listeners (``server_endpoint``): Twisted's ``ssl:`` endpoint installs an ALPN
+callback that answers a client offering protocols it was not told about with
+an empty selection, which OpenSSL turns into an ``internal_error`` alert; so
+curl, browsers and ``openssl s_client -alpn`` could not connect at all.
+phantomd's listeners select ``http/1.1`` (or ``http/1.0``) when offered and
+otherwise complete the handshake without ALPN (RFC 7301 lets the client
+decide then), never with an alert.
 
 Outgoing TLS is verified by default: against the system's CAs, or against
 ``ca_file`` alone when one is configured, always with host name checking
@@ -18,12 +26,59 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.exceptions import UnsupportedAlgorithm
 from OpenSSL import SSL
 from twisted.internet import ssl
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.endpoints import SSL4ServerEndpoint, serverFromString
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator)
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 MAX_CACHED_HOSTS = 64
 """Connection creators kept per host name by ``ClientPolicy``."""
+
+
+SERVED_PROTOCOLS = (b"http/1.1", b"http/1.0")
+"""What phantomd's listeners speak, in order of preference, for ALPN."""
+
+
+def select_protocol(connection: SSL.Connection, offered: list[bytes]):
+    """ALPN: the first of ``SERVED_PROTOCOLS`` the client offers, else no
+    selection at all (the handshake goes on without ALPN)."""
+    for name in SERVED_PROTOCOLS:
+        if name in offered:
+            return name
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The TLS side of one ``ssl:`` listener: Twisted's ``CertificateOptions``
+    (certificate, key, ciphers, as the endpoint string says) with
+    ``select_protocol`` as the ALPN callback of its one context."""
+
+    def __init__(self, options) -> None:
+        self.options = options
+        self._context = options.getContext()
+        self._context.set_alpn_select_callback(select_protocol)
+
+    def serverConnectionForTLS(self, tls_protocol) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+
+def server_endpoint(reactor, description: str):
+    """``serverFromString``, with an ``ssl:`` endpoint's TLS settings made
+    a ``ServerTLS``."""
+    endpoint = serverFromString(reactor, description)
+    if isinstance(endpoint, SSL4ServerEndpoint):
+        endpoint._sslContextFactory = ServerTLS(endpoint._sslContextFactory)
+    return endpoint
+
+
+def endpoint_tls(endpoint) -> Optional[ServerTLS]:
+    """The ``ServerTLS`` of an endpoint from ``server_endpoint``; None for
+    one without TLS."""
+    if isinstance(endpoint, SSL4ServerEndpoint):
+        return endpoint._sslContextFactory
+    return None
 
 
 def _read(path: str, what: str) -> bytes:

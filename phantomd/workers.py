@@ -3,10 +3,20 @@
 The parent process (``Supervisor``) binds every client listener (or takes
 systemd's socket) without ever accepting on it, and starts N worker
 processes that inherit the listening descriptors and adopt them
-(``reactor.adoptStreamPort``).  ``tcp:`` listeners get one SO_REUSEPORT
-socket per worker so the kernel spreads connections evenly (``Listener``).
-Each worker is a full ``twistd phantomd`` with its own cache; only the parent
-talks to systemd, serves ``/metrics`` and restarts workers that die.
+(``reactor.adoptStreamPort``).  ``tcp:`` and ``ssl:`` listeners get one
+SO_REUSEPORT socket per worker so the kernel spreads connections evenly
+(``Listener``); an ``ssl:`` worker does the TLS itself, with the settings
+of the endpoint string the parent passes it.  Each worker is a full
+``twistd phantomd`` with its own cache; only the parent talks to systemd,
+serves ``/metrics`` and restarts workers that die.
+
+* One instance per address: SO_REUSEPORT lets any process of the same user
+  join a port, so a second phantomd would silently take half the traffic
+  with its own config.  Before binding its group, the parent binds the
+  address once without SO_REUSEPORT (which fails, ``address already in
+  use``, while anybody listens there, a reuseport group included), under a
+  per-address lock (an abstract unix socket) that two phantomds starting at
+  once cannot both hold (``exclusive_group``).
 
 Why each piece is shaped as it is:
 
@@ -29,7 +39,9 @@ Why each piece is shaped as it is:
 
 from __future__ import annotations
 
+import errno
 import glob
+import json
 import os
 import shutil
 import signal
@@ -40,25 +52,30 @@ from typing import Callable, Mapping, Optional, Sequence
 
 from twisted.application import service
 from twisted.internet import defer, error, fdesc, protocol
+from twisted.internet.abstract import isIPv6Address
 from twisted.internet.endpoints import (
-    AdoptedStreamServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint,
-    UNIXServerEndpoint, serverFromString)
+    AdoptedStreamServerEndpoint, SSL4ServerEndpoint, TCP4ServerEndpoint,
+    TCP6ServerEndpoint, UNIXServerEndpoint)
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from phantomd import config as configmod
+from phantomd import tls
 from phantomd.sdnotify import Notifier
 
 log = Logger()
 
 # Environment of a worker: "fd:family,fd:family" of its listening sockets.
 WORKER_FDS = "PHANTOMD_WORKER_FDS"
+# JSON {"fd": "ssl:..."}: the inherited listeners a worker does TLS on.
+WORKER_TLS = "PHANTOMD_WORKER_TLS"
 WORKER_INDEX = "PHANTOMD_WORKER"
 PARENT_PID = "PHANTOMD_PARENT_PID"
 _FAMILIES = {"INET": socket.AF_INET, "INET6": socket.AF_INET6,
              "UNIX": socket.AF_UNIX}
 _FIRST_FD = 3  # a worker's listeners are fds 3, 4, ... as with systemd
-_SHAREABLE = (TCP4ServerEndpoint, TCP6ServerEndpoint, UNIXServerEndpoint,
-              AdoptedStreamServerEndpoint)
+_SHAREABLE = (TCP4ServerEndpoint, TCP6ServerEndpoint, SSL4ServerEndpoint,
+              UNIXServerEndpoint, AdoptedStreamServerEndpoint)
 
 
 # -- the worker side ------------------------------------------------------------
@@ -102,12 +119,19 @@ def adopt(reactor, factory, environ: Mapping[str, str]) -> list:
     all woken for each connection, and a blocking ``accept`` in the ones
     that lose the race would stall their reactor.  ``adoptStreamPort``
     duplicates the descriptor, so the original is closed here; the socket
-    stays open in the parent and the other workers.
+    stays open in the parent and the other workers.  A descriptor named in
+    ``WORKER_TLS`` gets TLS with the settings of its ``ssl:`` endpoint.
     """
+    encrypted = json.loads(environ.get(WORKER_TLS) or "{}")
     ports = []
     for fd, family in inherited_fds(environ):
+        served = factory
+        if str(fd) in encrypted:
+            endpoint = tls.server_endpoint(reactor, encrypted[str(fd)])
+            served = TLSMemoryBIOFactory(tls.endpoint_tls(endpoint), False,
+                                         factory)
         fdesc.setNonBlocking(fd)
-        ports.append(reactor.adoptStreamPort(fd, family, factory))
+        ports.append(reactor.adoptStreamPort(fd, family, served))
         os.close(fd)
     return ports
 
@@ -450,27 +474,31 @@ class WorkerProcesses:
 # -- the parent -----------------------------------------------------------------
 
 class UnshareableListener(Exception):
-    """A listener kind that workers cannot share (TLS is set up per port)."""
+    """A listener kind that workers cannot share."""
 
 
 class Listener:
     """One ``[phantomd] listen`` endpoint as the workers get it.
 
-    ``tcp:``/``tcp6:`` get one SO_REUSEPORT socket per worker slot, bound to
-    the same address, so the kernel spreads new connections over the
-    workers: with one shared socket the first worker to wake accepts the
+    ``tcp:``/``tcp6:``/``ssl:`` get one SO_REUSEPORT socket per worker slot,
+    bound to the same address, so the kernel spreads new connections over
+    the workers: with one shared socket the first worker to wake accepts the
     whole backlog, and keep-alive clients then stay on it.  ``systemd:``
     (one inherited socket) and ``unix:`` are shared by every worker.  The
     parent holds every socket open, never accepting on them, until
     ``close()``: a restarted worker takes over its slot's socket, and
     connections queued on it meanwhile wait instead of being reset.
+    ``tls`` is the ``ssl:`` endpoint string the workers take their TLS
+    settings from (None: plain).
     """
 
     def __init__(self, family: int, fds: Sequence[int], where: str,
-                 close: Callable[[], None]) -> None:
+                 close: Callable[[], None],
+                 tls: Optional[str] = None) -> None:
         self.family = family
         self.fds = list(fds)
         self.where = where
+        self.tls = tls
         self._close = close
 
     @property
@@ -488,60 +516,111 @@ class Listener:
         return self._close()
 
 
-def _reuseport_sockets(ep, count: int) -> Listener:
-    family = (socket.AF_INET6 if isinstance(ep, TCP6ServerEndpoint)
-              else socket.AF_INET)
-    interface = ep._interface or ("::" if family == socket.AF_INET6 else "")
-    port = ep._port
+def _address_lock(family: int, host: str, port: int) -> socket.socket:
+    """Hold the per-address lock of ``exclusive_group``: an abstract unix
+    socket named after the address, which only one process can bind and
+    which the kernel releases when that process closes it or dies."""
+    lock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        lock.bind("\0phantomd-listen:%d:%s:%d" % (family, host, port))
+    except OSError:
+        lock.close()
+        raise OSError(errno.EADDRINUSE, "address already in use (another "
+                      "phantomd is binding it right now)")
+    return lock
+
+
+def exclusive_group(family: int, host: str, port: int, backlog: int,
+                    count: int) -> list[socket.socket]:
+    """``count`` listening SO_REUSEPORT sockets on one address, which no
+    other phantomd shares; raises OSError (EADDRINUSE) if anyone listens
+    there already.
+
+    The probe (same address, SO_REUSEADDR as Twisted's own listeners, no
+    SO_REUSEPORT) fails while any socket listens there; it has to be closed
+    before the group can bind, and the lock, held from before the probe
+    until the group listens, keeps another phantomd out of that gap.  With
+    port 0 the probe picks the port, and is held until the lock is.
+    """
+    lock = _address_lock(family, host, port) if port else None
     socks: list[socket.socket] = []
     try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+            port = probe.getsockname()[1]
+            if lock is None:
+                lock = _address_lock(family, host, port)
         for _ in range(count):
             s = socket.socket(family, socket.SOCK_STREAM)
             socks.append(s)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.bind((interface, port))
-            port = s.getsockname()[1]  # tcp:0 binds every slot to one port
-            s.listen(ep._backlog)
+            s.bind((host, port))
+            s.listen(backlog)
             s.setblocking(False)
-    except OSError as e:
+    except OSError:
         for s in socks:
             s.close()
-        raise error.CannotListenError(interface, port, e)
-    host = socks[0].getsockname()[0]
+        raise
+    finally:
+        if lock is not None:
+            lock.close()
+    return socks
+
+
+def _reuseport_sockets(ep, count: int, description: str) -> Listener:
+    interface = ep._interface
+    family = (socket.AF_INET6 if isinstance(ep, TCP6ServerEndpoint) or
+              isIPv6Address(interface) else socket.AF_INET)
+    interface = interface or ("::" if family == socket.AF_INET6 else "")
+    try:
+        socks = exclusive_group(family, interface, ep._port, ep._backlog,
+                                count)
+    except OSError as e:
+        raise error.CannotListenError(interface, ep._port, e)
+    host, port = socks[0].getsockname()[:2]
     where = ("[%s]:%d" if family == socket.AF_INET6 else "%s:%d") % (
         host, port)
     return Listener(family, [s.fileno() for s in socks], where,
-                    lambda: [s.close() for s in socks] and None)
+                    lambda: [s.close() for s in socks] and None,
+                    tls=(description if isinstance(ep, SSL4ServerEndpoint)
+                         else None))
 
 
-def bind_listeners(reactor, descriptions: Sequence[str],
-                   count: int) -> list[Listener]:
+def bind_listeners(reactor, descriptions: Sequence[str], count: int,
+                   path: str = "<config>") -> list[Listener]:
     """Bind (or take over) every listener for ``count`` workers.
 
-    Raises ``CannotListenError`` for the first listener that cannot bind
-    (closing the others first) and ``UnshareableListener`` for one that
-    workers cannot share, before binding anything.
+    Raises ``ConfigError`` (``[phantomd] listen`` in ``path``) for the
+    first listener that cannot bind (closing the others first) or that
+    workers cannot share (before binding anything).
     """
+    from phantomd.app import listen_error
     endpoints = []
     for d in descriptions:
-        ep = serverFromString(reactor, d)
+        ep = tls.server_endpoint(reactor, d)
         if not isinstance(ep, _SHAREABLE):
-            raise UnshareableListener(
-                "listener %r cannot be shared by workers (workers > 1 supports "
-                "tcp:, tcp6:, unix: and systemd: listeners; terminate TLS in "
-                "front of phantomd or use workers = 1)" % d)
-        endpoints.append(ep)
+            raise configmod.ConfigError(
+                path, "phantomd", "listen",
+                "%s cannot be shared by workers (workers > 1 supports tcp:, "
+                "tcp6:, ssl:, unix: and systemd: listeners; use workers = 1)"
+                % d)
+        endpoints.append((d, ep))
     out: list[Listener] = []
     try:
-        for ep in endpoints:
-            if isinstance(ep, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
-                out.append(_reuseport_sockets(ep, count))
-            elif isinstance(ep, AdoptedStreamServerEndpoint):
-                out.append(Listener(ep.addressFamily, [ep.fileno],
-                                    "fd %d" % ep.fileno, lambda: None))
-            else:
-                out.append(_bind_unix(ep))
+        for d, ep in endpoints:
+            try:
+                if isinstance(ep, (TCP4ServerEndpoint, TCP6ServerEndpoint,
+                                   SSL4ServerEndpoint)):
+                    out.append(_reuseport_sockets(ep, count, d))
+                elif isinstance(ep, AdoptedStreamServerEndpoint):
+                    out.append(Listener(ep.addressFamily, [ep.fileno],
+                                        "fd %d" % ep.fileno, lambda: None))
+                else:
+                    out.append(_bind_unix(ep))
+            except Exception as e:
+                raise listen_error(path, "phantomd", d, e)
     except BaseException:
         for listener in out:
             listener.close()
@@ -610,10 +689,18 @@ class Supervisor(service.Service):
         self._all_started = False
 
     def privilegedStartService(self) -> None:
-        failures: list = []
         self.listeners = bind_listeners(
             self.reactor, self.config.phantomd.listen,
-            self.config.phantomd.workers)
+            self.config.phantomd.workers, self.config.path)
+        try:
+            self._start_admin()
+        except BaseException:
+            self._release()  # twistd exits: leave no temporary directory
+            raise
+        super().privilegedStartService()
+
+    def _start_admin(self) -> None:
+        failures: list = []
         self._dir = tempfile.mkdtemp(prefix="phantomd-")
         metrics_dir = os.path.join(self._dir, "metrics")
         os.mkdir(metrics_dir)
@@ -640,7 +727,20 @@ class Supervisor(service.Service):
         self.gateway.start(front_ports=[]).addErrback(failures.append)
         if failures:
             failures[0].raiseException()
-        super().privilegedStartService()
+
+    def _release(self) -> list:
+        """Close the sockets and remove the private directory; returns the
+        Deferreds of what closes later."""
+        closing = [defer.maybeDeferred(listener.close)
+                   for listener in self.listeners]
+        self.listeners = []
+        closing += [defer.maybeDeferred(p.stopListening)
+                    for p in self._notify_ports]
+        self._notify_ports = []
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+        return closing
 
     def _worker_env(self) -> dict[str, str]:
         env = {k: v for k, v in self.environ.items()
@@ -655,6 +755,11 @@ class Supervisor(service.Service):
         env[WORKER_FDS] = ",".join(
             "%d:%s" % (_FIRST_FD + i, listener.family_name)
             for i, listener in enumerate(self.listeners))
+        encrypted = {str(_FIRST_FD + i): listener.tls
+                     for i, listener in enumerate(self.listeners)
+                     if listener.tls}
+        if encrypted:
+            env[WORKER_TLS] = json.dumps(encrypted)
         return env
 
     def _slot_fds(self, slot: int) -> dict[int, int]:
@@ -729,16 +834,9 @@ class Supervisor(service.Service):
              else defer.succeed(None))
 
         def cleanup(_):
-            closing = [defer.maybeDeferred(listener.close)
-                       for listener in self.listeners]
-            self.listeners = []
-            closing += [defer.maybeDeferred(p.stopListening)
-                        for p in self._notify_ports]
-            self._notify_ports = []
+            closing = self._release()
             if self.gateway is not None:
                 closing.append(defer.maybeDeferred(self.gateway.stop))
-            if self._dir is not None:
-                shutil.rmtree(self._dir, ignore_errors=True)
             self.notifier.close()
             return defer.DeferredList(closing)
         return d.addCallback(cleanup)

@@ -178,11 +178,14 @@ class DemoTests(unittest.TestCase):
         """The demo command of README.rst, as twistd arguments."""
         with open(README, encoding="utf-8") as f:
             text = f.read()
-        m = re.search(r"^\s*pip install \. && (twistd -n phantomd --demo)\s*$",
+        m = re.search(r"^\s*python3 -m venv (\S+) && \1/bin/pip install \. "
+                      r"&& \1/bin/(twistd -n phantomd --demo)\s*$",
                       text, re.M)
         self.assertIsNotNone(m, "README.rst no longer shows the demo "
-                             "command 'twistd -n phantomd --demo'")
-        argv = shlex.split(m.group(1))
+                             "command 'python3 -m venv .venv && .venv/bin/pip "
+                             "install . && .venv/bin/twistd -n phantomd "
+                             "--demo'")
+        argv = shlex.split(m.group(2))
         # --pidfile= : no twistd.pid left behind, none in the way.
         return [argv[1], "--pidfile="] + argv[2:]
 

@@ -89,10 +89,31 @@ class UnitContentTests(SynchronousTestCase):
         self.assertEqual(ipaddress.ip_address(host).version, 4)
         self.assertTrue(0 < int(port) < 65536)
         self.assertEqual(one(SOCKET, "Socket", "Service"), "phantomd.service")
-        self.assertIn("phantomd.socket",
-                      one(SERVICE, "Unit", "Wants").split())
-        self.assertIn("phantomd.socket",
-                      one(SERVICE, "Unit", "After").split())
+
+    def test_shipped_socket_and_ini_do_not_bind_one_address(self):
+        """With the shipped ini (a tcp: listener), enabling or starting the
+        service must not also bind the socket unit on the same address:
+        phantomd would stop with "address already in use".  Socket
+        activation is an opt-in (README, Operations)."""
+        from phantomd import config
+        shipped = config.load(os.path.join(os.path.dirname(HERE), "etc",
+                                           "phantomd.ini"))
+        socket_address = one(SOCKET, "Socket", "ListenStream")
+        host, _, port = socket_address.rpartition(":")
+        binds_it = [d for d in shipped.phantomd.listen
+                    if d.startswith("tcp:%s:" % port) and
+                    ("interface=%s" % host in d or "interface=" not in d)]
+        if binds_it:
+            pulled = []
+            for section, key in [("Unit", "Wants"), ("Unit", "Requires"),
+                                 ("Unit", "BindsTo"), ("Unit", "Upholds"),
+                                 ("Install", "Also")]:
+                for value in values(SERVICE, section, key):
+                    if "phantomd.socket" in value.split():
+                        pulled.append("[%s] %s" % (section, key))
+            self.assertEqual(pulled, [], "the ini listens on %s (%r) and "
+                             "the service pulls in phantomd.socket, which "
+                             "binds it too" % (socket_address, binds_it))
 
     def test_sandboxing(self):
         expected = {

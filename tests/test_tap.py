@@ -37,12 +37,14 @@ class OptionsTests(SynchronousTestCase):
                                       extra=extra))
 
     def refused(self, path):
+        """Not a UsageError: twistd would print its usage text first."""
         options = tap.Options()
-        with self.assertRaises(usage.UsageError) as cm:
+        with self.assertRaises(tap.StartupError) as cm:
             options.parseOptions(["--config", path])
         message = str(cm.exception)
         self.assertNotIn("\n", message)
-        self.assertTrue(message.startswith(path + ": "), message)
+        self.assertTrue(message.startswith("phantomd: " + path + ": "),
+                        message)
         return message
 
     def test_good_file_is_parsed(self):

@@ -6,6 +6,7 @@ processes that inherit a real listening socket.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -306,13 +307,48 @@ class BindListenersTests(TestCase):
         self.assertFalse([r for r in reactor.getReaders()
                           if r.fileno() == listener.fds[0]])
 
-    def test_tls_listeners_are_refused(self):
+    def test_ssl_gets_reuseport_sockets_and_passes_its_endpoint(self):
+        """The workers do TLS themselves, with the endpoint's settings."""
         pem = os.path.join(os.path.dirname(twisted.test.__file__),
                            "server.pem")
-        e = self.assertRaises(
-            workers.UnshareableListener, workers.bind_listeners, reactor,
-            ["ssl:0:privateKey=%s:certKey=%s" % (pem, pem)], 2)
-        self.assertIn("workers = 1", str(e))
+        description = "ssl:0:interface=127.0.0.1:privateKey=%s:certKey=%s" % (
+            pem, pem)
+        [listener] = self.listeners([description], count=2)
+        self.assertEqual(listener.tls, description)
+        self.assertEqual(len(set(listener.fds)), 2)
+        ports = {socket.socket(fileno=os.dup(fd)).getsockname()[1]
+                 for fd in listener.fds}
+        self.assertEqual(len(ports), 1)
+        [plain] = self.listeners(["tcp:0:interface=127.0.0.1"])
+        self.assertIsNone(plain.tls)
+
+    def test_a_second_group_on_a_served_address_is_refused(self):
+        """SO_REUSEPORT would let a second phantomd share the port (and
+        take half its traffic); it must fail as any bind on it would."""
+        [first] = self.listeners(["tcp:0:interface=127.0.0.1"], count=2)
+        port = int(first.where.rpartition(":")[2])
+        busy = "tcp:%d:interface=127.0.0.1" % port
+        for count in (2, 1):
+            e = self.assertRaises(configmod.ConfigError,
+                                  workers.bind_listeners, reactor, [busy],
+                                  count, "gw.ini")
+            self.assertEqual(str(e), "gw.ini: [phantomd] listen: cannot "
+                             "listen on %s: address already in use" % busy)
+
+    def test_an_address_another_phantomd_is_binding_is_refused(self):
+        """The gap between the probe and the group is covered by the
+        per-address lock."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        lock = workers._address_lock(socket.AF_INET, "127.0.0.1", port)
+        self.addCleanup(lock.close)
+        busy = "tcp:%d:interface=127.0.0.1" % port
+        e = self.assertRaises(configmod.ConfigError, workers.bind_listeners,
+                              reactor, [busy], 2)
+        self.assertIn("address already in use (another phantomd", str(e))
+        lock.close()
+        self.listeners([busy], count=2)
 
     def test_a_failed_bind_releases_the_others(self):
         taken = socket.socket()
@@ -324,9 +360,11 @@ class BindListenersTests(TestCase):
         real = workers.Listener.close
         self.patch(workers.Listener, "close",
                    lambda self: (seen.append(self.where), real(self)))
-        e = self.assertRaises(error.CannotListenError, workers.bind_listeners,
-                              reactor, ["tcp:0:interface=127.0.0.1", busy], 2)
-        self.assertIn("Address already in use", str(e))
+        e = self.assertRaises(configmod.ConfigError, workers.bind_listeners,
+                              reactor, ["tcp:0:interface=127.0.0.1", busy], 2,
+                              "gw.ini")
+        self.assertEqual(str(e), "gw.ini: [phantomd] listen: cannot listen "
+                         "on %s: address already in use" % busy)
         self.assertEqual(len(seen), 1)
 
 
@@ -681,3 +719,37 @@ class AdoptTests(TestCase):
             with socket.create_connection(listener.getsockname(), 5) as c:
                 return c.recv(10)
         self.assertEqual((yield deferToThread(fetch)), b"hi")
+
+    @defer.inlineCallbacks
+    def test_adopted_ssl_socket_speaks_tls_and_selects_http11(self):
+        import ssl
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.threads import deferToThread
+        pem = os.path.join(os.path.dirname(twisted.test.__file__),
+                           "server.pem")
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        fd = os.dup(listener.fileno())
+
+        class Hello(Protocol):
+            def connectionMade(self):
+                self.transport.write(b"hi")
+                self.transport.loseConnection()
+
+        environ = {workers.WORKER_FDS: "%d:INET" % fd,
+                   workers.WORKER_TLS: json.dumps({str(fd): (
+                       "ssl:0:privateKey=%s:certKey=%s" % (pem, pem))})}
+        [port] = workers.adopt(reactor, Factory.forProtocol(Hello), environ)
+        self.addCleanup(port.stopListening)
+
+        def fetch():
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            context.set_alpn_protocols(["h2", "http/1.1"])
+            with socket.create_connection(listener.getsockname(), 5) as c:
+                with context.wrap_socket(c) as t:
+                    return t.selected_alpn_protocol(), t.recv(10)
+        self.assertEqual((yield deferToThread(fetch)), ("http/1.1", b"hi"))
