@@ -1,0 +1,337 @@
+"""DPoP proofs (RFC 9449 section 4.3): is this request signed by the key
+the access token is bound to?
+
+A DPoP-bound access token (``cnf.jkt`` in its claims) is only half a
+credential: every request must also carry a ``DPoP`` header, a JWS the
+client signs with its private key over the method, the URL and a hash of
+the token.  ``ProofChecker.check`` does every check RFC 9449 section 4.3
+lists except the last (the key is the one the token names), which needs the
+token's claims: it returns the key's RFC 7638 thumbprint for the gate to
+compare with ``cnf.jkt`` once the token is known to be active.  jwcrypto
+does the cryptography; this module only decides what to ask it.
+
+Replay: each proof's ``jti`` may be used once within the window in which
+its ``iat`` is acceptable.  The gate calls ``ProofChecker.remember`` only
+once the token was found active and bound to the proof's key, so clients
+without a bound token cannot fill the replay cache.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+from urllib.parse import urlsplit
+
+from jwcrypto import jwk as _jwk
+from jwcrypto import jws as _jws
+from jwcrypto.common import JWException
+
+#: The asymmetric algorithms ``[dpop] algs`` may name (RFC 9449 section 3:
+#: no MAC, no ``none``).
+ASYMMETRIC_ALGS = frozenset((
+    "ES256", "ES384", "ES512", "ES256K", "RS256", "RS384", "RS512",
+    "PS256", "PS384", "PS512", "EdDSA"))
+DEFAULT_ALGS = ("ES256", "RS256", "PS256", "EdDSA")
+
+#: Seconds a client's clock may run ahead of (or its proof arrive later
+#: than) ours; added to both ends of the ``iat`` window.
+SKEW = 5
+
+#: Longer ``DPoP`` header values are refused unread (an RSA-4096 proof is
+#: under 2 KB).
+MAX_PROOF_LENGTH = 8192
+MAX_JTI_LENGTH = 256
+
+#: The ``reason`` label of ``phantomd_dpop_failures_total``: a fixed set.
+REASONS = ("missing", "multiple", "malformed", "typ", "alg", "key",
+           "signature", "htm", "htu", "iat", "ath", "replay", "binding",
+           "full")
+
+_COMPACT = re.compile(rb"[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*\Z")
+_PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class ProofError(Exception):
+    """The proof is refused; ``reason`` is one of ``REASONS``, the
+    description is safe to show the client."""
+
+    def __init__(self, reason: str, description: str) -> None:
+        assert reason in REASONS, reason
+        super().__init__(reason, description)
+        self.reason = reason
+        self.description = description
+
+
+class ReplayCacheFull(ProofError):
+    """The replay cache holds ``max_entries`` unexpired proofs."""
+
+    def __init__(self) -> None:
+        super().__init__("full", "too many DPoP proofs in the replay window")
+
+
+@dataclass(frozen=True)
+class Proof:
+    """A proof that passed ``check``: the key's thumbprint, and what
+    ``remember`` needs to refuse it the next time."""
+
+    jkt: str
+    replay_key: bytes
+
+
+def parse_algs(text: str) -> tuple[str, ...]:
+    """``[dpop] algs``: a whitespace-separated list of asymmetric JWS
+    algorithms; ValueError naming a refused one (``none``, ``HS256``...)."""
+    algs = tuple(text.split())
+    if not algs:
+        raise ValueError("lists no algorithm")
+    for alg in algs:
+        if alg not in ASYMMETRIC_ALGS:
+            raise ValueError(
+                "%r is not an asymmetric JWS algorithm (DPoP proofs are "
+                "signed with a private key; one of %s)"
+                % (alg, " ".join(sorted(ASYMMETRIC_ALGS))))
+    return algs
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def access_token_hash(token: str) -> str:
+    """``ath``: base64url(SHA-256(the access token's ASCII))."""
+    return b64url(hashlib.sha256(token.encode("ascii")).digest())
+
+
+def _normalize_path(path: str) -> str:
+    def fix(m: "re.Match[str]") -> str:
+        c = chr(int(m.group(1), 16))
+        return c if c in _UNRESERVED else "%" + m.group(1).upper()
+    return _PERCENT.sub(fix, path) or "/"
+
+
+def normalize_uri(uri: str) -> Optional[str]:
+    """An http(s) URI as RFC 3986 section 6.2.2/6.2.3 normalises it
+    (scheme and host lower-cased, default port dropped, percent-encodings
+    upper-cased or decoded when unreserved, empty path ``/``), without
+    query and fragment (RFC 9449 section 4.3 step 9); None for anything
+    that is not an absolute http(s) URI with a host."""
+    try:
+        parts = urlsplit(uri)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = parts.hostname
+    if scheme not in _DEFAULT_PORTS or not host or parts.username \
+            or parts.password is not None:
+        return None
+    if ":" in host:
+        host = "[" + host + "]"
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        host = "%s:%d" % (host, port)
+    return "%s://%s%s" % (scheme, host, _normalize_path(parts.path))
+
+
+def request_url(scheme: bytes, host: Optional[bytes],
+                target: bytes) -> Optional[str]:
+    """The URL a client used, from the scheme it reached us with, its
+    ``Host`` and the request target (query dropped); None if unusable."""
+    if not host:
+        return None
+    q = target.find(b"?")
+    if q >= 0:
+        target = target[:q]
+    try:
+        text = (scheme + b"://" + host + target).decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    return normalize_uri(text)
+
+
+class ReplayCache:
+    """The ``jti``s (per key) seen within the window, bounded.
+
+    Each entry lives until ``clock.seconds() + ttl`` from when it was
+    added, ``ttl`` being the same for all, so entries expire in insertion
+    order and expired ones are dropped from the front.  At ``max_entries``
+    unexpired entries a new one is refused (``ReplayCacheFull``): evicting
+    an unexpired entry would let its proof be replayed, so the bound fails
+    closed and new proofs are refused until old ones expire.
+    """
+
+    def __init__(self, clock: Any, ttl: float, max_entries: int) -> None:
+        self.clock = clock
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._entries: "OrderedDict[bytes, float]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _expire(self, now: float) -> None:
+        entries = self._entries
+        while entries:
+            key, expires = next(iter(entries.items()))
+            if expires > now:
+                return
+            del entries[key]
+
+    def seen(self, key: bytes) -> bool:
+        now = self.clock.seconds()
+        self._expire(now)
+        return key in self._entries
+
+    def add(self, key: bytes) -> bool:
+        """Record ``key``; False if it was already there (a replay).
+        Raises ``ReplayCacheFull`` at the bound."""
+        now = self.clock.seconds()
+        self._expire(now)
+        if key in self._entries:
+            return False
+        if len(self._entries) >= self.max_entries:
+            raise ReplayCacheFull()
+        self._entries[key] = now + self.ttl
+        return True
+
+
+class ProofChecker:
+    """Checks ``DPoP`` proofs on the clock passed in (the gate's)."""
+
+    def __init__(self, clock: Any, algs: Iterable[str] = DEFAULT_ALGS,
+                 max_age: float = 60, max_entries: int = 100000) -> None:
+        self.clock = clock
+        self.replays = ReplayCache(clock, 0, max_entries)
+        self.reconfigure(algs=algs, max_age=max_age, max_entries=max_entries)
+
+    def reconfigure(self, algs: Optional[Iterable[str]] = None,
+                    max_age: Optional[float] = None,
+                    max_entries: Optional[int] = None) -> None:
+        """Apply a reload; the jtis already seen stay remembered."""
+        if algs is not None:
+            algs = tuple(algs)
+            for alg in algs:
+                if alg not in ASYMMETRIC_ALGS:
+                    raise ValueError("%r is not an asymmetric algorithm"
+                                     % alg)
+            self.algs = algs
+            self.algs_text = " ".join(algs)
+        if max_age is not None:
+            self.max_age = max_age
+            # The longest a proof accepted now could still pass the iat
+            # check: iat may be up to SKEW ahead, and stays acceptable
+            # max_age + SKEW after it.
+            self.replays.ttl = max_age + 2 * SKEW
+        if max_entries is not None:
+            self.replays.max_entries = max_entries
+
+    def check(self, values: Sequence[bytes], method: bytes,
+              url: Optional[str], token: str) -> Proof:
+        """The proof in ``values`` (every ``DPoP`` header line) for a
+        ``method`` request to ``url`` (as ``request_url`` gives it)
+        carrying access token ``token``; raises ``ProofError``."""
+        if not values:
+            raise ProofError("missing", "a DPoP proof is required")
+        if len(values) > 1:
+            raise ProofError("multiple", "more than one DPoP header")
+        raw = values[0].strip(b" \t")
+        if len(raw) > MAX_PROOF_LENGTH or not _COMPACT.match(raw):
+            raise ProofError("malformed", "the DPoP proof is not a compact "
+                                          "JWS")
+        proof = _jws.JWS()
+        try:
+            proof.deserialize(raw.decode("ascii"))
+            header = proof.jose_header
+        except (JWException, ValueError, TypeError, KeyError):
+            raise ProofError("malformed", "the DPoP proof is not a JWS")
+        if not isinstance(header, dict):
+            raise ProofError("malformed", "the DPoP proof has no header")
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() != "dpop+jwt":
+            raise ProofError("typ", 'the DPoP proof\'s typ is not '
+                                    '"dpop+jwt"')
+        alg = header.get("alg")
+        if alg not in self.algs:
+            raise ProofError("alg", "the DPoP proof's alg is not one of %s"
+                             % self.algs_text)
+        key = _public_key(header.get("jwk"))
+        proof.allowed_algs = list(self.algs)
+        try:
+            proof.verify(key, alg=alg)
+            payload = json.loads(proof.payload)
+        except (JWException, ValueError, TypeError, UnicodeDecodeError):
+            raise ProofError("signature", "the DPoP proof's signature does "
+                                          "not verify with its jwk")
+        if not isinstance(payload, dict):
+            raise ProofError("malformed", "the DPoP proof's payload is not "
+                                          "a JSON object")
+        htm = payload.get("htm")
+        if not isinstance(htm, str) or \
+                htm.encode("ascii", "replace") != method:
+            raise ProofError("htm", "the DPoP proof's htm is not the "
+                                    "request method")
+        htu = payload.get("htu")
+        if not isinstance(htu, str) or url is None or \
+                normalize_uri(htu) != url:
+            raise ProofError("htu", "the DPoP proof's htu is not the "
+                                    "request URL")
+        iat = payload.get("iat")
+        now = self.clock.seconds()
+        if isinstance(iat, bool) or not isinstance(iat, (int, float)):
+            raise ProofError("iat", "the DPoP proof has no numeric iat")
+        if iat > now + SKEW or iat < now - self.max_age - SKEW:
+            raise ProofError("iat", "the DPoP proof's iat is outside the "
+                                    "accepted window")
+        ath = payload.get("ath")
+        if not isinstance(ath, str) or not hmac.compare_digest(
+                ath.encode("ascii", "replace"),
+                access_token_hash(token).encode("ascii")):
+            raise ProofError("ath", "the DPoP proof's ath is not the hash "
+                                    "of the access token")
+        jkt = key.thumbprint()
+        jti = payload.get("jti")
+        if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
+            raise ProofError("malformed", "the DPoP proof has no usable jti")
+        replay_key = hashlib.sha256(
+            (jkt + "\0" + jti).encode("utf-8", "replace")).digest()[:20]
+        if self.replays.seen(replay_key):
+            raise ProofError("replay", "the DPoP proof was used before")
+        return Proof(jkt=jkt, replay_key=replay_key)
+
+    def remember(self, proof: Proof) -> None:
+        """Record a proof the request is being let through with; raises
+        ``ProofError`` if it was recorded meanwhile (two requests racing
+        with one proof) or ``ReplayCacheFull``."""
+        if not self.replays.add(proof.replay_key):
+            raise ProofError("replay", "the DPoP proof was used before")
+
+
+def _public_key(jwk: Any) -> _jwk.JWK:
+    if not isinstance(jwk, dict):
+        raise ProofError("key", "the DPoP proof's header has no jwk")
+    if jwk.get("kty") not in ("EC", "RSA", "OKP"):
+        raise ProofError("key", "the DPoP proof's jwk is not an asymmetric "
+                                "public key")
+    try:
+        key = _jwk.JWK(**jwk)
+    except (JWException, ValueError, TypeError):
+        raise ProofError("key", "the DPoP proof's jwk is not a valid key")
+    if key.has_private or any(k in jwk for k in ("d", "p", "q", "dp", "dq",
+                                                   "qi", "oth", "k")):
+        raise ProofError("key", "the DPoP proof's jwk has private key "
+                                "material")
+    return key
+
+
+def thumbprints_equal(a: Any, b: str) -> bool:
+    """``cnf.jkt`` (or ``x5t#S256``) against what was presented."""
+    return isinstance(a, str) and hmac.compare_digest(
+        a.encode("ascii", "replace"), b.encode("ascii"))
