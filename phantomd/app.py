@@ -21,6 +21,7 @@ from phantomd.coalescer import Coalescer
 from phantomd import config as configmod
 from phantomd.fleet import Fleet, check as check_fleet
 from phantomd.config import Config, ConfigError
+from phantomd.dpop import ProofChecker
 from phantomd.gate import Gate
 from phantomd.http.server import FrontFactory
 from phantomd.http.upstream import UpstreamPool
@@ -160,10 +161,13 @@ class Gateway:
         self._wrapped = None
         self.fleet = Fleet.from_config(reactor, config, self.cache,
                                        self.metrics)
+        dp = config.dpop
         self.gate = Gate(reactor, self.cache, self.coalescer,
                          self._introspector(), self.metrics,
                          config.phantomd.realm,
-                         config.phantomd.required_scopes, self.readiness)
+                         config.phantomd.required_scopes, self.readiness,
+                         dpop=ProofChecker(reactor, dp.algs, dp.max_age,
+                                           dp.replay_cache_size))
         self.upstream = UpstreamPool(reactor, config.phantomd, self.metrics,
                                      tls_options=_upstream_tls(config))
         self.front = FrontFactory(reactor, self.gate, self.upstream,
@@ -314,6 +318,9 @@ class Gateway:
         self.gate.reconfigure(realm=new.phantomd.realm,
                               required_scopes=new.phantomd.required_scopes,
                               introspector=self._introspector())
+        self.gate.dpop.reconfigure(algs=new.dpop.algs,
+                                   max_age=new.dpop.max_age,
+                                   max_entries=new.dpop.replay_cache_size)
         self.front.reconfigure(gate=self.gate, upstream=self.upstream,
                                settings=new.phantomd)
         self.config = new

@@ -145,6 +145,15 @@ def proxy_networks(value: str) -> Any:
         raise _Invalid(str(e))
 
 
+def dpop_algs(value: str) -> tuple[str, ...]:
+    """``[dpop] algs``: asymmetric JWS algorithms only (no none, no HS*)."""
+    from phantomd.dpop import parse_algs
+    try:
+        return parse_algs(value)
+    except ValueError as e:
+        raise _Invalid(str(e))
+
+
 def workers(value: str) -> int:
     if value == "auto":
         return os.cpu_count() or 1
@@ -324,6 +333,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         # Re-read on reload: the bearer POST /revoke expects.
         "token_file": Key(readable_file, "", trust=False, secret=True),
     },
+    # DESIGN section 12: DPoP proofs are checked on every request, so a
+    # reload applies to the next one; cached answers do not depend on them.
+    "dpop": {
+        "algs": Key(dpop_algs, "ES256 RS256 PS256 EdDSA", trust=False),
+        "max_age": Key(_number(float, 1, 3600), "60", trust=False),
+        "replay_cache_size": Key(positive_int, "100000", trust=False),
+    },
 }
 
 
@@ -384,6 +400,7 @@ class Config:
     log: Section
     shared_cache: Section
     revocation: Section
+    dpop: Section
     client_secret: Optional[str]  # resolved from client_secret or its file
     # (section, key) -> SHA-256 hex of the file's contents when loaded.
     files: Mapping[tuple[str, str], str] = field(

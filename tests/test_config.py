@@ -168,6 +168,12 @@ MISTAKES = [
     (_with(extra="[minting]\njwks_path = jwks\n"), "minting", "jwks_path",
      "path"),
     (_with(extra="[log]\nformat = xml\n"), "log", "format", "one of"),
+    # A DPoP proof signed with a MAC, or not at all, proves no key.
+    (_with(extra="[dpop]\nalgs = ES256 none\n"), "dpop", "algs",
+     "asymmetric"),
+    (_with(extra="[dpop]\nalgs = HS256\n"), "dpop", "algs", "asymmetric"),
+    (_with(extra="[dpop]\nalgs =\n"), "dpop", "algs", "no algorithm"),
+    (_with(extra="[dpop]\nmax_age = 0\n"), "dpop", "max_age", "range"),
 ]
 
 

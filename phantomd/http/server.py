@@ -31,8 +31,9 @@ from twisted.logger import Logger
 
 from phantomd.http.fastio import writer_for
 from phantomd.http.headers import drop_connection_options
-from phantomd.http.headers import FORWARDING, REQUEST_DROP
-from phantomd.http.proxies import forwarded_by_proxy
+from phantomd.dpop import request_url
+from phantomd.http.headers import FORWARDING, REQUEST_DROP, SENDER_PROOF
+from phantomd.http.proxies import forwarded_by_proxy, forwarded_origin
 from phantomd.http.upstream import (
     MODE_CHUNKED, MODE_EOF, MODE_LENGTH)
 from phantomd.outcomes import Forward, Reject, error_response
@@ -576,6 +577,7 @@ class FrontProtocol(Protocol):
         te = None
         connection = None
         fwd = None
+        proofs = None
         for item in r.headers:
             name = item[0].lower()
             if name in REQUEST_DROP:
@@ -593,6 +595,8 @@ class FrontProtocol(Protocol):
                     connection = (connection or []) + item[1].split(b",")
                 elif name in FORWARDING:
                     fwd = [item] if fwd is None else fwd + [item]
+                elif name in SENDER_PROOF:
+                    proofs = [item] if proofs is None else proofs + [item]
                 continue
             kept.append(item)
         r.headers = []
@@ -643,7 +647,10 @@ class FrontProtocol(Protocol):
         r.kept = kept
         r.fwd = fwd
         self._phase = _GATE
-        d = self.factory.gate.authorize(auth)
+        if proofs is None:
+            d = self.factory.gate.authorize(auth)
+        else:
+            d = self._authorize_bound(auth, proofs, r)
         result = getattr(d, "result", None)
         if d.called and type(result) in _OUTCOMES:
             # Already decided (a cache hit): skip the callback machinery.
@@ -652,6 +659,22 @@ class FrontProtocol(Protocol):
             self._gate_d = d
             d.addCallbacks(self._authorized, self._gate_failed,
                            callbackArgs=(r,), errbackArgs=(r,))
+
+    def _authorize_bound(self, auth: list, proofs: list,
+                         r: _Request) -> Any:
+        """Ask the gate about a request with sender-constraint evidence
+        (DESIGN section 12): its DPoP proofs and the URL they must name,
+        the client's scheme and host as a trusted proxy reports them."""
+        dpop = [v for n, v in proofs if n.lower() == b"dpop"]
+        url = None
+        if dpop:
+            scheme: Any = b"https" if self._tls else b"http"
+            host = r.host
+            if r.fwd is not None and self._trusted():
+                scheme, host = forwarded_origin(r.fwd, scheme, host)
+            url = request_url(scheme, host, r.target)
+        return self.factory.gate.authorize(auth, dpop=dpop, method=r.method,
+                                           url=url)
 
     def _trusted(self) -> bool:
         """Whether the peer is a trusted proxy, by the settings in force
