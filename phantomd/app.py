@@ -79,6 +79,25 @@ def _minter(clock, config: Config):
         raise ConfigError(config.path, "minting", "key_file", str(e))
 
 
+def _client_ca(config: Config) -> None:
+    """``[phantomd] tls_client_ca_file`` must hold a CA certificate, and
+    only ``ssl:`` listeners can ask for client certificates."""
+    ca = config.phantomd.tls_client_ca_file
+    if not ca:
+        return
+    from phantomd import mtls, tls
+    try:
+        tls._pem_certificates(ca, "client CA file")
+    except ValueError as e:
+        raise ConfigError(config.path, "phantomd", "tls_client_ca_file",
+                          str(e))
+    if not any(mtls.is_ssl_endpoint(d) for d in config.phantomd.listen):
+        raise ConfigError(config.path, "phantomd", "tls_client_ca_file",
+                          "needs an ssl: listener in listen (behind a "
+                          "proxy that terminates TLS, list it in "
+                          "trusted_proxies and let it send Client-Cert)")
+
+
 def check(config: Config) -> None:
     """Load every file the config names (keys, certificates) without a
     reactor, so ``twistd`` refuses a bad file before it starts anything."""
@@ -87,6 +106,7 @@ def check(config: Config) -> None:
     _minter(Clock(), config)
     _introspection_tls(config)
     check_fleet(config)
+    _client_ca(config)
     i = config.introspection
     if i.auth_method == "private_key_jwt":
         from phantomd import clientauth
@@ -222,7 +242,8 @@ class Gateway:
         ``front_ports`` lets a worker process use listening ports adopted
         from its parent instead of binding ``[phantomd] listen`` itself.
         """
-        front = ([self._listen(d, self.front)
+        ca = self.config.phantomd.tls_client_ca_file
+        front = ([self._listen(d, self.front, ca)
                   for d in self.config.phantomd.listen]
                  if front_ports is None else
                  [defer.succeed(p) for p in front_ports])
@@ -252,9 +273,16 @@ class Gateway:
             return self
         return d.addCallback(bound)
 
-    def _listen(self, description: str, factory) -> defer.Deferred:
+    def _listen(self, description: str, factory,
+                client_ca: Optional[str] = None) -> defer.Deferred:
         try:
-            return serverFromString(self.reactor, description).listen(factory)
+            endpoint = serverFromString(self.reactor, description)
+            if client_ca:
+                from phantomd import mtls
+                if mtls.is_ssl_endpoint(description):
+                    # DESIGN section 12: certificate-bound tokens.
+                    mtls.request_client_certificates(endpoint, client_ca)
+            return endpoint.listen(factory)
         except Exception:
             return defer.fail()
 

@@ -259,6 +259,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                    secret=True),
         # Whose X-Forwarded-* are believed; applied live on reload.
         "trusted_proxies": Key(proxy_networks, "", trust=False),
+        # ssl: listeners ask for client certificates signed by it
+        # (certificate-bound tokens, DESIGN section 12); set up at start.
+        "tls_client_ca_file": Key(readable_file, "", trust=False,
+                                  restart=True),
     },
     "introspection": {
         "url": Key(http_url, REQUIRED, trust=True),
