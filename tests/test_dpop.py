@@ -94,6 +94,21 @@ class ProofTests(SynchronousTestCase):
         self.refused([b"not a jws"], "malformed")
         self.refused([b"a.b.c" * 3000], "malformed")
 
+    def test_critical_header_parameters(self):
+        c = {"jti": "x", "htm": "GET", "htu": URL, "iat": NOW,
+             "ath": access_token_hash(TOKEN)}
+        for extra in ({"crit": ["exp"], "exp": 1},
+                      {"b64": False, "crit": ["b64"]}):
+            h = dict({"typ": "dpop+jwt", "alg": "ES256",
+                      "jwk": EC_KEY.export_public(as_dict=True)}, **extra)
+            # refused before the signature is looked at
+            self.refused([hand_made(h, c, b"x" * 64)], "malformed")
+
+    def test_non_canonical_base64(self):
+        """The signature is checked over the bytes sent, nothing else."""
+        head, payload, sig = make_proof().split(b".")
+        self.refused([b".".join((head + b"=", payload, sig))], "malformed")
+
     def test_wrong_typ(self):
         self.refused([make_proof(header={"typ": "JWT"})], "typ")
         self.refused([make_proof(header={"typ": None})], "typ")
