@@ -21,7 +21,7 @@ from phantomd.coalescer import Coalescer
 from phantomd import config as configmod
 from phantomd.fleet import Fleet, check as check_fleet
 from phantomd.config import Config, ConfigError
-from phantomd.dpop import ProofChecker
+from phantomd.dpop import ProofChecker, SharedReplays
 from phantomd.gate import Gate
 from phantomd.http.server import FrontFactory
 from phantomd.http.upstream import UpstreamPool
@@ -188,6 +188,10 @@ class Gateway:
                          config.phantomd.required_scopes, self.readiness,
                          dpop=ProofChecker(reactor, dp.algs, dp.max_age,
                                            dp.replay_cache_size))
+        if self.fleet is not None and self.fleet.shared is not None:
+            # DPoP jtis are remembered fleet-wide (DESIGN section 12).
+            self.gate.dpop.shared = SharedReplays(
+                self.fleet.shared.client, self.fleet.shared.keys.prefix)
         self.upstream = UpstreamPool(reactor, config.phantomd, self.metrics,
                                      tls_options=_upstream_tls(config))
         self.front = FrontFactory(reactor, self.gate, self.upstream,

@@ -13,7 +13,9 @@ does the cryptography; this module only decides what to ask it.
 Replay: each proof's ``jti`` may be used once within the window in which
 its ``iat`` is acceptable.  The gate calls ``ProofChecker.remember`` only
 once the token was found active and bound to the proof's key, so clients
-without a bound token cannot fill the replay cache.
+without a bound token cannot fill the replay cache.  With ``[shared_cache]``
+the fleet's Redis remembers it too (``SharedReplays``), so a proof used on
+one process or host is refused on every other.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ MAX_CACHED_KEYS = 1024
 #: The ``reason`` label of ``phantomd_dpop_failures_total``: a fixed set.
 REASONS = ("missing", "multiple", "malformed", "typ", "alg", "key",
            "signature", "htm", "htu", "iat", "ath", "replay", "binding",
-           "full")
+           "full", "unavailable")
 
 _COMPACT = re.compile(rb"[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*\Z")
 _PERCENT = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -214,6 +216,28 @@ class ReplayCache:
         return True
 
 
+class SharedReplays:
+    """The fleet's replay cache: one ``SET <prefix>d:<key> 1 NX PX <ttl>``
+    per accepted proof on the shared tier's Redis connection
+    (``redisconn.RedisClient``).  Redis expires the entries, so nothing
+    here grows; Redis's own ``maxmemory`` policy is the bound (a
+    ``volatile-*`` or ``allkeys-*`` eviction there forgets proofs early,
+    so run it with ``noeviction``, which makes SET fail: refused, below).
+    ``claim`` fires True for a proof not seen before, False for a replay,
+    and fails when Redis does not answer: the gate then refuses the
+    request (503) rather than accept a proof another process may have
+    seen."""
+
+    def __init__(self, client: Any, prefix: bytes) -> None:
+        self.client = client
+        self.prefix = prefix + b"d:"
+
+    def claim(self, replay_key: bytes, ttl: float) -> Any:
+        d = self.client.call(b"SET", self.prefix + replay_key.hex().encode(),
+                             b"1", b"NX", b"PX", max(1, int(ttl * 1000)))
+        return d.addCallback(lambda reply: reply is not None)
+
+
 class ProofChecker:
     """Checks ``DPoP`` proofs on the clock passed in (the gate's)."""
 
@@ -222,6 +246,8 @@ class ProofChecker:
         self.clock = clock
         self.replays = ReplayCache(clock, 0, max_entries)
         self._keys: dict = {}
+        #: ``SharedReplays`` when ``[shared_cache]`` is on (set by the app).
+        self.shared: Optional[SharedReplays] = None
         self.reconfigure(algs=algs, max_age=max_age, max_entries=max_entries)
 
     def reconfigure(self, algs: Optional[Iterable[str]] = None,

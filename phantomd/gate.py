@@ -102,7 +102,10 @@ class Gate:
         if cached is not None:
             if isinstance(cached, Active):
                 self.metrics.lookup["hit"].inc()
-                return succeed(self._decide(cached, "hit", tid, binding))
+                decision = self._decide(cached, "hit", tid, binding)
+                if isinstance(decision, Deferred):
+                    return decision  # the fleet's replay check (DPoP)
+                return succeed(decision)
             self.metrics.lookup["negative_hit"].inc()
             return succeed(self._inactive(tid, "negative_hit", binding))
         self.metrics.lookup["miss"].inc()
@@ -217,7 +220,16 @@ class Gate:
         if cnf is not None or binding[1] is not None:
             refused = self._bound(cnf, binding, tid, cache)
             if refused is not None:
+                if isinstance(refused, Deferred):
+                    return refused.addCallback(
+                        lambda r: r if r is not None else
+                        self._scoped(result, cache, tid, binding))
                 return refused
+        return self._scoped(result, cache, tid, binding)
+
+    def _scoped(self, result: Active, cache: str, tid: str,
+                binding: tuple) -> Decision:
+        claims = result.claims
         if self.required_scopes and not self.required_scopes.issubset(
                 granted_scopes(claims)):
             dpop = binding[0] == "DPoP"
@@ -245,10 +257,11 @@ class Gate:
                       dpop_algs=self.dpop.algs_text)
 
     def _bound(self, cnf: Any, binding: tuple, tid: str,
-               cache: str) -> "Reject | None":
+               cache: str) -> "Reject | Deferred | None":
         """None if the request satisfies the token's ``cnf``, else the
         refusal.  A DPoP proof is remembered (its jti used up) only here,
-        once everything else about it passed."""
+        once everything else about it passed; with the fleet's Redis the
+        answer is a Deferred of the same."""
         scheme, proof, cert = binding
         if cnf is None:
             cnf = {}
@@ -285,7 +298,32 @@ class Gate:
             self.dpop.remember(proof)
         except ProofError as e:
             return self._refuse_proof(e, tid, cache)
-        return None
+        shared = self.dpop.shared
+        if shared is None:
+            return None
+        d = shared.claim(proof.replay_key, self.dpop.replays.ttl)
+
+        def claimed(new: bool):
+            if new:
+                return None
+            return self._refuse_proof(ProofError(
+                "replay", "the DPoP proof was used before"), tid, cache)
+
+        def failed(f: Failure):
+            if f.check(CancelledError):
+                return f
+            # Counted, not logged per request: the Redis client already
+            # logs its outages, throttled.
+            self.log.debug("DPoP replay check in Redis failed for "
+                           "{token_id}: {error}", token_id=tid,
+                           error=f.getErrorMessage())
+            self.metrics.dpop_failures["unavailable"].inc()
+            return Reject(503, "temporarily_unavailable",
+                          "the DPoP replay check is unavailable",
+                          retry_after=SHED_RETRY_AFTER, token_id=tid,
+                          cache=cache)
+
+        return d.addCallbacks(claimed, failed)
 
     def _unbound(self, scheme: str, why: str, tid: str,
                  cache: str) -> Reject:

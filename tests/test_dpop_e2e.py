@@ -134,3 +134,26 @@ class DPoPEndToEnd(GatewayCase):
         self.assertDPoPRefused(r, "invalid_dpop_proof")
         r = await scene.get(headers=dpop_headers(token, proof(token), fwd))
         self.assertEqual(r.status, 200, r.body)
+
+
+from tests.test_fleet_e2e import FleetCase  # noqa: E402
+
+
+class FleetReplay(FleetCase):
+    """Two Gateways sharing a real redis-server: a proof accepted by one
+    is a replay to the other."""
+
+    @async_test
+    async def test_proof_used_on_one_process_is_refused_on_another(self):
+        f = await self.fleet(2)
+        token = "opq-dpop-fleet-token"
+        f.ts.activate(token, cnf={"jkt": KEY.thumbprint()})
+        p = proof(token)
+        r = await f.get(0, None, headers=dpop_headers(token, p))
+        self.assertEqual(r.status, 200, r.body)
+        r = await f.get(1, None, headers=dpop_headers(token, p))
+        self.assertEqual(r.status, 401, r.body)
+        self.assertIn(b"invalid_dpop_proof", r.body)
+        r = await f.get(1, None, headers=dpop_headers(token, proof(token)))
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(len(f.api.requests), 2)

@@ -136,3 +136,65 @@ class BindingTests(GateTestsMixin, SynchronousTestCase):
         results = self.bearer(client_cert=X5T)
         self.answer(self.active())
         self.assertIsInstance(self.only(results), Forward)
+
+
+class FakeRedis:
+    """``call`` answers like txredisapi's SET NX: b"OK" the first time a
+    key is set, None after; or fails while ``down``."""
+
+    def __init__(self):
+        self.keys = {}
+        self.down = False
+
+    def call(self, *args):
+        from twisted.internet.defer import fail, succeed
+        if self.down:
+            return fail(ConnectionError("redis is down"))
+        self.keys.setdefault(args[1], []).append(args)
+        return succeed(b"OK" if len(self.keys[args[1]]) == 1 else None)
+
+
+class SharedReplayTests(BindingTests):
+    """With [shared_cache] the jti is also claimed in Redis, so a proof
+    seen by another process is refused here."""
+
+    def setUp(self):
+        super().setUp()
+        from phantomd.dpop import SharedReplays
+        self.redis = FakeRedis()
+        self.gate.dpop.shared = SharedReplays(self.redis, b"phantomd:")
+
+    def test_replay_seen_by_another_process(self):
+        p = make_proof(iat=self.clock.seconds(), jti="x")
+        results = self.dpop(p)
+        self.answer(self.active(cnf={"jkt": JKT}))
+        self.assertIsInstance(self.only(results), Forward)
+        [(key, args)] = [(k, v[0]) for k, v in self.redis.keys.items()]
+        self.assertTrue(key.startswith(b"phantomd:d:"), key)
+        self.assertEqual(args[2:5], (b"1", b"NX", b"PX"))
+        self.assertEqual(args[5], 70000)  # max_age + 2 * skew, in ms
+        # Another process, with its own local replay cache, using the same
+        # Redis: the proof is refused there.
+        other = ProofChecker(self.clock)
+        other.shared = self.gate.dpop.shared
+        self.gate.dpop = other
+        self.assertRefused(self.only(self.dpop(p)), "invalid_dpop_proof")
+        self.assertEqual(self.failures("replay"), 1)
+
+    def test_redis_down_fails_closed(self):
+        results = self.dpop(jti="a")
+        self.answer(self.active(cnf={"jkt": JKT}))
+        self.assertIsInstance(self.only(results), Forward)
+        self.redis.down = True
+        r = self.only(self.dpop(jti="b"))
+        self.assertEqual((r.status, r.error, r.retry_after),
+                         (503, "temporarily_unavailable", 1))
+        self.assertEqual(self.failures("unavailable"), 1)
+
+    def test_replay_cache_full_is_503(self):
+        self.gate.dpop.replays.max_entries = 1
+        results = self.dpop(jti="a")
+        self.answer(self.active(cnf={"jkt": JKT}))
+        self.assertIsInstance(self.only(results), Forward)
+        r = self.only(self.dpop(jti="b"))
+        self.assertEqual((r.status, r.retry_after), (503, 1))
