@@ -135,6 +135,32 @@ class DPoPEndToEnd(GatewayCase):
         r = await scene.get(headers=dpop_headers(token, proof(token), fwd))
         self.assertEqual(r.status, 200, r.body)
 
+    @async_test
+    async def test_reload_applies_algs_and_max_age(self):
+        """A reload's [dpop] algs and max_age apply to the next proof,
+        the token's cached answer notwithstanding."""
+        from phantomd import config
+        scene, token, _ = await self.scene()
+        r = await scene.get(headers=dpop_headers(token, proof(token)))
+        self.assertEqual(r.status, 200, r.body)
+        scene.gw.gateway.reload(config.parse(
+            scene.ini + "\n[dpop]\nalgs = EdDSA\nmax_age = 10\n",
+            "<reloaded.ini>"))
+        r = await scene.get(headers=dpop_headers(token, proof(token)))
+        self.assertEqual(r.status, 401, r.body)
+        self.assertIn(b'algs="EdDSA"', r.first(b"www-authenticate"))
+        self.assertEqual(scene.gw.metrics.sample(
+            "phantomd_dpop_failures_total", {"reason": "alg"}), 1)
+        scene.gw.gateway.reload(config.parse(
+            scene.ini + "\n[dpop]\nmax_age = 10\n", "<reloaded.ini>"))
+        r = await scene.get(headers=dpop_headers(
+            token, proof(token, iat=int(time.time()) - 30)))
+        self.assertEqual(r.status, 401, r.body)
+        self.assertEqual(scene.gw.metrics.sample(
+            "phantomd_dpop_failures_total", {"reason": "iat"}), 1)
+        r = await scene.get(headers=dpop_headers(token, proof(token)))
+        self.assertEqual(r.status, 200, r.body)
+
 
 from tests.test_fleet_e2e import FleetCase  # noqa: E402
 
