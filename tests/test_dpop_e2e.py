@@ -183,3 +183,30 @@ class FleetReplay(FleetCase):
         r = await f.get(1, None, headers=dpop_headers(token, proof(token)))
         self.assertEqual(r.status, 200, r.body)
         self.assertEqual(len(f.api.requests), 2)
+
+
+from tests.robustness.fakes import get, json_reply, new_token  # noqa: E402
+from tests.test_modes_e2e import (  # noqa: E402
+    ModesCase, bearer_of, introspection_claims, payload_of)
+
+
+class MintedKeepsBinding(ModesCase):
+    """response = json: the JWT phantomd mints keeps ``cnf``, and the
+    binding is checked from it, on the miss and on the hit."""
+
+    @async_test
+    async def test_minted_jwt_keeps_cnf(self):
+        await self.gateway("json")
+        token = new_token()
+        cnf = {"jkt": KEY.thumbprint()}
+        self.answers[token] = json_reply(introspection_claims(
+            self.ts, cnf=cnf))
+        for _ in range(2):
+            r = await get(reactor, self.gw.front, None,
+                          headers=dpop_headers(token, proof(token)))
+            self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(payload_of(bearer_of(self.api.requests[0]))["cnf"],
+                         cnf)
+        r = await get(reactor, self.gw.front, token)
+        self.assertEqual(r.status, 401, r.body)
+        self.assertEqual(len(self.ts.introspections()), 1)
