@@ -133,11 +133,13 @@ class CertificateBound(GatewayCase):
         # Never forwarded, whoever sent it.
         plain, _ = scene.good_token()
         r = await scene.get(plain, headers=[
-            (b"Client-Cert", header), (b"Client-Cert-Chain", header)])
+            (b"Client-Cert", header), (b"Client-Cert-Chain", header),
+            (b"Client_Cert", header), (b"DPoP", b"x.y.z")])
         self.assertEqual(r.status, 200, r.body)
         [api] = scene.api.requests
-        self.assertEqual(api.header(b"client-cert"), [])
-        self.assertEqual(api.header(b"client-cert-chain"), [])
+        for name in (b"client-cert", b"client-cert-chain", b"client_cert",
+                     b"dpop"):
+            self.assertEqual(api.header(name), [], name)
 
         trusted = await build(self, phantomd={"trusted_proxies": "127.0.0.1"})
         token, _ = trusted.good_token(cnf=cnf)
