@@ -14,7 +14,7 @@ import shutil
 import ssl
 import subprocess
 
-from twisted.internet import reactor, threads
+from twisted.internet import threads
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from phantomd import app, config
