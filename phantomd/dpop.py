@@ -24,6 +24,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -338,7 +339,9 @@ class ProofChecker:
                                     "request URL")
         iat = payload.get("iat")
         now = self.clock.seconds()
-        if isinstance(iat, bool) or not isinstance(iat, (int, float)):
+        if isinstance(iat, bool) or not isinstance(iat, (int, float)) \
+                or not math.isfinite(iat):
+            # (json reads NaN, which no window comparison would refuse)
             raise ProofError("iat", "the DPoP proof has no numeric iat")
         if iat > now + SKEW or iat < now - self.max_age - SKEW:
             raise ProofError("iat", "the DPoP proof's iat is outside the "

@@ -182,6 +182,9 @@ class ProofTests(SynchronousTestCase):
     def test_future_iat(self):
         self.refused([make_proof(iat=NOW + 6)], "iat")
         self.refused([make_proof(iat="now")], "iat")
+        # NaN compares false both ways: it would never grow old.
+        self.refused([make_proof(iat=float("nan"))], "iat")
+        self.refused([make_proof(iat=float("inf"))], "iat")
         self.check([make_proof(iat=NOW + 4)])
 
     def test_wrong_ath(self):
