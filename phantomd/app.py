@@ -20,6 +20,7 @@ from phantomd.coalescer import Coalescer
 from phantomd import config as configmod
 from phantomd.fleet import Fleet, check as check_fleet
 from phantomd.config import Config, ConfigError
+from phantomd.dpop import ProofChecker, SharedReplays
 from phantomd.gate import Gate
 from phantomd.http.server import FrontFactory
 from phantomd.http.upstream import UpstreamPool
@@ -92,6 +93,25 @@ def listen_error(path: str, section: str, description: str,
                        % (description, text))
 
 
+def _client_ca(config: Config) -> None:
+    """``[phantomd] tls_client_ca_file`` must hold a CA certificate, and
+    only ``ssl:`` listeners can ask for client certificates."""
+    ca = config.phantomd.tls_client_ca_file
+    if not ca:
+        return
+    from phantomd import mtls, tls
+    try:
+        tls._pem_certificates(ca, "client CA file")
+    except ValueError as e:
+        raise ConfigError(config.path, "phantomd", "tls_client_ca_file",
+                          str(e))
+    if not any(mtls.is_ssl_endpoint(d) for d in config.phantomd.listen):
+        raise ConfigError(config.path, "phantomd", "tls_client_ca_file",
+                          "needs an ssl: listener in listen (behind a "
+                          "proxy that terminates TLS, list it in "
+                          "trusted_proxies and let it send Client-Cert)")
+
+
 def check(config: Config) -> None:
     """Load every file the config names (keys, certificates) without a
     reactor, so ``twistd`` refuses a bad file before it starts anything."""
@@ -100,6 +120,7 @@ def check(config: Config) -> None:
     _minter(Clock(), config)
     _introspection_tls(config)
     check_fleet(config)
+    _client_ca(config)
     i = config.introspection
     if i.auth_method == "private_key_jwt":
         from phantomd import clientauth
@@ -175,10 +196,17 @@ class Gateway:
         self._wrapped = None
         self.fleet = Fleet.from_config(reactor, config, self.cache,
                                        self.metrics)
+        dp = config.dpop
         self.gate = Gate(reactor, self.cache, self.coalescer,
                          self._introspector(), self.metrics,
                          config.phantomd.realm,
-                         config.phantomd.required_scopes, self.readiness)
+                         config.phantomd.required_scopes, self.readiness,
+                         dpop=ProofChecker(reactor, dp.algs, dp.max_age,
+                                           dp.replay_cache_size))
+        if self.fleet is not None and self.fleet.shared is not None:
+            # DPoP jtis are remembered fleet-wide (DESIGN section 12).
+            self.gate.dpop.shared = SharedReplays(
+                self.fleet.shared.client, self.fleet.shared.keys.prefix)
         self.upstream = UpstreamPool(reactor, config.phantomd, self.metrics,
                                      tls_options=_upstream_tls(config))
         self.front = FrontFactory(reactor, self.gate, self.upstream,
@@ -233,7 +261,8 @@ class Gateway:
         ``front_ports`` lets a worker process use listening ports adopted
         from its parent instead of binding ``[phantomd] listen`` itself.
         """
-        front = ([self._listen(d, self.front, "phantomd")
+        ca = self.config.phantomd.tls_client_ca_file
+        front = ([self._listen(d, self.front, "phantomd", ca)
                   for d in self.config.phantomd.listen]
                  if front_ports is None else
                  [defer.succeed(p) for p in front_ports])
@@ -264,11 +293,19 @@ class Gateway:
         return d.addCallback(bound)
 
     def _listen(self, description: str, factory,
-                section: str) -> defer.Deferred:
-        """Bind one endpoint; a failure is ``listen_error``'s ConfigError."""
+                section: str,
+                client_ca: Optional[str] = None) -> defer.Deferred:
+        """Bind one endpoint; a failure is ``listen_error``'s ConfigError.
+        ``client_ca``: ``ssl:`` endpoints ask clients for certificates it
+        signed (DESIGN section 12: certificate-bound tokens)."""
         from phantomd import tls
         try:
-            d = tls.server_endpoint(self.reactor, description).listen(factory)
+            endpoint = tls.server_endpoint(self.reactor, description)
+            if client_ca:
+                from phantomd import mtls
+                if mtls.is_ssl_endpoint(description):
+                    mtls.request_client_certificates(endpoint, client_ca)
+            d = endpoint.listen(factory)
         except Exception:
             d = defer.fail()
 
@@ -338,6 +375,9 @@ class Gateway:
         self.gate.reconfigure(realm=new.phantomd.realm,
                               required_scopes=new.phantomd.required_scopes,
                               introspector=self._introspector())
+        self.gate.dpop.reconfigure(algs=new.dpop.algs,
+                                   max_age=new.dpop.max_age,
+                                   max_entries=new.dpop.replay_cache_size)
         self.front.reconfigure(gate=self.gate, upstream=self.upstream,
                                settings=new.phantomd)
         self.config = new

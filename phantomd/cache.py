@@ -31,13 +31,15 @@ class TokenCache:
     put-time + TTL: a ``get`` at exactly that clock value misses.
 
     Each entry is one tuple in an ``OrderedDict``: ``(expiry,)`` for an
-    inactive token, ``(expiry, jwt, scope)`` for an active one.  Only what
+    inactive token, ``(expiry, jwt, scope)`` for an active one
+    (plus its ``cnf`` for a sender-constrained one).  Only what
     the gate decides on is kept beside the JWT: its scopes, as one
     space-separated string shared between entries through a bounded table
     of distinct scope strings.  Its ``exp`` need not be kept, since an entry
     never outlives it.  So an entry costs its JWT plus a small tuple, and a
     hit decodes nothing; a hit's ``claims`` are ``{"scope": ...}`` (empty
-    when the token has no scopes), not the whole payload.
+    when the token has no scopes) and ``cnf`` if the token had one, not
+    the whole payload.
 
     A value returned by ``get`` carries as ``lifetime`` the seconds it has
     left in the cache, not the lifetime it was stored with.
@@ -91,9 +93,11 @@ class TokenCache:
         self._entries.move_to_end(key)
         if len(entry) == 1:
             return Inactive(lifetime=expiry - now)
-        _, jwt, scope = entry
-        return Active(jwt=jwt, claims={} if scope is None else
-                      {"scope": scope}, lifetime=expiry - now)
+        jwt, scope = entry[1], entry[2]
+        claims = {} if scope is None else {"scope": scope}
+        if len(entry) == 4:
+            claims["cnf"] = entry[3]
+        return Active(jwt=jwt, claims=claims, lifetime=expiry - now)
 
     def put(self, key: bytes, result: Result) -> None:
         """Store ``result`` for as long as DESIGN section 4 allows.
@@ -119,6 +123,11 @@ class TokenCache:
         else:
             entry = (now + ttl, result.jwt,
                      self._shared(scope_text(result.claims)))
+            cnf = result.claims.get("cnf")
+            if cnf is not None:
+                # The key or certificate the token is bound to: checked on
+                # every hit (DESIGN section 12), so kept with the JWT.
+                entry += (cnf,)
         entries = self._entries
         entries[key] = entry
         entries.move_to_end(key)

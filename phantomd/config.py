@@ -207,6 +207,15 @@ def inactive_statuses(value: str) -> frozenset[int]:
     return frozenset(out)
 
 
+def dpop_algs(value: str) -> tuple[str, ...]:
+    """``[dpop] algs``: asymmetric JWS algorithms only (no none, no HS*)."""
+    from phantomd.dpop import parse_algs
+    try:
+        return parse_algs(value)
+    except ValueError as e:
+        raise _Invalid(str(e))
+
+
 def workers(value: str) -> int:
     if value == "auto":
         return os.cpu_count() or 1
@@ -312,6 +321,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                    secret=True),
         # Whose X-Forwarded-* are believed; applied live on reload.
         "trusted_proxies": Key(proxy_networks, "", trust=False),
+        # ssl: listeners ask for client certificates signed by it
+        # (certificate-bound tokens, DESIGN section 12); set up at start.
+        "tls_client_ca_file": Key(readable_file, "", trust=False,
+                                  restart=True),
     },
     "introspection": {
         "url": Key(http_url, REQUIRED, trust=True),
@@ -399,6 +412,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         # Re-read on reload: the bearer POST /revoke expects.
         "token_file": Key(readable_file, "", trust=False, secret=True),
     },
+    # DESIGN section 12: DPoP proofs are checked on every request, so a
+    # reload applies to the next one; cached answers do not depend on them.
+    "dpop": {
+        "algs": Key(dpop_algs, "ES256 RS256 PS256 EdDSA", trust=False),
+        "max_age": Key(_number(float, 1, 3600), "60", trust=False),
+        "replay_cache_size": Key(positive_int, "100000", trust=False),
+    },
 }
 
 
@@ -459,6 +479,7 @@ class Config:
     log: Section
     shared_cache: Section
     revocation: Section
+    dpop: Section
     client_secret: Optional[str]  # resolved from client_secret or its file
     # (section, key) -> SHA-256 hex of the file's contents when loaded.
     files: Mapping[tuple[str, str], str] = field(

@@ -3,21 +3,27 @@
 It knows nothing about sockets.  It reads the cache, and on a miss asks the
 coalescer to run (at most) one introspection for the token; the shared
 introspection stores its answer in the cache before any waiter sees it.
-Scopes are checked on every request, cache hits included.
+Scopes are checked on every request, cache hits included, and so are
+sender constraints (DESIGN section 12): a ``DPoP`` proof is checked before
+the cache is looked at, and the token's ``cnf`` (``jkt``, ``x5t#S256``) is
+compared with the proof's key and the client certificate once its claims
+are known.  The cache key stays the token.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from phantomd.cache import scope_text
+from phantomd.dpop import (
+    ProofChecker, ProofError, ReplayCacheFull, thumbprints_equal)
 from phantomd.outcomes import (
     Active, Forward, Inactive, IntrospectionFailed, Reject, Shed)
-from phantomd.tokens import parse_authorization, token_id, token_key
+from phantomd.tokens import parse_credentials, token_id, token_key
 
 Decision = Union[Forward, Reject]
 
@@ -30,6 +36,9 @@ _ERRORS = {
 #: Seconds a shed request is told to wait before trying again.
 SHED_RETRY_AFTER = 1
 
+#: How a plain bearer request is bound: (scheme, proof, certificate).
+_BEARER = ("Bearer", None, None)
+
 
 def granted_scopes(claims: Mapping[str, Any]) -> frozenset:
     """Scopes from ``scope`` (RFC 9068, space-separated) or ``scp``."""
@@ -41,8 +50,9 @@ class Gate:
 
     def __init__(self, clock, cache, coalescer, introspector, metrics,
                  realm: str, required_scopes: Iterable[str],
-                 readiness=None) -> None:
+                 readiness=None, dpop: "ProofChecker | None" = None) -> None:
         self.clock = clock
+        self.dpop = dpop if dpop is not None else ProofChecker(clock)
         self.cache = cache
         self.coalescer = coalescer
         self.introspector = introspector
@@ -62,19 +72,42 @@ class Gate:
         if introspector is not None:
             self.introspector = introspector
 
-    def authorize(self, authorization: Sequence[bytes]) -> "Deferred[Decision]":
-        parsed = parse_authorization(authorization)
+    def authorize(self, authorization: Sequence[bytes],
+                  dpop: Sequence[bytes] = (), method: bytes = b"GET",
+                  url: Optional[str] = None,
+                  client_cert: Optional[str] = None) -> "Deferred[Decision]":
+        """The decision for a request's ``Authorization`` values.
+
+        ``dpop``: its ``DPoP`` header values; ``method`` and ``url`` (as
+        ``dpop.request_url`` gives it) what the proof must name;
+        ``client_cert``: the SHA-256 thumbprint (base64url) of the client
+        certificate the request came with, if any.  A caller that passes
+        none of them gets sender-constrained tokens refused."""
+        parsed = parse_credentials(authorization)
         if isinstance(parsed, Reject):
             return succeed(parsed)
-        key = token_key(parsed)
+        scheme, token = parsed
+        key = token_key(token)
         tid = token_id(key)
+        if scheme == "Bearer":
+            binding: tuple = _BEARER if client_cert is None else (
+                "Bearer", None, client_cert)
+        else:
+            try:
+                proof = self.dpop.check(dpop, method, url, token)
+            except ProofError as e:
+                return succeed(self._refuse_proof(e, tid))
+            binding = (scheme, proof, client_cert)
         cached = self.cache.get(key)
         if cached is not None:
             if isinstance(cached, Active):
                 self.metrics.lookup["hit"].inc()
-                return succeed(self._decide(cached, "hit", tid))
+                decision = self._decide(cached, "hit", tid, binding)
+                if isinstance(decision, Deferred):
+                    return decision  # the fleet's replay check (DPoP)
+                return succeed(decision)
             self.metrics.lookup["negative_hit"].inc()
-            return succeed(self._inactive(tid, "negative_hit"))
+            return succeed(self._inactive(tid, "negative_hit", binding))
         self.metrics.lookup["miss"].inc()
         # Flights are per introspector as well as per token: a request
         # arriving after a reload that replaced the token service's client
@@ -82,9 +115,9 @@ class Gate:
         introspector = self.introspector
         d = self.coalescer.run(
             (introspector, key),
-            lambda: self._introspect(introspector, parsed, key, tid))
+            lambda: self._introspect(introspector, token, key, tid))
         d.addCallbacks(self._answered, self._failed,
-                       callbackArgs=(tid,), errbackArgs=(tid,))
+                       callbackArgs=(tid, binding), errbackArgs=(tid,))
         return d
 
     # -- the shared introspection (one per token at a time) ----------------
@@ -141,10 +174,10 @@ class Gate:
 
     # -- per request --------------------------------------------------------
 
-    def _answered(self, result, tid: str) -> Decision:
+    def _answered(self, result, tid: str, binding: tuple) -> Decision:
         if isinstance(result, Active):
-            return self._decide(result, "miss", tid)
-        return self._inactive(tid, "miss")
+            return self._decide(result, "miss", tid, binding)
+        return self._inactive(tid, "miss", binding)
 
     def _failed(self, f: Failure, tid: str) -> Decision:
         if f.check(CancelledError):
@@ -166,19 +199,135 @@ class Gate:
         return Reject(status, error, description, retry_after=retry_after,
                       token_id=tid)
 
-    def _inactive(self, tid: str, cache: str) -> Reject:
+    def _inactive(self, tid: str, cache: str,
+                  binding: tuple = _BEARER) -> Reject:
+        if binding[0] == "DPoP":
+            return Reject(401, "invalid_token",
+                          "the access token is not active", token_id=tid,
+                          cache=cache, scheme="DPoP",
+                          dpop_algs=self.dpop.algs_text)
         return Reject(401, "invalid_token",
                       "the access token is not active", token_id=tid,
                       cache=cache)
 
-    def _decide(self, result: Active, cache: str, tid: str) -> Decision:
-        exp = result.claims.get("exp")
+    def _decide(self, result: Active, cache: str, tid: str,
+                binding: tuple = _BEARER) -> Decision:
+        claims = result.claims
+        exp = claims.get("exp")
         if isinstance(exp, (int, float)) and exp <= self.clock.seconds():
-            return self._inactive(tid, cache)
+            return self._inactive(tid, cache, binding)
+        cnf = claims.get("cnf")
+        if cnf is not None or binding[1] is not None:
+            refused = self._bound(cnf, binding, tid, cache)
+            if refused is not None:
+                if isinstance(refused, Deferred):
+                    return refused.addCallback(
+                        lambda r: r if r is not None else
+                        self._scoped(result, cache, tid, binding))
+                return refused
+        return self._scoped(result, cache, tid, binding)
+
+    def _scoped(self, result: Active, cache: str, tid: str,
+                binding: tuple) -> Decision:
+        claims = result.claims
         if self.required_scopes and not self.required_scopes.issubset(
-                granted_scopes(result.claims)):
+                granted_scopes(claims)):
+            dpop = binding[0] == "DPoP"
             return Reject(403, "insufficient_scope",
                           "the access token lacks a required scope",
-                          scope=self._scope_text, token_id=tid, cache=cache)
-        return Forward(jwt=result.jwt, claims=result.claims, cache=cache,
+                          scope=self._scope_text, token_id=tid, cache=cache,
+                          scheme=binding[0],
+                          dpop_algs=self.dpop.algs_text if dpop else None)
+        return Forward(jwt=result.jwt, claims=claims, cache=cache,
                        token_id=tid)
+
+    # -- sender constraints (DESIGN section 12) -----------------------------
+
+    def _refuse_proof(self, e: ProofError, tid: str,
+                      cache: str = "") -> Reject:
+        self.metrics.dpop_failures[e.reason].inc()
+        self.log.debug("DPoP proof refused for {token_id}: {reason}",
+                       token_id=tid, reason=e.reason)
+        if isinstance(e, ReplayCacheFull):
+            return Reject(503, "temporarily_unavailable", e.description,
+                          retry_after=SHED_RETRY_AFTER, token_id=tid,
+                          cache=cache)
+        return Reject(401, "invalid_dpop_proof", e.description,
+                      token_id=tid, cache=cache, scheme="DPoP",
+                      dpop_algs=self.dpop.algs_text)
+
+    def _bound(self, cnf: Any, binding: tuple, tid: str,
+               cache: str) -> "Reject | Deferred | None":
+        """None if the request satisfies the token's ``cnf``, else the
+        refusal.  A DPoP proof is remembered (its jti used up) only here,
+        once everything else about it passed; with the fleet's Redis the
+        answer is a Deferred of the same."""
+        scheme, proof, cert = binding
+        if cnf is None:
+            cnf = {}
+        elif not isinstance(cnf, Mapping):
+            return self._unbound(scheme, "the access token's cnf claim is "
+                                         "unreadable", tid, cache)
+        jkt = cnf.get("jkt")
+        x5t = cnf.get("x5t#S256")
+        if x5t is not None and (cert is None or
+                                not thumbprints_equal(x5t, cert)):
+            self.metrics.cert_binding_failures.inc()
+            return self._unbound(scheme, "the access token is bound to a "
+                                         "client certificate this request "
+                                         "did not present", tid, cache)
+        if proof is None:
+            if jkt is not None:
+                self.metrics.dpop_failures["binding"].inc()
+                return Reject(401, "invalid_token",
+                              "the access token is DPoP-bound: send it "
+                              "with the DPoP scheme and a proof",
+                              token_id=tid, cache=cache,
+                              dpop_algs=self.dpop.algs_text)
+            return None
+        if jkt is None:
+            self.metrics.dpop_failures["binding"].inc()
+            return self._unbound(scheme, "the access token is not "
+                                         "DPoP-bound (no cnf.jkt)",
+                                 tid, cache)
+        if not thumbprints_equal(jkt, proof.jkt):
+            return self._refuse_proof(ProofError(
+                "binding", "the DPoP proof's key is not the one the "
+                           "access token is bound to"), tid, cache)
+        try:
+            self.dpop.remember(proof)
+        except ProofError as e:
+            return self._refuse_proof(e, tid, cache)
+        shared = self.dpop.shared
+        if shared is None:
+            return None
+        d = shared.claim(proof.replay_key, self.dpop.replays.ttl)
+
+        def claimed(new: bool):
+            if new:
+                return None
+            return self._refuse_proof(ProofError(
+                "replay", "the DPoP proof was used before"), tid, cache)
+
+        def failed(f: Failure):
+            if f.check(CancelledError):
+                return f
+            # Counted, not logged per request: the Redis client already
+            # logs its outages, throttled.
+            self.log.debug("DPoP replay check in Redis failed for "
+                           "{token_id}: {error}", token_id=tid,
+                           error=f.getErrorMessage())
+            self.metrics.dpop_failures["unavailable"].inc()
+            return Reject(503, "temporarily_unavailable",
+                          "the DPoP replay check is unavailable",
+                          retry_after=SHED_RETRY_AFTER, token_id=tid,
+                          cache=cache)
+
+        return d.addCallbacks(claimed, failed)
+
+    def _unbound(self, scheme: str, why: str, tid: str,
+                 cache: str) -> Reject:
+        dpop = scheme == "DPoP"
+        return Reject(401, "invalid_token", why, token_id=tid, cache=cache,
+                      scheme=scheme,
+                      dpop_algs=self.dpop.algs_text if dpop else None)

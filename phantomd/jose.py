@@ -276,7 +276,10 @@ def _verify_signature(token: str, key: _jwk.JWK, alg: str) -> None:
 # -- minting ------------------------------------------------------------------
 
 _COPIED_CLAIMS = ("sub", "scope", "client_id", "auth_time", "acr", "amr",
-                  "username")
+                  "username",
+                  # The key or certificate the token is bound to (RFC 9449,
+                  # RFC 8705): the gate checks it on every request.
+                  "cnf")
 
 
 def _is_str(v: Any) -> bool:
@@ -298,6 +301,7 @@ _CLAIM_TYPES = {
     "sub": _is_str, "scope": _is_str, "client_id": _is_str,
     "username": _is_str, "acr": _is_str, "auth_time": _is_number,
     "amr": _is_str_list,
+    "cnf": lambda v: isinstance(v, dict),
     "aud": lambda v: _is_str(v) or _is_str_list(v),
 }
 

@@ -112,6 +112,20 @@ class Metrics:
                          for c in REJECT_REASONS}
 
         self._shared_cache(r)
+        self._sender_constrained(r)
+
+    def _sender_constrained(self, r: CollectorRegistry) -> None:
+        """DPoP and certificate-bound tokens (DESIGN section 12)."""
+        from phantomd.dpop import REASONS
+        failures = Counter(
+            "phantomd_dpop_failures",
+            "Requests refused for their DPoP proof or token binding, by "
+            "reason.", ["reason"], registry=r)
+        self.dpop_failures = {c: failures.labels(reason=c) for c in REASONS}
+        self.cert_binding_failures = Counter(
+            "phantomd_cert_binding_failures",
+            "Requests refused because a certificate-bound token came "
+            "without its client certificate.", registry=r)
 
     def _shared_cache(self, r: CollectorRegistry) -> None:
         """``[shared_cache]`` and ``[revocation]`` (DESIGN section 11)."""

@@ -43,6 +43,13 @@ class Reject:
     #: False for data-path errors (framing, limits): the request's bearer
     #: credentials were never looked at, so no challenge is owed.
     bearer: bool = True
+    #: ``DPoP``: the error is about DPoP credentials and goes in a DPoP
+    #: challenge (RFC 9449 section 7.1) instead of the Bearer one.
+    scheme: str = "Bearer"
+    #: Set for refusals about sender-constrained tokens: the DPoP
+    #: challenge's ``algs`` (a Bearer refusal then gets one too, telling
+    #: the client which scheme its token needs).
+    dpop_algs: Optional[str] = None
 
     def challenge(self, realm: str) -> bytes:
         """The ``WWW-Authenticate`` value, or ``b""`` where none applies."""
@@ -54,7 +61,9 @@ class Reject:
             params.append(("error_description", self.description))
         if self.scope is not None:
             params.append(("scope", self.scope))
-        return ("Bearer " + ", ".join(
+        if self.scheme == "DPoP" and self.dpop_algs is not None:
+            params.append(("algs", self.dpop_algs))
+        return (self.scheme + " " + ", ".join(
             '%s="%s"' % (k, _quote(v)) for k, v in params)).encode("ascii")
 
     def body(self, request_id: Optional[str] = None) -> bytes:
@@ -77,6 +86,11 @@ class Reject:
         challenge = self.challenge(realm)
         if challenge:
             out.append((b"WWW-Authenticate", challenge))
+            if self.scheme != "DPoP" and self.dpop_algs is not None:
+                out.append((b"WWW-Authenticate", (
+                    'DPoP realm="%s", algs="%s"' % (
+                        _quote(realm), _quote(self.dpop_algs))
+                ).encode("ascii")))
         if self.retry_after is not None:
             out.append((b"Retry-After", str(int(self.retry_after)).encode()))
         return out

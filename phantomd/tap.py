@@ -180,7 +180,9 @@ def makeService(options) -> service.IService:
         workers.die_with_parent(os.environ)
 
         def adopt(factory):
-            return workers.adopt(reactor, factory, os.environ)
+            return workers.adopt(
+                reactor, factory, os.environ,
+                client_ca=config.phantomd.tls_client_ca_file)
         load = workers.worker_config
     elif config.phantomd.workers > 1:
         # The parent: binds, runs and watches the workers, serves /metrics.

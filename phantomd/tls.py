@@ -60,6 +60,11 @@ class ServerTLS:
         self._context = options.getContext()
         self._context.set_alpn_select_callback(select_protocol)
 
+    def getContext(self) -> SSL.Context:
+        """The one context every connection is made from (client
+        certificate settings go here: ``mtls.request_client_certificates``)."""
+        return self._context
+
     def serverConnectionForTLS(self, tls_protocol) -> SSL.Connection:
         return SSL.Connection(self._context, None)
 

@@ -36,6 +36,19 @@ def parse_authorization(values: Sequence[bytes]) -> Union[str, Reject]:
     section 3.1).  Several credentials, an empty or malformed bearer token:
     400 ``invalid_request``.
     """
+    parsed = parse_credentials(values)
+    if isinstance(parsed, Reject):
+        return parsed
+    if parsed[0] != "Bearer":
+        return NO_CREDENTIALS
+    return parsed[1]
+
+
+def parse_credentials(values: Sequence[bytes]
+                      ) -> Union[tuple[str, str], Reject]:
+    """``("Bearer" or "DPoP", token)`` from the ``Authorization`` header
+    values (RFC 9449 section 7.1: the DPoP scheme carries the token with
+    the same syntax), or the Reject ``parse_authorization`` describes."""
     if not values:
         return NO_CREDENTIALS
     if len(values) > 1:
@@ -43,11 +56,15 @@ def parse_authorization(values: Sequence[bytes]) -> Union[str, Reject]:
     value = values[0].strip(b" \t")
     m = _SCHEME.match(value)
     if m is None:
-        if value[:6].lower() == b"bearer":
+        if value[:6].lower() == b"bearer" or value[:4].lower() == b"dpop":
             return _malformed("unreadable bearer credentials")
         return NO_CREDENTIALS
-    scheme, credentials = m.group(1), m.group(2)
-    if scheme.lower() != b"bearer":
+    scheme, credentials = m.group(1).lower(), m.group(2)
+    if scheme == b"bearer":
+        name = "Bearer"
+    elif scheme == b"dpop":
+        name = "DPoP"
+    else:
         return NO_CREDENTIALS
     if not credentials:
         return _malformed("empty bearer token")
@@ -58,7 +75,7 @@ def parse_authorization(values: Sequence[bytes]) -> Union[str, Reject]:
         if b"," in credentials or b" " in credentials:
             return _malformed("more than one credential in Authorization")
         return _malformed("bearer token has characters RFC 6750 forbids")
-    return credentials.decode("ascii")
+    return name, credentials.decode("ascii")
 
 
 def token_key(token: str) -> bytes:

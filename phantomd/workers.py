@@ -112,7 +112,8 @@ def worker_config(path: str) -> configmod.Config:
         "phantomd": {"listen": WORKER_LISTEN_PLACEHOLDER}})
 
 
-def adopt(reactor, factory, environ: Mapping[str, str]) -> list:
+def adopt(reactor, factory, environ: Mapping[str, str],
+          client_ca: Optional[str] = None) -> list:
     """Listening ports for ``factory`` on the inherited descriptors.
 
     The socket is made non-blocking first: workers sharing one socket are
@@ -120,7 +121,9 @@ def adopt(reactor, factory, environ: Mapping[str, str]) -> list:
     that lose the race would stall their reactor.  ``adoptStreamPort``
     duplicates the descriptor, so the original is closed here; the socket
     stays open in the parent and the other workers.  A descriptor named in
-    ``WORKER_TLS`` gets TLS with the settings of its ``ssl:`` endpoint.
+    ``WORKER_TLS`` gets TLS with the settings of its ``ssl:`` endpoint,
+    asking clients for certificates ``client_ca`` signed when it is set
+    (``[phantomd] tls_client_ca_file``), as a single process does.
     """
     encrypted = json.loads(environ.get(WORKER_TLS) or "{}")
     ports = []
@@ -128,6 +131,9 @@ def adopt(reactor, factory, environ: Mapping[str, str]) -> list:
         served = factory
         if str(fd) in encrypted:
             endpoint = tls.server_endpoint(reactor, encrypted[str(fd)])
+            if client_ca:
+                from phantomd import mtls
+                mtls.request_client_certificates(endpoint, client_ca)
             served = TLSMemoryBIOFactory(tls.endpoint_tls(endpoint), False,
                                          factory)
         fdesc.setNonBlocking(fd)

@@ -139,6 +139,17 @@ class TTLTests(CacheTestCase):
         c.put(key("w"), Active(jwt="j", claims={"sub": "a"}, lifetime=60))
         self.assertEqual(c.get(key("w")).claims, {})
 
+    def test_cnf_kept_for_hits(self):
+        """A hit must still show what the token is bound to, or a stolen
+        DPoP- or certificate-bound token would pass as a plain bearer once
+        cached (DESIGN section 12)."""
+        c = self.cache()
+        cnf = {"jkt": "abc"}
+        c.put(key("t"), Active(jwt="j", claims={"scope": "r", "cnf": cnf},
+                               lifetime=60))
+        self.assertEqual(c.get(key("t")).claims,
+                         {"scope": "r", "cnf": cnf})
+
     def test_equal_scope_strings_are_stored_once(self):
         c = self.cache()
         for i in range(3):

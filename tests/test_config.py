@@ -219,6 +219,12 @@ MISTAKES = [
      "above max_ttl"),
     (_with(extra="[cache]\nmax_ttl = 0\nmin_ttl = 1\n"), "cache",
      "min_ttl", "above max_ttl"),
+    # A DPoP proof signed with a MAC, or not at all, proves no key.
+    (_with(extra="[dpop]\nalgs = ES256 none\n"), "dpop", "algs",
+     "asymmetric"),
+    (_with(extra="[dpop]\nalgs = HS256\n"), "dpop", "algs", "asymmetric"),
+    (_with(extra="[dpop]\nalgs =\n"), "dpop", "algs", "no algorithm"),
+    (_with(extra="[dpop]\nmax_age = 0\n"), "dpop", "max_age", "range"),
 ]
 
 

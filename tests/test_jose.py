@@ -225,6 +225,16 @@ class MinterTests(SynchronousTestCase):
         del intro["username"]
         self.assertEqual(self.minter().mint(intro)[1]["sub"], "web-app")
 
+    def test_cnf_is_kept(self):
+        """A sender-constrained token stays bound in the minted JWT (the
+        gate checks the binding from these claims; DESIGN section 12)."""
+        cnf = {"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"}
+        token, claims = self.minter().mint(dict(INTRO, cnf=cnf))
+        self.assertEqual(claims["cnf"], cnf)
+        self.assertEqual(jose.unverified_claims(token, NOW)["cnf"], cnf)
+        with self.assertRaises(jose.JOSEError):
+            self.minter().mint(dict(INTRO, cnf="jkt"))
+
     def test_jti_is_fresh_each_time(self):
         m = self.minter()
         self.assertNotEqual(m.mint(INTRO)[1]["jti"], m.mint(INTRO)[1]["jti"])

@@ -81,7 +81,7 @@ class RulesTests(PromtoolCase):
     def test_check_rules(self):
         code, out = self.promtool("check", "rules", ALERTS)
         self.assertEqual(code, 0, out)
-        self.assertIn("SUCCESS: 7 rules found", out)
+        self.assertIn("SUCCESS: 8 rules found", out)
 
     def test_rules_reference_only_exported_metrics(self):
         with open(ALERTS) as f:
@@ -124,6 +124,7 @@ class RulesTests(PromtoolCase):
                   '{instance="a",le="%s"}')
         reqs = 'phantomd_requests_total{instance="a",code="%s"}'
         shared = 'phantomd_shared_cache_errors_total{instance="a",kind="%s"}'
+        dpop = 'phantomd_dpop_failures_total{instance="a",reason="%s"}'
         tests = (
             case("PhantomdTokenServiceErrors", "critical", "20m",
                  [(intro % "error", "0+60x30"), (intro % "active", "0+60x30")],
@@ -146,6 +147,9 @@ class RulesTests(PromtoolCase):
             + case("PhantomdSharedCacheDegraded", "warning", "25m",
                    [(shared % "timeout", "0+60x30")],
                    [(shared % "timeout", "0+1x30")])
+            + case("PhantomdDPoPReplayCheckFailing", "warning", "20m",
+                   [(dpop % "full", "0+60x30")],
+                   [(dpop % "full", "0+1x30"), (dpop % "replay", "0+600x30")])
         )
         spec = os.path.join(self.dir, "alerts_test.yml")
         with open(spec, "w") as f:

@@ -753,3 +753,46 @@ class AdoptTests(TestCase):
                 with context.wrap_socket(c) as t:
                     return t.selected_alpn_protocol(), t.recv(10)
         self.assertEqual((yield deferToThread(fetch)), ("http/1.1", b"hi"))
+
+    @defer.inlineCallbacks
+    def test_adopted_ssl_socket_asks_for_client_certificates(self):
+        """``[phantomd] tls_client_ca_file`` with workers: each worker's
+        TLS asks for the client's certificate as one process does, so a
+        certificate-bound token can pass there too."""
+        import ssl
+        from twisted.internet.protocol import Factory, Protocol
+        from twisted.internet.threads import deferToThread
+        pem = os.path.join(os.path.dirname(twisted.test.__file__),
+                           "server.pem")
+
+        class Peer(Protocol):
+            def dataReceived(self, data):
+                cert = self.transport.getPeerCertificate()
+                self.transport.write(b"cert" if cert is not None else b"none")
+                self.transport.loseConnection()
+
+        def serve(client_ca):
+            listener = socket.socket()
+            self.addCleanup(listener.close)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)
+            fd = os.dup(listener.fileno())
+            environ = {workers.WORKER_FDS: "%d:INET" % fd,
+                       workers.WORKER_TLS: json.dumps({str(fd): (
+                           "ssl:0:privateKey=%s:certKey=%s" % (pem, pem))})}
+            [port] = workers.adopt(reactor, Factory.forProtocol(Peer),
+                                   environ, client_ca=client_ca)
+            self.addCleanup(port.stopListening)
+            return listener.getsockname()
+
+        def fetch(address):
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            context.load_cert_chain(pem)
+            with socket.create_connection(address, 5) as c:
+                with context.wrap_socket(c) as t:
+                    t.sendall(b"?")
+                    return t.recv(10)
+        self.assertEqual((yield deferToThread(fetch, serve(None))), b"none")
+        self.assertEqual((yield deferToThread(fetch, serve(pem))), b"cert")

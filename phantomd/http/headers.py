@@ -34,6 +34,11 @@ FORWARDING = frozenset((
 ))
 
 
+# Sender-constraint evidence (DESIGN section 12): the gate checks it, the API
+# never sees it (a Client-Cert from a client is never believed either).
+SENDER_PROOF = frozenset((b"dpop", b"client-cert", b"client-cert-chain"))
+
+
 def _underscore_spellings(names: frozenset) -> frozenset:
     """Every spelling of ``names`` with some ``-`` written ``_``: CGI and
     WSGI servers (gunicorn, uWSGI...) turn ``X_Forwarded_For`` into the same
@@ -51,9 +56,9 @@ def _underscore_spellings(names: frozenset) -> frozenset:
 
 _GUARDED = HOP_BY_HOP | SET_BY_PROXY | NEVER_FORWARDED | frozenset((
     b"x-request-id",  # the front keeps or replaces the real spelling
-))
+)) | SENDER_PROOF
 
-REQUEST_DROP = HOP_BY_HOP | SET_BY_PROXY | NEVER_FORWARDED | \
+REQUEST_DROP = HOP_BY_HOP | SET_BY_PROXY | NEVER_FORWARDED | SENDER_PROOF | \
     _underscore_spellings(_GUARDED)
 RESPONSE_DROP = HOP_BY_HOP | frozenset((b"content-length",))
 

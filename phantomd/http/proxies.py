@@ -119,3 +119,20 @@ def forwarded_by_proxy(received: list, peer: bytes, proto: bytes,
     if host is not None:
         out += (b"X-Forwarded-Host: ", host, b"\r\n")
     return b"".join(out)
+
+
+def forwarded_origin(received: Optional[list], proto: bytes,
+                     host: Optional[bytes]) -> tuple:
+    """``(scheme, host)`` the client used, as a trusted proxy reports it
+    in ``received`` (its ``X-Forwarded-*`` lines; the last item of each,
+    as ``forwarded_by_proxy`` keeps), else ``proto`` and ``host``."""
+    protos: list = []
+    hosts: list = []
+    for name, value in received or ():
+        n = name.lower()
+        if n == b"x-forwarded-proto":
+            protos += _items(value)
+        elif n == b"x-forwarded-host":
+            hosts += _items(value)
+    return (protos[-1].lower() if protos else proto,
+            hosts[-1] if hosts else host)

@@ -33,9 +33,11 @@ from twisted.logger import Logger
 
 from phantomd.http.fastio import writer_for
 from phantomd.http.headers import drop_connection_options
-from phantomd.http.headers import FORWARDING, REQUEST_DROP
-from phantomd.http.proxies import forwarded_by_proxy
-from phantomd.http.headers import REQUEST_DROP, http_date
+from phantomd.dpop import request_url
+from phantomd.mtls import header_thumbprint, peer_thumbprint
+from phantomd.http.headers import (
+    FORWARDING, REQUEST_DROP, SENDER_PROOF, http_date)
+from phantomd.http.proxies import forwarded_by_proxy, forwarded_origin
 from phantomd.http.upstream import (
     MODE_CHUNKED, MODE_EOF, MODE_LENGTH)
 from phantomd.outcomes import Forward, Reject, error_response
@@ -151,6 +153,9 @@ def _peer_host(transport: Any) -> str:
     return getattr(transport.getPeer(), "host", None) or "-"
 
 
+_UNKNOWN = object()
+
+
 class _Limit(Exception):
     """Raised inside a parser callback to stop llhttp at a limit."""
 
@@ -226,6 +231,7 @@ class FrontProtocol(Protocol):
         self._peer: Optional[str] = None
         self._proxies: Any = None
         self._peer_trusted = False
+        self._x5t: Any = _UNKNOWN  # the TLS client certificate's thumbprint
         self._registered = False
         self._closed = False
         self._tls = False
@@ -659,6 +665,7 @@ class FrontProtocol(Protocol):
         fwd = None
         rid = None
         rids = 0
+        proofs = None
         for item in r.headers:
             name = item[0].lower()
             if name in REQUEST_DROP:
@@ -679,6 +686,8 @@ class FrontProtocol(Protocol):
                 elif name == b"x-request-id":
                     rid = item[1]
                     rids += 1
+                elif name in SENDER_PROOF:
+                    proofs = [item] if proofs is None else proofs + [item]
                 continue
             kept.append(item)
         r.headers = []
@@ -730,7 +739,10 @@ class FrontProtocol(Protocol):
         r.kept = kept
         r.fwd = fwd
         self._phase = _GATE
-        d = self.factory.gate.authorize(auth)
+        if proofs is None and not self._tls:
+            d = self.factory.gate.authorize(auth)
+        else:
+            d = self._authorize_bound(auth, proofs or (), r)
         result = getattr(d, "result", None)
         if d.called and type(result) in _OUTCOMES:
             # Already decided (a cache hit): skip the callback machinery.
@@ -739,6 +751,39 @@ class FrontProtocol(Protocol):
             self._gate_d = d
             d.addCallbacks(self._authorized, self._gate_failed,
                            callbackArgs=(r,), errbackArgs=(r,))
+
+    def _authorize_bound(self, auth: Any, proofs: Any,
+                         r: _Request) -> Any:
+        """Ask the gate about a request with sender-constraint evidence
+        (DESIGN section 12): its DPoP proofs and the URL they must name,
+        the client's scheme and host as a trusted proxy reports them, and
+        the client certificate (a trusted proxy's ``Client-Cert`` header,
+        else the one presented on this TLS connection)."""
+        dpop = []
+        certs = []
+        for n, v in proofs:
+            n = n.lower()
+            if n == b"dpop":
+                dpop.append(v)
+            elif n == b"client-cert":
+                certs.append(v)
+        if self._trusted():
+            cert = header_thumbprint(certs)
+        else:
+            if self._x5t is _UNKNOWN:
+                self._x5t = peer_thumbprint(self.transport)
+            cert = self._x5t
+        if not dpop and cert is None:
+            return self.factory.gate.authorize(auth)
+        url = None
+        if dpop:
+            scheme: Any = b"https" if self._tls else b"http"
+            host = r.host
+            if r.fwd is not None and self._trusted():
+                scheme, host = forwarded_origin(r.fwd, scheme, host)
+            url = request_url(scheme, host, r.target)
+        return self.factory.gate.authorize(auth, dpop=dpop, method=r.method,
+                                           url=url, client_cert=cert)
 
     def _trusted(self) -> bool:
         """Whether the peer is a trusted proxy, by the settings in force
