@@ -766,6 +766,15 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
     if intro.response == "token-introspection+jwt" and not intro.issuer:
         raise ConfigError(path, "introspection", "issuer",
                           "is required for response = token-introspection+jwt")
+    if intro.jwks_url and intro.issuer and \
+            urlsplit(intro.issuer).scheme == "https" and \
+            urlsplit(intro.jwks_url).scheme != "https":
+        # As discovery refuses an http jwks_uri from an https issuer: keys
+        # fetched in clear let anyone on the path have forged JWTs trusted.
+        raise ConfigError(path, "introspection", "jwks_url",
+                          "%r is not https although issuer %r is: the keys "
+                          "that verify its JWTs must come over TLS too"
+                          % (intro.jwks_url, intro.issuer))
     _token_service_checks(path, s)
     shared = s["shared_cache"]
     if shared.url and not shared.secret_file:

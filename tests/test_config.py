@@ -219,6 +219,10 @@ MISTAKES = [
      "above max_ttl"),
     (_with(extra="[cache]\nmax_ttl = 0\nmin_ttl = 1\n"), "cache",
      "min_ttl", "above max_ttl"),
+    # Keys only over TLS when the issuer is TLS (issue 19), configured too.
+    (_with(extra_intro="verify_jwt = yes\nissuer = https://idp.test\n"
+           "jwks_url = http://idp.test/jwks\n"), "introspection", "jwks_url",
+     "not https"),
     # A DPoP proof signed with a MAC, or not at all, proves no key.
     (_with(extra="[dpop]\nalgs = ES256 none\n"), "dpop", "algs",
      "asymmetric"),
