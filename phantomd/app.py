@@ -36,7 +36,7 @@ def _tls(config: Config, section: str, url: str, ca_file, client_cert,
     certificate or key file is a ConfigError naming the key.  The files
     are checked even for an http ``url``: the token service's client also
     fetches its (possibly https) JWKS with them."""
-    parts = urlsplit(url)
+    parts = urlsplit(url or "")
     from phantomd import tls
     ca_key, cert_key = keys
     try:
@@ -86,6 +86,7 @@ def check(config: Config) -> None:
     _minter(Clock(), config)
     _introspection_tls(config)
     check_fleet(config)
+    _forward_auth_secret(config)
     i = config.introspection
     if i.auth_method == "private_key_jwt":
         from phantomd import clientauth
@@ -95,6 +96,14 @@ def check(config: Config) -> None:
         except ValueError as e:
             raise ConfigError(config.path, "introspection",
                               "private_key_file", str(e))
+
+
+def _forward_auth_secret(config: Config) -> Optional[bytes]:
+    from phantomd.forward_auth import read_secret
+    try:
+        return read_secret(config.forward_auth.secret_file)
+    except ValueError as e:
+        raise ConfigError(config.path, "forward_auth", "secret_file", str(e))
 
 
 def warn_exposed_secrets(config: Config) -> None:
@@ -164,11 +173,24 @@ class Gateway:
                          self._introspector(), self.metrics,
                          config.phantomd.realm,
                          config.phantomd.required_scopes, self.readiness)
-        self.upstream = UpstreamPool(reactor, config.phantomd, self.metrics,
-                                     tls_options=_upstream_tls(config))
-        self.front = FrontFactory(reactor, self.gate, self.upstream,
-                                  config.phantomd, self.metrics,
-                                  access_log=access_log)
+        # Without an upstream ([forward_auth] only) there is no front.
+        self.upstream = self.front = None
+        if config.phantomd.upstream:
+            self.upstream = UpstreamPool(reactor, config.phantomd,
+                                         self.metrics,
+                                         tls_options=_upstream_tls(config))
+            self.front = FrontFactory(reactor, self.gate, self.upstream,
+                                      config.phantomd, self.metrics,
+                                      access_log=access_log)
+        self.forward_auth = None
+        if config.forward_auth.listen:
+            from phantomd import forward_auth
+            self.forward_auth = forward_auth.ForwardAuthFactory(
+                reactor, forward_auth.Checker(
+                    self.gate, self.metrics, config.forward_auth,
+                    _forward_auth_secret(config)),
+                self.metrics, timeout=config.phantomd.idle_timeout)
+        self.forward_auth_ports: list = []
         self.admin_site = admin.make_admin_site(
             reactor, self.metrics, self.readiness,
             jwks=self._jwks,
@@ -218,13 +240,19 @@ class Gateway:
         ``front_ports`` lets a worker process use listening ports adopted
         from its parent instead of binding ``[phantomd] listen`` itself.
         """
-        front = ([self._listen(d, self.front)
+        front = ([] if self.front is None else
+                 [self._listen(d, self.front)
                   for d in self.config.phantomd.listen]
                  if front_ports is None else
                  [defer.succeed(p) for p in front_ports])
         admin_ds = [self._listen(d, self.admin_site)
                     for d in self.config.metrics.listen]
-        d = defer.DeferredList(front + admin_ds, consumeErrors=True)
+        # Workers have none (phantomd.workers.worker_config): with
+        # workers > 1 the parent answers the checks.
+        checks = ([self._listen(d, self.forward_auth)
+                   for d in self.config.forward_auth.listen]
+                  if self.forward_auth is not None else [])
+        d = defer.DeferredList(front + admin_ds + checks, consumeErrors=True)
 
         def bound(results):
             ports = [r for ok, r in results if ok]
@@ -234,7 +262,8 @@ class Gateway:
                     p.stopListening()
                 return failures[0]
             self.front_ports = ports[:len(front)]
-            self.admin_ports = ports[len(front):]
+            self.admin_ports = ports[len(front):len(front) + len(admin_ds)]
+            self.forward_auth_ports = ports[len(front) + len(admin_ds):]
             if self.fleet is not None:
                 self.fleet.start()  # connects to Redis in the background
             self.readiness.mark_listening()
@@ -245,6 +274,12 @@ class Gateway:
                      front=where(self.front_ports),
                      admin=where(self.admin_ports),
                      upstream=self.config.phantomd.upstream)
+            if self.forward_auth_ports:
+                log.info("forward-auth checks on {where} for {allow}",
+                         where=where(self.forward_auth_ports),
+                         allow=" ".join(
+                             str(n) for n in
+                             self.config.forward_auth.allow_from.networks))
             return self
         return d.addCallback(bound)
 
@@ -291,8 +326,11 @@ class Gateway:
                 for section, _ in diff):
             old_stack, self._stack = self._stack, _IntrospectionStack(
                 self.reactor, new)
+        secret = _forward_auth_secret(new)
         old_upstream = None
-        if any(pair in _UPSTREAM_KEYS for pair in diff):
+        if self.upstream is None:
+            pass  # no front: [phantomd] upstream needs a restart
+        elif any(pair in _UPSTREAM_KEYS for pair in diff):
             old_upstream, self.upstream = self.upstream, UpstreamPool(
                 self.reactor, new.phantomd, self.metrics,
                 tls_options=_upstream_tls(new))
@@ -314,8 +352,13 @@ class Gateway:
         self.gate.reconfigure(realm=new.phantomd.realm,
                               required_scopes=new.phantomd.required_scopes,
                               introspector=self._introspector())
-        self.front.reconfigure(gate=self.gate, upstream=self.upstream,
-                               settings=new.phantomd)
+        if self.front is not None:
+            self.front.reconfigure(gate=self.gate, upstream=self.upstream,
+                                   settings=new.phantomd)
+        if self.forward_auth is not None:
+            self.forward_auth.checker.reconfigure(new.forward_auth, secret,
+                                                  gate=self.gate)
+            self.forward_auth.timeOut = new.phantomd.idle_timeout
         self.config = new
         if old_stack is not None:
             old_stack.close()
@@ -336,7 +379,13 @@ class Gateway:
         d = defer.DeferredList(stops)
         timeout = self.config.phantomd.drain_timeout
 
+        stops += [defer.maybeDeferred(p.stopListening)
+                  for p in self.forward_auth_ports]
+        self.forward_auth_ports = []
+
         def drain(_):
+            if self.front is None:
+                return None
             drained = self.front.drain()
             drained.addTimeout(timeout, self.reactor)
 
@@ -347,8 +396,9 @@ class Gateway:
             return drained.addErrback(overdue)
 
         def close(_):
-            closing = [defer.maybeDeferred(self.upstream.close),
-                       defer.maybeDeferred(self._stack.close)]
+            closing = [defer.maybeDeferred(self._stack.close)]
+            if self.upstream is not None:
+                closing.append(defer.maybeDeferred(self.upstream.close))
             if self.fleet is not None:
                 closing.append(defer.maybeDeferred(self.fleet.stop))
             closing += [defer.maybeDeferred(p.stopListening)

@@ -224,7 +224,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "listen": Key(endpoints_list,
                       "tcp:8080:interface=127.0.0.1:backlog=1024",
                       trust=False, restart=True),
-        "upstream": Key(http_url, REQUIRED, trust=False),
+        # Required unless [forward_auth] listen is set (_cross_checks).
+        "upstream": Key(optional_http_url, "", trust=False),
         "realm": Key(text, "api", trust=False),
         # Checked on every request, cache hits included.
         "required_scopes": Key(scopes, "", trust=False),
@@ -324,6 +325,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         # Re-read on reload: the bearer POST /revoke expects.
         "token_file": Key(readable_file, "", trust=False, secret=True),
     },
+    # DESIGN section 10: the token check for a proxy already in front.
+    "forward_auth": {
+        "listen": Key(optional_endpoints, "", trust=False, restart=True),
+        # Who may turn an opaque token into its JWT; applied live.
+        "allow_from": Key(proxy_networks, "127.0.0.1/32 ::1/128",
+                          trust=False),
+        # Re-read on reload: the X-Phantomd-Secret proxies must send.
+        "secret_file": Key(readable_file, "", trust=False, secret=True),
+    },
 }
 
 
@@ -384,6 +394,7 @@ class Config:
     log: Section
     shared_cache: Section
     revocation: Section
+    forward_auth: Section
     client_secret: Optional[str]  # resolved from client_secret or its file
     # (section, key) -> SHA-256 hex of the file's contents when loaded.
     files: Mapping[tuple[str, str], str] = field(
@@ -670,6 +681,25 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
     if intro.response == "token-introspection+jwt" and not intro.issuer:
         raise ConfigError(path, "introspection", "issuer",
                           "is required for response = token-introspection+jwt")
+    fa = s["forward_auth"]
+    if not s["phantomd"].upstream and not fa.listen:
+        raise ConfigError(path, "phantomd", "upstream",
+                          "is required (unless [forward_auth] listen is "
+                          "set: phantomd then only answers checks)")
+    if not s["phantomd"].upstream and s["phantomd"].workers > 1:
+        raise ConfigError(path, "phantomd", "workers",
+                          "> 1 needs [phantomd] upstream (forward-auth "
+                          "checks are answered by the parent process)")
+    if fa.listen and not fa.allow_from:
+        raise ConfigError(path, "forward_auth", "allow_from",
+                          "is empty, so no proxy could ask; list the "
+                          "proxies' networks")
+    if fa.secret_file:
+        from phantomd.forward_auth import read_secret
+        try:
+            read_secret(fa.secret_file)
+        except ValueError as e:
+            raise ConfigError(path, "forward_auth", "secret_file", str(e))
     shared = s["shared_cache"]
     if shared.url and not shared.secret_file:
         raise ConfigError(path, "shared_cache", "secret_file",
