@@ -229,7 +229,8 @@ class CheckRequest(http.Request):
         d.addCallbacks(self._decided, self._failed)
 
     def _failed(self, f) -> None:
-        if f.check(defer.CancelledError) or self.finished or self._disconnected:
+        if f.check(defer.CancelledError) or self.finished or \
+                self._disconnected:
             return
         log.failure("forward-auth check failed", f)
         self._reject(error_response(500, "server_error", "internal error"))
@@ -293,8 +294,9 @@ class CheckChannel(http.HTTPChannel):
                 b"Date: " + http.datetimeToString(site.reactor.seconds()),
                 b"Connection: close",
                 b"Content-Length: %d" % len(body)]
+        realm = site.checker.gate.realm
         head += [name + b": " + value
-                 for name, value in _MALFORMED.headers(site.checker.gate.realm)]
+                 for name, value in _MALFORMED.headers(realm)]
         self.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
         self.loseConnection()
 

@@ -89,7 +89,34 @@ async def run_proxy(testcase, argv, port: int, env=None,
         argv[0], p.output[-3000:], log))
 
 
-# The README's nginx snippet, with the ports and a private prefix filled in.
+def readme_block(opening: str) -> str:
+    """The literal block after the README line starting with ``opening``
+    (a paragraph ending in ``::``), dedented: the tests run exactly what
+    the README tells a user to paste."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(here, "README.rst"), encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    i = next(n for n, line in enumerate(lines) if line.startswith(opening))
+    while not lines[i].rstrip().endswith("::"):
+        i += 1
+    block = []
+    for line in lines[i + 1:]:
+        if line.strip() and not line.startswith(" "):
+            break
+        block.append(line[4:])
+    return "\n".join(block).strip("\n") + "\n"
+
+
+def fill_ports(text: str, port: int, api: int, fa: int) -> str:
+    """The README's ports (80 for the proxy, 3000 for the API, 8181 for
+    phantomd's checks) replaced by the test's."""
+    return (text.replace("127.0.0.1:8181", "127.0.0.1:%d" % fa)
+            .replace("127.0.0.1:3000", "127.0.0.1:%d" % api)
+            .replace("listen 80;", "listen 127.0.0.1:%d;" % port))
+
+
+# nginx's process settings for a private prefix, around the README's
+# http-level snippet.
 NGINX_CONF = """\
 {user}
 daemon off;
@@ -104,59 +131,18 @@ http {{
     fastcgi_temp_path {dir}/fastcgi;
     uwsgi_temp_path {dir}/uwsgi;
     scgi_temp_path {dir}/scgi;
-
-    # 403 from phantomd: nginx copies WWW-Authenticate only for 401.
-    map $status $phantomd_403_challenge {{
-        403     $phantomd_challenge;
-        default "";
-    }}
-
-    server {{
-        listen 127.0.0.1:{port};
-
-        location / {{
-            auth_request /_phantomd;
-            auth_request_set $phantomd_jwt $upstream_http_authorization;
-            auth_request_set $phantomd_challenge $upstream_http_www_authenticate;
-            add_header WWW-Authenticate $phantomd_403_challenge always;
-            proxy_set_header Authorization $phantomd_jwt;
-            proxy_pass http://127.0.0.1:{api};
-        }}
-
-        location = /_phantomd {{
-            internal;
-            proxy_pass http://127.0.0.1:{fa};
-            proxy_pass_request_body off;
-            proxy_set_header Content-Length "";
-            proxy_set_header X-Original-Method $request_method;
-            proxy_set_header X-Original-URI $request_uri;
-            # A client's own copies would make phantomd refuse (400).
-            proxy_set_header X-Forwarded-Method "";
-            proxy_set_header X-Forwarded-Uri "";
-        }}
-    }}
+{snippet}
 }}
 """
 
-# The README's Caddy snippet, with the ports filled in.
-CADDYFILE = """\
-{{
+# Caddy without its admin endpoint and certificates, then the README's
+# site block on a loopback port.
+CADDY_GLOBAL = """\
+{
     admin off
     auto_https off
-}}
+}
 
-http://:{port} {{
-    bind 127.0.0.1
-    forward_auth 127.0.0.1:{fa} {{
-        uri /check
-        copy_headers Authorization
-        # Caddy sets X-Forwarded-Method/-Uri; a client's X-Original-*
-        # would make phantomd refuse (400).
-        header_up -X-Original-Method
-        header_up -X-Original-URI
-    }}
-    reverse_proxy 127.0.0.1:{api}
-}}
 """
 
 
@@ -166,10 +152,46 @@ class ThroughProxy:
     async def start_proxy(self, scene) -> int:
         raise NotImplementedError
 
-    async def scene(self, **sections):
+    secret = None
+
+    async def scene(self, secret=None, **sections):
+        if secret is not None:
+            path = os.path.join(tempfile.mkdtemp(), "fa-secret")
+            self.addCleanup(shutil.rmtree, os.path.dirname(path), True)
+            with open(path, "w") as f:
+                f.write(secret + "\n")
+            sections["forward_auth"] = {"secret_file": path}
+        self.secret = secret
         scene = await build_fa(self, **sections)
         scene.proxy = await self.start_proxy(scene)
         return scene
+
+    def with_secret(self, text: str) -> str:
+        """The README's commented-out secret line, switched on."""
+        if self.secret is None:
+            return text
+        marker = '"<secret_file contents>"'
+        self.assertIn(marker, text)
+        lines = []
+        for line in text.splitlines():
+            if marker in line:
+                line = line.replace("#", "", 1).replace(
+                    marker, '"%s"' % self.secret)
+            lines.append(line)
+        return "\n".join(lines) + "\n"
+
+    @async_test
+    async def test_shared_secret_as_the_readme_sends_it(self):
+        scene = await self.scene(secret="b5e1c0ffee-0123456789abcdef")
+        token, jwt = scene.good_token()
+        r = await get(reactor, scene.proxy, token)
+        self.assertEqual(r.status, 200, r.body)
+        [api_request] = scene.api.requests
+        self.assertEqual(api_request.header(b"authorization"),
+                         [b"Bearer " + jwt.encode()])
+        self.assertNotIn(b"b5e1c0ffee", api_request.raw())
+        self.assertEqual(scene.gw.metrics.sample(
+            "phantomd_forward_auth_refused_total", {"reason": "secret"}), 0)
 
     @async_test
     async def test_jwt_reaches_the_api_and_the_opaque_token_never(self):
@@ -246,8 +268,10 @@ class Nginx(ThroughProxy, GatewayCase):
             # As root, nginx's workers would switch to "nobody", who
             # cannot use the private prefix.
             f.write(NGINX_CONF.format(
-                user="user root;" if os.geteuid() == 0 else "",
-                dir=d, port=port, api=scene.api.portnum, fa=scene.fa))
+                user="user root;" if os.geteuid() == 0 else "", dir=d,
+                snippet=self.with_secret(fill_ports(
+                    readme_block("nginx (in ``http {}``"), port,
+                    scene.api.portnum, scene.fa))))
         await run_proxy(self, [NGINX, "-p", d, "-e",
                                os.path.join(d, "error.log"), "-c", conf],
                         port, log_file=os.path.join(d, "error.log"))
@@ -277,8 +301,11 @@ class Caddy(ThroughProxy, GatewayCase):
         port = free_port()
         path = os.path.join(d, "Caddyfile")
         with open(path, "w") as f:
-            f.write(CADDYFILE.format(port=port, api=scene.api.portnum,
-                                     fa=scene.fa))
+            site = readme_block("Caddy (2.6 or later").replace(
+                "api.example.com {",
+                "http://:%d {\n    bind 127.0.0.1" % port, 1)
+            f.write(CADDY_GLOBAL + self.with_secret(fill_ports(
+                site, port, scene.api.portnum, scene.fa)))
         env = dict(os.environ, HOME=d, XDG_DATA_HOME=d, XDG_CONFIG_HOME=d)
         await run_proxy(self, [CADDY, "run", "--config", path, "--adapter",
                                "caddyfile"], port, env=env)
@@ -349,3 +376,43 @@ class StandIns(GatewayCase):
                       target="/orders", headers=[("Content-Length", "0")])
         self.assertEqual(r.status, 401)
         self.assertEqual(r.json()["error"], "invalid_token")
+
+
+class Snippets(unittest.TestCase):
+    """The README's Traefik and Envoy configurations say what the
+    stand-ins assume (PyYAML comes with the test tools)."""
+
+    def load(self, opening: str):
+        try:
+            import yaml
+        except ImportError:
+            raise unittest.SkipTest("PyYAML is not installed")
+        return yaml.safe_load(readme_block(opening))
+
+    def test_traefik(self):
+        doc = self.load("Traefik (dynamic configuration")
+        fa = doc["http"]["middlewares"]["phantomd"]["forwardAuth"]
+        self.assertEqual(fa["address"], "http://127.0.0.1:8181/check")
+        self.assertIs(fa["trustForwardHeader"], False)
+        self.assertEqual(fa["authResponseHeaders"], ["Authorization"])
+        self.assertEqual(doc["http"]["routers"]["api"]["middlewares"],
+                         ["phantomd"])
+
+    def test_envoy(self):
+        doc = self.load("Envoy (the ``ext_authz`` HTTP filter")
+        [f] = doc["http_filters"]
+        config = f["typed_config"]
+        self.assertIs(config["failure_mode_allow"], False)
+        http = config["http_service"]
+        # No prefix: the check's path is the client's.
+        self.assertNotIn("path_prefix", http)
+        self.assertEqual(http["server_uri"]["uri"], "http://127.0.0.1:8181")
+        request = http["authorization_request"]
+        allowed = [p["exact"] for p in request["allowed_headers"]["patterns"]]
+        self.assertIn("authorization", allowed)
+        response = http["authorization_response"]
+        self.assertEqual([p["exact"] for p in
+                          response["allowed_upstream_headers"]["patterns"]],
+                         ["authorization"])
+        client = response["allowed_client_headers"]["patterns"]
+        self.assertIn("www-authenticate", [p["exact"] for p in client])
