@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-from twisted.internet import reactor
+from twisted.internet import defer, reactor
+from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
@@ -20,6 +21,7 @@ from phantomd.outcomes import Reject
 from tests.robustness.fakes import (
     Reply, async_test, connect_raw, exchange, get, new_token, wait_closed)
 from tests.test_gateway_e2e import GatewayCase, build
+from tests.test_service_e2e import ServiceCase, get_once
 
 
 async def build_fa(testcase, forward_auth=None, **sections):
@@ -394,3 +396,25 @@ class Listeners(GatewayCase):
         with self.assertRaises(Exception):
             await gw.start()
         self.assertEqual(gw.forward_auth_ports, [])
+
+
+class WorkersMode(ServiceCase):
+    """``workers = 2``: the parent answers the checks (the workers' config
+    has no forward-auth listener, so they do not fight over its port)."""
+
+    @defer.inlineCallbacks
+    def test_parent_answers_checks_while_workers_serve(self):
+        from tests.test_forward_auth_proxies import free_port
+        fa = free_port()
+        self.write_ini(workers=2, extra=(
+            "[forward_auth]\nlisten = tcp:%d:interface=127.0.0.1\n" % fa))
+        yield self.start()
+        status, headers, body = yield deferToThread(get_once, fa, "/a",
+                                                    self.good)
+        self.assertEqual(status, 200, self.why(body))
+        self.assertEqual(headers.get("authorization"),
+                         "Bearer " + self.jwt, headers)
+        self.assertEqual(body, b"")
+        status, _, body = yield deferToThread(get_once, self.port, "/a",
+                                              self.good)
+        self.assertEqual(status, 200, self.why(body))
