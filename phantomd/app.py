@@ -189,7 +189,8 @@ class Gateway:
                 reactor, forward_auth.Checker(
                     self.gate, self.metrics, config.forward_auth,
                     _forward_auth_secret(config)),
-                self.metrics, timeout=config.phantomd.idle_timeout)
+                self.metrics, idle_timeout=config.phantomd.idle_timeout,
+                header_timeout=config.phantomd.header_timeout)
         self.forward_auth_ports: list = []
         self.admin_site = admin.make_admin_site(
             reactor, self.metrics, self.readiness,
@@ -358,7 +359,8 @@ class Gateway:
         if self.forward_auth is not None:
             self.forward_auth.checker.reconfigure(new.forward_auth, secret,
                                                   gate=self.gate)
-            self.forward_auth.timeOut = new.phantomd.idle_timeout
+            self.forward_auth.reconfigure(new.phantomd.idle_timeout,
+                                          new.phantomd.header_timeout)
         self.config = new
         if old_stack is not None:
             old_stack.close()
