@@ -501,3 +501,17 @@ class ProtocolUnit(unittest.TestCase):
         self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out)
         self.assertIn(b'"error":"invalid_request"', out)
         self.assertTrue(self.transport.disconnecting)
+
+    def test_head_deadline_met_after_an_idle_spell(self):
+        self.clock.advance(20)  # idle, under idle_timeout
+        self.proto.dataReceived(b"GET /auth HTTP/1.1\r\n")
+        self.clock.advance(5.1)
+        self.assertTrue(self.transport.value().startswith(
+            b"HTTP/1.1 408 "), self.transport.value())
+
+    def test_request_ids_differ(self):
+        self.proto.dataReceived(self.check() + self.check())
+        ids = [line for line in self.transport.value().split(b"\r\n")
+               if line.startswith(b"X-Request-Id: ")]
+        self.assertEqual(len(ids), 2)
+        self.assertNotEqual(ids[0], ids[1])
