@@ -206,17 +206,13 @@ class _Headers:
     def __init__(self) -> None:
         self.lines: dict = {}
 
-    def add(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        got = self.lines.get(name)
-        if got is None:
-            self.lines[name] = [value]
-        else:
-            got.append(value)
-
     def getRawHeaders(self, name: bytes, default=None):
         return self.lines.get(name, default)
 
+
+#: The only header lines a check reads.
+_READ = frozenset(_FORWARDED + _FORWARDED_URI + (
+    b"authorization", b"x-request-id", SECRET_HEADER))
 
 _REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized",
             403: b"Forbidden", 408: b"Request Timeout",
@@ -311,7 +307,14 @@ class CheckProtocol(Protocol):
         self._count += 1
         if self._size > self.MAX_HEAD or self._count > self.MAX_HEADERS:
             raise _TooLarge()
-        self._headers.add(name, value)
+        name = name.lower()
+        if name in _READ:  # the rest is never looked at
+            lines = self._headers.lines
+            got = lines.get(name)
+            if got is None:
+                lines[name] = [value]
+            else:
+                got.append(value)
 
     def on_headers_complete(self) -> None:
         self._disarm()
