@@ -274,7 +274,8 @@ class Gateway:
                      "upstream {upstream}",
                      front=where(self.front_ports),
                      admin=where(self.admin_ports),
-                     upstream=self.config.phantomd.upstream)
+                     upstream=self.config.phantomd.upstream or
+                     "none (forward-auth only)")
             if self.forward_auth_ports:
                 log.info("forward-auth checks on {where} for {allow}",
                          where=where(self.forward_auth_ports),
