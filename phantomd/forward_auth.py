@@ -12,8 +12,8 @@ for it to relay.
 
 This listener hands JWTs to whoever asks, so only ``allow_from`` peers
 (and, with ``secret_file``, only those sending the secret in
-``X-Phantomd-Secret``) get past the first line of ``render``; anyone else
-gets 403 without the gate being asked.
+``X-Phantomd-Secret``) have their checks looked at; anyone else gets 403
+without the gate being asked.
 
 The listener is a small HTTP/1.1 protocol on httptools (llhttp), as the
 front is: a check has no body to stream and its answer is a few header
@@ -27,8 +27,8 @@ from __future__ import annotations
 import hmac
 import os
 import re
-from dataclasses import dataclass
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
@@ -286,6 +286,8 @@ class CheckProtocol(Protocol):
             # The head is complete (an Upgrade or CONNECT): answer it, then
             # close, as nothing after it is HTTP.
             self._closing = True
+            if not self._slots:
+                self.transport.loseConnection()
         except HttpParserError as e:
             too_large = isinstance(e.__context__, _TooLarge)
             self._fail(431 if too_large else 400)

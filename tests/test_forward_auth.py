@@ -515,3 +515,12 @@ class ProtocolUnit(unittest.TestCase):
                if line.startswith(b"X-Request-Id: ")]
         self.assertEqual(len(ids), 2)
         self.assertNotEqual(ids[0], ids[1])
+
+    def test_upgrade_check_is_answered_then_closed(self):
+        self.proto.dataReceived(self.check(
+            extra="Connection: Upgrade\r\nUpgrade: websocket\r\n") +
+            b"\x81\x05hello")
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK"), out)
+        self.assertEqual(out.count(b"HTTP/1.1"), 1)
+        self.assertTrue(self.transport.disconnecting)
