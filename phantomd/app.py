@@ -307,6 +307,13 @@ class Gateway:
         """
         check(new)
         old = self.config
+        if bool(new.phantomd.upstream) != (self.front is not None):
+            # The front listener would have to appear or vanish.
+            raise ConfigError(new.path, "phantomd", "upstream",
+                              "cannot be %s by a reload (the [phantomd] "
+                              "listen front would %s); restart phantomd" % (
+                                  ("set", "start") if self.front is None
+                                  else ("emptied", "stop")))
         pending = configmod.changed(self._started, new,
                                     lambda key: key.restart)
         if pending:

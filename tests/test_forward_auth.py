@@ -7,6 +7,7 @@ headers)."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 from twisted.internet import defer, reactor
@@ -524,3 +525,18 @@ class ProtocolUnit(unittest.TestCase):
         self.assertTrue(out.startswith(b"HTTP/1.1 200 OK"), out)
         self.assertEqual(out.count(b"HTTP/1.1"), 1)
         self.assertTrue(self.transport.disconnecting)
+
+
+class Reload(GatewayCase):
+
+    @async_test
+    async def test_reload_cannot_empty_upstream(self):
+        scene = await build_fa(self)
+        ini = re.sub(r"(?m)^upstream = .*$", "upstream =", scene.ini)
+        with self.assertRaises(configmod.ConfigError) as e:
+            scene.gw.gateway.reload(configmod.parse(ini, "<reload>"))
+        self.assertEqual((e.exception.section, e.exception.key),
+                         ("phantomd", "upstream"))
+        token, _ = scene.good_token()
+        self.assertEqual((await scene.get(token)).status, 200)
+        self.assertEqual((await get(reactor, scene.fa, token)).status, 200)
