@@ -70,6 +70,21 @@ class Answers(GatewayCase):
         self.assertEqual(scene.api.requests, [])
 
     @async_test
+    async def test_concurrent_checks_for_one_token_introspect_once(self):
+        from tests.robustness.fakes import Delayed
+        scene = await build_fa(self)
+        token, jwt = scene.good_token()
+        scene.ts.behaviour = lambda request: Delayed(
+            0.2, scene.ts.active_reply(jwt))
+        rs = await defer.gatherResults([
+            defer.ensureDeferred(get(reactor, scene.fa, token))
+            for _ in range(5)])
+        self.assertEqual([r.status for r in rs], [200] * 5)
+        self.assertEqual(scene.ts.calls_for(token), 1)
+        self.assertEqual(scene.gw.metrics.sample(
+            "phantomd_coalesced_requests_total"), 4)
+
+    @async_test
     async def test_check_shares_the_fronts_cache(self):
         scene = await build_fa(self)
         token, jwt = scene.good_token()
