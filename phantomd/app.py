@@ -36,7 +36,7 @@ def _tls(config: Config, section: str, url: str, ca_file, client_cert,
     certificate or key file is a ConfigError naming the key.  The files
     are checked even for an http ``url``: the token service's client also
     fetches its (possibly https) JWKS with them."""
-    parts = urlsplit(url)
+    parts = urlsplit(url or "")
     from phantomd import tls
     ca_key, cert_key = keys
     try:
@@ -121,6 +121,7 @@ def check(config: Config) -> None:
     _introspection_tls(config)
     check_fleet(config)
     _client_ca(config)
+    _forward_auth_secret(config)
     i = config.introspection
     if i.auth_method == "private_key_jwt":
         from phantomd import clientauth
@@ -130,6 +131,14 @@ def check(config: Config) -> None:
         except ValueError as e:
             raise ConfigError(config.path, "introspection",
                               "private_key_file", str(e))
+
+
+def _forward_auth_secret(config: Config) -> Optional[bytes]:
+    from phantomd.forward_auth import read_secret
+    try:
+        return read_secret(config.forward_auth.secret_file)
+    except ValueError as e:
+        raise ConfigError(config.path, "forward_auth", "secret_file", str(e))
 
 
 def warn_exposed_secrets(config: Config) -> None:
@@ -207,11 +216,25 @@ class Gateway:
             # DPoP jtis are remembered fleet-wide (DESIGN section 12).
             self.gate.dpop.shared = SharedReplays(
                 self.fleet.shared.client, self.fleet.shared.keys.prefix)
-        self.upstream = UpstreamPool(reactor, config.phantomd, self.metrics,
-                                     tls_options=_upstream_tls(config))
-        self.front = FrontFactory(reactor, self.gate, self.upstream,
-                                  config.phantomd, self.metrics,
-                                  access_log=access_log)
+        # Without an upstream ([forward_auth] only) there is no front.
+        self.upstream = self.front = None
+        if config.phantomd.upstream:
+            self.upstream = UpstreamPool(reactor, config.phantomd,
+                                         self.metrics,
+                                         tls_options=_upstream_tls(config))
+            self.front = FrontFactory(reactor, self.gate, self.upstream,
+                                      config.phantomd, self.metrics,
+                                      access_log=access_log)
+        self.forward_auth = None
+        if config.forward_auth.listen:
+            from phantomd import forward_auth
+            self.forward_auth = forward_auth.ForwardAuthFactory(
+                reactor, forward_auth.Checker(
+                    self.gate, self.metrics, config.forward_auth,
+                    _forward_auth_secret(config)),
+                self.metrics, idle_timeout=config.phantomd.idle_timeout,
+                header_timeout=config.phantomd.header_timeout)
+        self.forward_auth_ports: list = []
         self.admin_site = admin.make_admin_site(
             reactor, self.metrics, self.readiness,
             jwks=self._jwks,
@@ -262,13 +285,19 @@ class Gateway:
         from its parent instead of binding ``[phantomd] listen`` itself.
         """
         ca = self.config.phantomd.tls_client_ca_file
-        front = ([self._listen(d, self.front, "phantomd", ca)
+        front = ([] if self.front is None else
+                 [self._listen(d, self.front, "phantomd", ca)
                   for d in self.config.phantomd.listen]
                  if front_ports is None else
                  [defer.succeed(p) for p in front_ports])
         admin_ds = [self._listen(d, self.admin_site, "metrics")
                     for d in self.config.metrics.listen]
-        d = defer.DeferredList(front + admin_ds, consumeErrors=True)
+        # Workers have none (phantomd.workers.worker_config): with
+        # workers > 1 the parent answers the checks.
+        checks = ([self._listen(d, self.forward_auth, "forward_auth")
+                   for d in self.config.forward_auth.listen]
+                  if self.forward_auth is not None else [])
+        d = defer.DeferredList(front + admin_ds + checks, consumeErrors=True)
 
         def bound(results):
             ports = [r for ok, r in results if ok]
@@ -278,7 +307,8 @@ class Gateway:
                     p.stopListening()
                 return failures[0]
             self.front_ports = ports[:len(front)]
-            self.admin_ports = ports[len(front):]
+            self.admin_ports = ports[len(front):len(front) + len(admin_ds)]
+            self.forward_auth_ports = ports[len(front) + len(admin_ds):]
             if self.fleet is not None:
                 self.fleet.start()  # connects to Redis in the background
             self.readiness.mark_listening()
@@ -288,7 +318,14 @@ class Gateway:
                      "upstream {upstream}",
                      front=where(self.front_ports),
                      admin=where(self.admin_ports),
-                     upstream=self.config.phantomd.upstream)
+                     upstream=self.config.phantomd.upstream or
+                     "none (forward-auth only)")
+            if self.forward_auth_ports:
+                log.info("forward-auth checks on {where} for {allow}",
+                         where=where(self.forward_auth_ports),
+                         allow=" ".join(
+                             str(n) for n in
+                             self.config.forward_auth.allow_from.networks))
             return self
         return d.addCallback(bound)
 
@@ -330,6 +367,13 @@ class Gateway:
         """
         check(new)
         old = self.config
+        if bool(new.phantomd.upstream) != (self.front is not None):
+            # The front listener would have to appear or vanish.
+            raise ConfigError(new.path, "phantomd", "upstream",
+                              "cannot be %s by a reload (the [phantomd] "
+                              "listen front would %s); restart phantomd" % (
+                                  ("set", "start") if self.front is None
+                                  else ("emptied", "stop")))
         pending = configmod.changed(self._started, new,
                                     lambda key: key.restart)
         if pending:
@@ -351,8 +395,11 @@ class Gateway:
                 for section, _ in diff):
             old_stack, self._stack = self._stack, _IntrospectionStack(
                 self.reactor, new)
+        secret = _forward_auth_secret(new)
         old_upstream = None
-        if any(pair in _UPSTREAM_KEYS for pair in diff):
+        if self.upstream is None:
+            pass  # no front: [phantomd] upstream needs a restart
+        elif any(pair in _UPSTREAM_KEYS for pair in diff):
             old_upstream, self.upstream = self.upstream, UpstreamPool(
                 self.reactor, new.phantomd, self.metrics,
                 tls_options=_upstream_tls(new))
@@ -378,8 +425,14 @@ class Gateway:
         self.gate.dpop.reconfigure(algs=new.dpop.algs,
                                    max_age=new.dpop.max_age,
                                    max_entries=new.dpop.replay_cache_size)
-        self.front.reconfigure(gate=self.gate, upstream=self.upstream,
-                               settings=new.phantomd)
+        if self.front is not None:
+            self.front.reconfigure(gate=self.gate, upstream=self.upstream,
+                                   settings=new.phantomd)
+        if self.forward_auth is not None:
+            self.forward_auth.checker.reconfigure(new.forward_auth, secret,
+                                                  gate=self.gate)
+            self.forward_auth.reconfigure(new.phantomd.idle_timeout,
+                                          new.phantomd.header_timeout)
         self.config = new
         if old_stack is not None:
             old_stack.close()
@@ -400,7 +453,13 @@ class Gateway:
         d = defer.DeferredList(stops)
         timeout = self.config.phantomd.drain_timeout
 
+        stops += [defer.maybeDeferred(p.stopListening)
+                  for p in self.forward_auth_ports]
+        self.forward_auth_ports = []
+
         def drain(_):
+            if self.front is None:
+                return None
             drained = self.front.drain()
             drained.addTimeout(timeout, self.reactor)
 
@@ -411,8 +470,9 @@ class Gateway:
             return drained.addErrback(overdue)
 
         def close(_):
-            closing = [defer.maybeDeferred(self.upstream.close),
-                       defer.maybeDeferred(self._stack.close)]
+            closing = [defer.maybeDeferred(self._stack.close)]
+            if self.upstream is not None:
+                closing.append(defer.maybeDeferred(self.upstream.close))
             if self.fleet is not None:
                 closing.append(defer.maybeDeferred(self.fleet.stop))
             closing += [defer.maybeDeferred(p.stopListening)

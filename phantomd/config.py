@@ -295,7 +295,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "listen": Key(endpoints_list,
                       "tcp:8080:interface=127.0.0.1:backlog=1024",
                       trust=False, restart=True),
-        "upstream": Key(http_url, REQUIRED, trust=False),
+        # Required unless [forward_auth] listen is set (_cross_checks).
+        "upstream": Key(optional_http_url, "", trust=False),
         "realm": Key(text, "api", trust=False),
         # Checked on every request, cache hits included.
         "required_scopes": Key(scopes, "", trust=False),
@@ -419,6 +420,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_age": Key(_number(float, 1, 3600), "60", trust=False),
         "replay_cache_size": Key(positive_int, "100000", trust=False),
     },
+    # DESIGN section 10: the token check for a proxy already in front.
+    "forward_auth": {
+        "listen": Key(optional_endpoints, "", trust=False, restart=True),
+        # Who may turn an opaque token into its JWT; applied live.
+        "allow_from": Key(proxy_networks, "127.0.0.1/32 ::1/128",
+                          trust=False),
+        # Re-read on reload: the X-Phantomd-Secret proxies must send.
+        "secret_file": Key(readable_file, "", trust=False, secret=True),
+    },
 }
 
 
@@ -480,6 +490,7 @@ class Config:
     shared_cache: Section
     revocation: Section
     dpop: Section
+    forward_auth: Section
     client_secret: Optional[str]  # resolved from client_secret or its file
     # (section, key) -> SHA-256 hex of the file's contents when loaded.
     files: Mapping[tuple[str, str], str] = field(
@@ -775,6 +786,25 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
                           "%r is not https although issuer %r is: the keys "
                           "that verify its JWTs must come over TLS too"
                           % (intro.jwks_url, intro.issuer))
+    fa = s["forward_auth"]
+    if not s["phantomd"].upstream and not fa.listen:
+        raise ConfigError(path, "phantomd", "upstream",
+                          "is required (unless [forward_auth] listen is "
+                          "set: phantomd then only answers checks)")
+    if not s["phantomd"].upstream and s["phantomd"].workers > 1:
+        raise ConfigError(path, "phantomd", "workers",
+                          "> 1 needs [phantomd] upstream (forward-auth "
+                          "checks are answered by the parent process)")
+    if fa.listen and not fa.allow_from:
+        raise ConfigError(path, "forward_auth", "allow_from",
+                          "is empty, so no proxy could ask; list the "
+                          "proxies' networks")
+    if fa.secret_file:
+        from phantomd.forward_auth import read_secret
+        try:
+            read_secret(fa.secret_file)
+        except ValueError as e:
+            raise ConfigError(path, "forward_auth", "secret_file", str(e))
     _token_service_checks(path, s)
     shared = s["shared_cache"]
     if shared.url and not shared.secret_file:

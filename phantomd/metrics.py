@@ -28,6 +28,7 @@ SHARED_LOOKUPS = ("hit", "miss", "refused")
 SHARED_ERRORS = ("unavailable", "timeout", "error", "refused")
 SHARED_LEASES = ("acquired", "waited", "expired")
 REVOCATIONS = ("token", "sub")
+FORWARD_AUTH_REFUSALS = ("peer", "secret")
 
 
 class BuildInfo:
@@ -113,6 +114,7 @@ class Metrics:
 
         self._shared_cache(r)
         self._sender_constrained(r)
+        self._forward_auth(r)
 
     def _sender_constrained(self, r: CollectorRegistry) -> None:
         """DPoP and certificate-bound tokens (DESIGN section 12)."""
@@ -157,6 +159,27 @@ class Metrics:
         self.shared_lease = {c: leases.labels(result=c) for c in SHARED_LEASES}
         self.revocations = {c: revocations.labels(kind=c)
                             for c in REVOCATIONS}
+
+    def _forward_auth(self, r: CollectorRegistry) -> None:
+        """``[forward_auth]`` (DESIGN section 10): its own counters, so
+        ``phantomd_requests_total`` keeps counting proxied requests only.
+        The gate's counters (cache lookups, introspections) count both."""
+        checks = Counter(
+            "phantomd_forward_auth_checks",
+            "Forward-auth checks answered, by status class.",
+            ["code"], registry=r)
+        refused = Counter(
+            "phantomd_forward_auth_refused",
+            "Forward-auth checks refused before the gate: peer (not in "
+            "allow_from), secret (missing or wrong X-Phantomd-Secret).",
+            ["reason"], registry=r)
+        self._checks_by_class = {c: checks.labels(code=c)
+                                 for c in CODE_CLASSES}
+        self.forward_auth_refused = {c: refused.labels(reason=c)
+                                     for c in FORWARD_AUTH_REFUSALS}
+
+    def forward_auth_answered(self, status: int) -> None:
+        self._checks_by_class[_CLASS_OF.get(status // 100, "5xx")].inc()
 
     def request_answered(self, status: int) -> None:
         child = self._by_class.get(_CLASS_OF.get(status // 100, "5xx"))

@@ -109,6 +109,8 @@ def worker_config(path: str) -> configmod.Config:
     """
     return configmod.load(path, overrides={
         "metrics": {"listen": ""},
+        # The parent answers [forward_auth] checks (its own cache).
+        "forward_auth": {"listen": ""},
         "phantomd": {"listen": WORKER_LISTEN_PLACEHOLDER}})
 
 
