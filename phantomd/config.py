@@ -216,6 +216,22 @@ def dpop_algs(value: str) -> tuple[str, ...]:
         raise _Invalid(str(e))
 
 
+def read_secret_file(path: Optional[str]) -> Optional[bytes]:
+    """A secret file's contents, surrounding whitespace removed; None
+    without a path.  ValueError (the message names the file) when it
+    cannot be read or holds nothing."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = f.read().strip()
+    except OSError as e:
+        raise ValueError("cannot read %r: %s" % (path, e.strerror or e))
+    if not data:
+        raise ValueError("%r is empty" % path)
+    return data
+
+
 def workers(value: str) -> int:
     if value == "auto":
         return os.cpu_count() or 1

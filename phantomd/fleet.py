@@ -33,17 +33,11 @@ class Secrets:
 
 def _read(config: Config, section: str, key: str, path: Optional[str]
           ) -> Optional[bytes]:
-    if not path:
-        return None
+    from phantomd.config import read_secret_file
     try:
-        with open(path, "rb") as f:
-            data = f.read().strip()
-    except OSError as e:
-        raise ConfigError(config.path, section, key,
-                          "cannot read %r: %s" % (path, e.strerror or e))
-    if not data:
-        raise ConfigError(config.path, section, key, "%r is empty" % path)
-    return data
+        return read_secret_file(path)
+    except ValueError as e:
+        raise ConfigError(config.path, section, key, str(e))
 
 
 def read_secrets(config: Config) -> Secrets:

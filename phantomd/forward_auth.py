@@ -136,15 +136,10 @@ def original_request(headers, own_method: bytes, own_uri: bytes
 def read_secret(path: Optional[str]) -> Optional[bytes]:
     """``secret_file``'s contents (surrounding whitespace removed); None
     without one.  ValueError for an empty or unreadable file."""
-    if not path:
+    from phantomd.config import read_secret_file
+    secret = read_secret_file(path)
+    if secret is None:
         return None
-    try:
-        with open(path, "rb") as f:
-            secret = f.read().strip()
-    except OSError as e:
-        raise ValueError("cannot read %r: %s" % (path, e.strerror or e))
-    if not secret:
-        raise ValueError("%r is empty" % path)
     if _URI(secret) is None:
         raise ValueError("%r must hold visible ASCII only (it is sent as "
                          "a header value)" % path)

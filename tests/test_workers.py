@@ -692,16 +692,21 @@ class ArchiveTests(SynchronousTestCase):
 class AdoptTests(TestCase):
     timeout = 20
 
+    def listening(self):
+        """A bound, listening loopback socket as a parent would hand it
+        over: the socket, and a duplicate of its descriptor to adopt."""
+        listener = socket.socket()
+        self.addCleanup(listener.close)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        return listener, os.dup(listener.fileno())
+
     @defer.inlineCallbacks
     def test_adopted_socket_is_non_blocking_and_serves(self):
         """systemd hands over a blocking socket; a worker must not block in
         accept when another worker took the connection."""
         from twisted.internet.protocol import Factory, Protocol
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        fd = os.dup(listener.fileno())
+        listener, fd = self.listening()
 
         class Hello(Protocol):
             def connectionMade(self):
@@ -727,11 +732,7 @@ class AdoptTests(TestCase):
         from twisted.internet.threads import deferToThread
         pem = os.path.join(os.path.dirname(twisted.test.__file__),
                            "server.pem")
-        listener = socket.socket()
-        self.addCleanup(listener.close)
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(8)
-        fd = os.dup(listener.fileno())
+        listener, fd = self.listening()
 
         class Hello(Protocol):
             def connectionMade(self):
@@ -772,11 +773,7 @@ class AdoptTests(TestCase):
                 self.transport.loseConnection()
 
         def serve(client_ca):
-            listener = socket.socket()
-            self.addCleanup(listener.close)
-            listener.bind(("127.0.0.1", 0))
-            listener.listen(8)
-            fd = os.dup(listener.fileno())
+            listener, fd = self.listening()
             environ = {workers.WORKER_FDS: "%d:INET" % fd,
                        workers.WORKER_TLS: json.dumps({str(fd): (
                            "ssl:0:privateKey=%s:certKey=%s" % (pem, pem))})}
