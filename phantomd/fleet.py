@@ -198,6 +198,12 @@ class Fleet:
             fleet_secret = secrets.fleet
             self.shared.keys = FleetKeys(fleet_secret, identity(new),
                                          self.config.shared_cache.key_prefix)
+            if fleet_secret != self._secrets.fleet:
+                # The sub= index is keyed by digests of the old secret: a
+                # later revocation could no longer find what it holds.
+                log.info("fleet secret rotated; the local token cache is "
+                         "emptied so that revocations still reach it")
+                self.revoker.missed_events()
         bearer = self._secrets.revocation
         if (secrets.revocation is None) != (bearer is None):
             log.warn("[revocation] token_file set or unset in {path}; it "

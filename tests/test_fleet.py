@@ -152,3 +152,50 @@ class KeysTests(SynchronousTestCase):
         self.assertEqual(keys.open_event(m), {"t": "token", "k": "00"})
         self.assertIsNone(other.open_event(m))
         self.assertIsNone(keys.open_event(b'{"t":"token","k":"00"}'))
+
+
+class RotationTests(SynchronousTestCase):
+    def test_sub_revocation_after_a_secret_rotation_reaches_older_answers(self):
+        """Subjects are indexed under a digest keyed by the fleet secret: a
+        rotation (SIGHUP) must not leave cached answers that a later
+        ``sub=`` revocation can no longer find."""
+        from twisted.internet.task import Clock
+        from twisted.internet import defer
+        from phantomd.metrics import Metrics
+        from phantomd.tokens import token_key
+
+        class Cache:
+            def __init__(self):
+                self.keys = set()
+
+            def ttl(self, result):
+                return 60.0
+
+            def discard(self, key):
+                self.keys.discard(key)
+
+            def clear(self):
+                self.keys.clear()
+
+        class Introspector:
+            def introspect(self, token):
+                return defer.succeed(Active("a.b.c", {"sub": "alice"}, 60))
+
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        path = os.path.join(d, "secret")
+        with open(path, "wb") as f:
+            f.write(SECRET)
+        text = MINIMAL + ("[shared_cache]\nurl = redis://127.0.0.1:1\n"
+                          "secret_file = %s\n" % path)
+        cache = Cache()
+        f = fleet.Fleet(Clock(), config.parse(text, "/etc/p.ini"), cache,
+                        Metrics())
+        self.successResultOf(f.revoker.wrap(Introspector()).introspect(
+            "tok"))
+        cache.keys.add(token_key("tok"))  # what the local cache then holds
+        with open(path, "wb") as fh:
+            fh.write(b"n" * 40)
+        f.reload(config.parse(text, "/etc/p.ini"))
+        f.revoker.revoke_subject("alice")
+        self.assertNotIn(token_key("tok"), cache.keys)
