@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
@@ -36,6 +37,8 @@ MAX_REVOKED_SUBJECTS = 10000
 #: reason; past this the oldest are forgotten.
 MAX_REVOKED_TOKENS = 10000
 MAX_BODY = 8192
+#: RFC 6750's b64token: what the gate accepts, hence all it can cache.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*\Z").match
 
 
 class _Recording:
@@ -251,6 +254,13 @@ class RevokeResource(resource.Resource):
             return _json(request, 400, {
                 "error": "invalid_request",
                 "error_description": "give exactly one of token= or sub="})
+        if tokens and not _B64TOKEN(tokens[0]):
+            # No bearer token looks like this, so it is not cached: most
+            # likely a "+" sent unencoded, which a form reads as a space.
+            return _json(request, 400, {
+                "error": "invalid_request",
+                "error_description": "token= is not a bearer token (send "
+                                     "it form-encoded: '+' as %2B)"})
         if tokens:
             d = self._revoker.revoke_token(tokens[0])
             kind = "token"

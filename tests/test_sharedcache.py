@@ -242,3 +242,38 @@ class TokenRevocationInFlightTests(SynchronousTestCase):
         self.assertNoResult(d)
         inner.pending[1][1].callback(Inactive(5))
         self.assertIsInstance(self.successResultOf(d), Inactive)
+
+
+class RevokeFormTests(SynchronousTestCase):
+    """``token=`` names a bearer token: what no bearer token can be is a
+    caller's encoding mistake, answered 400, never a 200 that revoked
+    nothing nor a 500."""
+
+    def post(self, body):
+        from treq.testing import StubTreq
+        from phantomd.revocation import Revoker, RevokeResource
+        self.cache = FakeCache()
+        revoker = Revoker(Clock(), self.cache, Metrics(), max_entries=10)
+        stub = StubTreq(RevokeResource(revoker, lambda: b"b" * 20))
+        response = self.successResultOf(stub.post(
+            "http://admin/revoke", data=body, headers={
+                "Authorization": "Bearer " + "b" * 20,
+                "Content-Type": "application/x-www-form-urlencoded"}))
+        return response.code, self.successResultOf(response.content())
+
+    def test_plus_sent_unencoded_is_refused(self):
+        # "+" is a space in a form: this revoked "abc def", not "abc+def".
+        code, body = self.post(b"token=abc+def")
+        self.assertEqual(code, 400, body)
+        self.assertIn(b"%2B", body)
+        self.assertEqual(self.cache.discarded, [])
+
+    def test_non_ascii_token_is_400(self):
+        code, body = self.post(b"token=%C3%A9")
+        self.assertEqual(code, 400, body)
+
+    def test_encoded_plus_revokes_the_token(self):
+        from phantomd.tokens import token_key
+        code, body = self.post(b"token=abc%2Bdef")
+        self.assertEqual(code, 200, body)
+        self.assertEqual(self.cache.discarded, [token_key("abc+def")])
