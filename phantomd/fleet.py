@@ -80,9 +80,15 @@ def identity(config: Config) -> bytes:
     ``config.identity`` (every ``trust=True`` key of the schema, and the
     contents of every such file).  Change it and the shared cache starts
     afresh: hosts on different settings never take each other's answers.
+
+    The ``[cache]`` lifetimes count too: a Redis entry expires when its
+    writer's rule said, so after a reload that lowers ``max_ttl`` or
+    ``min_ttl`` the old entries must not be read again.
     """
     from phantomd import config as configmod
-    return hashlib.sha256(json.dumps(configmod.identity(config),
+    c = config.cache
+    limits = (c.max_ttl, c.default_ttl, c.negative_ttl, c.min_ttl)
+    return hashlib.sha256(json.dumps((configmod.identity(config), limits),
                                      default=str).encode()).digest()
 
 

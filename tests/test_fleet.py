@@ -199,3 +199,25 @@ class RotationTests(SynchronousTestCase):
         f.reload(config.parse(text, "/etc/p.ini"))
         f.revoker.revoke_subject("alice")
         self.assertNotIn(token_key("tok"), cache.keys)
+
+
+class CacheLimitsIdentityTests(SynchronousTestCase):
+    def test_lower_cache_limits_on_reload_leave_the_old_redis_entries(self):
+        """Redis entries live as long as the writer's [cache] rule said:
+        after a reload lowering max_ttl (or min_ttl, to see revocations
+        sooner), reading them would serve answers the new limits drop."""
+        base = MINIMAL + "[cache]\n"
+        for old, new in (("max_ttl = 3600\n", "max_ttl = 60\n"),
+                         ("min_ttl = 300\n", "min_ttl = 0\n"),
+                         ("negative_ttl = 60\n", "negative_ttl = 5\n"),
+                         ("default_ttl = 60\n", "default_ttl = 0\n")):
+            before = fleet.identity(config.parse(base + old, "/etc/p.ini"))
+            after = fleet.identity(config.parse(base + new, "/etc/p.ini"))
+            self.assertNotEqual(before, after, new)
+            keys = FleetKeys(SECRET, before, "p:")
+            rkey = keys.redis_key("tok")
+            sealed = keys.seal("tok", rkey, b"{}")
+            reloaded = FleetKeys(SECRET, after, "p:")
+            self.assertIsNone(reloaded.open("tok", reloaded.redis_key("tok"),
+                                            sealed))
+            self.assertIsNone(reloaded.open("tok", rkey, sealed))
