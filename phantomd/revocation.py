@@ -164,13 +164,15 @@ class Revoker:
             except ValueError:
                 return
             # Another host's clock: what is in flight here when the
-            # message arrives started before the revocation too.
+            # message arrives started before the revocation too (sub=
+            # below likewise).
             at = event.get("at")
             self.drop_key(key, max(float(at), self.clock.seconds())
                           if isinstance(at, (int, float)) else None)
         elif kind == "sub" and isinstance(event.get("s"), str) and \
                 isinstance(event.get("at"), (int, float)):
-            self.drop_subject(event["s"], float(event["at"]))
+            self.drop_subject(event["s"], max(float(event["at"]),
+                                              self.clock.seconds()))
 
     def missed_events(self) -> None:
         """The pub/sub connection was down: revocations may have been

@@ -277,3 +277,25 @@ class RevokeFormTests(SynchronousTestCase):
         code, body = self.post(b"token=abc%2Bdef")
         self.assertEqual(code, 200, body)
         self.assertEqual(self.cache.discarded, [token_key("abc+def")])
+
+
+class RemoteRevocationInFlightTests(SynchronousTestCase):
+    def test_message_from_a_host_whose_clock_is_behind(self):
+        """An introspection in flight here when another host's sub=
+        revocation arrives is asked again, even when that host's clock
+        put the revocation before this one started."""
+        TierTests.setUp(self)
+        from phantomd.revocation import Revoker
+        self.clock.advance(100)
+        revoker = Revoker(self.clock, FakeCache(), self.metrics,
+                          max_entries=10, shared=self.tier)
+        inner = FakeIntrospector()
+        d = revoker.wrap(inner).introspect("tok")
+        self.clock.advance(1)
+        self.tier.message(self.keys.channel, self.keys.seal_event(
+            {"t": "sub", "s": self.keys.subject_digest("alice"),
+             "at": 50.0}))
+        inner.pending[0][1].callback(Active("old.jwt.x", {"sub": "alice"},
+                                            60))
+        self.assertNoResult(d)
+        self.assertEqual(len(inner.pending), 2)
