@@ -198,10 +198,12 @@ class Fleet:
         fleet_secret = self._secrets.fleet
         # A changed connection key waits for a restart (the Gateway's
         # reload names it); the secret, even at a new path, applies now.
-        if _connection_keys(new) == _connection_keys(self.config) \
-                and self.shared is not None:
+        # The identity applies in any case: the local cache was emptied
+        # for it, and Redis must not hand back what was just dropped.
+        if self.shared is not None:
             from phantomd.sharedcache import FleetKeys
-            fleet_secret = secrets.fleet
+            if _connection_keys(new) == _connection_keys(self.config):
+                fleet_secret = secrets.fleet
             self.shared.keys = FleetKeys(fleet_secret, identity(new),
                                          self.config.shared_cache.key_prefix)
             if fleet_secret != self._secrets.fleet:

@@ -221,3 +221,33 @@ class CacheLimitsIdentityTests(SynchronousTestCase):
             self.assertIsNone(reloaded.open("tok", reloaded.redis_key("tok"),
                                             sealed))
             self.assertIsNone(reloaded.open("tok", rkey, sealed))
+
+
+class ReloadIdentityTests(SynchronousTestCase):
+    def test_identity_follows_a_reload_that_also_changes_a_restart_key(self):
+        """A new token service and a new [shared_cache] timeout in one
+        reload: the timeout waits for a restart, but answers of the old
+        token service must not be read from Redis meanwhile."""
+        from twisted.internet.task import Clock
+        from phantomd.metrics import Metrics
+
+        class Cache:
+            def ttl(self, result):
+                return 60.0
+
+            def clear(self):
+                pass
+
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        path = os.path.join(d, "secret")
+        with open(path, "wb") as f:
+            f.write(SECRET)
+        shared = ("[shared_cache]\nurl = redis://127.0.0.1:1\n"
+                  "secret_file = %s\n" % path)
+        f = fleet.Fleet(Clock(), config.parse(MINIMAL + shared, "/p.ini"),
+                        Cache(), Metrics())
+        new = config.parse(MINIMAL.replace("8443", "9443") + shared
+                           + "timeout = 0.2\n", "/p.ini")
+        f.reload(new)
+        self.assertEqual(f.shared.keys.identity, fleet.identity(new))
