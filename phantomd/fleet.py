@@ -171,9 +171,10 @@ class Fleet:
         self.metrics.shared_connected.set(up)
 
     def _subscribed(self) -> None:
-        if self._subscribed_once:
-            # Revocations published while we were not listening are lost.
-            self.revoker.missed_events()
+        # Revocations published while we were not listening are lost; the
+        # first time too, as requests may have been served (and answers
+        # read from Redis) before this connection subscribed.
+        self.revoker.missed_events()
         self._subscribed_once = True
 
     def wrap(self, introspector: Any) -> Any:

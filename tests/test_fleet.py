@@ -251,3 +251,40 @@ class ReloadIdentityTests(SynchronousTestCase):
                            + "timeout = 0.2\n", "/p.ini")
         f.reload(new)
         self.assertEqual(f.shared.keys.identity, fleet.identity(new))
+
+
+class FirstSubscriptionTests(SynchronousTestCase):
+    def test_answers_cached_before_the_first_subscription_are_dropped(self):
+        """The command connection can be up (answers read from Redis and
+        cached) before the pub/sub one: revocations published until it
+        subscribes were never heard, the first time as any other."""
+        from twisted.internet import defer
+        from twisted.internet.task import Clock
+        from phantomd.metrics import Metrics
+        from phantomd.tokens import token_key
+
+        class Cache:
+            def __init__(self):
+                self.keys = set()
+
+            def ttl(self, result):
+                return 60.0
+
+            def discard(self, key):
+                self.keys.discard(key)
+
+            def clear(self):
+                self.keys.clear()
+
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        path = os.path.join(d, "secret")
+        with open(path, "wb") as f:
+            f.write(SECRET)
+        cache = Cache()
+        f = fleet.Fleet(Clock(), config.parse(
+            MINIMAL + "[shared_cache]\nurl = redis://127.0.0.1:1\n"
+            "secret_file = %s\n" % path, "/p.ini"), cache, Metrics())
+        cache.keys.add(token_key("tok"))  # served before pub/sub was up
+        f.shared.subscriber._on_connect()  # the first subscription
+        self.assertEqual(cache.keys, set())
