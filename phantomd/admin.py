@@ -219,6 +219,49 @@ def _text(request: server.Request, status: int, message: str) -> bytes:
     return (message + "\n").encode("utf-8")
 
 
+#: The largest request body the admin listener reads (POST /revoke needs
+#: 8 KiB; nothing else takes one).
+MAX_ADMIN_BODY = 65536
+_TOO_LARGE = (b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\n"
+              b"Content-Length: 0\r\n\r\n")
+
+
+class _AdminRequest(server.Request):
+    """A request whose body is bounded: past ``MAX_ADMIN_BODY`` bytes
+    (announced or received) the client gets 413 and the connection is
+    closed; the body is not stored and no resource sees the request.
+    twisted.web alone spools a body of any size to a temporary file, and
+    it arrives before /revoke can check a bearer."""
+
+    _received = 0
+    _refused = False
+
+    def _refuse(self) -> None:
+        self._refused = True
+        self.channel.transport.write(_TOO_LARGE)
+        self.channel.transport.loseConnection()
+
+    def gotLength(self, length: Optional[int]) -> None:
+        if length is not None and length > MAX_ADMIN_BODY:
+            length = 0  # no temporary file for a body never stored
+            self._refuse()
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > MAX_ADMIN_BODY:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes,
+                        version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+
 class AdminSite(server.Site):
     """A ``Site`` that keeps no access log: scrapes every few seconds would
     drown the log, and the request counters live in /metrics anyway."""
@@ -248,4 +291,5 @@ def make_admin_site(clock: Any, metrics: Any,
     """
     root = AdminResource(metrics, ready, jwks=jwks, jwks_path=jwks_path,
                          registry=registry, revoke=revoke)
-    return AdminSite(root, timeout=_IDLE_TIMEOUT, reactor=clock)
+    return AdminSite(root, requestFactory=_AdminRequest,
+                     timeout=_IDLE_TIMEOUT, reactor=clock)

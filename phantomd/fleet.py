@@ -74,9 +74,15 @@ def identity(config: Config) -> bytes:
     ``config.identity`` (every ``trust=True`` key of the schema, and the
     contents of every such file).  Change it and the shared cache starts
     afresh: hosts on different settings never take each other's answers.
+
+    The ``[cache]`` lifetimes count too: a Redis entry expires when its
+    writer's rule said, so after a reload that lowers ``max_ttl`` or
+    ``min_ttl`` the old entries must not be read again.
     """
     from phantomd import config as configmod
-    return hashlib.sha256(json.dumps(configmod.identity(config),
+    c = config.cache
+    limits = (c.max_ttl, c.default_ttl, c.negative_ttl, c.min_ttl)
+    return hashlib.sha256(json.dumps((configmod.identity(config), limits),
                                      default=str).encode()).digest()
 
 
@@ -159,9 +165,10 @@ class Fleet:
         self.metrics.shared_connected.set(up)
 
     def _subscribed(self) -> None:
-        if self._subscribed_once:
-            # Revocations published while we were not listening are lost.
-            self.revoker.missed_events()
+        # Revocations published while we were not listening are lost; the
+        # first time too, as requests may have been served (and answers
+        # read from Redis) before this connection subscribed.
+        self.revoker.missed_events()
         self._subscribed_once = True
 
     def wrap(self, introspector: Any) -> Any:
@@ -186,12 +193,20 @@ class Fleet:
         fleet_secret = self._secrets.fleet
         # A changed connection key waits for a restart (the Gateway's
         # reload names it); the secret, even at a new path, applies now.
-        if _connection_keys(new) == _connection_keys(self.config) \
-                and self.shared is not None:
+        # The identity applies in any case: the local cache was emptied
+        # for it, and Redis must not hand back what was just dropped.
+        if self.shared is not None:
             from phantomd.sharedcache import FleetKeys
-            fleet_secret = secrets.fleet
+            if _connection_keys(new) == _connection_keys(self.config):
+                fleet_secret = secrets.fleet
             self.shared.keys = FleetKeys(fleet_secret, identity(new),
                                          self.config.shared_cache.key_prefix)
+            if fleet_secret != self._secrets.fleet:
+                # The sub= index is keyed by digests of the old secret: a
+                # later revocation could no longer find what it holds.
+                log.info("fleet secret rotated; the local token cache is "
+                         "emptied so that revocations still reach it")
+                self.revoker.missed_events()
         bearer = self._secrets.revocation
         if (secrets.revocation is None) != (bearer is None):
             log.warn("[revocation] token_file set or unset in {path}; it "

@@ -5,8 +5,9 @@ other process of the fleet.
 ``Revoker.wrap(introspector)`` sits between the coalescer and the shared
 tier, so it sees every answer before the local cache stores it; it keeps the
 subject → cache keys index a ``sub=`` revocation needs, and refuses an
-answer whose introspection started before its subject was revoked (it
-introspects once more instead).
+answer whose introspection started before its token or its subject was
+revoked (it introspects once more instead).  Revocation times only move
+forward, so a replayed older message cannot lower one.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
@@ -31,7 +33,12 @@ log = Logger()
 #: Subjects whose revocation time is remembered (to refuse answers
 #: introspected before it); past this the oldest are forgotten.
 MAX_REVOKED_SUBJECTS = 10000
+#: Tokens (cache keys) whose revocation time is remembered, for the same
+#: reason; past this the oldest are forgotten.
+MAX_REVOKED_TOKENS = 10000
 MAX_BODY = 8192
+#: RFC 6750's b64token: what the gate accepts, hence all it can cache.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*\Z").match
 
 
 class _Recording:
@@ -68,8 +75,10 @@ class Revoker:
         self._subject_of_key: OrderedDict[bytes, str] = OrderedDict()
         self._keys_of_subject: dict[str, set] = {}
         self._revoked: OrderedDict[str, float] = OrderedDict()
+        self._revoked_tokens: OrderedDict[bytes, float] = OrderedDict()
         if shared is not None:
             shared.revoked_after = self._revoked.get
+            shared.token_revoked_after = self._revoked_tokens.get
             shared.on_event = self._event
 
     def wrap(self, introspector: Any) -> _Recording:
@@ -84,13 +93,17 @@ class Revoker:
         for attempt in (1, 2):
             start = self.clock.seconds()
             result = await inner.introspect(token)
+            key = token_key(token)
+            revoked = self._revoked_tokens.get(key)
+            if revoked is not None and revoked >= start and attempt == 1:
+                continue  # asked before the token was revoked
             sub = subject_of(result)
             if sub is None:
                 return result
             digest = self.digest(sub)
             revoked = self._revoked.get(digest)
             if revoked is None or revoked < start or attempt == 2:
-                self._index(token_key(token), digest)
+                self._index(key, digest)
                 return result
         return result  # not reached
 
@@ -114,7 +127,20 @@ class Revoker:
 
     # -- applying a revocation locally ------------------------------------------
 
-    def drop_key(self, key: bytes) -> None:
+    @staticmethod
+    def _remember(times: OrderedDict, name: Any, at: float,
+                  bound: int) -> None:
+        # The latest revocation wins: a replayed older message (Redis
+        # writers can publish what they saw) must not move it back.
+        previous = times.pop(name, None)
+        times[name] = at if previous is None else max(previous, at)
+        while len(times) > bound:
+            times.popitem(last=False)
+
+    def drop_key(self, key: bytes, at: Optional[float] = None) -> None:
+        self._remember(self._revoked_tokens, key,
+                       self.clock.seconds() if at is None else at,
+                       MAX_REVOKED_TOKENS)
         self.cache.discard(key)
         digest = self._subject_of_key.pop(key, None)
         if digest is not None:
@@ -122,10 +148,7 @@ class Revoker:
         self.metrics.revocations["token"].inc()
 
     def drop_subject(self, digest: str, at: float) -> int:
-        self._revoked.pop(digest, None)
-        self._revoked[digest] = at
-        while len(self._revoked) > MAX_REVOKED_SUBJECTS:
-            self._revoked.popitem(last=False)
+        self._remember(self._revoked, digest, at, MAX_REVOKED_SUBJECTS)
         keys = self._keys_of_subject.pop(digest, set())
         for key in keys:
             self._subject_of_key.pop(key, None)
@@ -140,10 +163,16 @@ class Revoker:
                 key = bytes.fromhex(event["k"])
             except ValueError:
                 return
-            self.drop_key(key)
+            # Another host's clock: what is in flight here when the
+            # message arrives started before the revocation too (sub=
+            # below likewise).
+            at = event.get("at")
+            self.drop_key(key, max(float(at), self.clock.seconds())
+                          if isinstance(at, (int, float)) else None)
         elif kind == "sub" and isinstance(event.get("s"), str) and \
                 isinstance(event.get("at"), (int, float)):
-            self.drop_subject(event["s"], float(event["at"]))
+            self.drop_subject(event["s"], max(float(event["at"]),
+                                              self.clock.seconds()))
 
     def missed_events(self) -> None:
         """The pub/sub connection was down: revocations may have been
@@ -158,12 +187,13 @@ class Revoker:
     def revoke_token(self, token: str) -> defer.Deferred:
         """Fires with True when Redis and the fleet were told, False when
         only this process could be (Redis unreachable)."""
-        self.drop_key(token_key(token))
+        at = self.clock.seconds()
+        self.drop_key(token_key(token), at)
         log.info("revoked token {token_id}", token_id=token_id(
             token_key(token)))
         if self.shared is None:
             return defer.succeed(False)
-        return self._shared(self.shared.revoke_token(token))
+        return self._shared(self.shared.revoke_token(token, at))
 
     def revoke_subject(self, subject: str) -> defer.Deferred:
         digest = self.digest(subject)
@@ -226,6 +256,13 @@ class RevokeResource(resource.Resource):
             return _json(request, 400, {
                 "error": "invalid_request",
                 "error_description": "give exactly one of token= or sub="})
+        if tokens and not _B64TOKEN(tokens[0]):
+            # No bearer token looks like this, so it is not cached: most
+            # likely a "+" sent unencoded, which a form reads as a space.
+            return _json(request, 400, {
+                "error": "invalid_request",
+                "error_description": "token= is not a bearer token (send "
+                                     "it form-encoded: '+' as %2B)"})
         if tokens:
             d = self._revoker.revoke_token(tokens[0])
             kind = "token"

@@ -264,7 +264,9 @@ class SharedTier:
     long a lease holder may take before another process takes over: the
     introspection timeout plus a margin.  ``revoked_after(digest)`` (set by
     the revocation side) is the clock time a subject was last revoked, so
-    an answer introspected before it is refused.  ``on_event(event)`` gets
+    an answer introspected before it is refused; ``token_revoked_after(key)``
+    the same for one token (cache key), so an entry the revocation deleted
+    and someone wrote back is refused too.  ``on_event(event)`` gets
     the revocation events of other processes.
     """
 
@@ -280,6 +282,8 @@ class SharedTier:
         self.lease_time = lease_time
         self.revoked_after: Callable[[str], Optional[float]] = \
             lambda digest: None
+        self.token_revoked_after: Callable[[bytes], Optional[float]] = \
+            lambda key: None
         self.on_event: Callable[[dict], None] = lambda event: None
         self._waiters: dict[bytes, list] = {}
         self._nwaiters = 0
@@ -376,6 +380,9 @@ class SharedTier:
         if decoded is None:
             return None
         result, at = decoded
+        revoked = self.token_revoked_after(token_key(token))
+        if revoked is not None and at <= revoked:
+            return None  # e.g. the revoked entry, written back by hand
         sub = subject_of(result)
         if sub is not None:
             revoked = self.revoked_after(self.keys.subject_digest(sub))
@@ -470,10 +477,10 @@ class SharedTier:
 
     # -- revocation ---------------------------------------------------------
 
-    def revoke_token(self, token: str) -> defer.Deferred:
+    def revoke_token(self, token: str, at: float) -> defer.Deferred:
         """Drop the token's answer from Redis and tell every process."""
         event = self.keys.seal_event({"t": "token",
-                                      "k": token_key(token).hex()})
+                                      "k": token_key(token).hex(), "at": at})
         return self.client.call(b"EVAL", _REVOKE_TOKEN, 1,
                                 self.keys.redis_key(token),
                                 self.keys.channel, event)

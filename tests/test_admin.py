@@ -289,3 +289,44 @@ class LoopbackTests(TestCase):
         web = [e for e in events if e.get("log_namespace", "").startswith(
             ("twisted.web.server", "twisted.web.http", "phantomd"))]
         self.assertEqual(web, [], [formatEvent(e) for e in web])
+
+
+class BodyBoundTests(SynchronousTestCase):
+    """Nothing on the admin listener takes a big body (POST /revoke reads
+    8 KiB), and a body arrives before any bearer is checked: twisted.web
+    would spool any size to a temporary file for anyone who can connect."""
+
+    def connect(self):
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+        site = make_admin_site(Clock(), Metrics(), always_ready)
+        proto = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 5))
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_huge_content_length_is_refused_before_the_body(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST /revoke HTTP/1.1\r\nHost: a\r\n"
+                           b"Content-Length: 10000000000\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "),
+                        transport.value())
+        self.assertTrue(transport.disconnecting)
+
+    def test_endless_chunked_body_is_cut_at_the_bound(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST /revoke HTTP/1.1\r\nHost: a\r\n"
+                           b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(100):
+            proto.dataReceived(b"1000\r\n" + b"x" * 4096 + b"\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "),
+                        transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(transport.value().count(b"HTTP/1.1"), 1)
+
+    def test_small_body_still_reaches_the_resource(self):
+        proto, transport = self.connect()
+        proto.dataReceived(b"POST /metrics HTTP/1.1\r\nHost: a\r\n"
+                           b"Content-Length: 5\r\n\r\nhello")
+        self.assertNotIn(b" 413 ", transport.value())
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 "))

@@ -152,3 +152,139 @@ class KeysTests(SynchronousTestCase):
         self.assertEqual(keys.open_event(m), {"t": "token", "k": "00"})
         self.assertIsNone(other.open_event(m))
         self.assertIsNone(keys.open_event(b'{"t":"token","k":"00"}'))
+
+
+class RotationTests(SynchronousTestCase):
+    def test_sub_revocation_after_a_secret_rotation_reaches_older_answers(self):
+        """Subjects are indexed under a digest keyed by the fleet secret: a
+        rotation (SIGHUP) must not leave cached answers that a later
+        ``sub=`` revocation can no longer find."""
+        from twisted.internet.task import Clock
+        from twisted.internet import defer
+        from phantomd.metrics import Metrics
+        from phantomd.tokens import token_key
+
+        class Cache:
+            def __init__(self):
+                self.keys = set()
+
+            def ttl(self, result):
+                return 60.0
+
+            def discard(self, key):
+                self.keys.discard(key)
+
+            def clear(self):
+                self.keys.clear()
+
+        class Introspector:
+            def introspect(self, token):
+                return defer.succeed(Active("a.b.c", {"sub": "alice"}, 60))
+
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        path = os.path.join(d, "secret")
+        with open(path, "wb") as f:
+            f.write(SECRET)
+        text = MINIMAL + ("[shared_cache]\nurl = redis://127.0.0.1:1\n"
+                          "secret_file = %s\n" % path)
+        cache = Cache()
+        f = fleet.Fleet(Clock(), config.parse(text, "/etc/p.ini"), cache,
+                        Metrics())
+        self.successResultOf(f.revoker.wrap(Introspector()).introspect(
+            "tok"))
+        cache.keys.add(token_key("tok"))  # what the local cache then holds
+        with open(path, "wb") as fh:
+            fh.write(b"n" * 40)
+        f.reload(config.parse(text, "/etc/p.ini"))
+        f.revoker.revoke_subject("alice")
+        self.assertNotIn(token_key("tok"), cache.keys)
+
+
+class CacheLimitsIdentityTests(SynchronousTestCase):
+    def test_lower_cache_limits_on_reload_leave_the_old_redis_entries(self):
+        """Redis entries live as long as the writer's [cache] rule said:
+        after a reload lowering max_ttl (or min_ttl, to see revocations
+        sooner), reading them would serve answers the new limits drop."""
+        base = MINIMAL + "[cache]\n"
+        for old, new in (("max_ttl = 3600\n", "max_ttl = 60\n"),
+                         ("min_ttl = 300\n", "min_ttl = 0\n"),
+                         ("negative_ttl = 60\n", "negative_ttl = 5\n"),
+                         ("default_ttl = 60\n", "default_ttl = 0\n")):
+            before = fleet.identity(config.parse(base + old, "/etc/p.ini"))
+            after = fleet.identity(config.parse(base + new, "/etc/p.ini"))
+            self.assertNotEqual(before, after, new)
+            keys = FleetKeys(SECRET, before, "p:")
+            rkey = keys.redis_key("tok")
+            sealed = keys.seal("tok", rkey, b"{}")
+            reloaded = FleetKeys(SECRET, after, "p:")
+            self.assertIsNone(reloaded.open("tok", reloaded.redis_key("tok"),
+                                            sealed))
+            self.assertIsNone(reloaded.open("tok", rkey, sealed))
+
+
+class ReloadIdentityTests(SynchronousTestCase):
+    def test_identity_follows_a_reload_that_also_changes_a_restart_key(self):
+        """A new token service and a new [shared_cache] timeout in one
+        reload: the timeout waits for a restart, but answers of the old
+        token service must not be read from Redis meanwhile."""
+        from twisted.internet.task import Clock
+        from phantomd.metrics import Metrics
+
+        class Cache:
+            def ttl(self, result):
+                return 60.0
+
+            def clear(self):
+                pass
+
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        path = os.path.join(d, "secret")
+        with open(path, "wb") as f:
+            f.write(SECRET)
+        shared = ("[shared_cache]\nurl = redis://127.0.0.1:1\n"
+                  "secret_file = %s\n" % path)
+        f = fleet.Fleet(Clock(), config.parse(MINIMAL + shared, "/p.ini"),
+                        Cache(), Metrics())
+        new = config.parse(MINIMAL.replace("8443", "9443") + shared
+                           + "timeout = 0.2\n", "/p.ini")
+        f.reload(new)
+        self.assertEqual(f.shared.keys.identity, fleet.identity(new))
+
+
+class FirstSubscriptionTests(SynchronousTestCase):
+    def test_answers_cached_before_the_first_subscription_are_dropped(self):
+        """The command connection can be up (answers read from Redis and
+        cached) before the pub/sub one: revocations published until it
+        subscribes were never heard, the first time as any other."""
+        from twisted.internet import defer
+        from twisted.internet.task import Clock
+        from phantomd.metrics import Metrics
+        from phantomd.tokens import token_key
+
+        class Cache:
+            def __init__(self):
+                self.keys = set()
+
+            def ttl(self, result):
+                return 60.0
+
+            def discard(self, key):
+                self.keys.discard(key)
+
+            def clear(self):
+                self.keys.clear()
+
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        path = os.path.join(d, "secret")
+        with open(path, "wb") as f:
+            f.write(SECRET)
+        cache = Cache()
+        f = fleet.Fleet(Clock(), config.parse(
+            MINIMAL + "[shared_cache]\nurl = redis://127.0.0.1:1\n"
+            "secret_file = %s\n" % path, "/p.ini"), cache, Metrics())
+        cache.keys.add(token_key("tok"))  # served before pub/sub was up
+        f.shared.subscriber._on_connect()  # the first subscription
+        self.assertEqual(cache.keys, set())

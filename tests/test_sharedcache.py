@@ -178,3 +178,124 @@ class HolderFailureTests(SynchronousTestCase):
         self.inner.pending[0][1].callback(Inactive(5))
         self.redis.calls[1][1].callback(1)
         self.assertIsInstance(self.successResultOf(d), Inactive)
+
+
+class RevocationReplayTests(SynchronousTestCase):
+    """Someone who can write to Redis but lacks the fleet secret replays
+    what they saw: an old sealed entry, an old revocation message.  Neither
+    may bring back an answer from before the latest revocation."""
+
+    def setUp(self):
+        from phantomd.revocation import Revoker
+        TierTests.setUp(self)
+        self.clock.advance(100)
+        self.revoker = Revoker(self.clock, FakeCache(), self.metrics,
+                               max_entries=10, shared=self.tier)
+        self.front = self.revoker.wrap(self.wrapped)
+
+    def replayed_lookup(self, d, token, at, sub="alice"):
+        rkey = self.keys.redis_key(token)
+        self.redis.calls[-1][1].callback([1, self.keys.seal(
+            token, rkey, b'{"u":1000,"at":%d,"a":1,"j":"old.jwt.x",'
+                         b'"c":{"sub":"%s"}}' % (at, sub.encode()))])
+
+    def test_replayed_entry_of_a_revoked_token_is_refused(self):
+        self.revoker.revoke_token("tok")
+        self.clock.advance(1)
+        n = len(self.redis.calls)
+        d = self.front.introspect("tok")
+        # The entry DEL'd by the revocation, written back by hand.
+        self.replayed_lookup(d, "tok", at=90)
+        self.assertEqual(len(self.inner.pending), 1)  # asked again
+        self.inner.pending[0][1].callback(Inactive(5))
+        self.redis.calls[-1][1].callback(1)
+        self.assertIsInstance(self.successResultOf(d), Inactive)
+        self.assertGreater(len(self.redis.calls), n)
+
+    def test_replayed_old_subject_message_does_not_lower_the_revocation(self):
+        self.revoker.revoke_subject("alice")  # at 100
+        self.clock.advance(1)
+        digest = self.keys.subject_digest("alice")
+        # An older revocation of alice, published again by hand.
+        self.tier.message(self.keys.channel, self.keys.seal_event(
+            {"t": "sub", "s": digest, "at": 10.0}))
+        d = self.front.introspect("tok")
+        self.replayed_lookup(d, "tok", at=90)  # from before the revocation
+        self.assertEqual(len(self.inner.pending), 1)
+        self.inner.pending[0][1].callback(Inactive(5))
+        self.redis.calls[-1][1].callback(1)
+        self.assertIsInstance(self.successResultOf(d), Inactive)
+
+
+class TokenRevocationInFlightTests(SynchronousTestCase):
+    def test_answer_started_before_a_token_revocation_is_asked_again(self):
+        """Like a sub= revocation: an introspection in flight when the token
+        was revoked may carry the token service's answer from before it."""
+        from phantomd.revocation import Revoker
+        clock = Clock()
+        revoker = Revoker(clock, FakeCache(), Metrics(), max_entries=10)
+        inner = FakeIntrospector()
+        d = revoker.wrap(inner).introspect("tok")
+        clock.advance(1)
+        revoker.revoke_token("tok")
+        inner.pending[0][1].callback(Active("old.jwt.x", {}, 60))
+        self.assertNoResult(d)
+        inner.pending[1][1].callback(Inactive(5))
+        self.assertIsInstance(self.successResultOf(d), Inactive)
+
+
+class RevokeFormTests(SynchronousTestCase):
+    """``token=`` names a bearer token: what no bearer token can be is a
+    caller's encoding mistake, answered 400, never a 200 that revoked
+    nothing nor a 500."""
+
+    def post(self, body):
+        from treq.testing import StubTreq
+        from phantomd.revocation import Revoker, RevokeResource
+        self.cache = FakeCache()
+        revoker = Revoker(Clock(), self.cache, Metrics(), max_entries=10)
+        stub = StubTreq(RevokeResource(revoker, lambda: b"b" * 20))
+        response = self.successResultOf(stub.post(
+            "http://admin/revoke", data=body, headers={
+                "Authorization": "Bearer " + "b" * 20,
+                "Content-Type": "application/x-www-form-urlencoded"}))
+        return response.code, self.successResultOf(response.content())
+
+    def test_plus_sent_unencoded_is_refused(self):
+        # "+" is a space in a form: this revoked "abc def", not "abc+def".
+        code, body = self.post(b"token=abc+def")
+        self.assertEqual(code, 400, body)
+        self.assertIn(b"%2B", body)
+        self.assertEqual(self.cache.discarded, [])
+
+    def test_non_ascii_token_is_400(self):
+        code, body = self.post(b"token=%C3%A9")
+        self.assertEqual(code, 400, body)
+
+    def test_encoded_plus_revokes_the_token(self):
+        from phantomd.tokens import token_key
+        code, body = self.post(b"token=abc%2Bdef")
+        self.assertEqual(code, 200, body)
+        self.assertEqual(self.cache.discarded, [token_key("abc+def")])
+
+
+class RemoteRevocationInFlightTests(SynchronousTestCase):
+    def test_message_from_a_host_whose_clock_is_behind(self):
+        """An introspection in flight here when another host's sub=
+        revocation arrives is asked again, even when that host's clock
+        put the revocation before this one started."""
+        TierTests.setUp(self)
+        from phantomd.revocation import Revoker
+        self.clock.advance(100)
+        revoker = Revoker(self.clock, FakeCache(), self.metrics,
+                          max_entries=10, shared=self.tier)
+        inner = FakeIntrospector()
+        d = revoker.wrap(inner).introspect("tok")
+        self.clock.advance(1)
+        self.tier.message(self.keys.channel, self.keys.seal_event(
+            {"t": "sub", "s": self.keys.subject_digest("alice"),
+             "at": 50.0}))
+        inner.pending[0][1].callback(Active("old.jwt.x", {"sub": "alice"},
+                                            60))
+        self.assertNoResult(d)
+        self.assertEqual(len(inner.pending), 2)
