@@ -390,7 +390,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "jwks_path": Key(url_path, "/.well-known/jwks.json", trust=False,
                          restart=True),
         "audience": Key(optional_text, "", trust=True),
-        "lifetime": Key(positive_int, "300", trust=False),
+        # The exp of every cached minted JWT: a shorter one must not wait
+        # for the old JWTs to run out.
+        "lifetime": Key(positive_int, "300", trust=True),
         # The aud of every cached minted JWT.
         "force_audience": Key(boolean, "no", trust=True),
     },
@@ -862,6 +864,11 @@ def _token_service_checks(path: str, s: dict[str, Section]) -> None:
                           "applies to response = phantom_token only "
                           "(response is %s)" % intro.response)
     minted = intro.response in ("json", "token-introspection+jwt")
+    if intro.verify_jwt and minted:
+        raise ConfigError(path, "introspection", "verify_jwt",
+                          "applies to response = jwt or phantom_token (the "
+                          "token service's JWT); with response = %s "
+                          "phantomd signs the JWT itself" % intro.response)
     if minting.force_audience:
         if not minted:
             raise ConfigError(path, "minting", "force_audience",

@@ -286,8 +286,16 @@ class RevokeResource(resource.Resource):
                 body = _json(request, 200, {"revoked": kind})
             request.write(body)
             request.finish()
-        d.addCallback(answered).addErrback(
-            lambda f: log.failure("revocation failed", f))
+        def failed(failure) -> None:
+            log.failure("revocation failed", failure)
+            if request._disconnected or request.finished:
+                return
+            # Never a caller left hanging: it may not have been applied.
+            request.write(_json(request, 500, {
+                "error": "server_error",
+                "error_description": "the revocation failed; try again"}))
+            request.finish()
+        d.addCallback(answered).addErrback(failed)
         return server.NOT_DONE_YET
 
 

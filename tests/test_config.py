@@ -219,6 +219,11 @@ MISTAKES = [
      "above max_ttl"),
     (_with(extra="[cache]\nmax_ttl = 0\nmin_ttl = 1\n"), "cache",
      "min_ttl", "above max_ttl"),
+    # A check that cannot apply is a mistake, not a silent no-op.
+    (_with(extra_intro="response = json\nverify_jwt = yes\n"
+           "jwks_url = https://idp.test/jwks\n",
+           extra="[minting]\nkey_file = %s\nissuer = https://gw\n"
+           % __file__), "introspection", "verify_jwt", "phantomd signs"),
     # Keys only over TLS when the issuer is TLS (issue 19), configured too.
     (_with(extra_intro="verify_jwt = yes\nissuer = https://idp.test\n"
            "jwks_url = http://idp.test/jwks\n"), "introspection", "jwks_url",

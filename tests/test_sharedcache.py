@@ -279,6 +279,24 @@ class RevokeFormTests(SynchronousTestCase):
         self.assertEqual(self.cache.discarded, [token_key("abc+def")])
 
 
+class RevokeFailureTests(SynchronousTestCase):
+    def test_a_failed_revocation_is_answered_500_not_left_hanging(self):
+        from twisted.internet import defer
+        from treq.testing import StubTreq
+        from phantomd.revocation import Revoker, RevokeResource
+        revoker = Revoker(Clock(), FakeCache(), Metrics(), max_entries=10)
+        revoker.revoke_token = lambda token: defer.fail(RuntimeError("x"))
+        stub = StubTreq(RevokeResource(revoker, lambda: b"b" * 20))
+        response = self.successResultOf(stub.post(
+            "http://admin/revoke", data=b"token=abc", headers={
+                "Authorization": "Bearer " + "b" * 20,
+                "Content-Type": "application/x-www-form-urlencoded"}))
+        self.assertEqual(response.code, 500)
+        self.assertIn(b"server_error", self.successResultOf(
+            response.content()))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
 class RemoteRevocationInFlightTests(SynchronousTestCase):
     def test_message_from_a_host_whose_clock_is_behind(self):
         """An introspection in flight here when another host's sub=
