@@ -88,7 +88,7 @@ class ConfigTests(SynchronousTestCase):
                          + "[revocation]\ntoken_file = %s\n" % path,
                          "/etc/p.ini")
         self.assertEqual((c.phantomd.workers, c.shared_cache.url,
-                          c.revocation.token_file), (2, "", path))
+                          c.revocation.token_file), (2, None, path))
         fleet.check(c)
 
     def test_good(self):
