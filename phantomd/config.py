@@ -829,12 +829,6 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
         raise ConfigError(path, "shared_cache", "secret_file",
                           "is required with url (the same file on every "
                           "host of the fleet)")
-    if s["revocation"].token_file and not shared.url \
-            and s["phantomd"].workers > 1:
-        # The workers would never hear of a revocation the parent receives.
-        raise ConfigError(path, "revocation", "token_file",
-                          "with workers > 1 needs [shared_cache] url (the "
-                          "workers hear revocations through Redis)")
     return Config(path=path, client_secret=secret,
                   files=_file_digests(path, s), **s)
 

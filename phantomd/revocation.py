@@ -72,6 +72,10 @@ class Revoker:
         self.metrics = metrics
         self.max_entries = max_entries
         self.shared = shared
+        #: Without Redis, in the parent of workers: ``peers(event)`` tells
+        #: every worker (phantomd.workerrevoke) and fires True when all
+        #: confirmed.  None elsewhere.
+        self.peers: Optional[Callable[[dict], defer.Deferred]] = None
         self._subject_of_key: OrderedDict[bytes, str] = OrderedDict()
         self._keys_of_subject: dict[str, set] = {}
         self._revoked: OrderedDict[str, float] = OrderedDict()
@@ -192,7 +196,8 @@ class Revoker:
         log.info("revoked token {token_id}", token_id=token_id(
             token_key(token)))
         if self.shared is None:
-            return defer.succeed(False)
+            return self._tell_peers({"t": "token",
+                                     "k": token_key(token).hex(), "at": at})
         return self._shared(self.shared.revoke_token(token, at))
 
     def revoke_subject(self, subject: str) -> defer.Deferred:
@@ -202,8 +207,18 @@ class Revoker:
         log.info("revoked subject {subject_id} ({n} cached here)",
                  subject_id=digest[:12], n=n)
         if self.shared is None:
-            return defer.succeed(False)
+            return self._tell_peers({"t": "sub", "s": digest, "at": at})
         return self._shared(self.shared.revoke_subject(digest, at))
+
+    def _tell_peers(self, event: dict) -> defer.Deferred:
+        if self.peers is None:
+            return defer.succeed(False)
+        return self.peers(event)
+
+    @property
+    def fans_out(self) -> bool:
+        """Whether other processes must confirm (Redis or workers)."""
+        return self.shared is not None or self.peers is not None
 
     def _shared(self, d: defer.Deferred) -> defer.Deferred:
         def failed(f):
@@ -270,7 +285,10 @@ class RevokeResource(resource.Resource):
             d = self._revoker.revoke_subject(subs[0])
             kind = "sub"
 
-        shared = self._revoker.shared is not None
+        shared = self._revoker.fans_out
+        why = ("revoked in this process only: Redis did not answer"
+               if self._revoker.shared is not None else
+               "not confirmed by every worker: try again")
 
         def answered(fleet: bool) -> None:
             if request._disconnected:
@@ -280,8 +298,7 @@ class RevokeResource(resource.Resource):
                 request.setHeader(b"Retry-After", b"1")
                 body = _json(request, 503, {
                     "error": "temporarily_unavailable",
-                    "error_description": "revoked in this process only: "
-                                         "Redis did not answer"})
+                    "error_description": why})
             else:
                 body = _json(request, 200, {"revoked": kind})
             request.write(body)

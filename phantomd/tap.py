@@ -75,7 +75,7 @@ class GatewayService(service.Service):
 
     def __init__(self, reactor, config, gateway_factory=None,
                  notifier=None, logging=None, load=configmod.load,
-                 adopt=None) -> None:
+                 adopt=None, before_start=None) -> None:
         self.reactor = reactor
         self.config = config
         self.gateway = None
@@ -89,6 +89,8 @@ class GatewayService(service.Service):
         # sockets the parent passed (see phantomd.workers).
         self._load = load
         self._adopt = adopt
+        # In a worker: opens the parent's revocation channel before serving.
+        self._before_start = before_start
 
     def privilegedStartService(self) -> None:
         from phantomd.app import Gateway
@@ -97,6 +99,8 @@ class GatewayService(service.Service):
         self.gateway = (make(self.reactor, self.config) if access is None
                         else make(self.reactor, self.config,
                                   access_log=access))
+        if self._before_start is not None:
+            self._before_start(self.gateway)
         failures = []
         started = (self.gateway.start() if self._adopt is None else
                    self.gateway.start(
@@ -184,6 +188,10 @@ def makeService(options) -> service.IService:
                 reactor, factory, os.environ,
                 client_ca=config.phantomd.tls_client_ca_file)
         load = workers.worker_config
+
+        def before_start(gateway):
+            from phantomd import workerrevoke
+            workerrevoke.listen(reactor, os.environ, gateway)
     elif config.phantomd.workers > 1:
         # The parent: binds, runs and watches the workers, serves /metrics.
         workers.Supervisor(reactor, config, os.environ,
@@ -191,10 +199,11 @@ def makeService(options) -> service.IService:
                            ).setServiceParent(top)
         return top
     else:
-        adopt, load = None, configmod.load
+        adopt, load, before_start = None, configmod.load, None
     notifier = Notifier(reactor, os.environ)
     gateway = GatewayService(reactor, config, notifier=notifier,
-                             logging=top, load=load, adopt=adopt)
+                             logging=top, load=load, adopt=adopt,
+                             before_start=before_start)
     gateway.setServiceParent(top)
     # After the gateway: READY once it has bound, STOPPING before it drains.
     NotifyService(notifier, gateway.describe, reactor).setServiceParent(top)

@@ -62,6 +62,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from phantomd import config as configmod
 from phantomd import tls
 from phantomd.sdnotify import Notifier
+from phantomd.workerrevoke import WORKER_REVOKE
 
 log = Logger()
 
@@ -729,6 +730,14 @@ class Supervisor(service.Service):
         if make is None:
             from phantomd.app import Gateway as make
         self.gateway = make(self.reactor, self.config, admin_registry=registry)
+        fleet = getattr(self.gateway, "fleet", None)
+        if fleet is not None and fleet.shared is None:
+            # No Redis: the parent tells its workers of each revocation.
+            from phantomd.workerrevoke import WorkerRevocations
+            fleet.revoker.peers = WorkerRevocations(
+                self.reactor, lambda: [self._revoke_path(slot) for slot in
+                                       (self.pool.slots() if self.pool
+                                        else {})]).send
         readiness = getattr(self.gateway, "readiness", None)
         if readiness is not None:
             readiness.add_check(self._workers_ready)
@@ -781,13 +790,17 @@ class Supervisor(service.Service):
     def _notify_path(self, slot: int) -> str:
         return os.path.join(self._dir, "notify-%d" % slot)
 
+    def _revoke_path(self, slot: int) -> str:
+        return os.path.join(self._dir, "revoke-%d" % slot)
+
     def startService(self) -> None:
         super().startService()
         self.pool = WorkerPool(
             self.reactor, self.readiness.count, self._argv,
             self._worker_env(), {},
             on_exit=self._worker_exited,
-            slot_env=lambda slot: {"NOTIFY_SOCKET": self._notify_path(slot)},
+            slot_env=lambda slot: {"NOTIFY_SOCKET": self._notify_path(slot),
+                                   WORKER_REVOKE: self._revoke_path(slot)},
             slot_fds=self._slot_fds)
         self.readiness.await_all(self._all_serving)
         self.pool.start()

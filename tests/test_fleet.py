@@ -80,15 +80,16 @@ class ConfigTests(SynchronousTestCase):
         self.assertRefused("[revocation]\ntoken_file = %s\n" % path,
                            "revocation", "token_file", "at least 16")
 
-    def test_revocation_with_workers_needs_redis(self):
+    def test_revocation_with_workers_needs_no_redis(self):
+        # The parent tells its workers itself (phantomd.workerrevoke).
         path = self.file("rt", b"a-long-enough-revocation-token")
-        with self.assertRaises(ConfigError) as e:
-            config.parse(MINIMAL.replace("[phantomd]\n",
+        c = config.parse(MINIMAL.replace("[phantomd]\n",
                                          "[phantomd]\nworkers = 2\n")
                          + "[revocation]\ntoken_file = %s\n" % path,
                          "/etc/p.ini")
-        self.assertIn("[revocation] token_file: with workers > 1 needs "
-                      "[shared_cache] url", str(e.exception))
+        self.assertEqual((c.phantomd.workers, c.shared_cache.url,
+                          c.revocation.token_file), (2, None, path))
+        fleet.check(c)
 
     def test_good(self):
         secret = self.file("secret", SECRET + b"\n")
