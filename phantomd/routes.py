@@ -38,7 +38,7 @@ class Route:
     ``required_scopes`` None: the gate's."""
 
     __slots__ = ("name", "prefixes", "methods", "upstream", "auth",
-                 "required_scopes", "claim_headers", "strip_prefix")
+                 "required_scopes", "claim_headers", "strip_prefix", "drop")
 
     def __init__(self, name: str, prefixes: tuple = ((),),
                  methods: Optional[frozenset] = None,
@@ -51,12 +51,21 @@ class Route:
         self.methods = methods
         self.upstream = upstream
         self.auth = auth
-        self.required_scopes = required_scopes
+        self.required_scopes = (None if required_scopes is None
+                                else frozenset(required_scopes))
         self.claim_headers = claim_headers
         self.strip_prefix = strip_prefix
+        #: ``claim_headers`` names as ``drop_name`` spells them: a client's
+        #: copy goes, whatever its case and ``_`` for ``-`` (CGI/WSGI
+        #: servers read ``X_User_Id`` as ``X-User-Id``).
+        self.drop = frozenset(drop_name(n) for n, _ in claim_headers)
 
     def __repr__(self) -> str:
         return "Route(%r)" % self.name
+
+
+def drop_name(name: bytes) -> bytes:
+    return name.lower().replace(b"_", b"-")
 
 
 class Match:
