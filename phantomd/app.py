@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from phantomd import admin, routes
+from phantomd import admin, cors, routes
 from phantomd.cache import TokenCache
 from phantomd.coalescer import Coalescer
 from phantomd import config as configmod
@@ -230,7 +230,8 @@ class Gateway:
                                       config.phantomd, self.metrics,
                                       access_log=access_log,
                                       routes=routes.from_config(config),
-                                      pools=self.route_pools)
+                                      pools=self.route_pools,
+                                      cors=cors.from_config(config.cors))
         self.forward_auth = None
         if config.forward_auth.listen:
             from phantomd import forward_auth
@@ -441,7 +442,8 @@ class Gateway:
             self.front.reconfigure(gate=self.gate, upstream=self.upstream,
                                    settings=new.phantomd,
                                    routes=routes.from_config(new),
-                                   pools=self.route_pools)
+                                   pools=self.route_pools,
+                                   cors=cors.from_config(new.cors))
         if self.forward_auth is not None:
             self.forward_auth.checker.reconfigure(new.forward_auth, secret,
                                                   gate=self.gate)

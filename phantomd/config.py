@@ -264,6 +264,23 @@ def key_prefix(value: str) -> str:
     return value
 
 
+def cors_origins(value: str) -> tuple:
+    from phantomd.cors import parse_origins
+    try:
+        return parse_origins(value)
+    except ValueError as e:
+        raise _Invalid(str(e))
+
+
+def tokens(value: str) -> tuple:
+    """Method or header names (RFC 9110 tokens), in order."""
+    words = tuple(value.replace(",", " ").split())
+    for w in words:
+        if not re.match(_TCHAR + r"\Z", w):
+            raise _Invalid("%r is not a method or header name" % w)
+    return words
+
+
 # -- the schema ---------------------------------------------------------------
 
 class Key(NamedTuple):
@@ -429,6 +446,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
         # Re-read on reload: the X-Phantomd-Secret proxies must send.
         "secret_file": Key(readable_file, "", trust=False, secret=True),
     },
+    # DESIGN section 9: what browsers may read; applied live on reload.
+    "cors": {
+        "allow_origins": Key(cors_origins, "", trust=False),
+        "allow_methods": Key(tokens, "GET HEAD POST PUT PATCH DELETE",
+                             trust=False),
+        "allow_headers": Key(tokens, "Authorization Content-Type",
+                             trust=False),
+        "expose_headers": Key(tokens, "WWW-Authenticate", trust=False),
+        "max_age": Key(_number(int, 0, 86400), "600", trust=False),
+        "allow_credentials": Key(boolean, "no", trust=False),
+    },
 }
 
 
@@ -565,6 +593,7 @@ class Config:
     revocation: Section
     dpop: Section
     forward_auth: Section
+    cors: Section
     client_secret: Optional[str]  # resolved from client_secret or its file
     # [route NAME] sections, in file order: name -> Section (ROUTE_SCHEMA).
     routes: Mapping[str, Section] = field(
@@ -962,6 +991,7 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
         except ValueError as e:
             raise ConfigError(path, "forward_auth", "secret_file", str(e))
     _token_service_checks(path, s)
+    _cors_checks(path, s["cors"])
     shared = s["shared_cache"]
     if shared.url and not shared.secret_file:
         raise ConfigError(path, "shared_cache", "secret_file",
@@ -975,6 +1005,21 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
                           "workers hear revocations through Redis)")
     return Config(path=path, client_secret=secret,
                   files=_file_digests(path, s), **s)
+
+
+def _cors_checks(path: str, cors: Section) -> None:
+    if not cors.allow_origins:
+        for key, spec in SCHEMA["cors"].items():
+            if getattr(cors, key) != spec.parse(spec.default):
+                raise ConfigError(path, "cors", key,
+                                  "has no effect without allow_origins "
+                                  "(CORS is off)")
+        return
+    if cors.allow_credentials and cors.allow_origins == ("*",):
+        raise ConfigError(path, "cors", "allow_credentials",
+                          "yes cannot go with allow_origins = * (browsers "
+                          "refuse it, and it would let every site act as "
+                          "the user): list the origins")
 
 
 def _token_service_checks(path: str, s: dict[str, Section]) -> None:

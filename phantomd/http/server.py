@@ -41,6 +41,7 @@ from phantomd.http.proxies import forwarded_by_proxy, forwarded_origin
 from phantomd.http.upstream import (
     MODE_CHUNKED, MODE_EOF, MODE_LENGTH)
 from phantomd.outcomes import Forward, Reject, error_response
+from phantomd.cors import request_origin, without_cors
 from phantomd.routes import (
     Route, RouteTable, UnsafePath, claim_lines, drop_name)
 
@@ -169,7 +170,7 @@ class _Request:
     __slots__ = ("url", "headers", "method", "version", "keep_alive",
                  "head_done", "complete", "body", "error", "chunked", "length",
                  "raw", "hbytes", "started_at", "target", "host", "kept",
-                 "head", "fwd", "rid", "route", "sent")
+                 "head", "fwd", "rid", "route", "sent", "cors")
 
     def __init__(self) -> None:
         self.url = b""
@@ -194,6 +195,9 @@ class _Request:
         self.rid: Optional[bytes] = None
         self.route: Optional[Route] = None  # DESIGN section 8
         self.sent = b""  # the target sent upstream (minus strip_prefix)
+        #: DESIGN section 9: None without [cors]; else the headers every
+        #: answer gets (empty: the origin is not allowed).
+        self.cors: Optional[list] = None
 
 
 class FrontProtocol(Protocol):
@@ -699,6 +703,13 @@ class FrontProtocol(Protocol):
         r.rid = rid if rids == 1 and _REQUEST_ID(rid) else _new_request_id()
         if connection:
             kept = drop_connection_options(kept, connection)
+        cors = self.factory.cors
+        preflight = False
+        if cors is not None or r.method == b"OPTIONS":
+            origin, preflight = request_origin(kept)
+            preflight = preflight and r.method == b"OPTIONS"
+            if cors is not None:
+                r.cors = cors.answer_headers(origin)
         problem = None
         if r.version != "1.1" and r.version != "1.0":
             problem = ((400, "invalid_request", "malformed request line")
@@ -756,9 +767,17 @@ class FrontProtocol(Protocol):
             return
         route = r.route = match.route
         r.sent = match.target
-        if route.auth == "none" or (route.auth == "optional" and not auth):
+        if preflight and cors is not None:
+            # Browsers send no token on a preflight: phantomd answers it.
+            r.cors = None
+            self._answer(r, 204, cors.preflight_headers(origin), b"",
+                         close=not r.complete)
+            return
+        if preflight or route.auth == "none" or (
+                route.auth == "optional" and not auth):
             # No token goes upstream: the Authorization lines were never
             # kept, and a client's copies of claim headers are dropped.
+            # Without [cors] a preflight goes to the API this way.
             self._forward(r, None, None)
             return
         self._phase = _GATE
@@ -989,6 +1008,9 @@ class FrontProtocol(Protocol):
         self._status = status
         close = self._closing or not r.keep_alive
         http11 = r.version == "1.1"
+        if r.cors is not None:
+            # Replaced, never duplicated: browsers refuse two.
+            headers = without_cors(headers) + r.cors
         chunk_out = False
         framing = b""
         if mode == MODE_LENGTH:
@@ -1085,8 +1107,11 @@ class FrontProtocol(Protocol):
         close = close or self._closing or not r.keep_alive
         headers.append((b"Date", self.factory.date()))
         headers.append((b"X-Request-Id", self._rid(r)))
+        if r.cors:
+            headers += r.cors
         parts = _head(status, None, headers,
-                      b"Content-Length: %d\r\n" % len(body), close,
+                      b"Content-Length: %d\r\n" % len(body)
+                      if status != 204 else b"", close,
                       r.version == "1.1")
         if r.method != b"HEAD":
             parts.append(body)
@@ -1231,6 +1256,9 @@ class FrontProtocol(Protocol):
         self._broken_mid_request(r)
 
 
+_KEEP = object()
+
+
 def _failure_of(exc: BaseException) -> Any:
     from twisted.python.failure import Failure
     return Failure(exc, type(exc), exc.__traceback__)
@@ -1248,7 +1276,7 @@ class FrontFactory(Factory):
     def __init__(self, reactor: Any, gate: Any, upstream: Any, settings: Any,
                  metrics: Any, access_log: Optional[Callable] = None,
                  routes: Optional[RouteTable] = None,
-                 pools: Optional[dict] = None) -> None:
+                 pools: Optional[dict] = None, cors: Any = None) -> None:
         self.reactor = reactor
         self.gate = gate
         self.upstream = upstream
@@ -1257,6 +1285,7 @@ class FrontFactory(Factory):
         self.routes = routes if routes is not None else RouteTable(
             [], Route("default"))
         self.pools = pools if pools is not None else {}
+        self.cors = cors  # a cors.Policy, or None without [cors]
         self.metrics = metrics
         self.access_log = access_log
         self.connections: set = set()
@@ -1292,9 +1321,12 @@ class FrontFactory(Factory):
 
     def reconfigure(self, gate: Any = None, upstream: Any = None,
                     settings: Any = None, routes: Optional[RouteTable] = None,
-                    pools: Optional[dict] = None) -> None:
+                    pools: Optional[dict] = None, cors: Any = _KEEP) -> None:
         """Use new parts for requests that start from now on; open
-        connections stay open (limits apply to their next request)."""
+        connections stay open (limits apply to their next request).
+        ``cors``: a ``cors.Policy``, or None to turn CORS off."""
+        if cors is not _KEEP:
+            self.cors = cors
         if routes is not None:
             self.routes = routes
         if pools is not None:
