@@ -238,7 +238,8 @@ class Gateway:
             self.forward_auth = forward_auth.ForwardAuthFactory(
                 reactor, forward_auth.Checker(
                     self.gate, self.metrics, config.forward_auth,
-                    _forward_auth_secret(config)),
+                    _forward_auth_secret(config),
+                    routes=routes.from_config(config, default=True)),
                 self.metrics, idle_timeout=config.phantomd.idle_timeout,
                 header_timeout=config.phantomd.header_timeout)
         self.forward_auth_ports: list = []
@@ -445,8 +446,9 @@ class Gateway:
                                    pools=self.route_pools,
                                    cors=cors.from_config(new.cors))
         if self.forward_auth is not None:
-            self.forward_auth.checker.reconfigure(new.forward_auth, secret,
-                                                  gate=self.gate)
+            self.forward_auth.checker.reconfigure(
+                new.forward_auth, secret, gate=self.gate,
+                routes=routes.from_config(new, default=True))
             self.forward_auth.reconfigure(new.phantomd.idle_timeout,
                                           new.phantomd.header_timeout)
         self.config = new

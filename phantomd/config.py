@@ -779,9 +779,6 @@ def _parse_routes(cp: configparser.ConfigParser, path: str,
             raise ConfigError(path, section, "claim_headers",
                               "cannot apply with auth = none (no token, so "
                               "no claims)")
-        if not r.upstream and not phantomd.upstream:
-            raise ConfigError(path, section, "upstream",
-                              "is required when [phantomd] upstream is empty")
         for prefix in r.match:
             for other, other_methods in seen.get(prefix, ()):
                 if r.methods is None or other_methods is None or \
@@ -897,11 +894,8 @@ def parse(source: str, path: str = "<string>",
     config = _cross_checks(path, sections)
     routes = _parse_routes(cp, path, sections["phantomd"])
     if routes:
-        if not sections["phantomd"].upstream:
-            # forward-auth only: the routes would never be used.
-            raise ConfigError(path, "route %s" % next(iter(routes)), None,
-                              "routes need [phantomd] upstream (phantomd "
-                              "forwards requests)")
+        # Without [phantomd] upstream ([forward_auth] only) the routes
+        # still decide each check's scopes and auth.
         from dataclasses import replace
         config = replace(config, routes=routes)
     return config

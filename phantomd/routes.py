@@ -192,15 +192,17 @@ class RouteTable:
         return Match(self.default, target)
 
 
-def from_config(config: Any) -> RouteTable:
-    """The table for a loaded ``Config``."""
+def from_config(config: Any, default: bool = False) -> RouteTable:
+    """The table for a loaded ``Config``; ``default``: unmatched requests
+    take the default route even without ``[phantomd] upstream`` (the
+    forward-auth checks, which have no upstream to miss)."""
     routes = [
         Route(name, prefixes=s.match, methods=s.methods, upstream=s.upstream,
               auth=s.auth, required_scopes=s.required_scopes,
               claim_headers=s.claim_headers, strip_prefix=s.strip_prefix)
         for name, s in config.routes.items()]
-    default = (Route("default") if config.phantomd.upstream else None)
-    return RouteTable(routes, default)
+    return RouteTable(routes, Route("default") if (
+        default or config.phantomd.upstream) else None)
 
 
 def claim_value(value: Any) -> Optional[bytes]:

@@ -159,3 +159,34 @@ class RoutesE2E(GatewayCase):
                          if "127.0.0.1:%d/base" % self.orders_port not in l)
         gw.reload(configmod.parse(gone, "<robustness.ini>"))
         self.assertEqual(gw.route_pools, {})
+
+
+class ForwardAuthRoutes(GatewayCase):
+    """The forward-auth checks take the route of the original request."""
+
+    @async_test
+    async def test_checks_use_the_original_requests_route(self):
+        from tests.test_forward_auth import build_fa
+        s = await build_fa(self, phantomd={"required_scopes": "read"}, **{
+            "route public": {"match": "/public", "auth": "none"},
+            "route admin": {"match": "/admin", "required_scopes": "admin"}})
+
+        async def check(uri, token=None):
+            return await one_request(reactor, s.fa, request_bytes(
+                "GET", "/check", token,
+                [("X-Forwarded-Method", "GET"), ("X-Forwarded-Uri", uri)],
+                close=True))
+
+        r = await check("/public/x", "opaque-tok")
+        self.assertEqual(r.status, 200)
+        self.assertEqual(r.header(b"authorization"), [])
+        self.assertEqual(s.ts.requests, [])
+        r = await check("/public/../admin")
+        self.assertError(r, 400, "invalid_request")
+        token, jwt = s.good_token(sub="a", scope="read")
+        r = await check("/admin/x", token)
+        self.assertError(r, 403, "insufficient_scope",
+                         challenge="insufficient_scope", scope="admin")
+        r = await check("/other", token)
+        self.assertEqual(r.header(b"authorization"),
+                         [b"Bearer " + jwt.encode()])
