@@ -95,6 +95,18 @@ def _fully_decoded(raw: bytes) -> bytes:
 def segments(path: bytes) -> tuple[list, list]:
     """``(matched, ends)``: the path's non-empty segments as matched, and
     for each the offset in ``path`` just past it.  Raises ``UnsafePath``."""
+    if b"%" not in path and b";" not in path and b"\\" not in path and \
+            b"/." not in path:
+        # The common case: nothing to decode, no dot segment possible.
+        matched = []
+        ends = []
+        offset = 0
+        for raw in path.split(b"/"):
+            offset += len(raw) + 1
+            if raw:
+                matched.append(raw)
+                ends.append(offset - 1)
+        return matched, ends
     if b"\\" in path:
         raise UnsafePath("the path contains a backslash")
     if _BAD_ESCAPE.search(path):
@@ -168,10 +180,12 @@ class RouteTable:
                     if self.default is not None else None)
         q = target.find(b"?")
         path = target if q < 0 else target[:q]
-        matched, ends = segments(path)
         if not self._lengths:
+            if b"%" in path or b"\\" in path or b"/." in path:
+                segments(path)  # only its checks
             return (Match(self.default, target)
                     if self.default is not None else None)
+        matched, ends = segments(path)
         n = len(matched)
         for length in self._lengths:
             if length > n:
