@@ -22,7 +22,6 @@ from typing import Any, Mapping, Optional
 _UNRESERVED = frozenset(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
-_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 # Separators some upstream may decode and act on: '/', '\', NUL.
 _HIDDEN_SEPARATOR = re.compile(rb"%2[fF]|%5[cC]|\\")
 
@@ -109,8 +108,6 @@ def segments(path: bytes) -> tuple[list, list]:
         return matched, ends
     if b"\\" in path:
         raise UnsafePath("the path contains a backslash")
-    if _BAD_ESCAPE.search(path):
-        raise UnsafePath("the path contains a malformed percent escape")
     decoded = _fully_decoded(path)
     if b"\\" in decoded:
         raise UnsafePath("the path contains an encoded backslash")

@@ -105,8 +105,6 @@ class MatchTests(SynchronousTestCase):
         b"/public/%c0%ae%c0%ae/admin",  # overlong UTF-8 '.'
         b"/public/%e0%80%ae/admin",
         b"/public/%ff",
-        b"/public/%zz",
-        b"/public/%2",
     ]
 
     def test_unsafe_paths_refused_before_any_route(self):
@@ -121,7 +119,9 @@ class MatchTests(SynchronousTestCase):
     def test_dots_inside_a_segment_are_fine(self):
         t = table()
         for target in (b"/public/a..b", b"/public/...", b"/public/.well",
-                       b"/public/x?../..", b"/public/caf%C3%A9"):
+                       b"/public/x?../..", b"/public/caf%C3%A9",
+                       # A stray % is data: no upstream decodes it to a dot.
+                       b"/public/%zz", b"/public/%2", b"/public/%._"):
             self.assertEqual(t.match(b"GET", target).route.name, "public")
 
     def test_no_default_upstream_is_404(self):
