@@ -458,9 +458,15 @@ class Gateway:
             old_upstream.close()
         for pool in retired:
             pool.close()  # requests in flight on it finish first
+        applied = configmod.names(diff)
+        routes_changed = sorted(
+            name for name in set(old.routes) | set(new.routes)
+            if old.routes.get(name) != new.routes.get(name))
+        if routes_changed:
+            applied += (", " if applied else "") + ", ".join(
+                "[route %s]" % name for name in routes_changed)
         log.info("configuration reloaded from {path}; applied: {keys}",
-                 path=new.path,
-                 keys=configmod.names(diff) if diff else "no change")
+                 path=new.path, keys=applied or "no change")
 
     def stop(self) -> defer.Deferred:
         """Stop accepting, let in-flight requests finish for up to

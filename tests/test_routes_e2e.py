@@ -149,7 +149,14 @@ class RoutesE2E(GatewayCase):
         new = s.ini.replace("auth = none", "auth = required")
         self.assertNotEqual(new, s.ini)
         old_pool = gw.route_pools[next(iter(gw.route_pools))]
+        from twisted.logger import globalLogPublisher
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         gw.reload(configmod.parse(new, "<robustness.ini>"))
+        [done] = [e for e in events if "configuration reloaded" in
+                  e.get("log_format", "")]
+        self.assertEqual(done["keys"], "[route public]")
         r = await self.send("GET", "/public/x")
         self.assertError(r, 401, None, challenge=None)
         # The orders upstream did not change: its pool is kept.
