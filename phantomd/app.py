@@ -8,13 +8,13 @@ tests run whole gateways on the real reactor over loopback.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from phantomd import admin
+from phantomd import admin, cors, routes
 from phantomd.cache import TokenCache
 from phantomd.coalescer import Coalescer
 from phantomd import config as configmod
@@ -218,20 +218,28 @@ class Gateway:
                 self.fleet.shared.client, self.fleet.shared.keys.prefix)
         # Without an upstream ([forward_auth] only) there is no front.
         self.upstream = self.front = None
+        self.route_pools: dict = {}
         if config.phantomd.upstream:
             self.upstream = UpstreamPool(reactor, config.phantomd,
                                          self.metrics,
                                          tls_options=_upstream_tls(config))
+            self.route_pools, _ = _route_pools(reactor, config, self.metrics,
+                                               {}, False)
+            self.metrics.set_routes(config.routes)
             self.front = FrontFactory(reactor, self.gate, self.upstream,
                                       config.phantomd, self.metrics,
-                                      access_log=access_log)
+                                      access_log=access_log,
+                                      routes=routes.from_config(config),
+                                      pools=self.route_pools,
+                                      cors=cors.from_config(config.cors))
         self.forward_auth = None
         if config.forward_auth.listen:
             from phantomd import forward_auth
             self.forward_auth = forward_auth.ForwardAuthFactory(
                 reactor, forward_auth.Checker(
                     self.gate, self.metrics, config.forward_auth,
-                    _forward_auth_secret(config)),
+                    _forward_auth_secret(config),
+                    routes=routes.from_config(config, default=True)),
                 self.metrics, idle_timeout=config.phantomd.idle_timeout,
                 header_timeout=config.phantomd.header_timeout)
         self.forward_auth_ports: list = []
@@ -405,6 +413,11 @@ class Gateway:
                 tls_options=_upstream_tls(new))
         else:
             self.upstream.reconfigure(new.phantomd)
+        retired: list = []
+        if self.upstream is not None:
+            self.route_pools, retired = _route_pools(
+                self.reactor, new, self.metrics, self.route_pools,
+                any(pair in _UPSTREAM_KEYS for pair in diff))
         c = new.cache
         if configmod.identity(new) != configmod.identity(old):
             dropped = len(self.cache)
@@ -426,11 +439,16 @@ class Gateway:
                                    max_age=new.dpop.max_age,
                                    max_entries=new.dpop.replay_cache_size)
         if self.front is not None:
+            self.metrics.set_routes(new.routes)
             self.front.reconfigure(gate=self.gate, upstream=self.upstream,
-                                   settings=new.phantomd)
+                                   settings=new.phantomd,
+                                   routes=routes.from_config(new),
+                                   pools=self.route_pools,
+                                   cors=cors.from_config(new.cors))
         if self.forward_auth is not None:
-            self.forward_auth.checker.reconfigure(new.forward_auth, secret,
-                                                  gate=self.gate)
+            self.forward_auth.checker.reconfigure(
+                new.forward_auth, secret, gate=self.gate,
+                routes=routes.from_config(new, default=True))
             self.forward_auth.reconfigure(new.phantomd.idle_timeout,
                                           new.phantomd.header_timeout)
         self.config = new
@@ -438,9 +456,17 @@ class Gateway:
             old_stack.close()
         if old_upstream is not None:
             old_upstream.close()
+        for pool in retired:
+            pool.close()  # requests in flight on it finish first
+        applied = configmod.names(diff)
+        routes_changed = sorted(
+            name for name in set(old.routes) | set(new.routes)
+            if old.routes.get(name) != new.routes.get(name))
+        if routes_changed:
+            applied += (", " if applied else "") + ", ".join(
+                "[route %s]" % name for name in routes_changed)
         log.info("configuration reloaded from {path}; applied: {keys}",
-                 path=new.path,
-                 keys=configmod.names(diff) if diff else "no change")
+                 path=new.path, keys=applied or "no change")
 
     def stop(self) -> defer.Deferred:
         """Stop accepting, let in-flight requests finish for up to
@@ -473,6 +499,8 @@ class Gateway:
             closing = [defer.maybeDeferred(self._stack.close)]
             if self.upstream is not None:
                 closing.append(defer.maybeDeferred(self.upstream.close))
+            closing += [defer.maybeDeferred(p.close)
+                        for p in self.route_pools.values()]
             if self.fleet is not None:
                 closing.append(defer.maybeDeferred(self.fleet.stop))
             closing += [defer.maybeDeferred(p.stopListening)
@@ -488,3 +516,36 @@ class Gateway:
 _UPSTREAM_KEYS = frozenset(("phantomd", key) for key in (
     "upstream", "upstream_ca_file", "upstream_client_cert",
     "upstream_client_key", "upstream_connect_timeout"))
+
+
+class _RouteUpstream:
+    """``[phantomd]``'s upstream settings (timeouts, TLS files) with a
+    route's ``upstream`` URL."""
+
+    def __init__(self, settings: Any, url: str) -> None:
+        self._settings = settings
+        self.upstream = url
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._settings, name)
+
+
+def _route_pools(reactor: Any, config: Config, metrics: Any, old: dict,
+                 rebuild: bool) -> tuple:
+    """``(pools, retired)``: one ``UpstreamPool`` per distinct route
+    upstream URL (the ``[phantomd]`` one excepted: it has its own), reusing
+    the pools of ``old`` unless ``rebuild`` (the TLS or connect settings
+    changed); ``retired`` are the old pools no longer used."""
+    pools = {}
+    for route in config.routes.values():
+        url = route.upstream
+        if not url or url in pools:
+            continue
+        settings = _RouteUpstream(config.phantomd, url)
+        if url in old and not rebuild:
+            pools[url] = old[url]
+            pools[url].reconfigure(settings)
+        else:
+            pools[url] = UpstreamPool(reactor, settings, metrics)
+    retired = [p for url, p in old.items() if pools.get(url) is not p]
+    return pools, retired

@@ -280,6 +280,23 @@ def key_prefix(value: str) -> str:
     return value
 
 
+def cors_origins(value: str) -> tuple:
+    from phantomd.cors import parse_origins
+    try:
+        return parse_origins(value)
+    except ValueError as e:
+        raise _Invalid(str(e))
+
+
+def tokens(value: str) -> tuple:
+    """Method or header names (RFC 9110 tokens), in order."""
+    words = tuple(value.replace(",", " ").split())
+    for w in words:
+        if not re.match(_TCHAR + r"\Z", w):
+            raise _Invalid("%r is not a method or header name" % w)
+    return words
+
+
 # -- the schema ---------------------------------------------------------------
 
 class Key(NamedTuple):
@@ -447,6 +464,17 @@ SCHEMA: dict[str, dict[str, Key]] = {
         # Re-read on reload: the X-Phantomd-Secret proxies must send.
         "secret_file": Key(readable_file, "", trust=False, secret=True),
     },
+    # DESIGN section 9: what browsers may read; applied live on reload.
+    "cors": {
+        "allow_origins": Key(cors_origins, "", trust=False),
+        "allow_methods": Key(tokens, "GET HEAD POST PUT PATCH DELETE",
+                             trust=False),
+        "allow_headers": Key(tokens, "Authorization Content-Type",
+                             trust=False),
+        "expose_headers": Key(tokens, "WWW-Authenticate", trust=False),
+        "max_age": Key(_number(int, 0, 86400), "600", trust=False),
+        "allow_credentials": Key(boolean, "no", trust=False),
+    },
 }
 
 
@@ -463,6 +491,80 @@ def _check_schema(schema: Mapping[str, Mapping[str, Any]]) -> None:
 
 
 _check_schema(SCHEMA)
+
+
+# -- [route NAME] (DESIGN section 8) ------------------------------------------
+
+def route_prefixes(value: str) -> tuple:
+    from phantomd.routes import parse_prefix
+    out = []
+    for word in value.split():
+        try:
+            out.append(parse_prefix(word))
+        except ValueError as e:
+            raise _Invalid(str(e))
+    if not out:
+        raise _Invalid("at least one path prefix is required")
+    return tuple(out)
+
+
+_METHOD = re.compile(_TCHAR + r"\Z")
+
+
+def methods(value: str) -> Optional[frozenset]:
+    """Method names, as sent (case-sensitive, RFC 9110); empty: any."""
+    words = value.split()
+    for w in words:
+        if not _METHOD.match(w):
+            raise _Invalid("%r is not an HTTP method" % w)
+        if w != w.upper():
+            raise _Invalid("%r: methods are case-sensitive, write %s"
+                           % (w, w.upper()))
+    return frozenset(w.encode("ascii") for w in words) or None
+
+
+def route_scopes(value: str) -> Optional[tuple[str, ...]]:
+    """Absent: ``[phantomd] required_scopes``; present, even empty, it
+    replaces them for the route."""
+    return None if value == "\0inherit" else scopes(value)
+
+
+def claim_headers(value: str) -> tuple:
+    from phantomd.http.headers import REQUEST_DROP
+    out = []
+    for word in value.split():
+        name, eq, claim = word.partition("=")
+        if not eq or not claim or not re.match(_TCHAR + r"\Z", name):
+            raise _Invalid("%r is not HEADER=claim" % word)
+        if name.lower().encode("ascii") in REQUEST_DROP or \
+                name.lower() in ("authorization", "content-type"):
+            raise _Invalid("%r is a header phantomd itself manages" % name)
+        out.append((name.encode("ascii"), claim))
+    names = [n.lower() for n, _ in out]
+    if len(set(names)) != len(names):
+        raise _Invalid("a header is named twice")
+    return tuple(out)
+
+
+#: The keys of every ``[route NAME]`` section.  Route sections have names
+#: of the operator's choosing, so they cannot be fixed fields of ``Config``:
+#: each is validated against this per-route schema and lands in
+#: ``Config.routes`` (name -> Section).  Scopes are checked on every
+#: request and the table is rebuilt on reload, so no key decides trust.
+ROUTE_SCHEMA: dict[str, Key] = {
+    "match": Key(route_prefixes, REQUIRED, trust=False),
+    "methods": Key(methods, "", trust=False),
+    "upstream": Key(optional_http_url, "", trust=False),
+    "auth": Key(one_of("required", "optional", "none"), "required",
+                trust=False),
+    "required_scopes": Key(route_scopes, "\0inherit", trust=False),
+    "claim_headers": Key(claim_headers, "", trust=False),
+    "strip_prefix": Key(boolean, "no", trust=False),
+}
+_check_schema({"route NAME": ROUTE_SCHEMA})
+_ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+#: Bounds the route label of /metrics too.
+MAX_ROUTES = 1000
 
 
 class Section:
@@ -509,7 +611,11 @@ class Config:
     revocation: Section
     dpop: Section
     forward_auth: Section
+    cors: Section
     client_secret: Optional[str]  # resolved from client_secret or its file
+    # [route NAME] sections, in file order: name -> Section (ROUTE_SCHEMA).
+    routes: Mapping[str, Section] = field(
+        default_factory=lambda: MappingProxyType({}))
     # (section, key) -> SHA-256 hex of the file's contents when loaded.
     files: Mapping[tuple[str, str], str] = field(
         default_factory=lambda: MappingProxyType({}), hash=False)
@@ -626,6 +732,9 @@ def _did_you_mean(word: str, known, hint: str = "") -> str:
 
 def _refuse_unknown(cp: configparser.ConfigParser, path: str) -> None:
     for section in cp.sections():
+        if section.startswith("route ") or section == "route":
+            _refuse_unknown_route(cp, path, section)
+            continue
         if section not in SCHEMA:
             raise ConfigError(path, section, None, "unknown section; %s" % (
                 _did_you_mean(section, SCHEMA, "known sections: %s"
@@ -639,6 +748,69 @@ def _refuse_unknown(cp: configparser.ConfigParser, path: str) -> None:
                 hint = "it is a key of [%s]" % elsewhere[0]
             raise ConfigError(path, section, key, "unknown key" + (
                 "; " + hint if hint else ""))
+
+
+def _refuse_unknown_route(cp: configparser.ConfigParser, path: str,
+                          section: str) -> None:
+    name = section[len("route"):].strip()
+    if not _ROUTE_NAME.match(name):
+        raise ConfigError(path, section, None,
+                          "a route section is [route NAME], NAME being 1 to "
+                          "64 letters, digits, '.', '_' or '-'")
+    for key in cp[section]:
+        if key not in ROUTE_SCHEMA:
+            hint = _did_you_mean(key, ROUTE_SCHEMA, "route keys: %s"
+                                 % ", ".join(ROUTE_SCHEMA))
+            raise ConfigError(path, section, key, "unknown key; " + hint)
+
+
+def _parse_routes(cp: configparser.ConfigParser, path: str,
+                  phantomd: Section) -> Mapping[str, Section]:
+    out: dict[str, Section] = {}
+    seen: dict = {}
+    for section in cp.sections():
+        if not section.startswith("route "):
+            continue
+        name = section[len("route"):].strip()
+        if name in out or name == "default":
+            raise ConfigError(path, section, None, "route name %r is %s" % (
+                name, "taken by the unmatched requests' label"
+                if name == "default" else "used twice"))
+        values: dict[str, Any] = {}
+        for key, spec in ROUTE_SCHEMA.items():
+            raw = cp.get(section, key).strip() if cp.has_option(
+                section, key) else None
+            if raw is None or (raw == "" and spec.default is REQUIRED):
+                if spec.default is REQUIRED:
+                    raise ConfigError(path, section, key, "is required")
+                raw = spec.default
+            try:
+                values[key] = spec.parse(raw)
+            except _Invalid as e:
+                raise ConfigError(path, section, key, str(e))
+        r = Section(section, values)
+        if r.auth == "none" and r.required_scopes:
+            raise ConfigError(path, section, "required_scopes",
+                              "cannot apply with auth = none (no token is "
+                              "checked)")
+        if r.auth == "none" and r.claim_headers:
+            raise ConfigError(path, section, "claim_headers",
+                              "cannot apply with auth = none (no token, so "
+                              "no claims)")
+        for prefix in r.match:
+            for other, other_methods in seen.get(prefix, ()):
+                if r.methods is None or other_methods is None or \
+                        r.methods & other_methods:
+                    raise ConfigError(
+                        path, section, "match", "/%s is also matched by "
+                        "[route %s] for the same methods: which wins would "
+                        "be a guess" % (b"/".join(prefix).decode(), other))
+            seen.setdefault(prefix, []).append((name, r.methods))
+        out[name] = r
+        if len(out) > MAX_ROUTES:
+            raise ConfigError(path, section, None,
+                              "more than %d routes" % MAX_ROUTES)
+    return MappingProxyType(out)
 
 
 #: Parameters of a Twisted ``ssl:`` server endpoint that name files.
@@ -737,7 +909,14 @@ def parse(source: str, path: str = "<string>",
                 raise ConfigError(path, name, key, str(e))
         sections[name] = Section(name, values)
 
-    return _cross_checks(path, sections)
+    config = _cross_checks(path, sections)
+    routes = _parse_routes(cp, path, sections["phantomd"])
+    if routes:
+        # Without [phantomd] upstream ([forward_auth] only) the routes
+        # still decide each check's scopes and auth.
+        from dataclasses import replace
+        config = replace(config, routes=routes)
+    return config
 
 
 def _cross_checks(path: str, s: dict[str, Section]) -> Config:
@@ -824,6 +1003,7 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
         except ValueError as e:
             raise ConfigError(path, "forward_auth", "secret_file", str(e))
     _token_service_checks(path, s)
+    _cors_checks(path, s["cors"])
     shared = s["shared_cache"]
     if shared.url and not shared.secret_file:
         raise ConfigError(path, "shared_cache", "secret_file",
@@ -831,6 +1011,21 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
                           "host of the fleet)")
     return Config(path=path, client_secret=secret,
                   files=_file_digests(path, s), **s)
+
+
+def _cors_checks(path: str, cors: Section) -> None:
+    if not cors.allow_origins:
+        for key, spec in SCHEMA["cors"].items():
+            if getattr(cors, key) != spec.parse(spec.default):
+                raise ConfigError(path, "cors", key,
+                                  "has no effect without allow_origins "
+                                  "(CORS is off)")
+        return
+    if cors.allow_credentials and cors.allow_origins == ("*",):
+        raise ConfigError(path, "cors", "allow_credentials",
+                          "yes cannot go with allow_origins = * (browsers "
+                          "refuse it, and it would let every site act as "
+                          "the user): list the origins")
 
 
 def _token_service_checks(path: str, s: dict[str, Section]) -> None:

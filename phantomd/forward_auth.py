@@ -58,6 +58,9 @@ _JWT = re.compile(rb"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]*)*\Z").match
 _FORWARDED = (b"x-forwarded-method", b"x-original-method")
 _FORWARDED_URI = (b"x-forwarded-uri", b"x-original-uri")
 
+#: A check of a route that needs no token: 200 without Authorization.
+PUBLIC = Forward(jwt="")
+
 REFUSED_PEER = error_response(
     403, "access_denied", "this peer may not use the forward-auth listener")
 REFUSED_SECRET = error_response(
@@ -154,18 +157,24 @@ class Checker:
     ``secret_file`` contents (``read_secret``).
     """
 
-    def __init__(self, gate, metrics, settings, secret: Optional[bytes]
-                 ) -> None:
+    def __init__(self, gate, metrics, settings, secret: Optional[bytes],
+                 routes=None) -> None:
         self.gate = gate
         self.metrics = metrics
-        self.reconfigure(settings, secret)
+        self.routes = None
+        self.reconfigure(settings, secret, routes=routes)
 
     def reconfigure(self, settings, secret: Optional[bytes],
-                    gate=None) -> None:
+                    gate=None, routes=None) -> None:
+        """``routes``: a ``routes.RouteTable`` whose default route always
+        exists (a check has no upstream to miss); None keeps the one in
+        force, or none at all (the gate's scopes for every check)."""
         self.allow_from = settings.allow_from
         self.secret = secret
         if gate is not None:
             self.gate = gate
+        if routes is not None:
+            self.routes = routes
 
     def refusal(self, peer_allowed: bool,
                 sent_secret: Optional[Sequence[bytes]]) -> Optional[Reject]:
@@ -186,10 +195,28 @@ class Checker:
 
     def authorize(self, original: OriginalRequest,
                   authorization: Sequence[bytes]) -> defer.Deferred:
-        """The gate's decision for ``original``.  Routes (``[route]``)
-        will choose the scopes and claim headers from ``original`` here;
-        until then ``[phantomd] required_scopes`` apply to every check."""
-        return self.gate.authorize(authorization)
+        """The gate's decision for ``original``, by its route (DESIGN
+        section 8): its path checked as the front checks it (400), the
+        route's scopes, and for ``auth = none`` (or ``optional`` without a
+        token) a 200 carrying no Authorization at all.  Claim headers are
+        not answered here (the proxy would have to copy them)."""
+        table = self.routes
+        if table is None:
+            return self.gate.authorize(authorization)
+        from phantomd.routes import UnsafePath
+        try:
+            match = table.match(original.method, original.uri)
+        except UnsafePath as e:
+            return defer.succeed(error_response(400, "invalid_request",
+                                                str(e)))
+        route = match.route
+        if route.auth == "none" or (route.auth == "optional"
+                                    and not authorization):
+            return defer.succeed(PUBLIC)
+        if route.required_scopes is None:
+            return self.gate.authorize(authorization)
+        return self.gate.authorize(authorization,
+                                   required_scopes=route.required_scopes)
 
 
 class _Headers:
@@ -371,7 +398,10 @@ class CheckProtocol(Protocol):
     def _answer(self, slot, ctx, outcome) -> None:
         rid, head_only, keep_alive = ctx
         factory = self.factory
-        if type(outcome) is Forward:
+        if outcome is PUBLIC:
+            status, body = 200, b""
+            lines = [b"Cache-Control: no-store\r\n"]
+        elif type(outcome) is Forward:
             jwt = outcome.jwt.encode("ascii", "replace")
             if not _JWT(jwt):
                 log.error("the gate produced a malformed JWT for "
@@ -379,7 +409,9 @@ class CheckProtocol(Protocol):
                 outcome = error_response(
                     502, "bad_gateway",
                     "the token service returned an unusable token")
-        if type(outcome) is Forward:
+        if outcome is PUBLIC:
+            pass
+        elif type(outcome) is Forward:
             status, body = 200, b""
             lines = [b"Authorization: Bearer ", jwt,
                      b"\r\nCache-Control: no-store\r\n"]

@@ -67,16 +67,20 @@ class Gate:
         if realm is not None:
             self.realm = realm
         if required_scopes is not None:
-            self.required_scopes = frozenset(required_scopes)
-            self._scope_text = " ".join(sorted(self.required_scopes))
+            self.required_scopes = self._scopes = frozenset(required_scopes)
         if introspector is not None:
             self.introspector = introspector
 
     def authorize(self, authorization: Sequence[bytes],
                   dpop: Sequence[bytes] = (), method: bytes = b"GET",
                   url: Optional[str] = None,
-                  client_cert: Optional[str] = None) -> "Deferred[Decision]":
+                  client_cert: Optional[str] = None,
+                  required_scopes: Optional[Iterable[str]] = None
+                  ) -> "Deferred[Decision]":
         """The decision for a request's ``Authorization`` values.
+
+        ``required_scopes``: the scopes this request needs (a route's,
+        DESIGN section 8), checked on cache hits too; None: the gate's.
 
         ``dpop``: its ``DPoP`` header values; ``method`` and ``url`` (as
         ``dpop.request_url`` gives it) what the proof must name;
@@ -87,6 +91,8 @@ class Gate:
         if isinstance(parsed, Reject):
             return succeed(parsed)
         scheme, token = parsed
+        scopes = self._scopes if required_scopes is None else (
+            frozenset(required_scopes))
         key = token_key(token)
         tid = token_id(key)
         if scheme == "Bearer":
@@ -102,7 +108,7 @@ class Gate:
         if cached is not None:
             if isinstance(cached, Active):
                 self.metrics.lookup["hit"].inc()
-                decision = self._decide(cached, "hit", tid, binding)
+                decision = self._decide(cached, "hit", tid, binding, scopes)
                 if isinstance(decision, Deferred):
                     return decision  # the fleet's replay check (DPoP)
                 return succeed(decision)
@@ -117,7 +123,8 @@ class Gate:
             (introspector, key),
             lambda: self._introspect(introspector, token, key, tid))
         d.addCallbacks(self._answered, self._failed,
-                       callbackArgs=(tid, binding), errbackArgs=(tid,))
+                       callbackArgs=(tid, binding, scopes),
+                       errbackArgs=(tid,))
         return d
 
     # -- the shared introspection (one per token at a time) ----------------
@@ -174,9 +181,10 @@ class Gate:
 
     # -- per request --------------------------------------------------------
 
-    def _answered(self, result, tid: str, binding: tuple) -> Decision:
+    def _answered(self, result, tid: str, binding: tuple,
+                  scopes: Optional[frozenset] = None) -> Decision:
         if isinstance(result, Active):
-            return self._decide(result, "miss", tid, binding)
+            return self._decide(result, "miss", tid, binding, scopes)
         return self._inactive(tid, "miss", binding)
 
     def _failed(self, f: Failure, tid: str) -> Decision:
@@ -211,7 +219,10 @@ class Gate:
                       cache=cache)
 
     def _decide(self, result: Active, cache: str, tid: str,
-                binding: tuple = _BEARER) -> Decision:
+                binding: tuple = _BEARER, scopes: Optional[frozenset] = None
+                ) -> Decision:
+        if scopes is None:
+            scopes = self._scopes
         claims = result.claims
         exp = claims.get("exp")
         if isinstance(exp, (int, float)) and exp <= self.clock.seconds():
@@ -223,19 +234,19 @@ class Gate:
                 if isinstance(refused, Deferred):
                     return refused.addCallback(
                         lambda r: r if r is not None else
-                        self._scoped(result, cache, tid, binding))
+                        self._scoped(result, cache, tid, binding, scopes))
                 return refused
-        return self._scoped(result, cache, tid, binding)
+        return self._scoped(result, cache, tid, binding, scopes)
 
     def _scoped(self, result: Active, cache: str, tid: str,
-                binding: tuple) -> Decision:
+                binding: tuple, scopes: frozenset) -> Decision:
         claims = result.claims
-        if self.required_scopes and not self.required_scopes.issubset(
-                granted_scopes(claims)):
+        if scopes and not scopes.issubset(granted_scopes(claims)):
             dpop = binding[0] == "DPoP"
             return Reject(403, "insufficient_scope",
                           "the access token lacks a required scope",
-                          scope=self._scope_text, token_id=tid, cache=cache,
+                          scope=" ".join(sorted(scopes)), token_id=tid,
+                          cache=cache,
                           scheme=binding[0],
                           dpop_algs=self.dpop.algs_text if dpop else None)
         return Forward(jwt=result.jwt, claims=claims, cache=cache,

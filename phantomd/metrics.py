@@ -115,6 +115,52 @@ class Metrics:
         self._shared_cache(r)
         self._sender_constrained(r)
         self._forward_auth(r)
+        self._routes(r)
+
+    def _routes(self, r: CollectorRegistry) -> None:
+        """Per route (DESIGN section 8): new metrics rather than a label on
+        ``phantomd_requests_total``, whose shape dashboards and alerts
+        already use (``sum by (code)`` would keep working, a plain
+        ``phantomd_requests_total{code="5xx"}`` selector would not).  The
+        ``route`` label is a configured route name or ``default``, never
+        the path: bounded by the config's routes (``config.MAX_ROUTES``);
+        ``set_routes`` forgets the names a reload removed."""
+        self.route_requests = Counter(
+            "phantomd_route_requests",
+            "Requests answered, by route and status class.",
+            ["route", "code"], registry=r)
+        self.route_duration = Histogram(
+            "phantomd_route_request_duration_seconds",
+            "Time from a request's head arriving to its response head "
+            "sent, by route.", ["route"], buckets=_LATENCY_BUCKETS,
+            registry=r)
+        self._route_children: dict = {}
+        self.set_routes(())
+
+    def set_routes(self, names) -> None:
+        """The route names now configured (``default`` is always there)."""
+        keep = set(names) | {"default"}
+        for name in list(self._route_children):
+            if name not in keep:
+                del self._route_children[name]
+                for c in CODE_CLASSES:
+                    self.route_requests.remove(name, c)
+                self.route_duration.remove(name)
+        for name in keep:
+            if name not in self._route_children:
+                self._route_children[name] = (
+                    {c: self.route_requests.labels(route=name, code=c)
+                     for c in CODE_CLASSES},
+                    self.route_duration.labels(route=name))
+
+    def route_answered(self, route: str, status: int,
+                       duration: Optional[float]) -> None:
+        children = self._route_children.get(route)
+        if children is None:
+            return  # a route a reload removed while its request ran
+        children[0][_CLASS_OF.get(status // 100, "5xx")].inc()
+        if duration is not None:
+            children[1].observe(duration)
 
     def _sender_constrained(self, r: CollectorRegistry) -> None:
         """DPoP and certificate-bound tokens (DESIGN section 12)."""

@@ -254,6 +254,32 @@ class ScopeRows(GateTestsMixin, SynchronousTestCase):
         self.assertIsInstance(self.only(self.decide(bearer("t"))), Forward)
 
 
+    def test_per_call_scopes_checked_on_miss_and_hit(self):
+        """A route's scopes replace the gate's for that request only, and
+        a cached token is checked against them too (the hole of gateways
+        that checked scopes only when introspecting)."""
+        results = []
+        self.gate.authorize(bearer("t"), required_scopes=frozenset(
+            ("orders",))).addBoth(results.append)
+        self.introspector.calls[0][1].callback(self.active(scope="orders"))
+        self.assertIsInstance(self.only(results), Forward)
+        hit = []
+        self.gate.authorize(bearer("t"), required_scopes=frozenset(
+            ("admin",))).addBoth(hit.append)
+        r = self.only(hit)
+        self.assertEqual((r.status, r.cache), (403, "hit"))
+        self.assertIn(b'scope="admin"',
+                      dict(r.headers("api"))[b"WWW-Authenticate"])
+        # The gate's own scopes still apply when none are passed ...
+        self.assertEqual(self.only(self.decide(bearer("t"))).status, 403)
+        # ... and an empty set means none are needed.
+        none = []
+        self.gate.authorize(bearer("t"), required_scopes=frozenset()
+                            ).addBoth(none.append)
+        self.assertIsInstance(self.only(none), Forward)
+        self.assertEqual(len(self.introspector.calls), 1)
+
+
 class MinTTLRows(GateTestsMixin, SynchronousTestCase):
     """[cache] min_ttl through the gate: floored active answers are hits,
     failures and inactive answers are not kept by the floor."""

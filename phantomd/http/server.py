@@ -41,6 +41,9 @@ from phantomd.http.proxies import forwarded_by_proxy, forwarded_origin
 from phantomd.http.upstream import (
     MODE_CHUNKED, MODE_EOF, MODE_LENGTH)
 from phantomd.outcomes import Forward, Reject, error_response
+from phantomd.cors import request_origin, without_cors
+from phantomd.routes import (
+    Route, RouteTable, UnsafePath, claim_lines, drop_name)
 
 log = Logger()
 
@@ -167,7 +170,7 @@ class _Request:
     __slots__ = ("url", "headers", "method", "version", "keep_alive",
                  "head_done", "complete", "body", "error", "chunked", "length",
                  "raw", "hbytes", "started_at", "target", "host", "kept",
-                 "head", "fwd", "rid")
+                 "head", "fwd", "rid", "route", "sent", "cors")
 
     def __init__(self) -> None:
         self.url = b""
@@ -190,6 +193,11 @@ class _Request:
         self.head = b""
         self.fwd: Optional[list] = None  # the client's X-Forwarded-* lines
         self.rid: Optional[bytes] = None
+        self.route: Optional[Route] = None  # DESIGN section 8
+        self.sent = b""  # the target sent upstream (minus strip_prefix)
+        #: DESIGN section 9: None without [cors]; else the headers every
+        #: answer gets (empty: the origin is not allowed).
+        self.cors: Optional[list] = None
 
 
 class FrontProtocol(Protocol):
@@ -227,6 +235,7 @@ class FrontProtocol(Protocol):
         self._resp_close = False
         self._bytes_sent = 0
         self._upstream_duration: Optional[float] = None
+        self._took: Optional[float] = None  # head arrived -> answer head
         self._fwd = b""
         self._peer: Optional[str] = None
         self._proxies: Any = None
@@ -694,6 +703,13 @@ class FrontProtocol(Protocol):
         r.rid = rid if rids == 1 and _REQUEST_ID(rid) else _new_request_id()
         if connection:
             kept = drop_connection_options(kept, connection)
+        cors = self.factory.cors
+        preflight = False
+        if cors is not None or r.method == b"OPTIONS":
+            origin, preflight = request_origin(kept)
+            preflight = preflight and r.method == b"OPTIONS"
+            if cors is not None:
+                r.cors = cors.answer_headers(origin)
         problem = None
         if r.version != "1.1" and r.version != "1.0":
             problem = ((400, "invalid_request", "malformed request line")
@@ -730,6 +746,11 @@ class FrontProtocol(Protocol):
         if problem is not None:
             self._refuse(r, *problem)
             return
+        try:
+            match = self.factory.routes.match(r.method, r.target)
+        except UnsafePath as e:
+            self._refuse(r, 400, "invalid_request", str(e))
+            return
         r.chunked = te is not None
         if r.length is not None:
             # As a number, never as written: "0005" or "5 " might be read
@@ -738,9 +759,34 @@ class FrontProtocol(Protocol):
         r.host = host
         r.kept = kept
         r.fwd = fwd
+        if match is None:
+            # No route, and no [phantomd] upstream to fall back on.
+            self._answer_error(r, 404, "not_found",
+                               "no route for this path",
+                               close=not r.complete)
+            return
+        route = r.route = match.route
+        r.sent = match.target
+        if preflight and cors is not None:
+            # Browsers send no token on a preflight: phantomd answers it.
+            r.cors = None
+            self._answer(r, 204, cors.preflight_headers(origin), b"",
+                         close=not r.complete)
+            return
+        if preflight or route.auth == "none" or (
+                route.auth == "optional" and not auth):
+            # No token goes upstream: the Authorization lines were never
+            # kept, and a client's copies of claim headers are dropped.
+            # Without [cors] a preflight goes to the API this way.
+            self._forward(r, None, None)
+            return
         self._phase = _GATE
         if proofs is None and not self._tls:
-            d = self.factory.gate.authorize(auth)
+            if route.required_scopes is None:
+                d = self.factory.gate.authorize(auth)
+            else:
+                d = self.factory.gate.authorize(
+                    auth, required_scopes=route.required_scopes)
         else:
             d = self._authorize_bound(auth, proofs or (), r)
         result = getattr(d, "result", None)
@@ -773,8 +819,10 @@ class FrontProtocol(Protocol):
             if self._x5t is _UNKNOWN:
                 self._x5t = peer_thumbprint(self.transport)
             cert = self._x5t
+        scopes = r.route.required_scopes
+        more = {} if scopes is None else {"required_scopes": scopes}
         if not dpop and cert is None:
-            return self.factory.gate.authorize(auth)
+            return self.factory.gate.authorize(auth, **more)
         url = None
         if dpop:
             scheme: Any = b"https" if self._tls else b"http"
@@ -783,7 +831,7 @@ class FrontProtocol(Protocol):
                 scheme, host = forwarded_origin(r.fwd, scheme, host)
             url = request_url(scheme, host, r.target)
         return self.factory.gate.authorize(auth, dpop=dpop, method=r.method,
-                                           url=url, client_cert=cert)
+                                           url=url, client_cert=cert, **more)
 
     def _trusted(self) -> bool:
         """Whether the peer is a trusted proxy, by the settings in force
@@ -821,14 +869,49 @@ class FrontProtocol(Protocol):
                                "the token service returned an unusable token",
                                close=not r.complete)
             return
-        pool = self.factory.upstream
-        target = r.target
+        self._forward(r, jwt, outcome.claims)
+
+    def _forward(self, r: _Request, jwt: Optional[bytes],
+                 claims: Any) -> None:
+        """Send ``r`` to its route's upstream, with ``jwt`` (None: with no
+        Authorization at all) and the route's claim headers from
+        ``claims``."""
+        route = r.route
+        claimed = ()
+        if route.claim_headers and claims is not None:
+            claimed = claim_lines(route, claims)
+            if claimed is None:
+                # A claim with CR, LF, a control or non-ASCII character
+                # (or an object) cannot become a header: not the client's
+                # fault, and the API must not get half its headers.
+                log.error("a claim of {token_id} cannot be sent as a "
+                          "header of route {route}",
+                          token_id=getattr(self._outcome, "token_id", ""),
+                          route=route.name)
+                self._answer_error(r, 502, "bad_gateway",
+                                   "the token's claims cannot be forwarded",
+                                   close=not r.complete)
+                return
+        pool = (self.factory.upstream if route.upstream is None
+                else self.factory.pools.get(route.upstream))
+        if pool is None:
+            self._answer_error(r, 502, "bad_gateway", "no upstream pool",
+                               close=not r.complete)
+            return
+        target = r.sent
         if pool.base_path:
             target = pool.base_path + (target if target != b"*" else b"")
         parts = [r.method, b" ", target, b" HTTP/1.1\r\nHost: ",
-                 pool.authority, b"\r\nAuthorization: Bearer ", jwt, b"\r\n"]
+                 pool.authority, b"\r\n"]
+        if jwt is not None:
+            parts += (b"Authorization: Bearer ", jwt, b"\r\n")
         parts += (b"X-Request-Id: ", r.rid, b"\r\n")
+        drop = route.drop
         for name, value in r.kept:
+            if drop and drop_name(name) in drop:
+                continue
+            parts += (name, b": ", value, b"\r\n")
+        for name, value in claimed:
             parts += (name, b": ", value, b"\r\n")
         if r.fwd is not None and self._trusted():
             parts.append(forwarded_by_proxy(
@@ -925,6 +1008,9 @@ class FrontProtocol(Protocol):
         self._status = status
         close = self._closing or not r.keep_alive
         http11 = r.version == "1.1"
+        if r.cors is not None:
+            # Replaced, never duplicated: browsers refuse two.
+            headers = without_cors(headers) + r.cors
         chunk_out = False
         framing = b""
         if mode == MODE_LENGTH:
@@ -941,8 +1027,8 @@ class FrontProtocol(Protocol):
                               http11))
         self._bytes_sent = len(head)
         self._out.append(head)
-        self.factory.metrics.request_duration.observe(
-            self.reactor.seconds() - r.started_at)
+        self._took = self.reactor.seconds() - r.started_at
+        self.factory.metrics.request_duration.observe(self._took)
 
     def response_body(self, data: bytes) -> None:
         if self._chunk_out:
@@ -1021,8 +1107,11 @@ class FrontProtocol(Protocol):
         close = close or self._closing or not r.keep_alive
         headers.append((b"Date", self.factory.date()))
         headers.append((b"X-Request-Id", self._rid(r)))
+        if r.cors:
+            headers += r.cors
         parts = _head(status, None, headers,
-                      b"Content-Length: %d\r\n" % len(body), close,
+                      b"Content-Length: %d\r\n" % len(body)
+                      if status != 204 else b"", close,
                       r.version == "1.1")
         if r.method != b"HEAD":
             parts.append(body)
@@ -1031,8 +1120,8 @@ class FrontProtocol(Protocol):
         self._bytes_sent = len(data)
         self._phase = _RESPONSE
         self._write(data)
-        self.factory.metrics.request_duration.observe(
-            self.reactor.seconds() - r.started_at)
+        self._took = self.reactor.seconds() - r.started_at
+        self.factory.metrics.request_duration.observe(self._took)
         self._finish(r, close)
 
     def _finish(self, r: _Request, close: bool) -> None:
@@ -1066,6 +1155,11 @@ class FrontProtocol(Protocol):
         self._bytes_sent = 0
         if status:
             f.metrics.request_answered(status)
+            # Refused before a route was chosen: counted as default.
+            f.metrics.route_answered(
+                r.route.name if r.route is not None else "default", status,
+                self._took)
+        self._took = None
         access_log = f.access_log
         if access_log is None:
             return
@@ -1162,6 +1256,9 @@ class FrontProtocol(Protocol):
         self._broken_mid_request(r)
 
 
+_KEEP = object()
+
+
 def _failure_of(exc: BaseException) -> Any:
     from twisted.python.failure import Failure
     return Failure(exc, type(exc), exc.__traceback__)
@@ -1177,10 +1274,18 @@ class FrontFactory(Factory):
     noisy = False
 
     def __init__(self, reactor: Any, gate: Any, upstream: Any, settings: Any,
-                 metrics: Any, access_log: Optional[Callable] = None) -> None:
+                 metrics: Any, access_log: Optional[Callable] = None,
+                 routes: Optional[RouteTable] = None,
+                 pools: Optional[dict] = None, cors: Any = None) -> None:
         self.reactor = reactor
         self.gate = gate
         self.upstream = upstream
+        #: DESIGN section 8: asked once per request; ``pools`` holds one
+        #: upstream pool per distinct route upstream URL.
+        self.routes = routes if routes is not None else RouteTable(
+            [], Route("default"))
+        self.pools = pools if pools is not None else {}
+        self.cors = cors  # a cors.Policy, or None without [cors]
         self.metrics = metrics
         self.access_log = access_log
         self.connections: set = set()
@@ -1215,9 +1320,17 @@ class FrontFactory(Factory):
         return self._date
 
     def reconfigure(self, gate: Any = None, upstream: Any = None,
-                    settings: Any = None) -> None:
+                    settings: Any = None, routes: Optional[RouteTable] = None,
+                    pools: Optional[dict] = None, cors: Any = _KEEP) -> None:
         """Use new parts for requests that start from now on; open
-        connections stay open (limits apply to their next request)."""
+        connections stay open (limits apply to their next request).
+        ``cors``: a ``cors.Policy``, or None to turn CORS off."""
+        if cors is not _KEEP:
+            self.cors = cors
+        if routes is not None:
+            self.routes = routes
+        if pools is not None:
+            self.pools = pools
         if gate is not None:
             self.gate = gate
         if upstream is not None:

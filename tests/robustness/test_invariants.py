@@ -26,6 +26,8 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.trial import unittest
 
+from phantomd.routes import UnsafePath, segments
+
 from .fakes import (
     Reply, Scene, async_test, exchange, json_reply, jwt_reply, make_jwt,
     request_bytes,
@@ -167,6 +169,13 @@ class Invariants(unittest.TestCase):
         responses = client.responses()
         self.assertTrue(responses, "%s: no answer" % label)
         status = responses[0].status
+        try:
+            segments(case["path"].encode())
+        except UnsafePath:
+            # DESIGN section 8: refused before any route or token check.
+            self.assertEqual(status, 400, label)
+            self.assertEqual(len(s.api.requests), before, label)
+            return
         kind = self.answer_of[case["token"]][0]
         expected = {"active": 200, "inactive": 401, "error": 502}[kind]
         self.assertEqual(status, expected, "%s: %r" % (
