@@ -174,6 +174,46 @@ def check(proxy: run.Phantomd, path: str, route: str) -> None:
                            % (proxy.name, path, route))
 
 
+def in_process(routes: int, n: int = 20000) -> float:
+    """Python CPU us per cached-token request through a whole Gateway on
+    in-memory transports (``bench/missloop.py``'s loop, best of 5 rounds),
+    with ``routes`` route sections: no kernel, no other process."""
+    import gc
+    import time
+
+    import missloop
+
+    path = target(max(routes, 5)).encode()
+    saved = missloop.CONFIG
+    missloop.CONFIG = saved + "\n" + route_sections(routes)
+    try:
+        loop = missloop.Loop()
+    finally:
+        missloop.CONFIG = saved
+    request = (b"GET %s HTTP/1.1\r\nHost: localhost\r\n"
+               b"Authorization: Bearer hit-token\r\n\r\n" % path)
+
+    def one() -> None:
+        loop.front.dataReceived(request)
+        loop._pump()
+        loop._pump()
+        answer = loop.client.value()
+        loop.client.clear()
+        if not answer.startswith(b"HTTP/1.1 200 "):
+            raise SystemExit("phantomd answered %r" % answer[:200])
+    for _ in range(2000):
+        one()
+    best = None
+    for _ in range(5):
+        gc.collect()
+        t0 = time.process_time()
+        for _ in range(n):
+            one()
+        spent = time.process_time() - t0
+        best = spent if best is None else min(best, spent)
+    return best / n * 1e6
+
+
 def main() -> None:
     if sys.argv[1:] == ["--serve-fakes"]:
         return serve_fakes()
@@ -183,9 +223,18 @@ def main() -> None:
     ap.add_argument("--routes", type=int, default=50,
                     help="at least 5 (the request needs a depth-5 route)")
     ap.add_argument("--no-pin", action="store_true")
+    ap.add_argument("--in-process", action="store_true",
+                    help="only the in-memory loop of bench/missloop.py")
     args = ap.parse_args()
     if args.routes < 5:
         ap.error("--routes must be at least 5")
+    if args.in_process:
+        a, b = in_process(0), in_process(args.routes)
+        print("in-process Python CPU per request, GET %s, cached token "
+              "(best of 5 rounds of 20000):\n  no routes %.1f us, "
+              "%d routes %.1f us, ratio %.3f"
+              % (target(args.routes), a, args.routes, b, b / a))
+        return
     wrk_cpu, ph_cpu = (None, None) if args.no_pin else ("0", "1")
     procs = run.Procs()
     tmp = tempfile.mkdtemp(prefix="phantomd-routes-bench-")
