@@ -87,44 +87,14 @@ def target(n: int) -> str:
     return "/svc%02d/%s/items" % (last, "/".join(SEGMENTS))
 
 
-class RoutedPhantomd(run.Phantomd):
+def routed_phantomd(procs: run.Procs, tmp: str, tag: str, fakes: Fakes,
+                    routes: int, cpu: str | None) -> run.Phantomd:
     """``bench/run.py``'s phantomd with the fakes and ``routes`` sections."""
-
-    def __init__(self, procs: run.Procs, tmp: str, tag: str, fakes: Fakes,
-                 routes: int, cpu: str | None) -> None:
-        from tests.robustness.fakes import CLIENT_SECRET
-        self.port, self.metrics_port = run.free_port(), run.free_port()
-        self.ini = os.path.join(tmp, "phantomd-%s.ini" % tag)
-        self.log = os.path.join(tmp, "phantomd-%s.log" % tag)
-        with open(self.ini, "w") as f:
-            f.write("""\
-[phantomd]
-listen = tcp:{port}:interface=127.0.0.1:backlog=4096
-upstream = http://127.0.0.1:{api}
-workers = 1
-
-[introspection]
-url = http://127.0.0.1:{ts}/introspect
-client_id = gateway_client
-client_secret = {secret}
-response = jwt
-
-[metrics]
-listen = tcp:{mport}:interface=127.0.0.1
-
-{routes}
-""".format(port=self.port, api=fakes.api_port, ts=fakes.token_port,
-           secret=CLIENT_SECRET, mport=self.metrics_port,
-           routes=route_sections(routes)))
-        cmd = run.pin(cpu) + run.twistd_cmd() + [
-            "-n", "--pidfile", os.path.join(tmp, "twistd-%s.pid" % tag),
-            "phantomd", "--config", self.ini]
-        self.proc = procs.start(cmd, self.log, cwd=tmp, env=run.tree_env())
-        try:
-            run.wait_port(self.port, self.proc, "phantomd", timeout=30)
-        except RuntimeError:
-            sys.stderr.write(self.log_tail())
-            raise
+    from tests.robustness.fakes import CLIENT_SECRET
+    return run.Phantomd(
+        procs, tmp, tag, "http://127.0.0.1:%d/introspect" % fakes.token_port,
+        fakes.api_port, cpu, client_id="gateway_client",
+        client_secret=CLIENT_SECRET, extra_ini=route_sections(routes))
 
 
 def wrk_script(tmp: str, path: str) -> str:
@@ -241,10 +211,10 @@ def main() -> None:
     try:
         fakes = Fakes(procs, tmp)
         path = target(args.routes)
-        configs = [("no routes", RoutedPhantomd(procs, tmp, "none", fakes, 0,
+        configs = [("no routes", routed_phantomd(procs, tmp, "none", fakes, 0,
                                                 ph_cpu)),
                    ("%d routes" % args.routes,
-                    RoutedPhantomd(procs, tmp, "routes", fakes, args.routes,
+                    routed_phantomd(procs, tmp, "routes", fakes, args.routes,
                                    ph_cpu))]
         script = wrk_script(tmp, path)
         check(configs[0][1], path, "default")

@@ -397,7 +397,12 @@ class Phantomd(Proxy):
 
     def __init__(self, procs: Procs, tmp: str, tag: str, introspect_url: str,
                  api_port: int, cpu: str | None, max_entries: int = 100000,
-                 twistd_args: list[str] | None = None) -> None:
+                 twistd_args: list[str] | None = None,
+                 client_id: str = "bench-gateway",
+                 client_secret: str = "bench-secret",
+                 extra_ini: str = "") -> None:
+        """``extra_ini``: more sections, after the ones every bench uses
+        (``bench/routes.py`` adds its ``[route NAME]`` sections)."""
         self.port, self.metrics_port = free_port(), free_port()
         self.ini = os.path.join(tmp, "phantomd-%s.ini" % tag)
         self.log = os.path.join(tmp, "phantomd-%s.log" % tag)
@@ -410,8 +415,8 @@ workers = 1
 
 [introspection]
 url = {url}
-client_id = bench-gateway
-client_secret = bench-secret
+client_id = {client_id}
+client_secret = {client_secret}
 response = jwt
 
 [cache]
@@ -419,8 +424,11 @@ max_entries = {max_entries}
 
 [metrics]
 listen = tcp:{mport}:interface=127.0.0.1
-""".format(port=self.port, api=api_port, url=introspect_url,
-           max_entries=max_entries, mport=self.metrics_port))
+
+{extra}""".format(port=self.port, api=api_port, url=introspect_url,
+                  client_id=client_id, client_secret=client_secret,
+                  max_entries=max_entries, mport=self.metrics_port,
+                  extra=extra_ini))
         cmd = pin(cpu) + twistd_cmd() + [
             "-n", "--pidfile", os.path.join(tmp, "twistd-%s.pid" % tag)] + (
             twistd_args or []) + ["phantomd", "--config", self.ini]
