@@ -1112,8 +1112,14 @@ class RunningGateway:
 def gateway_ini(ts_port: int, api_port: int, response: str = "jwt",
                 **sections) -> str:
     """``BASE_INI`` with keys replaced or added: ``phantomd={"key": "v"}``."""
-    text = BASE_INI.format(api_port=api_port, ts_port=ts_port,
-                           secret=CLIENT_SECRET, response=response)
+    return set_keys(BASE_INI.format(api_port=api_port, ts_port=ts_port,
+                                    secret=CLIENT_SECRET, response=response),
+                    sections)
+
+
+def set_keys(text: str, sections: dict) -> str:
+    """``text`` (ini) with ``sections`` (section -> key -> value) set:
+    a key replaced where it stands, else added, with its section."""
     for section, keys in sections.items():
         for key, value in keys.items():
             lines = text.split("\n")

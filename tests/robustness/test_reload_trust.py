@@ -19,7 +19,7 @@ from twisted.trial import unittest
 from phantomd import config as configmod
 
 from .fakes import (
-    Scene, async_test, json_reply, jwt_claims, make_jwt, new_token,
+    Scene, async_test, json_reply, jwt_claims, make_jwt, new_token, set_keys,
     self_signed)
 
 
@@ -62,20 +62,7 @@ class Reloads:
     def reload(self, scene: Scene, **sections) -> None:
         """Reload the scene's gateway with its ini, keys replaced or
         added as ``gateway_ini`` does."""
-        for section, keys in sections.items():
-            for key, value in keys.items():
-                lines = scene.ini.split("\n")
-                start = lines.index("[%s]" % section)
-                end = start + 1
-                while end < len(lines) and not lines[end].startswith("["):
-                    end += 1
-                for i in range(start + 1, end):
-                    if lines[i].split("=")[0].strip() == key:
-                        lines[i] = "%s = %s" % (key, value)
-                        break
-                else:
-                    lines.insert(start + 1, "%s = %s" % (key, value))
-                scene.ini = "\n".join(lines)
+        scene.ini = set_keys(scene.ini, sections)
         scene.gw.gateway.reload(configmod.parse(scene.ini, "<reloaded.ini>"))
 
 
