@@ -24,6 +24,22 @@ client_secret = s3cret
 SECRET = b"s" * 40
 
 
+
+class KeyCache:
+    """The local cache as the fleet sees it: which keys it holds."""
+
+    def __init__(self):
+        self.keys = set()
+
+    def ttl(self, result):
+        return 60.0
+
+    def discard(self, key):
+        self.keys.discard(key)
+
+    def clear(self):
+        self.keys.clear()
+
 class ConfigTests(SynchronousTestCase):
     def setUp(self):
         self.dir = os.path.abspath(self.mktemp())
@@ -165,19 +181,6 @@ class RotationTests(SynchronousTestCase):
         from phantomd.metrics import Metrics
         from phantomd.tokens import token_key
 
-        class Cache:
-            def __init__(self):
-                self.keys = set()
-
-            def ttl(self, result):
-                return 60.0
-
-            def discard(self, key):
-                self.keys.discard(key)
-
-            def clear(self):
-                self.keys.clear()
-
         class Introspector:
             def introspect(self, token):
                 return defer.succeed(Active("a.b.c", {"sub": "alice"}, 60))
@@ -189,7 +192,7 @@ class RotationTests(SynchronousTestCase):
             f.write(SECRET)
         text = MINIMAL + ("[shared_cache]\nurl = redis://127.0.0.1:1\n"
                           "secret_file = %s\n" % path)
-        cache = Cache()
+        cache = KeyCache()
         f = fleet.Fleet(Clock(), config.parse(text, "/etc/p.ini"), cache,
                         Metrics())
         self.successResultOf(f.revoker.wrap(Introspector()).introspect(
@@ -232,13 +235,6 @@ class ReloadIdentityTests(SynchronousTestCase):
         from twisted.internet.task import Clock
         from phantomd.metrics import Metrics
 
-        class Cache:
-            def ttl(self, result):
-                return 60.0
-
-            def clear(self):
-                pass
-
         d = os.path.abspath(self.mktemp())
         os.makedirs(d)
         path = os.path.join(d, "secret")
@@ -247,7 +243,7 @@ class ReloadIdentityTests(SynchronousTestCase):
         shared = ("[shared_cache]\nurl = redis://127.0.0.1:1\n"
                   "secret_file = %s\n" % path)
         f = fleet.Fleet(Clock(), config.parse(MINIMAL + shared, "/p.ini"),
-                        Cache(), Metrics())
+                        KeyCache(), Metrics())
         new = config.parse(MINIMAL.replace("8443", "9443") + shared
                            + "timeout = 0.2\n", "/p.ini")
         f.reload(new)
@@ -264,25 +260,12 @@ class FirstSubscriptionTests(SynchronousTestCase):
         from phantomd.metrics import Metrics
         from phantomd.tokens import token_key
 
-        class Cache:
-            def __init__(self):
-                self.keys = set()
-
-            def ttl(self, result):
-                return 60.0
-
-            def discard(self, key):
-                self.keys.discard(key)
-
-            def clear(self):
-                self.keys.clear()
-
         d = os.path.abspath(self.mktemp())
         os.makedirs(d)
         path = os.path.join(d, "secret")
         with open(path, "wb") as f:
             f.write(SECRET)
-        cache = Cache()
+        cache = KeyCache()
         f = fleet.Fleet(Clock(), config.parse(
             MINIMAL + "[shared_cache]\nurl = redis://127.0.0.1:1\n"
             "secret_file = %s\n" % path, "/p.ini"), cache, Metrics())
