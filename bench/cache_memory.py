@@ -18,9 +18,9 @@ import tracemalloc
 
 from twisted.internet.task import Clock
 
-from phantomd.cache import TokenCache
-from phantomd.metrics import Metrics
-from phantomd.outcomes import Active
+from phantomd.token.cache import TokenCache
+from phantomd.ops.metrics import Metrics
+from phantomd.token.outcomes import Active
 
 
 def rss() -> int:

@@ -29,7 +29,7 @@ from jwcrypto import jwk, jws  # noqa: E402
 from twisted.internet.address import IPv4Address  # noqa: E402
 
 import missloop  # noqa: E402
-from phantomd.dpop import access_token_hash  # noqa: E402
+from phantomd.token.dpop import access_token_hash  # noqa: E402
 
 TOKEN = b"hit-token"
 KEYS = {"ES256": dict(kty="EC", crv="P-256"),

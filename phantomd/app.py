@@ -14,18 +14,20 @@ from urllib.parse import urlsplit
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from phantomd import admin, cors, routes
-from phantomd.cache import TokenCache
-from phantomd.coalescer import Coalescer
+from phantomd.ops import admin
+
+from phantomd.http import cors, routes
+from phantomd.token.cache import TokenCache
+from phantomd.token.coalescer import Coalescer
 from phantomd import config as configmod
-from phantomd.fleet import Fleet, check as check_fleet
+from phantomd.fleet.wiring import Fleet, check as check_fleet
 from phantomd.config import Config, ConfigError
-from phantomd.dpop import ProofChecker, SharedReplays
-from phantomd.gate import Gate
+from phantomd.token.dpop import ProofChecker, SharedReplays
+from phantomd.token.gate import Gate
 from phantomd.http.server import FrontFactory
 from phantomd.http.upstream import UpstreamPool
-from phantomd.metrics import Metrics
-from phantomd.sdnotify import where
+from phantomd.ops.metrics import Metrics
+from phantomd.ops.sdnotify import where
 
 log = Logger()
 
@@ -37,7 +39,7 @@ def _tls(config: Config, section: str, url: str, ca_file, client_cert,
     are checked even for an http ``url``: the token service's client also
     fetches its (possibly https) JWKS with them."""
     parts = urlsplit(url or "")
-    from phantomd import tls
+    from phantomd.http import tls
     ca_key, cert_key = keys
     try:
         trust_root = tls.load_trust_root(ca_file)
@@ -69,7 +71,7 @@ def _introspection_tls(config: Config):
 def _minter(clock, config: Config):
     if config.introspection.response not in ("json", "token-introspection+jwt"):
         return None
-    from phantomd import jose
+    from phantomd.token import jose
     m = config.minting
     try:
         return jose.Minter.from_file(clock, m.key_file, m.issuer,
@@ -99,7 +101,8 @@ def _client_ca(config: Config) -> None:
     ca = config.phantomd.tls_client_ca_file
     if not ca:
         return
-    from phantomd import mtls, tls
+    from phantomd.token import mtls
+    from phantomd.http import tls
     try:
         tls._pem_certificates(ca, "client CA file")
     except ValueError as e:
@@ -124,7 +127,7 @@ def check(config: Config) -> None:
     _forward_auth_secret(config)
     i = config.introspection
     if i.auth_method == "private_key_jwt":
-        from phantomd import clientauth
+        from phantomd.token import clientauth
         try:
             clientauth.ClientAuth.from_settings(Clock(), i,
                                                 config.client_secret)
@@ -134,7 +137,7 @@ def check(config: Config) -> None:
 
 
 def _forward_auth_secret(config: Config) -> Optional[bytes]:
-    from phantomd.forward_auth import read_secret
+    from phantomd.http.forward_auth import read_secret
     try:
         return read_secret(config.forward_auth.secret_file)
     except ValueError as e:
@@ -156,13 +159,13 @@ class _IntrospectionStack:
     rebuilt as one piece on reload."""
 
     def __init__(self, reactor, config: Config) -> None:
-        from phantomd import introspection
+        from phantomd.token import introspection
         i = config.introspection
         self.http = introspection.make_http_client(reactor, i)
         self.minter = _minter(reactor, config)
         keys = self.keys = response_verifier = jwt_verifier = None
         if i.response == "token-introspection+jwt" or i.verify_jwt:
-            from phantomd import jose
+            from phantomd.token import jose
             keys = jose.KeySource(reactor, self.http, jwks_url=i.jwks_url,
                                   issuer=i.issuer)
             if i.response == "token-introspection+jwt":
@@ -234,7 +237,7 @@ class Gateway:
                                       cors=cors.from_config(config.cors))
         self.forward_auth = None
         if config.forward_auth.listen:
-            from phantomd import forward_auth
+            from phantomd.http import forward_auth
             self.forward_auth = forward_auth.ForwardAuthFactory(
                 reactor, forward_auth.Checker(
                     self.gate, self.metrics, config.forward_auth,
@@ -251,12 +254,12 @@ class Gateway:
         self.front_ports: list = []
         self.admin_ports: list = []
         # /readyz waits for the token service; without traffic this asks it
-        # once (phantomd.probe).  Only where there is a /readyz to serve:
+        # once (phantomd.ops.probe).  Only where there is a /readyz to serve:
         # workers have no admin listener.  ``probe=False`` for tests that
         # script every token service call.
         self.probe = None
         if probe and config.metrics.listen:
-            from phantomd.probe import StartupProbe
+            from phantomd.ops.probe import StartupProbe
             if self._stack.keys is not None:
                 self.readiness.expect_keys()
             self.probe = StartupProbe(
@@ -300,7 +303,7 @@ class Gateway:
                  [defer.succeed(p) for p in front_ports])
         admin_ds = [self._listen(d, self.admin_site, "metrics")
                     for d in self.config.metrics.listen]
-        # Workers have none (phantomd.workers.worker_config): with
+        # Workers have none (phantomd.ops.workers.worker_config): with
         # workers > 1 the parent answers the checks.
         checks = ([self._listen(d, self.forward_auth, "forward_auth")
                    for d in self.config.forward_auth.listen]
@@ -343,11 +346,11 @@ class Gateway:
         """Bind one endpoint; a failure is ``listen_error``'s ConfigError.
         ``client_ca``: ``ssl:`` endpoints ask clients for certificates it
         signed (DESIGN section 12: certificate-bound tokens)."""
-        from phantomd import tls
+        from phantomd.http import tls
         try:
             endpoint = tls.server_endpoint(self.reactor, description)
             if client_ca:
-                from phantomd import mtls
+                from phantomd.token import mtls
                 if mtls.is_ssl_endpoint(description):
                     mtls.request_client_certificates(endpoint, client_ca)
             d = endpoint.listen(factory)

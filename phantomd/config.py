@@ -209,7 +209,7 @@ def inactive_statuses(value: str) -> frozenset[int]:
 
 def dpop_algs(value: str) -> tuple[str, ...]:
     """``[dpop] algs``: asymmetric JWS algorithms only (no none, no HS*)."""
-    from phantomd.dpop import parse_algs
+    from phantomd.token.dpop import parse_algs
     try:
         return parse_algs(value)
     except ValueError as e:
@@ -265,7 +265,7 @@ def optional_endpoints(value: str) -> tuple[str, ...]:
 def redis_url(value: str) -> Optional[str]:
     if not value:
         return None
-    from phantomd.redisconn import parse_url
+    from phantomd.fleet.redisconn import parse_url
     try:
         parse_url(value)
     except ValueError as e:
@@ -281,7 +281,7 @@ def key_prefix(value: str) -> str:
 
 
 def cors_origins(value: str) -> tuple:
-    from phantomd.cors import parse_origins
+    from phantomd.http.cors import parse_origins
     try:
         return parse_origins(value)
     except ValueError as e:
@@ -433,7 +433,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     # DESIGN section 11: the fleet's Redis tier and revocation.
     "shared_cache": {
-        # Which Redis: the client is built once (phantomd.fleet).
+        # Which Redis: the client is built once (phantomd.fleet.wiring).
         "url": Key(redis_url, "", trust=False, restart=True),
         "password_file": Key(readable_file, "", trust=False, restart=True,
                              secret=True),
@@ -496,7 +496,7 @@ _check_schema(SCHEMA)
 # -- [route NAME] (DESIGN section 8) ------------------------------------------
 
 def route_prefixes(value: str) -> tuple:
-    from phantomd.routes import parse_prefix
+    from phantomd.http.routes import parse_prefix
     out = []
     for word in value.split():
         try:
@@ -997,7 +997,7 @@ def _cross_checks(path: str, s: dict[str, Section]) -> Config:
                           "is empty, so no proxy could ask; list the "
                           "proxies' networks")
     if fa.secret_file:
-        from phantomd.forward_auth import read_secret
+        from phantomd.http.forward_auth import read_secret
         try:
             read_secret(fa.secret_file)
         except ValueError as e:

@@ -23,8 +23,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from phantomd import config as configmod
-from phantomd import logs, workers
-from phantomd.sdnotify import Notifier, NotifyService, where
+from phantomd.ops import logs, workers
+from phantomd.ops.sdnotify import Notifier, NotifyService, where
 
 log = Logger()
 
@@ -86,7 +86,7 @@ class GatewayService(service.Service):
         # The log observer ([log] format) to switch on reload.
         self.logging = logging
         # How to read the ini, and in a worker how to adopt the listening
-        # sockets the parent passed (see phantomd.workers).
+        # sockets the parent passed (see phantomd.ops.workers).
         self._load = load
         self._adopt = adopt
         # In a worker: opens the parent's revocation channel before serving.
@@ -172,7 +172,7 @@ def makeService(options) -> service.IService:
     from twisted.internet import reactor
 
     if options["demo"]:
-        from phantomd.demo import DemoService
+        from phantomd.ops.demo import DemoService
         return DemoService(reactor)
     config = options["parsed"]
     # Registers phantomd's observer ([log] format, journald) with twistd.
@@ -190,7 +190,7 @@ def makeService(options) -> service.IService:
         load = workers.worker_config
 
         def before_start(gateway):
-            from phantomd import workerrevoke
+            from phantomd.fleet import workerrevoke
             workerrevoke.listen(reactor, os.environ, gateway)
     elif config.phantomd.workers > 1:
         # The parent: binds, runs and watches the workers, serves /metrics.

@@ -8,7 +8,7 @@ import httptools
 from twisted.internet import defer, protocol
 
 from phantomd import config
-from phantomd.outcomes import Forward, Reject
+from phantomd.token.outcomes import Forward, Reject
 
 OPAQUE = "opaque-token-0123456789"
 JWT = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJhbGljZSJ9.c2ln"

@@ -11,8 +11,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import HTTPConnectionPool
 
-from phantomd.admin import Readiness, make_admin_site
-from phantomd.metrics import Metrics
+from phantomd.ops.admin import Readiness, make_admin_site
+from phantomd.ops.metrics import Metrics
 
 JWKS = b'{"keys":[{"kty":"OKP","crv":"Ed25519","x":"abc","kid":"k1"}]}'
 

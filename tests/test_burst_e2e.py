@@ -166,7 +166,7 @@ async def start_scene(reactor, ts_resource, api_resource, cleanup,
     their shutdown (gateway first)."""
     from phantomd import config as configmod
     from phantomd.app import Gateway
-    from phantomd.metrics import Metrics
+    from phantomd.ops.metrics import Metrics
 
     ts = FakeServer(reactor, ts_resource)
     api = FakeServer(reactor, api_resource)

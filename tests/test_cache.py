@@ -8,9 +8,9 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.cache import TokenCache
-from phantomd.metrics import Metrics
-from phantomd.outcomes import Active, Inactive
+from phantomd.token.cache import TokenCache
+from phantomd.ops.metrics import Metrics
+from phantomd.token.outcomes import Active, Inactive
 
 T0 = 1_000_000.0
 

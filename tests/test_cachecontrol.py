@@ -3,7 +3,7 @@
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.cachecontrol import freshness_lifetime, parse_http_date
+from phantomd.token.cachecontrol import freshness_lifetime, parse_http_date
 
 NOW = 784111777.0  # Sun, 06 Nov 1994 08:49:37 GMT
 IMF_NOW = "Sun, 06 Nov 1994 08:49:37 GMT"
@@ -119,7 +119,7 @@ class FreshnessLifetimeTests(SynchronousTestCase):
         for i in range(500):
             self.assertEqual(freshness_lifetime(
                 {"cache-control": ["max-age=%d" % i]}, NOW), float(i))
-        from phantomd import cachecontrol
+        from phantomd.token import cachecontrol
         self.assertLessEqual(len(cachecontrol._PARSED),
                              cachecontrol._MAX_PARSED)
 

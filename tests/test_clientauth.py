@@ -1,4 +1,4 @@
-"""Tests for phantomd.clientauth: each auth method's exact wire form."""
+"""Tests for phantomd.token.clientauth: each auth method's exact wire form."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from jwcrypto import jwk, jwt
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from phantomd import clientauth
-from phantomd.clientauth import ASSERTION_TYPE, ClientAuth
+from phantomd.token import clientauth
+from phantomd.token.clientauth import ASSERTION_TYPE, ClientAuth
 
 URL = "https://login.example.com/oauth/v2/introspect"
 ISSUER = "https://login.example.com/oauth/v2/oauth-anonymous"

@@ -3,9 +3,9 @@
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.coalescer import Coalescer
-from phantomd.metrics import Metrics
-from phantomd.outcomes import Active, IntrospectionFailed, Shed
+from phantomd.token.coalescer import Coalescer
+from phantomd.ops.metrics import Metrics
+from phantomd.token.outcomes import Active, IntrospectionFailed, Shed
 
 ANSWER = Active(jwt="h.p.s", claims={"sub": "alice"}, lifetime=60)
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd import config, cors
+from phantomd import config
+
+from phantomd.http import cors
 from tests.robustness.fakes import Reply, async_test, one_request, \
     request_bytes
 from tests.test_config import MINIMAL

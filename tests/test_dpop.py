@@ -11,7 +11,7 @@ from jwcrypto import jwk, jws
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.dpop import (
+from phantomd.token.dpop import (
     ProofChecker, ProofError, ReplayCacheFull, access_token_hash,
     normalize_uri, parse_algs, request_url)
 

@@ -10,7 +10,7 @@ import time
 from jwcrypto import jwk, jws
 from twisted.internet import reactor
 
-from phantomd.dpop import access_token_hash
+from phantomd.token.dpop import access_token_hash
 from tests.robustness.fakes import async_test
 from tests.test_gateway_e2e import GatewayCase, build, forwarded_with
 

@@ -6,11 +6,13 @@ import os
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd import config, fleet
+from phantomd import config
+
+from phantomd.fleet import wiring as fleet
 from phantomd.config import ConfigError
-from phantomd.outcomes import Active
-from phantomd.redisconn import parse_url
-from phantomd.sharedcache import FleetKeys, decode_result, encode_result
+from phantomd.token.outcomes import Active
+from phantomd.fleet.redisconn import parse_url
+from phantomd.fleet.sharedcache import FleetKeys, decode_result, encode_result
 
 MINIMAL = """\
 [phantomd]
@@ -97,7 +99,7 @@ class ConfigTests(SynchronousTestCase):
                            "revocation", "token_file", "at least 16")
 
     def test_revocation_with_workers_needs_no_redis(self):
-        # The parent tells its workers itself (phantomd.workerrevoke).
+        # The parent tells its workers itself (phantomd.fleet.workerrevoke).
         path = self.file("rt", b"a-long-enough-revocation-token")
         c = config.parse(MINIMAL.replace("[phantomd]\n",
                                          "[phantomd]\nworkers = 2\n")
@@ -178,8 +180,8 @@ class RotationTests(SynchronousTestCase):
         ``sub=`` revocation can no longer find."""
         from twisted.internet.task import Clock
         from twisted.internet import defer
-        from phantomd.metrics import Metrics
-        from phantomd.tokens import token_key
+        from phantomd.ops.metrics import Metrics
+        from phantomd.token.tokens import token_key
 
         class Introspector:
             def introspect(self, token):
@@ -233,7 +235,7 @@ class ReloadIdentityTests(SynchronousTestCase):
         reload: the timeout waits for a restart, but answers of the old
         token service must not be read from Redis meanwhile."""
         from twisted.internet.task import Clock
-        from phantomd.metrics import Metrics
+        from phantomd.ops.metrics import Metrics
 
         d = os.path.abspath(self.mktemp())
         os.makedirs(d)
@@ -257,8 +259,8 @@ class FirstSubscriptionTests(SynchronousTestCase):
         subscribes were never heard, the first time as any other."""
         from twisted.internet import defer
         from twisted.internet.task import Clock
-        from phantomd.metrics import Metrics
-        from phantomd.tokens import token_key
+        from phantomd.ops.metrics import Metrics
+        from phantomd.token.tokens import token_key
 
         d = os.path.abspath(self.mktemp())
         os.makedirs(d)

@@ -158,9 +158,9 @@ class SharedTierTests(FleetCase):
         """Someone who can write to Redis, and even knows the key (say,
         from a dump), but not the fleet secret: the value they plant is
         not taken; the token service is asked and its answer served."""
-        from phantomd.fleet import identity
-        from phantomd.sharedcache import FleetKeys, encode_result
-        from phantomd.outcomes import Active
+        from phantomd.fleet.wiring import identity
+        from phantomd.fleet.sharedcache import FleetKeys, encode_result
+        from phantomd.token.outcomes import Active
         f = await self.fleet(1)
         token = new_token()
         real = f.ts.activate(token)
@@ -475,7 +475,7 @@ class RevocationTests(FleetCase):
         for i in range(3):
             self.assertEqual((await f.get(i, token)).status, 200)
         self.assertEqual(f.ts.calls_for(token), 1)
-        from phantomd.tokens import token_key
+        from phantomd.token.tokens import token_key
         key = token_key(token)
         self.assertTrue(all(g.gateway.cache.get(key) for g in f.gws))
         del f.ts.tokens[token]  # the token service revoked it too
@@ -511,7 +511,7 @@ class RevocationTests(FleetCase):
         for t in alice:
             self.assertIsNone(self.redis.command("GET", keys.redis_key(t)))
         self.assertIsNotNone(self.redis.command("GET", keys.redis_key(bob)))
-        from phantomd.tokens import token_key
+        from phantomd.token.tokens import token_key
         self.assertTrue(await wait_for(reactor, lambda: all(
             g.gateway.cache.get(token_key(t)) is None
             for g in f.gws for t in alice), 5, interval=0.001))
@@ -526,7 +526,7 @@ class RevocationTests(FleetCase):
         token = new_token()
         f.ts.activate(token)
         self.assertEqual((await f.get(0, token)).status, 200)
-        from phantomd.tokens import token_key
+        from phantomd.token.tokens import token_key
         channel = f.gws[0].gateway.fleet.shared.keys.channel
         self.redis.command("PUBLISH", channel, json.dumps(
             {"t": "token", "k": token_key(token).hex()}))

@@ -2,7 +2,7 @@
 real ``redis-server`` the workers share one introspection per token and
 ``POST /revoke`` on the parent's metrics listener reaches both through
 Redis; without Redis each worker introspects for itself and the parent
-tells both workers of a revocation (phantomd.workerrevoke)."""
+tells both workers of a revocation (phantomd.fleet.workerrevoke)."""
 
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ from twisted.trial import unittest
 from twisted.web.http_headers import Headers
 
 from phantomd import config as configmod
-from phantomd.forward_auth import (
+from phantomd.http.forward_auth import (
     MAX_ORIGINAL_URI, OriginalRequest, original_request)
-from phantomd.outcomes import Reject
+from phantomd.token.outcomes import Reject
 from tests.robustness.fakes import (
     Reply, async_test, connect_raw, exchange, get, new_token, wait_closed)
 from tests.test_gateway_e2e import GatewayCase, build
@@ -377,7 +377,7 @@ class Listeners(GatewayCase):
     @async_test
     async def test_forward_auth_only_gateway_binds_no_front(self):
         from phantomd.app import Gateway
-        from phantomd.metrics import Metrics
+        from phantomd.ops.metrics import Metrics
         from tests.robustness.fakes import TokenService
         ts = TokenService(reactor)
         port = ts.listen()
@@ -400,7 +400,7 @@ class Listeners(GatewayCase):
     async def test_bind_failure_fails_start(self):
         scene = await build_fa(self)
         from phantomd.app import Gateway
-        from phantomd.metrics import Metrics
+        from phantomd.ops.metrics import Metrics
         busy = "tcp:%d:interface=127.0.0.1" % scene.fa
         c = configmod.parse(scene.ini.replace(
             "[forward_auth]\nlisten = tcp:0:interface=127.0.0.1",
@@ -442,8 +442,8 @@ class ProtocolUnit(unittest.TestCase):
         from twisted.internet.task import Clock
         from twisted.internet.testing import StringTransport
 
-        from phantomd.forward_auth import Checker, ForwardAuthFactory
-        from phantomd.metrics import Metrics
+        from phantomd.http.forward_auth import Checker, ForwardAuthFactory
+        from phantomd.ops.metrics import Metrics
         from tests.helpers_http import FakeGate
         self.clock = Clock()
         self.gate = FakeGate()

@@ -6,11 +6,11 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.cache import TokenCache
-from phantomd.coalescer import Coalescer
-from phantomd.gate import Gate
-from phantomd.metrics import Metrics
-from phantomd.outcomes import (
+from phantomd.token.cache import TokenCache
+from phantomd.token.coalescer import Coalescer
+from phantomd.token.gate import Gate
+from phantomd.ops.metrics import Metrics
+from phantomd.token.outcomes import (
     Active, Forward, Inactive, IntrospectionFailed, Reject)
 
 

@@ -3,8 +3,8 @@ and certificate-bound tokens, on cache misses and hits."""
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.dpop import ProofChecker
-from phantomd.outcomes import Active, Forward, Inactive, Reject
+from phantomd.token.dpop import ProofChecker
+from phantomd.token.outcomes import Active, Forward, Inactive, Reject
 from tests.test_dpop import EC_KEY, URL, make_proof
 from tests.test_gate import GateTestsMixin
 
@@ -160,7 +160,7 @@ class SharedReplayTests(BindingTests):
 
     def setUp(self):
         super().setUp()
-        from phantomd.dpop import SharedReplays
+        from phantomd.token.dpop import SharedReplays
         self.redis = FakeRedis()
         self.gate.dpop.shared = SharedReplays(self.redis, b"phantomd:")
 

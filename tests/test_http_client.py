@@ -14,7 +14,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from phantomd import tls
+from phantomd.http import tls
 from phantomd.http.client import (AnswerTooLarge, BodyFailed,
                                   BodyTooLarge, HTTPClient, MalformedAnswer,
                                   encode_headers)

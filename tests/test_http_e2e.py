@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from phantomd.http.server import FrontFactory
 from phantomd.http.upstream import UpstreamPool
-from phantomd.metrics import Metrics
+from phantomd.ops.metrics import Metrics
 from tests.helpers_http import (
     JWT, OPAQUE, FakeGate, RawClient, UpstreamFactory, buffered, self_signed,
     settings)

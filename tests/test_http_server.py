@@ -14,8 +14,8 @@ from twisted.trial import unittest
 
 from phantomd.http.server import LINGER, FrontFactory
 from phantomd.http.upstream import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
-from phantomd.metrics import Metrics
-from phantomd.outcomes import Forward
+from phantomd.ops.metrics import Metrics
+from phantomd.token.outcomes import Forward
 from tests.helpers_http import JWT, OPAQUE, FakeGate, settings
 
 AUTH = b"Authorization: Bearer " + OPAQUE.encode() + b"\r\n"

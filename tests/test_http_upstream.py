@@ -11,7 +11,7 @@ from twisted.trial import unittest
 
 from phantomd.http.upstream import (
     MODE_CHUNKED, MODE_EOF, MODE_LENGTH, MODE_NONE, UpstreamPool)
-from phantomd.metrics import Metrics
+from phantomd.ops.metrics import Metrics
 from tests.helpers_http import settings
 
 HEAD = b"GET / HTTP/1.1\r\nHost: api\r\n\r\n"

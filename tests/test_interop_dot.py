@@ -30,7 +30,7 @@ from twisted.web.server import Site
 import treq
 from treq.client import HTTPClient
 
-from phantomd import jose
+from phantomd.token import jose
 
 try:
     import django  # noqa: F401
@@ -241,7 +241,7 @@ class DjangoOAuthToolkitTests(TestCase):
         ``intro`` and ``cache`` are extra ini lines for those sections."""
         from phantomd.app import Gateway
         from phantomd.config import parse
-        from phantomd.metrics import Metrics
+        from phantomd.ops.metrics import Metrics
 
         api = _RecordingAPI()
         api_port = reactor.listenTCP(0, Site(api), interface="127.0.0.1")
@@ -358,7 +358,7 @@ listen = tcp:0:interface=127.0.0.1
         default) and is refused raw (its '+' arrives as a space), and the
         log line then says to try form."""
         events = []
-        from phantomd import introspection
+        from phantomd.token import introspection
         self.patch(introspection, "log", Logger(observer=events.append))
         token = yield self.new_token()
         api, front, _ = yield self.start_gateway(client="special")

@@ -73,7 +73,7 @@ class OIDCProviderTests(TestCase):
         self.http = HTTPClient(Agent(reactor, pool=pool))
         self.addCleanup(pool.closeCachedConnections)
         self.events = []
-        from phantomd import introspection
+        from phantomd.token import introspection
         self.patch(introspection, "log",
                    Logger(observer=self.events.append))
 
@@ -125,7 +125,7 @@ class OIDCProviderTests(TestCase):
     def start_gateway(self, intro="", cache=""):
         from phantomd.app import Gateway
         from phantomd.config import parse
-        from phantomd.metrics import Metrics
+        from phantomd.ops.metrics import Metrics
 
         api = _RecordingAPI()
         api_port = reactor.listenTCP(0, Site(api), interface="127.0.0.1")

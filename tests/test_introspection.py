@@ -1,4 +1,4 @@
-"""Tests for phantomd.introspection against an in-memory token service
+"""Tests for phantomd.token.introspection against an in-memory token service
 (treq.testing.StubTreq) and a Clock: every response form, every status row,
 each client authentication method's wire form, body framing and bounds,
 timeouts."""
@@ -20,9 +20,11 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from phantomd import config, introspection, jose
-from phantomd.introspection import Introspector
-from phantomd.outcomes import Active, Inactive, IntrospectionFailed
+from phantomd import config
+
+from phantomd.token import introspection, jose
+from phantomd.token.introspection import Introspector
+from phantomd.token.outcomes import Active, Inactive, IntrospectionFailed
 
 URL = "https://login.example.com/oauth/v2/introspect"
 NOW = 1_700_000_000

@@ -13,9 +13,9 @@ from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 from twisted.web.server import Site
 
-from phantomd import introspection
-from phantomd.introspection import Introspector, make_http_client
-from phantomd.outcomes import Active, Inactive, IntrospectionFailed
+from phantomd.token import introspection
+from phantomd.token.introspection import Introspector, make_http_client
+from phantomd.token.outcomes import Active, Inactive, IntrospectionFailed
 from tests.helpers_http import listen_loopback
 from tests.test_introspection import (TOKEN, TokenService, make_jwt,
                                       make_settings)

@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from phantomd import jose
+from phantomd.token import jose
 
 NOW = 1_800_000_000.0
 ISSUER = "https://login.example.com"

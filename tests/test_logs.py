@@ -1,4 +1,4 @@
-"""phantomd.logs: text, JSON lines and journald output; the access log."""
+"""phantomd.ops.logs: text, JSON lines and journald output; the access log."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from twisted.logger import Logger, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.logs import (
+from phantomd.ops.logs import (
     AccessLog, JSONLinesObserver, ObservedService, SwitchableObserver,
     TextObserver, Throttle,
     access_logger, journal_stream_matches, observer_for)
-from phantomd.outcomes import Forward
+from phantomd.token.outcomes import Forward
 
 TOKEN = "opaque-token-3f9a1c0e"
 JWT = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"

@@ -18,7 +18,7 @@ from twisted.internet import threads
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from phantomd import app, config
-from phantomd.mtls import header_thumbprint, thumbprint
+from phantomd.token.mtls import header_thumbprint, thumbprint
 from tests.robustness.fakes import async_test
 from tests.test_gateway_e2e import GatewayCase, build
 

@@ -1,12 +1,12 @@
-"""phantomd.probe: the start-up probe that makes /readyz mean it."""
+"""phantomd.ops.probe: the start-up probe that makes /readyz mean it."""
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.admin import Readiness
-from phantomd.outcomes import Active, Inactive, IntrospectionFailed
-from phantomd.probe import PREFIX, StartupProbe
+from phantomd.ops.admin import Readiness
+from phantomd.token.outcomes import Active, Inactive, IntrospectionFailed
+from phantomd.ops.probe import PREFIX, StartupProbe
 
 
 class ProbeTests(SynchronousTestCase):

@@ -15,7 +15,7 @@ import textwrap
 from prometheus_client import CollectorRegistry, generate_latest
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.metrics import Metrics
+from phantomd.ops.metrics import Metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALERTS = os.path.join(ROOT, "etc", "alerts.yml")
@@ -213,7 +213,7 @@ class MetricsTextTests(PromtoolCase):
             import sys
             sys.path.insert(0, %r)
             sys.path.insert(0, %r)
-            from phantomd.metrics import Metrics
+            from phantomd.ops.metrics import Metrics
             from test_promtool import drive
             drive(Metrics())
             """ % (ROOT, os.path.join(ROOT, "tests")))
@@ -223,8 +223,8 @@ class MetricsTextTests(PromtoolCase):
                            check=True, timeout=60)
         from prometheus_client.multiprocess import MultiProcessCollector
 
-        from phantomd.metrics import BuildInfo
-        from phantomd.workers import WorkerProcesses
+        from phantomd.ops.metrics import BuildInfo
+        from phantomd.ops.workers import WorkerProcesses
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=mdir)
         registry.register(BuildInfo())

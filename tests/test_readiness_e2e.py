@@ -1,12 +1,12 @@
 """/readyz and /healthz of a real Gateway on loopback, with its start-up
-probe (phantomd.probe) talking to a real (fake) token service."""
+probe (phantomd.ops.probe) talking to a real (fake) token service."""
 
 from __future__ import annotations
 
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from phantomd.probe import PREFIX
+from phantomd.ops.probe import PREFIX
 from tests.robustness.fakes import (
     Reply, TokenService, async_test, closed_port, gateway_ini, get,
     jwt_reply, make_jwt, start_gateway, wait_for)

@@ -4,8 +4,10 @@ resource, refused with 400 before any route is chosen."""
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd import config, routes
-from phantomd.routes import Route, RouteTable, UnsafePath
+from phantomd import config
+
+from phantomd.http import routes
+from phantomd.http.routes import Route, RouteTable, UnsafePath
 
 from tests.test_config import MINIMAL
 

@@ -1,4 +1,4 @@
-"""phantomd.sdnotify: messages arrive on a real AF_UNIX datagram socket."""
+"""phantomd.ops.sdnotify: messages arrive on a real AF_UNIX datagram socket."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import tempfile
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.sdnotify import Notifier, NotifyService, where
+from phantomd.ops.sdnotify import Notifier, NotifyService, where
 
 
 class Receiver:

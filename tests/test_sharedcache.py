@@ -7,10 +7,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.metrics import Metrics
-from phantomd.outcomes import Active, Inactive, IntrospectionFailed
-from phantomd.redisconn import Unavailable
-from phantomd.sharedcache import FleetKeys, SharedTier
+from phantomd.ops.metrics import Metrics
+from phantomd.token.outcomes import Active, Inactive, IntrospectionFailed
+from phantomd.fleet.redisconn import Unavailable
+from phantomd.fleet.sharedcache import FleetKeys, SharedTier
 
 SECRET = b"k" * 40
 
@@ -133,8 +133,8 @@ class RevokerIndexTests(SynchronousTestCase):
     def test_at_the_bound_the_oldest_leaves_index_and_cache(self):
         """A cached answer the sub index forgot could never be revoked by
         subject, so forgetting it also drops it from the cache."""
-        from phantomd.revocation import Revoker
-        from phantomd.tokens import token_key
+        from phantomd.fleet.revocation import Revoker
+        from phantomd.token.tokens import token_key
         cache = FakeCache()
         revoker = Revoker(Clock(), cache, Metrics(), max_entries=2)
         inner = FakeIntrospector()
@@ -150,7 +150,7 @@ class RevokerIndexTests(SynchronousTestCase):
                          {token_key("t2"), token_key("t3")})
 
     def test_answer_started_before_a_subject_revocation_is_asked_again(self):
-        from phantomd.revocation import Revoker
+        from phantomd.fleet.revocation import Revoker
         clock = Clock()
         revoker = Revoker(clock, FakeCache(), Metrics(), max_entries=10)
         inner = FakeIntrospector()
@@ -186,7 +186,7 @@ class RevocationReplayTests(SynchronousTestCase):
     may bring back an answer from before the latest revocation."""
 
     def setUp(self):
-        from phantomd.revocation import Revoker
+        from phantomd.fleet.revocation import Revoker
         TierTests.setUp(self)
         self.clock.advance(100)
         self.revoker = Revoker(self.clock, FakeCache(), self.metrics,
@@ -231,7 +231,7 @@ class TokenRevocationInFlightTests(SynchronousTestCase):
     def test_answer_started_before_a_token_revocation_is_asked_again(self):
         """Like a sub= revocation: an introspection in flight when the token
         was revoked may carry the token service's answer from before it."""
-        from phantomd.revocation import Revoker
+        from phantomd.fleet.revocation import Revoker
         clock = Clock()
         revoker = Revoker(clock, FakeCache(), Metrics(), max_entries=10)
         inner = FakeIntrospector()
@@ -251,7 +251,7 @@ class RevokeFormTests(SynchronousTestCase):
 
     def post(self, body):
         from treq.testing import StubTreq
-        from phantomd.revocation import Revoker, RevokeResource
+        from phantomd.fleet.revocation import Revoker, RevokeResource
         self.cache = FakeCache()
         revoker = Revoker(Clock(), self.cache, Metrics(), max_entries=10)
         stub = StubTreq(RevokeResource(revoker, lambda: b"b" * 20))
@@ -273,7 +273,7 @@ class RevokeFormTests(SynchronousTestCase):
         self.assertEqual(code, 400, body)
 
     def test_encoded_plus_revokes_the_token(self):
-        from phantomd.tokens import token_key
+        from phantomd.token.tokens import token_key
         code, body = self.post(b"token=abc%2Bdef")
         self.assertEqual(code, 200, body)
         self.assertEqual(self.cache.discarded, [token_key("abc+def")])
@@ -283,7 +283,7 @@ class RevokeFailureTests(SynchronousTestCase):
     def test_a_failed_revocation_is_answered_500_not_left_hanging(self):
         from twisted.internet import defer
         from treq.testing import StubTreq
-        from phantomd.revocation import Revoker, RevokeResource
+        from phantomd.fleet.revocation import Revoker, RevokeResource
         revoker = Revoker(Clock(), FakeCache(), Metrics(), max_entries=10)
         revoker.revoke_token = lambda token: defer.fail(RuntimeError("x"))
         stub = StubTreq(RevokeResource(revoker, lambda: b"b" * 20))
@@ -303,7 +303,7 @@ class RemoteRevocationInFlightTests(SynchronousTestCase):
         revocation arrives is asked again, even when that host's clock
         put the revocation before this one started."""
         TierTests.setUp(self)
-        from phantomd.revocation import Revoker
+        from phantomd.fleet.revocation import Revoker
         self.clock.advance(100)
         revoker = Revoker(self.clock, FakeCache(), self.metrics,
                           max_entries=10, shared=self.tier)

@@ -138,7 +138,7 @@ MDWE_PROBE = """
 import ctypes, sys
 if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0:
     sys.exit(3)
-from phantomd import tls
+from phantomd.http import tls
 try:
     tls.client_tls_options("example.com").clientConnectionForTLS(None)
 except MemoryError:

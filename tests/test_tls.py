@@ -1,4 +1,4 @@
-"""Tests for phantomd.tls: loading trust roots and client certificates, and
+"""Tests for phantomd.http.tls: loading trust roots and client certificates, and
 the TLS policy doing a verified handshake over loopback.
 
 ``PKI`` generates a throw-away CA and certificates at run time; no key is
@@ -21,7 +21,7 @@ from twisted.internet import defer, endpoints, protocol, reactor, ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.trial import unittest
 
-from phantomd import tls
+from phantomd.http import tls
 
 
 class PKI:

@@ -19,7 +19,7 @@ import subprocess
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd import tls
+from phantomd.http import tls
 from tests.helpers_twistd import Twistd, write_ini
 
 OPENSSL = shutil.which("openssl")

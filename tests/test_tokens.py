@@ -2,8 +2,8 @@
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.outcomes import Reject
-from phantomd.tokens import (
+from phantomd.token.outcomes import Reject
+from phantomd.token.tokens import (
     MAX_TOKEN_LENGTH, parse_authorization, token_id, token_key)
 
 # (headers, expected token or (status, error))

@@ -1,4 +1,4 @@
-"""The parent → worker revocation channel (phantomd.workerrevoke) on fakes.
+"""The parent → worker revocation channel (phantomd.fleet.workerrevoke) on fakes.
 The same under the real twistd: tests/test_fleet_service.py
 ``WorkersWithoutRedis``."""
 
@@ -14,12 +14,12 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd import workerrevoke
-from phantomd.metrics import Metrics
-from phantomd.outcomes import Active, Inactive
-from phantomd.revocation import Revoker, RevokeResource
-from phantomd.tokens import token_key
-from phantomd.workerrevoke import MAX_PENDING, WorkerRevocations
+from phantomd.fleet import workerrevoke
+from phantomd.ops.metrics import Metrics
+from phantomd.token.outcomes import Active, Inactive
+from phantomd.fleet.revocation import Revoker, RevokeResource
+from phantomd.token.tokens import token_key
+from phantomd.fleet.workerrevoke import MAX_PENDING, WorkerRevocations
 from tests.test_sharedcache import FakeCache, FakeIntrospector
 
 BEARER = b"b" * 20

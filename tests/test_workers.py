@@ -1,4 +1,4 @@
-"""phantomd.workers: the worker pool, the readiness relay, shared listeners.
+"""phantomd.ops.workers: the worker pool, the readiness relay, shared listeners.
 
 The pool's logic runs on a fake process reactor; a few tests start real
 processes that inherit a real listening socket.
@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from phantomd import config as configmod
-from phantomd import workers
+from phantomd.ops import workers
 
 INI = """\
 [phantomd]
@@ -401,7 +401,7 @@ FAKE_WORKER = textwrap.dedent("""\
 
 class FakeGateway:
     def __init__(self, reactor, config, admin_registry=None):
-        from phantomd.admin import Readiness
+        from phantomd.ops.admin import Readiness
         self.registry = admin_registry
         self.readiness = Readiness(reactor)
         self.readiness.mark_listening()
@@ -613,7 +613,7 @@ class DieWithParentTests(TestCase):
         child = textwrap.dedent("""\
             import os, signal, sys, time
             sys.path.insert(0, %r)
-            from phantomd.workers import die_with_parent
+            from phantomd.ops.workers import die_with_parent
             def done(*a):
                 open(%r, "w").close()
                 os._exit(0)
@@ -621,7 +621,7 @@ class DieWithParentTests(TestCase):
             assert die_with_parent({"PHANTOMD_PARENT_PID": str(os.getppid())})
             print(os.getpid(), flush=True)
             time.sleep(20)
-            """ % (os.path.dirname(os.path.dirname(workers.__file__)), flag))
+            """ % (os.path.dirname(os.path.dirname(os.path.dirname(workers.__file__))), flag))
         middle = ("import subprocess, sys, time\n"
                   "p = subprocess.Popen([sys.executable, '-c', %r])\n"
                   "time.sleep(20)\n" % child)
@@ -650,14 +650,14 @@ class ArchiveTests(SynchronousTestCase):
         script = textwrap.dedent("""\
             import os, sys
             sys.path.insert(0, %r)
-            from phantomd.metrics import Metrics
+            from phantomd.ops.metrics import Metrics
             m = Metrics()
             m.request_answered(200)
             m.request_answered(502)
             m.introspection_duration.observe(0.02)
             m.cache_entries.set(5)
             print(os.getpid())
-            """ % os.path.dirname(os.path.dirname(workers.__file__)))
+            """ % os.path.dirname(os.path.dirname(os.path.dirname(workers.__file__))))
         env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=mdir)
         pids = [int(subprocess.run(
             [sys.executable, "-c", script], env=env, check=True, timeout=60,

@@ -496,7 +496,7 @@ class _Target:
 
 class HTTPClient:
     """Pooled HTTP/1.1 over TCP, or TLS per ``tls_policy`` (an
-    ``IPolicyForHTTPS`` such as ``phantomd.tls.ClientPolicy``).
+    ``IPolicyForHTTPS`` such as ``phantomd.http.tls.ClientPolicy``).
 
     ``connect_timeout`` bounds each connection attempt; ``max_idle`` and
     ``idle_timeout`` bound the pool (``ConnectionPool``);

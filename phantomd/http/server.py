@@ -33,16 +33,16 @@ from twisted.logger import Logger
 
 from phantomd.http.fastio import writer_for
 from phantomd.http.headers import drop_connection_options
-from phantomd.dpop import request_url
-from phantomd.mtls import header_thumbprint, peer_thumbprint
+from phantomd.token.dpop import request_url
+from phantomd.token.mtls import header_thumbprint, peer_thumbprint
 from phantomd.http.headers import (
     FORWARDING, REQUEST_DROP, SENDER_PROOF, http_date)
 from phantomd.http.proxies import forwarded_by_proxy, forwarded_origin
 from phantomd.http.upstream import (
     MODE_CHUNKED, MODE_EOF, MODE_LENGTH)
-from phantomd.outcomes import Forward, Reject, error_response
-from phantomd.cors import request_origin, without_cors
-from phantomd.routes import (
+from phantomd.token.outcomes import Forward, Reject, error_response
+from phantomd.http.cors import request_origin, without_cors
+from phantomd.http.routes import (
     Route, RouteTable, UnsafePath, claim_lines, drop_name)
 
 log = Logger()

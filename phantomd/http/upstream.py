@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from phantomd.http.fastio import writer_for
 from phantomd.http.headers import drop_connection_options
 from phantomd.http.headers import RESPONSE_DROP
-from phantomd.logs import Throttle
+from phantomd.ops.logs import Throttle
 
 MODE_NONE, MODE_LENGTH, MODE_CHUNKED, MODE_EOF = range(4)
 
@@ -547,7 +547,7 @@ class UpstreamPool:
 
 def _default_tls(host: str, settings: Any) -> Any:
     if settings.upstream_ca_file or settings.upstream_client_cert:
-        from phantomd.tls import client_tls_options
+        from phantomd.http.tls import client_tls_options
         return client_tls_options(host, settings.upstream_ca_file,
                                   settings.upstream_client_cert,
                                   settings.upstream_client_key)

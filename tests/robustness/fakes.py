@@ -1151,7 +1151,7 @@ async def start_gateway(testcase, reactor, ini_text: str,
     except ImportError as e:
         raise SkipTest("phantomd.app has not landed yet (%s)" % e)
     from phantomd import config as configmod
-    from phantomd.metrics import Metrics
+    from phantomd.ops.metrics import Metrics
 
     config = configmod.parse(ini_text, "<robustness.ini>", overrides)
     metrics = Metrics()

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from phantomd.routes import UnsafePath, segments
+from phantomd.http.routes import UnsafePath, segments
 
 from .fakes import (
     Reply, Scene, async_test, exchange, json_reply, jwt_reply, make_jwt,

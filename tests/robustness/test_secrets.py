@@ -47,7 +47,7 @@ class Capture:
             if f is not None:
                 out.append(f.getTraceback())
         try:
-            from phantomd import logs
+            from phantomd.ops import logs
         except ImportError:
             return "\n".join(out)
         for make in (lambda s: logs.JSONLinesObserver(s),
@@ -92,7 +92,7 @@ class NoSecretsEscape(unittest.TestCase):
         globalLogPublisher.addObserver(capture)
         self.addCleanup(globalLogPublisher.removeObserver, capture)
         try:
-            from phantomd.logs import AccessLog
+            from phantomd.ops.logs import AccessLog
             access_log = AccessLog()
         except ImportError:
             access_log = None

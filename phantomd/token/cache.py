@@ -12,7 +12,7 @@ import math
 from collections import OrderedDict
 from typing import Any, Mapping, Optional, Union
 
-from phantomd.outcomes import Active, Inactive
+from phantomd.token.outcomes import Active, Inactive
 
 __all__ = ["TokenCache"]
 

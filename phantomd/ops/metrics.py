@@ -164,7 +164,7 @@ class Metrics:
 
     def _sender_constrained(self, r: CollectorRegistry) -> None:
         """DPoP and certificate-bound tokens (DESIGN section 12)."""
-        from phantomd.dpop import REASONS
+        from phantomd.token.dpop import REASONS
         failures = Counter(
             "phantomd_dpop_failures",
             "Requests refused for their DPoP proof or token binding, by "

@@ -23,8 +23,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from phantomd.sharedcache import subject_of
-from phantomd.tokens import token_id, token_key
+from phantomd.fleet.sharedcache import subject_of
+from phantomd.token.tokens import token_id, token_key
 
 __all__ = ["Revoker", "RevokeResource"]
 
@@ -73,7 +73,7 @@ class Revoker:
         self.max_entries = max_entries
         self.shared = shared
         #: Without Redis, in the parent of workers: ``peers(event)`` tells
-        #: every worker (phantomd.workerrevoke) and fires True when all
+        #: every worker (phantomd.fleet.workerrevoke) and fires True when all
         #: confirmed.  None elsewhere.
         self.peers: Optional[Callable[[dict], defer.Deferred]] = None
         self._subject_of_key: OrderedDict[bytes, str] = OrderedDict()

@@ -35,9 +35,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txredisapi import ResponseError
 
-from phantomd.logs import Throttle
-from phantomd.outcomes import Active, Inactive
-from phantomd.tokens import token_key
+from phantomd.ops.logs import Throttle
+from phantomd.token.outcomes import Active, Inactive
+from phantomd.token.tokens import token_key
 
 __all__ = ["FleetKeys", "SharedTier", "MIN_SECRET_BYTES"]
 
@@ -492,7 +492,7 @@ class SharedTier:
                                 self.keys.channel, event)
 
     def _error(self, e: BaseException) -> None:
-        from phantomd.redisconn import Unavailable
+        from phantomd.fleet.redisconn import Unavailable
         if isinstance(e, Unavailable):
             kind = "unavailable"
         elif isinstance(e, (defer.TimeoutError, defer.CancelledError)):

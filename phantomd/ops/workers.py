@@ -60,9 +60,9 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from phantomd import config as configmod
-from phantomd import tls
-from phantomd.sdnotify import Notifier
-from phantomd.workerrevoke import WORKER_REVOKE
+from phantomd.http import tls
+from phantomd.ops.sdnotify import Notifier
+from phantomd.fleet.workerrevoke import WORKER_REVOKE
 
 log = Logger()
 
@@ -135,7 +135,7 @@ def adopt(reactor, factory, environ: Mapping[str, str],
         if str(fd) in encrypted:
             endpoint = tls.server_endpoint(reactor, encrypted[str(fd)])
             if client_ca:
-                from phantomd import mtls
+                from phantomd.token import mtls
                 mtls.request_client_certificates(endpoint, client_ca)
             served = TLSMemoryBIOFactory(tls.endpoint_tls(endpoint), False,
                                          factory)
@@ -720,7 +720,7 @@ class Supervisor(service.Service):
                 NotifyListener(slot, self.readiness.ready)))
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
-        from phantomd.metrics import BuildInfo
+        from phantomd.ops.metrics import BuildInfo
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=metrics_dir)
         registry.register(BuildInfo())
@@ -733,7 +733,7 @@ class Supervisor(service.Service):
         fleet = getattr(self.gateway, "fleet", None)
         if fleet is not None and fleet.shared is None:
             # No Redis: the parent tells its workers of each revocation.
-            from phantomd.workerrevoke import WorkerRevocations
+            from phantomd.fleet.workerrevoke import WorkerRevocations
             fleet.revoker.peers = WorkerRevocations(
                 self.reactor, lambda: [self._revoke_path(slot) for slot in
                                        (self.pool.slots() if self.pool
@@ -763,7 +763,8 @@ class Supervisor(service.Service):
         env = {k: v for k, v in self.environ.items()
                if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",
                             "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")}
-        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        here = os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(
             [here] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
                       if p])

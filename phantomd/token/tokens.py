@@ -12,7 +12,7 @@ import hashlib
 import re
 from typing import Sequence, Union
 
-from phantomd.outcomes import Reject
+from phantomd.token.outcomes import Reject
 
 # b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*\Z")

@@ -20,8 +20,8 @@ from typing import Any, Optional, Sequence
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL, crypto
 
-from phantomd.dpop import b64url
-from phantomd.tls import _pem_certificates
+from phantomd.token.dpop import b64url
+from phantomd.http.tls import _pem_certificates
 
 #: Larger ``Client-Cert`` values are ignored (a certificate is a few KB).
 MAX_CERTIFICATE_HEADER = 16384

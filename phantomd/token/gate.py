@@ -18,12 +18,12 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from phantomd.cache import scope_text
-from phantomd.dpop import (
+from phantomd.token.cache import scope_text
+from phantomd.token.dpop import (
     ProofChecker, ProofError, ReplayCacheFull, thumbprints_equal)
-from phantomd.outcomes import (
+from phantomd.token.outcomes import (
     Active, Forward, Inactive, IntrospectionFailed, Reject, Shed)
-from phantomd.tokens import parse_credentials, token_id, token_key
+from phantomd.token.tokens import parse_credentials, token_id, token_key
 
 Decision = Union[Forward, Reject]
 

@@ -29,7 +29,7 @@ class Readiness:
 
     Not ready until every one of these has happened once: the listeners are
     bound (``mark_listening``), the token service gave an answer that was not
-    a failure (``token_service_ok``: from the startup probe, phantomd.probe,
+    a failure (``token_service_ok``: from the startup probe, phantomd.ops.probe,
     or from real traffic), the token service's keys were loaded when
     phantomd needs them (``expect_keys`` then ``keys_loaded``), and every
     check added with ``add_check`` passes.
@@ -143,7 +143,7 @@ class AdminResource(resource.Resource):
                  jwks_path: str = "/.well-known/jwks.json",
                  registry: Any = None, revoke: Any = None) -> None:
         super().__init__()
-        # POST /revoke ([revocation], phantomd.revocation) answers itself.
+        # POST /revoke ([revocation], phantomd.fleet.revocation) answers itself.
         self._revoke = revoke
         self._registry = registry if registry is not None else \
             metrics.registry

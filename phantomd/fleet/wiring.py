@@ -43,7 +43,7 @@ def _read(config: Config, section: str, key: str, path: Optional[str]
 def read_secrets(config: Config) -> Secrets:
     """The secret files' contents; ConfigError (naming the key) when one
     cannot be read or is too short to be a secret."""
-    from phantomd.sharedcache import MIN_SECRET_BYTES
+    from phantomd.fleet.sharedcache import MIN_SECRET_BYTES
     s = config.shared_cache
     fleet = _read(config, "shared_cache", "secret_file", s.secret_file) \
         if s.url else None
@@ -93,8 +93,8 @@ def check(config: Config) -> None:
 
 
 def _tls_options(config: Config):
-    from phantomd import tls
-    from phantomd.redisconn import parse_url
+    from phantomd.http import tls
+    from phantomd.fleet.redisconn import parse_url
     target = parse_url(config.shared_cache.url)
     if not target.tls:
         return None
@@ -113,7 +113,7 @@ def _connection_keys(config: Config):
 class Fleet:
     def __init__(self, reactor: Any, config: Config, cache: Any,
                  metrics: Any) -> None:
-        from phantomd.revocation import Revoker, RevokeResource
+        from phantomd.fleet.revocation import Revoker, RevokeResource
         self.reactor = reactor
         self.config = config
         self.metrics = metrics
@@ -138,8 +138,8 @@ class Fleet:
         return cls(reactor, config, cache, metrics)
 
     def _shared_tier(self, config: Config, secrets: Secrets, cache):
-        from phantomd.redisconn import RedisClient, parse_url
-        from phantomd.sharedcache import FleetKeys, SharedTier
+        from phantomd.fleet.redisconn import RedisClient, parse_url
+        from phantomd.fleet.sharedcache import FleetKeys, SharedTier
         s = config.shared_cache
         target = parse_url(s.url)
         tls_options = _tls_options(config)
@@ -196,7 +196,7 @@ class Fleet:
         # The identity applies in any case: the local cache was emptied
         # for it, and Redis must not hand back what was just dropped.
         if self.shared is not None:
-            from phantomd.sharedcache import FleetKeys
+            from phantomd.fleet.sharedcache import FleetKeys
             if _connection_keys(new) == _connection_keys(self.config):
                 fleet_secret = secrets.fleet
             self.shared.keys = FleetKeys(fleet_secret, identity(new),

@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from phantomd.outcomes import Shed
+from phantomd.token.outcomes import Shed
 
 __all__ = ["Coalescer"]
 

@@ -14,7 +14,7 @@ introspection request carries, for the configured ``auth_method``:
 * ``private_key_jwt``: a fresh signed ``client_assertion`` per request
   (RFC 7523), so a captured assertion is useless after 60 seconds;
 * ``tls_client_auth``: only ``client_id`` in the form; the proof is the
-  client certificate on the TLS connection (phantomd.tls).
+  client certificate on the TLS connection (phantomd.http.tls).
 
 Keys are read once, at construction; problems raise ``ValueError`` naming
 the file.  Nothing here logs, and ``repr`` never shows the secret.
@@ -166,7 +166,7 @@ class ClientAuth:
                    settings.basic_auth_encoding)
 
     def _assertion(self) -> str:
-        from phantomd import jose
+        from phantomd.token import jose
         assert self._key is not None
         return jose.client_assertion(self._clock, self._key, self.client_id,
                                      self._audience, self._alg)

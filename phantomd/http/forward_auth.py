@@ -38,7 +38,7 @@ from twisted.logger import Logger
 from twisted.web.http import datetimeToString
 
 from phantomd.http.fastio import writer_for
-from phantomd.outcomes import Forward, Reject, error_response
+from phantomd.token.outcomes import Forward, Reject, error_response
 
 log = Logger()
 
@@ -203,7 +203,7 @@ class Checker:
         table = self.routes
         if table is None:
             return self.gate.authorize(authorization)
-        from phantomd.routes import UnsafePath
+        from phantomd.http.routes import UnsafePath
         try:
             match = table.match(original.method, original.uri)
         except UnsafePath as e:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from phantomd.outcomes import Active, IntrospectionFailed
+from phantomd.token.outcomes import Active, IntrospectionFailed
 
 log = Logger()
 

@@ -550,7 +550,7 @@ class KeySource:
 
     def load(self) -> Deferred:
         """Fetch the key set now unless it is loaded (the readiness probe,
-        phantomd.probe); fails with JOSEError like ``key``."""
+        phantomd.ops.probe); fails with JOSEError like ``key``."""
         if self._keys is not None:
             return succeed(None)
         return self._refresh()

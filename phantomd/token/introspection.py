@@ -2,7 +2,7 @@
 out.
 
 ``Introspector.introspect(token)`` POSTs ``token=<raw>`` to the token
-service with phantomd's client credentials (phantomd.clientauth) and reads
+service with phantomd's client credentials (phantomd.token.clientauth) and reads
 the answer in the configured ``response`` form:
 
 * ``jwt`` (Curity): ``Accept: application/jwt``; a 200 body is the JWT,
@@ -37,12 +37,16 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from phantomd import cachecontrol, config, jose, logs, tokens
-from phantomd.clientauth import ClientAuth
+from phantomd.token import cachecontrol, jose, tokens
+
+from phantomd import config
+
+from phantomd.ops import logs
+from phantomd.token.clientauth import ClientAuth
 from phantomd.http.client import (AnswerTooLarge, Answer, BodyFailed,
                                   BodyTooLarge, HTTPClient)
 from phantomd.http.fetch import fetcher_for, fixed_headers
-from phantomd.outcomes import Active, Inactive, IntrospectionFailed
+from phantomd.token.outcomes import Active, Inactive, IntrospectionFailed
 
 log = Logger()
 
@@ -497,13 +501,13 @@ def make_http_client(reactor: Any, settings: Any) -> HTTPClient:
     ``IDLE_CONNECTION_SECONDS``; an answer (head and body, with chunk
     framing) longer than twice ``max_response_bytes`` plus
     ``MAX_HEAD_BYTES`` on the wire aborts its connection; connecting takes
-    at most ``timeout``; TLS is verified per phantomd.tls, presenting
+    at most ``timeout``; TLS is verified per phantomd.http.tls, presenting
     ``client_cert`` when configured.  Redirects are never followed, cookies
     never kept.  Raises ValueError for unusable CA/certificate/key files.
     ``close()`` closes the idle connections, and those in flight when their
     exchange ends.
     """
-    from phantomd import tls
+    from phantomd.http import tls
     policy = tls.ClientPolicy(settings.ca_file, settings.client_cert,
                               settings.client_key)
     return HTTPClient(

@@ -25,7 +25,7 @@ from twisted.internet.endpoints import (
     HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS)
 from twisted.logger import Logger
 
-from phantomd.logs import Throttle
+from phantomd.ops.logs import Throttle
 
 __all__ = ["Target", "parse_url", "RedisClient", "Unavailable"]
 

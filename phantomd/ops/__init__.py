@@ -1,0 +1,2 @@
+"""Operations: metrics, logs, health and readiness, systemd, workers, the
+demo."""
