@@ -460,8 +460,8 @@ class LoopbackTests(ProxyCase):
 class GeneratedIdTests(unittest.SynchronousTestCase):
 
     def test_unique_across_batches(self) -> None:
-        from phantomd.http.server import _RequestIds
-        ids = _RequestIds()
+        from phantomd.http.requestid import RequestIds
+        ids = RequestIds()
         made = [ids() for _ in range(1000)]
         self.assertEqual(len(set(made)), 1000)
         for rid in made:
@@ -469,8 +469,8 @@ class GeneratedIdTests(unittest.SynchronousTestCase):
 
     def test_a_forked_child_does_not_repeat_the_parents_ids(self) -> None:
         import os
-        from phantomd.http.server import _RequestIds
-        ids = _RequestIds()
+        from phantomd.http.requestid import RequestIds
+        ids = RequestIds()
         ids()  # a batch is held now
         r, w = os.pipe()
         pid = os.fork()

@@ -35,8 +35,8 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.web.http import datetimeToString
 
+from phantomd.http.answers import REASONS, Dates
 from phantomd.http.fastio import writer_for
 from phantomd.token.outcomes import Forward, Reject, error_response
 
@@ -236,11 +236,6 @@ class _Headers:
 _READ = frozenset(_FORWARDED + _FORWARDED_URI + (
     b"authorization", b"x-request-id", SECRET_HEADER))
 
-_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized",
-            403: b"Forbidden", 408: b"Request Timeout",
-            431: b"Request Header Fields Too Large",
-            500: b"Internal Server Error", 502: b"Bad Gateway",
-            503: b"Service Unavailable", 504: b"Gateway Timeout"}
 
 #: Pipelined checks waiting for an answer on one connection; beyond it the
 #: connection stops reading until answers have gone out.
@@ -424,7 +419,7 @@ class CheckProtocol(Protocol):
         close = not keep_alive or self._closing
         slot[0] = b"".join([
             b"HTTP/1.1 %d %s\r\nDate: " % (status,
-                                           _REASONS.get(status, b"")),
+                                           REASONS.get(status, b"")),
             factory.date(), b"\r\nX-Request-Id: ", rid, b"\r\n"] + lines + [
             b"Content-Length: %d\r\n" % len(body),
             b"Connection: close\r\n\r\n" if close else b"\r\n",
@@ -514,8 +509,7 @@ class ForwardAuthFactory(Factory):
         self.metrics = metrics
         self.idle_timeout = idle_timeout
         self.header_timeout = header_timeout
-        self._date_at = None
-        self._date = b""
+        self.date = Dates(reactor)
         self._id_prefix = os.urandom(6).hex().encode("ascii")
         self._ids = 0
 
@@ -528,13 +522,6 @@ class ForwardAuthFactory(Factory):
         without a system call per check)."""
         self._ids += 1
         return b"%s-%x" % (self._id_prefix, self._ids)
-
-    def date(self) -> bytes:
-        """The ``Date`` value, formatted once per second."""
-        now = int(self.reactor.seconds())
-        if now != self._date_at:
-            self._date_at, self._date = now, datetimeToString(now)
-        return self._date
 
     def buildProtocol(self, addr: Any) -> CheckProtocol:
         p = CheckProtocol(self)

@@ -17,9 +17,7 @@ Timers, one per connection: ``header_timeout`` for a request head (408),
 
 from __future__ import annotations
 
-import os
 import re
-from binascii import b2a_hex
 from collections import deque
 from typing import Any, Callable, Optional
 
@@ -31,12 +29,16 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from phantomd.http.answers import Dates, head as _head
 from phantomd.http.fastio import writer_for
+from phantomd.http.requestid import (
+    acceptable as _REQUEST_ID, from_headers as _request_id,
+    new_request_id as _new_request_id)
 from phantomd.http.headers import drop_connection_options
 from phantomd.token.dpop import request_url
 from phantomd.token.mtls import header_thumbprint, peer_thumbprint
 from phantomd.http.headers import (
-    FORWARDING, REQUEST_DROP, SENDER_PROOF, http_date)
+    FORWARDING, REQUEST_DROP, SENDER_PROOF)
 from phantomd.http.proxies import forwarded_by_proxy, forwarded_origin
 from phantomd.http.upstream import (
     MODE_CHUNKED, MODE_EOF, MODE_LENGTH)
@@ -47,22 +49,10 @@ from phantomd.http.routes import (
 
 log = Logger()
 
-_REASONS = {
-    200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 403: b"Forbidden",
-    404: b"Not Found", 405: b"Method Not Allowed",
-    408: b"Request Timeout", 413: b"Content Too Large",
-    414: b"URI Too Long", 431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error", 501: b"Not Implemented",
-    502: b"Bad Gateway", 503: b"Service Unavailable",
-    504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
-}
 
 _OUTCOMES = (Forward, Reject)
 
 _JWT = re.compile(rb"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]*)*\Z").match
-
-# A client's X-Request-Id is kept when it is 1-128 visible ASCII characters.
-_REQUEST_ID = re.compile(rb"[!-~]{1,128}\Z").match
 
 # connections_rejected reason of a request phantomd refuses, by status.
 _REJECTED = {400: "bad_request", 408: "body_timeout",
@@ -91,65 +81,6 @@ LINGER = 2.0
 # others).  Only the safe ones: PUT and DELETE are idempotent on paper, but
 # whether an API's DELETE really is, phantomd cannot know; the client can.
 RETRYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
-
-
-def _head(status: int, reason: Optional[bytes], headers: list,
-          framing: bytes, close: bool, http11: bool) -> list:
-    """A response head in pieces: status line, ``headers``, the framing
-    line (Content-Length or Transfer-Encoding, or nothing), then Connection
-    as the client needs it, and the blank line."""
-    parts = [b"HTTP/1.1 %d %s\r\n" % (
-        status, reason or _REASONS.get(status, b"Unknown"))]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts.append(framing)
-    if close:
-        parts.append(b"Connection: close\r\n\r\n")
-    elif not http11:
-        parts.append(b"Connection: keep-alive\r\n\r\n")
-    else:
-        parts.append(b"\r\n")
-    return parts
-
-
-class _RequestIds:
-    """New request ids: 128 bits from the kernel's CSPRNG as 32 hex digits.
-
-    The kernel is asked for 256 ids at a time (8 KiB of hex held, no more):
-    one ``os.urandom`` per id costs twice as much (0.5 us).  A forked
-    child starts a fresh batch, so no two processes share ids."""
-
-    _BATCH = 16 * 256
-
-    def __init__(self) -> None:
-        self._hex = b""
-        self._at = 0
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._forget)
-
-    def _forget(self) -> None:
-        self._hex = b""
-        self._at = 0
-
-    def __call__(self) -> bytes:
-        at = self._at
-        if at >= len(self._hex):
-            self._hex = b2a_hex(os.urandom(self._BATCH))
-            at = 0
-        self._at = at + 32
-        return self._hex[at:at + 32]
-
-
-_new_request_id = _RequestIds()
-
-
-def _request_id(headers: list) -> bytes:
-    """The client's X-Request-Id if it sent exactly one acceptable one,
-    else a new one."""
-    found = [v for n, v in headers if n.lower() == b"x-request-id"]
-    if len(found) == 1 and _REQUEST_ID(found[0]):
-        return found[0]
-    return _new_request_id()
 
 
 def _peer_host(transport: Any) -> str:
@@ -1289,8 +1220,7 @@ class FrontFactory(Factory):
         self.metrics = metrics
         self.access_log = access_log
         self.connections: set = set()
-        self._date_at = -1
-        self._date = b""
+        self.date = Dates(reactor)
         self._drain_waiters: list = []
         self._draining = False
         self._apply(settings)
@@ -1309,15 +1239,6 @@ class FrontFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> FrontProtocol:
         return FrontProtocol(self)
-
-    def date(self) -> bytes:
-        """The ``Date`` value for now on the reactor's clock (formatted
-        once a second)."""
-        now = int(self.reactor.seconds())
-        if now != self._date_at:
-            self._date_at = now
-            self._date = http_date(now)
-        return self._date
 
     def reconfigure(self, gate: Any = None, upstream: Any = None,
                     settings: Any = None, routes: Optional[RouteTable] = None,
