@@ -28,9 +28,11 @@ from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from phantomd.http.answers import Dates, head as _head
 from phantomd.http.fastio import writer_for
+from phantomd.http.interfaces import IExchange
 from phantomd.http.requestid import (
     acceptable as _REQUEST_ID, from_headers as _request_id,
     new_request_id as _new_request_id)
@@ -131,6 +133,7 @@ class _Request:
         self.cors: Optional[list] = None
 
 
+@implementer(IExchange)
 class FrontProtocol(Protocol):
     """One client connection.
 

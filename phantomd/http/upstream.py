@@ -32,8 +32,10 @@ from twisted.internet.endpoints import (
     HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from phantomd.http.fastio import writer_for
+from phantomd.http.interfaces import IUpstreamConnection, IUpstreamPool
 from phantomd.http.headers import drop_connection_options
 from phantomd.http.headers import RESPONSE_DROP
 from phantomd.ops.logs import Throttle
@@ -50,6 +52,7 @@ WARN_INTERVAL = 10.0
 log = Logger()
 
 
+@implementer(IUpstreamConnection)
 class UpstreamConnection(Protocol):
     """One HTTP/1.1 connection to the API; one request at a time on it.
 
@@ -396,6 +399,7 @@ class _ConnectionFactory(Factory):
         return UpstreamConnection(self.pool)
 
 
+@implementer(IUpstreamPool)
 class UpstreamPool:
     """Persistent connections to the ``upstream`` URL.
 

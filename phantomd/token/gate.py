@@ -16,8 +16,10 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
+from zope.interface import implementer
 from twisted.python.failure import Failure
 
+from phantomd.http.interfaces import IGate
 from phantomd.token.cache import scope_text
 from phantomd.token.dpop import (
     ProofChecker, ProofError, ReplayCacheFull, thumbprints_equal)
@@ -45,6 +47,7 @@ def granted_scopes(claims: Mapping[str, Any]) -> frozenset:
     return frozenset((scope_text(claims) or "").split())
 
 
+@implementer(IGate)
 class Gate:
     log = Logger()
 
