@@ -87,6 +87,22 @@ class TierTests(SynchronousTestCase):
         self.assertIsInstance(self.successResultOf(d), Active)
         self.assertEqual(self.lease_count("expired"), 1)
 
+    def test_a_lease_renewed_behind_an_expired_one_is_not_waited_for(self):
+        # Someone keeps the lease key alive (a stuck holder, a Redis
+        # writer): after one lease time the process introspects itself
+        # instead of waiting MAX_ROUNDS lease times.
+        d = self.wrapped.introspect("tok")
+        self.redis.calls[0][1].callback([0])
+        self.clock.advance(6.1)
+        self.assertEqual(len(self.redis.calls), 2)
+        self.redis.calls[1][1].callback([0])  # held again
+        self.assertEqual(len(self.inner.pending), 1)
+        self.inner.pending[0][1].callback(Inactive(30))
+        self.redis.calls[2][1].callback(1)  # the store (no lease to give)
+        self.assertIsInstance(self.successResultOf(d), Inactive)
+        self.assertEqual(self.lease_count("expired"), 1)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_redis_failure_introspects_and_never_fails_the_caller(self):
         d = self.wrapped.introspect("tok")
         self.redis.calls[0][1].errback(Unavailable("down"))

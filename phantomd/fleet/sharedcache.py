@@ -301,11 +301,17 @@ class SharedTier:
         owner = os.urandom(12).hex().encode("ascii")
         lease_ms = max(1, int(self.lease_time * 1000))
         held = False
+        expired = False
         for _ in range(MAX_ROUNDS):
             # Listen before asking: the holder's message may arrive on the
-            # subscriber connection before this lookup's answer does.
+            # subscriber connection before this lookup's answer does.  Once
+            # a lease ran out without word from its holder, a lease found
+            # held again is not waited for: a stuck holder or a Redis
+            # writer renewing it would otherwise hold every process back
+            # MAX_ROUNDS lease times for this token.
             waiter = (self._wait(rkey) if self.subscriber.connected
-                      and self._nwaiters < MAX_WAITERS else None)
+                      and self._nwaiters < MAX_WAITERS and not expired
+                      else None)
             kind, value = await self._lookup(rkey, lease, owner, lease_ms)
             if kind != 0 or waiter is None:
                 if waiter is not None:
@@ -324,6 +330,7 @@ class SharedTier:
             woke = await waiter
             if woke is False:
                 m.shared_lease["expired"].inc()
+                expired = True
             elif woke == "fail":
                 # The holder's introspection failed: asking again at once
                 # is what a client of this process would get without Redis
