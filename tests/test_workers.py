@@ -440,15 +440,20 @@ class SupervisorTests(TestCase):
         script = os.path.join(self.tmp, "worker.py")
         with open(script, "w") as f:
             f.write(FAKE_WORKER)
-        self.sup = workers.Supervisor(
+        self.script = script
+        self.sup = self._supervisor()
+        self.addCleanup(self._stop)
+
+    def _supervisor(self):
+        sup = workers.Supervisor(
             reactor, configmod.load(self.ini),
             {"NOTIFY_SOCKET": self.systemd.getsockname(),
              "PATH": os.environ.get("PATH", "")},
-            gateway_factory=FakeGateway, argv=[sys.executable, script],
+            gateway_factory=FakeGateway, argv=[sys.executable, self.script],
             on_reload=self.reloads.append)
-        self.sup.privilegedStartService()
-        self.sup.startService()
-        self.addCleanup(self._stop)
+        sup.privilegedStartService()
+        sup.startService()
+        return sup
 
     def _stop(self):
         if self.sup.running:
@@ -495,6 +500,20 @@ class SupervisorTests(TestCase):
             os.path.join(mdir, "gauge_all_%d.db" % victim)))
         answers = yield deferToThreadAsk(self, 8)
         self.assertNotIn(victim, answers)
+
+    @defer.inlineCallbacks
+    def test_a_long_tmpdir_does_not_stop_the_workers(self):
+        # The notify sockets' paths must fit in a sockaddr_un (108 bytes).
+        yield self.sup.stopService()
+        long = os.path.join(self.tmp, "d" * 110)
+        os.mkdir(long)
+        self.patch(tempfile, "tempdir", long)
+        self.notifications()
+        self.sup = self._supervisor()
+        seen = []
+        yield self.until(lambda: seen.extend(self.notifications()) or
+                         "READY=1" in "\n".join(seen), "READY=1")
+        self.assertEqual(len(self.sup.pool.pids()), 2)
 
     @defer.inlineCallbacks
     def test_reload_forwards_good_and_refuses_bad(self):

@@ -525,6 +525,10 @@ class Listener:
         return self._close()
 
 
+#: sun_path holds 108 bytes, the terminating NUL included.
+_MAX_UNIX_PATH = 107
+
+
 def _address_lock(family: int, host: str, port: int) -> socket.socket:
     """Hold the per-address lock of ``exclusive_group``: an abstract unix
     socket named after the address, which only one process can bind and
@@ -711,6 +715,13 @@ class Supervisor(service.Service):
     def _start_admin(self) -> None:
         failures: list = []
         self._dir = tempfile.mkdtemp(prefix="phantomd-")
+        if len(self._notify_path(self.readiness.count).encode()) > \
+                _MAX_UNIX_PATH:
+            # A long TMPDIR: the notify sockets' paths would not fit in a
+            # sockaddr_un.  /tmp always does (the directory is 0700 either
+            # way, so only this user can signal readiness).
+            os.rmdir(self._dir)
+            self._dir = tempfile.mkdtemp(prefix="phantomd-", dir="/tmp")
         metrics_dir = os.path.join(self._dir, "metrics")
         os.mkdir(metrics_dir)
         self._metrics_dir = metrics_dir
