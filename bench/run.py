@@ -400,9 +400,11 @@ class Phantomd(Proxy):
                  twistd_args: list[str] | None = None,
                  client_id: str = "bench-gateway",
                  client_secret: str = "bench-secret",
-                 extra_ini: str = "") -> None:
+                 extra_ini: str = "", workers: int = 1) -> None:
         """``extra_ini``: more sections, after the ones every bench uses
-        (``bench/routes.py`` adds its ``[route NAME]`` sections)."""
+        (``bench/routes.py`` adds its ``[route NAME]`` sections);
+        ``workers``: ``[phantomd] workers`` (all pinned to the one CPU, so
+        CPU per request shows what the extra processes cost)."""
         self.port, self.metrics_port = free_port(), free_port()
         self.ini = os.path.join(tmp, "phantomd-%s.ini" % tag)
         self.log = os.path.join(tmp, "phantomd-%s.log" % tag)
@@ -411,7 +413,7 @@ class Phantomd(Proxy):
 [phantomd]
 listen = tcp:{port}:interface=127.0.0.1:backlog=4096
 upstream = http://127.0.0.1:{api}
-workers = 1
+workers = {workers}
 
 [introspection]
 url = {url}
@@ -428,7 +430,7 @@ listen = tcp:{mport}:interface=127.0.0.1
 {extra}""".format(port=self.port, api=api_port, url=introspect_url,
                   client_id=client_id, client_secret=client_secret,
                   max_entries=max_entries, mport=self.metrics_port,
-                  extra=extra_ini))
+                  extra=extra_ini, workers=workers))
         cmd = pin(cpu) + twistd_cmd() + [
             "-n", "--pidfile", os.path.join(tmp, "twistd-%s.pid" % tag)] + (
             twistd_args or []) + ["phantomd", "--config", self.ini]
@@ -696,7 +698,7 @@ class Bench:
             try:
                 ph = Phantomd(self.procs, self.tmp, tag,
                               url or self.introspect_url, self.mocks.api_port,
-                              self.proxy_cpu)
+                              self.proxy_cpu, workers=self.args.workers)
             except RuntimeError as e:  # keep the reference's figures
                 log("phantomd did not start: %s" % e)
                 self.failures.append({"tag": tag, "error": str(e)})
@@ -1116,6 +1118,9 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=1.0,
                    help="seconds of unmeasured wrk before each measurement")
     p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--workers", type=int, default=1,
+                   help="[phantomd] workers for scenarios 1-3 (every "
+                   "process pinned to the proxy's CPU)")
     p.add_argument("--scenarios", default="1,2,3,4,5")
     p.add_argument("--tokens", type=int, default=10000,
                    help="tokens rotating in scenario 2")
