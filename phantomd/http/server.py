@@ -31,6 +31,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from phantomd.http.answers import Dates, head as _head
+from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
 from phantomd.http.interfaces import IExchange
 from phantomd.http.requestid import (
@@ -151,9 +152,7 @@ class FrontProtocol(Protocol):
         self._req: Optional[_Request] = None
         self._phase = _IDLE
         self._paused = 0
-        self._timer: Any = None
-        self._timer_kind = _HEADER
-        self._deadline = 0.0
+        self._deadline = Deadline(self.reactor, self._timed_out)
         self._dead = False
         self._closing = False
         self._rejected = False
@@ -229,12 +228,10 @@ class FrontProtocol(Protocol):
         else:
             fwd += b"X-Forwarded-Proto: http\r\n"
         self._fwd = fwd
-        self._arm(f.header_timeout, _HEADER)
+        self._deadline.arm(f.header_timeout, _HEADER)
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._deadline.cancel()
         if self._rejected:
             return
         self._dead = True
@@ -301,14 +298,14 @@ class FrontProtocol(Protocol):
             if self._paused:
                 self._paused = 0
                 transport.resumeProducing()
-            self._arm(LINGER, _LINGER)
+            self._deadline.arm(LINGER, _LINGER)
         elif linger and self._tls and self._input_pending:
             # TLS has no half-close: keep reading (and discarding) while
             # the answer goes out, then close.
             if self._paused:
                 self._paused = 0
                 transport.resumeProducing()
-            self._arm(LINGER, _LINGER_TLS)
+            self._deadline.arm(LINGER, _LINGER_TLS)
         else:
             transport.loseConnection()
 
@@ -480,8 +477,8 @@ class FrontProtocol(Protocol):
     def on_message_begin(self) -> None:
         self._progress = True
         self._parsing = _Request()
-        if self._req is None and self._timer_kind == _IDLE_KA:
-            self._arm(self.factory.header_timeout, _HEADER)
+        if self._req is None and self._deadline.kind == _IDLE_KA:
+            self._deadline.arm(self.factory.header_timeout, _HEADER)
 
     def on_url(self, url: bytes) -> None:
         r = self._parsing
@@ -893,7 +890,7 @@ class FrontProtocol(Protocol):
         if not r.complete:
             self._body_base = self.reactor.seconds()
             self._body_bytes = 0
-            self._arm(self.factory.header_timeout, _BODY)
+            self._deadline.arm(self.factory.header_timeout, _BODY)
         body = r.body
         if body is not None:
             r.body = None
@@ -1068,9 +1065,9 @@ class FrontProtocol(Protocol):
             return
         f = self.factory
         if self._parsing is not None:
-            self._arm(f.header_timeout, _HEADER)
+            self._deadline.arm(f.header_timeout, _HEADER)
         else:
-            self._arm(f.idle_timeout, _IDLE_KA)
+            self._deadline.arm(f.idle_timeout, _IDLE_KA)
         self._advance()
 
     def _log_access(self, r: _Request, end: str = "ok") -> None:
@@ -1115,38 +1112,20 @@ class FrontProtocol(Protocol):
 
     # -- timers --------------------------------------------------------------
 
-    def _arm(self, seconds: float, kind: int) -> None:
-        """Start waiting ``seconds`` for ``kind``.
-
-        One DelayedCall per connection, rarely moved: ``_deadline`` says
-        when the wait runs out, and a wake-up before it sleeps again."""
-        self._timer_kind = kind
-        deadline = self.reactor.seconds() + seconds
-        self._deadline = deadline
-        t = self._timer
-        if t is None:
-            self._timer = self.reactor.callLater(seconds, self._timed_out)
-        elif t.getTime() > deadline:
-            t.reset(seconds)
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        left = self._deadline - self.reactor.seconds()
-        if left > 0:
-            self._timer = self.reactor.callLater(left, self._timed_out)
-            return
-        if self._timer_kind == _LINGER:
+    def _timed_out(self, kind: int) -> None:
+        """The connection's one wait (``self._deadline``) ran out."""
+        if kind == _LINGER:
             self.transport.abortConnection()
             return
-        if self._timer_kind == _LINGER_TLS:
+        if kind == _LINGER_TLS:
             self.transport.loseConnection()
             return
-        if self._timer_kind == _BODY:
+        if kind == _BODY:
             self._body_timed_out()
             return
         if self._req is not None or self._dead or self._queue:
             return
-        if self._timer_kind == _IDLE_KA:
+        if kind == _IDLE_KA:
             self._close(linger=False)
             return
         if self._tls and not self._any_bytes:
@@ -1178,11 +1157,11 @@ class FrontProtocol(Protocol):
         if self._paused & _UPSTREAM_FULL:
             # The upstream is not reading: not the client's fault (the
             # base moves on when it reads again).
-            self._arm(grace, _BODY)
+            self._deadline.arm(grace, _BODY)
             return
         due = self._body_base + grace + self._body_bytes / MIN_BODY_RATE
         if now < due:
-            self._arm(due - now, _BODY)
+            self._deadline.arm(due - now, _BODY)
             return
         self._dead = True
         r.error = (408, "request_timeout",
