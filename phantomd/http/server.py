@@ -34,21 +34,19 @@ from phantomd.http.answers import Dates, head as _head
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
 from phantomd.http.interfaces import IExchange
-from phantomd.http.requestid import (
-    acceptable as _REQUEST_ID, from_headers as _request_id,
-    new_request_id as _new_request_id)
-from phantomd.http.headers import drop_connection_options
+from phantomd.http.requestid import from_headers as _request_id
+from phantomd.http.forwarding import (
+    canonical_length, forwarded_lines, head_problem, own_forwarded,
+    retryable, sort_headers, target_of, upstream_head, upstream_target)
 from phantomd.token.dpop import request_url
 from phantomd.token.mtls import header_thumbprint, peer_thumbprint
-from phantomd.http.headers import (
-    FORWARDING, REQUEST_DROP, SENDER_PROOF)
-from phantomd.http.proxies import forwarded_by_proxy, forwarded_origin
+from phantomd.http.proxies import forwarded_origin
 from phantomd.http.upstream import (
     MODE_CHUNKED, MODE_EOF, MODE_LENGTH)
 from phantomd.token.outcomes import Forward, Reject, error_response
 from phantomd.http.cors import request_origin, without_cors
 from phantomd.http.routes import (
-    Route, RouteTable, UnsafePath, claim_lines, drop_name)
+    Route, RouteTable, UnsafePath, claim_lines)
 
 log = Logger()
 
@@ -79,11 +77,6 @@ _SLICE = 4096
 _MAX_GAP = 16 * 1024
 # Seconds a closing connection discards what the client still sends.
 LINGER = 2.0
-# Methods the upstream pool may send a second time when a reused connection
-# closes before answering (RFC 9110 section 9.2.2 forbids resending the
-# others).  Only the safe ones: PUT and DELETE are idempotent on paper, but
-# whether an API's DELETE really is, phantomd cannot know; the client can.
-RETRYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 
 
 def _peer_host(transport: Any) -> str:
@@ -220,14 +213,7 @@ class FrontProtocol(Protocol):
         self._tls = ISSLTransport.providedBy(transport)
         host = getattr(transport.getPeer(), "host", None)
         self._peer = host
-        fwd = b""
-        if host:
-            fwd = b"X-Forwarded-For: " + host.encode("ascii") + b"\r\n"
-        if self._tls:
-            fwd += b"X-Forwarded-Proto: https\r\n"
-        else:
-            fwd += b"X-Forwarded-Proto: http\r\n"
-        self._fwd = fwd
+        self._fwd = own_forwarded(host, self._tls)
         self._deadline.arm(f.header_timeout, _HEADER)
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -596,44 +582,10 @@ class FrontProtocol(Protocol):
         if r.error is not None:
             self._refuse(r, *r.error)
             return
-        auth = []
-        host = None
-        hosts = 0
-        kept = []
-        te = None
-        connection = None
-        fwd = None
-        rid = None
-        rids = 0
-        proofs = None
-        for item in r.headers:
-            name = item[0].lower()
-            if name in REQUEST_DROP:
-                if name == b"authorization":
-                    auth.append(item[1])
-                elif name == b"host":
-                    host = item[1]
-                    hosts += 1
-                elif name == b"content-length":
-                    r.length = item[1]
-                elif name == b"transfer-encoding":
-                    # Every line counts: "gzip" then "chunked" is not chunked.
-                    te = item[1] if te is None else te + b"," + item[1]
-                elif name == b"connection":
-                    connection = (connection or []) + item[1].split(b",")
-                elif name in FORWARDING:
-                    fwd = [item] if fwd is None else fwd + [item]
-                elif name == b"x-request-id":
-                    rid = item[1]
-                    rids += 1
-                elif name in SENDER_PROOF:
-                    proofs = [item] if proofs is None else proofs + [item]
-                continue
-            kept.append(item)
+        h = sort_headers(r.headers)
         r.headers = []
-        r.rid = rid if rids == 1 and _REQUEST_ID(rid) else _new_request_id()
-        if connection:
-            kept = drop_connection_options(kept, connection)
+        r.rid = h.rid
+        kept = h.kept
         cors = self.factory.cors
         preflight = False
         if cors is not None or r.method == b"OPTIONS":
@@ -641,39 +593,12 @@ class FrontProtocol(Protocol):
             preflight = preflight and r.method == b"OPTIONS"
             if cors is not None:
                 r.cors = cors.answer_headers(origin)
-        problem = None
-        if r.version != "1.1" and r.version != "1.0":
-            problem = ((400, "invalid_request", "malformed request line")
-                       if r.version[0] == "0" else
-                       (505, "invalid_request", "only HTTP/1.x is supported"))
-        elif hosts > 1 or (hosts == 0 and r.version == "1.1"):
-            problem = (400, "invalid_request",
-                       "exactly one Host header is required")
-        elif te is not None and te.strip().lower() != b"chunked":
-            problem = (501, "not_implemented",
-                       "only the chunked transfer coding is supported")
-        elif r.method == b"CONNECT":
-            problem = (501, "not_implemented", "CONNECT is not supported")
-        url = r.url
-        if url[:1] == b"/":
-            r.target = url
-        elif url == b"*" and r.method == b"OPTIONS":
-            r.target = b"*"
-        else:
-            lowered = url[:8].lower()
-            if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
-                rest = url[url.index(b"//") + 2:]
-                cut = len(rest)
-                for sep in (b"/", b"?"):
-                    i = rest.find(sep)
-                    if 0 <= i < cut:
-                        cut = i
-                path = rest[cut:]
-                if path[:1] != b"/":
-                    path = b"/" + path
-                r.target = path
-            elif problem is None:
-                problem = (400, "invalid_request", "malformed request target")
+        problem = head_problem(r.method, r.version, h)
+        target = target_of(r.method, r.url)
+        if target is not None:
+            r.target = target
+        elif problem is None:
+            problem = (400, "invalid_request", "malformed request target")
         if problem is not None:
             self._refuse(r, *problem)
             return
@@ -682,14 +607,13 @@ class FrontProtocol(Protocol):
         except UnsafePath as e:
             self._refuse(r, 400, "invalid_request", str(e))
             return
-        r.chunked = te is not None
-        if r.length is not None:
-            # As a number, never as written: "0005" or "5 " might be read
-            # otherwise by the API (llhttp has checked the digits).
-            r.length = b"%d" % int(r.length)
-        r.host = host
+        r.chunked = h.te is not None
+        if h.length is not None:
+            r.length = canonical_length(h.length)
+        r.host = h.host
         r.kept = kept
-        r.fwd = fwd
+        r.fwd = h.fwd
+        auth = h.auth
         if match is None:
             # No route, and no [phantomd] upstream to fall back on.
             self._answer_error(r, 404, "not_found",
@@ -712,14 +636,14 @@ class FrontProtocol(Protocol):
             self._forward(r, None, None)
             return
         self._phase = _GATE
-        if proofs is None and not self._tls:
+        if h.proofs is None and not self._tls:
             if route.required_scopes is None:
                 d = self.factory.gate.authorize(auth)
             else:
                 d = self.factory.gate.authorize(
                     auth, required_scopes=route.required_scopes)
         else:
-            d = self._authorize_bound(auth, proofs or (), r)
+            d = self._authorize_bound(auth, h.proofs or (), r)
         result = getattr(d, "result", None)
         if d.called and type(result) in _OUTCOMES:
             # Already decided (a cache hit): skip the callback machinery.
@@ -829,36 +753,12 @@ class FrontProtocol(Protocol):
             self._answer_error(r, 502, "bad_gateway", "no upstream pool",
                                close=not r.complete)
             return
-        target = r.sent
-        if pool.base_path:
-            target = pool.base_path + (target if target != b"*" else b"")
-        parts = [r.method, b" ", target, b" HTTP/1.1\r\nHost: ",
-                 pool.authority, b"\r\n"]
-        if jwt is not None:
-            parts += (b"Authorization: Bearer ", jwt, b"\r\n")
-        parts += (b"X-Request-Id: ", r.rid, b"\r\n")
-        drop = route.drop
-        for name, value in r.kept:
-            if drop and drop_name(name) in drop:
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        for name, value in claimed:
-            parts += (name, b": ", value, b"\r\n")
-        if r.fwd is not None and self._trusted():
-            parts.append(forwarded_by_proxy(
-                r.fwd, self._peer.encode("ascii"),
-                b"https" if self._tls else b"http", r.host))
-        else:
-            parts.append(self._fwd)
-            if r.host is not None:
-                parts += (b"X-Forwarded-Host: ", r.host, b"\r\n")
-        if r.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        elif r.length is not None:
-            parts += (b"Content-Length: ", r.length, b"\r\n\r\n")
-        else:
-            parts.append(b"\r\n")
-        r.head = b"".join(parts)
+        r.head = upstream_head(
+            r.method, upstream_target(pool.base_path, r.sent), pool.authority,
+            jwt, r.rid, r.kept, route.drop, claimed,
+            forwarded_lines(r.fwd, r.fwd is not None and self._trusted(),
+                            self._peer, self._tls, r.host, self._fwd),
+            r.chunked, r.length)
         r.kept = []
         r.fwd = None
         self._phase = _CONNECT
@@ -883,8 +783,7 @@ class FrontProtocol(Protocol):
         self._upstream = conn
         self._phase = _UPSTREAM
         conn.send(self, r.head, r.method == b"HEAD",
-                  r.method in RETRYABLE_METHODS and not r.chunked
-                  and (r.length is None or r.length == b"0"))
+                  retryable(r.method, r.chunked, r.length))
         if self._client_full:
             conn.pause_reading()
         if not r.complete:
