@@ -21,9 +21,6 @@ import re
 from collections import deque
 from typing import Any, Callable, Optional
 
-from httptools import (
-    HttpParserError, HttpParserInvalidMethodError, HttpParserInvalidURLError,
-    HttpParserUpgrade, HttpRequestParser)
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
@@ -34,6 +31,7 @@ from phantomd.http.answers import Dates, head as _head
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
 from phantomd.http.interfaces import IExchange
+from phantomd.http.wire import IRequestConsumer, ParsedRequest, RequestReader
 from phantomd.http.requestid import from_headers as _request_id
 from phantomd.http.forwarding import (
     canonical_length, forwarded_lines, head_problem, own_forwarded,
@@ -70,11 +68,6 @@ _HEADER, _IDLE_KA, _LINGER, _LINGER_TLS, _BODY = 1, 2, 3, 4, 5
 # grace of header_timeout (as Apache's mod_reqtimeout MinRate): a body
 # trickling in a byte at a time cannot hold an upstream connection for ever.
 MIN_BODY_RATE = 500
-# Bytes parsed at a time: bounds how many pipelined requests are parsed ahead.
-_SLICE = 4096
-# Bytes of input that carry no body byte, header or request (chunk-size
-# lines, extensions, trailers, empty lines) accepted in a row.
-_MAX_GAP = 16 * 1024
 # Seconds a closing connection discards what the client still sends.
 LINGER = 2.0
 
@@ -86,48 +79,7 @@ def _peer_host(transport: Any) -> str:
 _UNKNOWN = object()
 
 
-class _Limit(Exception):
-    """Raised inside a parser callback to stop llhttp at a limit."""
-
-
-class _Request:
-    """One request as parsed; ``body`` holds chunks read before the request
-    could stream upstream (at most one socket read's worth)."""
-
-    __slots__ = ("url", "headers", "method", "version", "keep_alive",
-                 "head_done", "complete", "body", "error", "chunked", "length",
-                 "raw", "hbytes", "started_at", "target", "host", "kept",
-                 "head", "fwd", "rid", "route", "sent", "cors")
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: list = []
-        self.method = b"-"  # until the request line names one
-        self.version = "1.1"
-        self.keep_alive = False
-        self.head_done = False
-        self.complete = False
-        self.body: Optional[list] = None
-        self.error: Optional[tuple] = None
-        self.chunked = False
-        self.length: Optional[bytes] = None
-        self.raw = 0
-        self.hbytes = 0
-        self.started_at = 0.0
-        self.target = b""
-        self.host: Optional[bytes] = None
-        self.kept: list = []
-        self.head = b""
-        self.fwd: Optional[list] = None  # the client's X-Forwarded-* lines
-        self.rid: Optional[bytes] = None
-        self.route: Optional[Route] = None  # DESIGN section 8
-        self.sent = b""  # the target sent upstream (minus strip_prefix)
-        #: DESIGN section 9: None without [cors]; else the headers every
-        #: answer gets (empty: the origin is not allowed).
-        self.cors: Optional[list] = None
-
-
-@implementer(IExchange)
+@implementer(IExchange, IRequestConsumer)
 class FrontProtocol(Protocol):
     """One client connection.
 
@@ -139,10 +91,9 @@ class FrontProtocol(Protocol):
     def __init__(self, factory: "FrontFactory") -> None:
         self.factory = factory
         self.reactor = factory.reactor
-        self._parser = HttpRequestParser(self)
+        self._reader = RequestReader(self, factory, self.reactor)
         self._queue: deque = deque()
-        self._parsing: Optional[_Request] = None
-        self._req: Optional[_Request] = None
+        self._req: Optional[ParsedRequest] = None
         self._phase = _IDLE
         self._paused = 0
         self._deadline = Deadline(self.reactor, self._timed_out)
@@ -151,7 +102,6 @@ class FrontProtocol(Protocol):
         self._rejected = False
         self._advancing = False
         self._client_full = False
-        self._limit: Optional[tuple] = None
         self._gate_d: Any = None
         self._connect_d: Any = None
         self._upstream: Any = None
@@ -172,8 +122,6 @@ class FrontProtocol(Protocol):
         self._tls = False
         self._stash = b""
         self._feeding = False
-        self._progress = False
-        self._gap = 0
         self._any_bytes = False
         self._input_pending = False
         self._body_base = 0.0
@@ -196,7 +144,7 @@ class FrontProtocol(Protocol):
             self._tls = ISSLTransport.providedBy(transport)
             self._write = transport.write
             f.metrics.rejected["connection_cap"].inc()
-            r = _Request()
+            r = ParsedRequest()
             r.started_at = self.reactor.seconds()
             reject = Reject(503, "temporarily_unavailable",
                             "too many connections", retry_after=1,
@@ -324,27 +272,21 @@ class FrontProtocol(Protocol):
         self._advance()
 
     def _feed(self, data: bytes) -> None:
-        """Parse ``data`` a slice at a time; as soon as a request has to
-        wait behind the one in flight, keep the rest unparsed (``_stash``,
-        at most one read) so that at most one slice's worth of requests is
-        ever parsed ahead."""
+        """Parse ``data``; as soon as a request has to wait behind the one
+        in flight, keep the rest unparsed (``_stash``, at most one read)."""
         self._feeding = True
         try:
-            n = len(data)
-            i = 0
-            while i < n:
-                piece = data[i:i + _SLICE]
-                i += len(piece)
-                self._parse(piece)
-                if self._dead:
-                    return
-                if i < n:
-                    self._advance()
-                    if self._must_wait():
-                        self._stash = data[i:]
-                        return
+            rest = self._reader.feed(data)
         finally:
             self._feeding = False
+        if rest and not self._dead:
+            self._stash = rest
+
+    def slice_parsed(self) -> bool:
+        if self._dead:
+            return True
+        self._advance()
+        return self._must_wait()
 
     def _must_wait(self) -> bool:
         """Whether more input must not be parsed yet."""
@@ -362,144 +304,16 @@ class FrontProtocol(Protocol):
             if not self._feeding:
                 self._advance()
 
-    def _parse(self, data: bytes) -> None:
-        while True:
-            try:
-                self._parser.feed_data(data)
-            except HttpParserUpgrade as e:
-                data = self._upgraded(data, e.args[0])
-                if data:
-                    continue
-            except HttpParserError as e:
-                self._parse_failed(e)
-            else:
-                r = self._parsing
-                if r is not None and not r.head_done:
-                    r.raw += len(data)
-                    if r.raw > self.factory.max_head:
-                        self._limit = (431, "request_header_fields_too_large",
-                                       "the request head is too large")
-                        self._parse_failed(None)
-                elif self._progress:
-                    self._progress = False
-                    self._gap = 0
-                else:
-                    # Chunk-size lines, chunk extensions, trailers and empty
-                    # lines between requests: llhttp keeps none of them but
-                    # would read them forever (CVE-2024-22019).
-                    self._gap += len(data)
-                    if self._gap > _MAX_GAP:
-                        self._limit = (400, "invalid_request",
-                                       "chunk metadata, trailers or empty "
-                                       "lines too long")
-                        self._parse_failed(None)
-            return
+    # -- what the request reader calls (wire.IRequestConsumer) --------------
 
-    def _upgraded(self, data: bytes, offset: int) -> bytes:
-        """llhttp stopped after a request asking to switch protocols.
-
-        phantomd never switches (Upgrade is dropped as hop-by-hop), so a
-        body-less request goes on as a plain one and parsing resumes after
-        it; CONNECT, or an Upgrade request with a body llhttp skipped, is
-        refused and the connection closed."""
-        r = self._queue[-1] if self._queue else None
-        if r is None:
-            self._limit = (400, "invalid_request", "malformed request")
-            self._parse_failed(None)
-            return b""
-        if r.method == b"CONNECT":
-            r.error = (501, "not_implemented", "CONNECT is not supported")
-        else:
-            for name, value in r.headers:
-                n = name.lower()
-                if (n == b"content-length" and value.strip() != b"0") or \
-                        n == b"transfer-encoding":
-                    r.error = (400, "invalid_request",
-                               "a request body with Upgrade is not supported")
-                    break
-            else:
-                return data[offset:]
-        self._dead = True
-        return b""
-
-    def _parse_failed(self, exc: Optional[Exception]) -> None:
-        limit, self._limit = self._limit, None
-        r = self._parsing
-        if limit is not None:
-            status, err, desc = limit
-        elif isinstance(exc, HttpParserInvalidMethodError):
-            status, err, desc = 400, "invalid_request", "unknown method"
-        elif isinstance(exc, HttpParserInvalidURLError):
-            status, err, desc = 400, "invalid_request", "malformed request target"
-            if r is not None and r.method == b"-":
-                r.method = self._parser.get_method()
-        elif r is not None and r.method == b"PRI" and not r.head_done:
-            # The HTTP/2 connection preface (prior knowledge, RFC 9113
-            # section 3.3): llhttp pauses on it.
-            status, err = 505, "invalid_request"
-            desc = "HTTP/2 is not supported: use HTTP/1.1"
-        else:
-            status, err = 400, "invalid_request"
-            desc = "malformed request: %s" % (exc,)
-            if exc is not None and exc.__context__ is not None:
-                log.failure("request parser callback failed",
-                            _failure_of(exc.__context__))
-        self._dead = True
-        self._parsing = None
-        if r is None:
-            r = _Request()
-            r.started_at = self.reactor.seconds()
-            self._queue.append(r)
-        elif not r.head_done:
-            r.started_at = self.reactor.seconds()
-            self._queue.append(r)
-        r.error = (status, err, desc)
-        r.complete = False
-        if r is self._req:
-            self._broken_mid_request(r)
-
-    # -- httptools callbacks -------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._progress = True
-        self._parsing = _Request()
+    def request_begun(self) -> None:
         if self._req is None and self._deadline.kind == _IDLE_KA:
             self._deadline.arm(self.factory.header_timeout, _HEADER)
 
-    def on_url(self, url: bytes) -> None:
-        r = self._parsing
-        if not r.url:
-            r.method = self._parser.get_method()
-        r.url += url
-        if len(r.url) > self.factory.max_request_line:
-            self._limit = (414, "uri_too_long", "the request line is too long")
-            raise _Limit()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        r = self._parsing
-        if r.head_done:
-            return  # a trailer field: not forwarded
-        r.headers.append((name, value))
-        r.hbytes += len(name) + len(value) + 4
-        f = self.factory
-        if r.hbytes > f.max_header_bytes or len(r.headers) > f.max_headers:
-            self._limit = (431, "request_header_fields_too_large",
-                           "the request header section is too large")
-            raise _Limit()
-
-    def on_headers_complete(self) -> None:
-        self._progress = True
-        r = self._parsing
-        p = self._parser
-        r.version = p.get_http_version()
-        r.keep_alive = p.should_keep_alive()
-        r.head_done = True
-        r.started_at = self.reactor.seconds()
+    def request_head(self, r: ParsedRequest) -> None:
         self._queue.append(r)
 
-    def on_body(self, data: bytes) -> None:
-        self._progress = True
-        r = self._parsing
+    def request_body(self, r: ParsedRequest, data: bytes) -> None:
         if r is self._req and self._phase >= _UPSTREAM:
             self._body_bytes += len(data)
             if self._upstream is not None:
@@ -509,13 +323,19 @@ class FrontProtocol(Protocol):
         else:
             r.body.append(data)
 
-    def on_message_complete(self) -> None:
-        self._progress = True
-        r = self._parsing
-        self._parsing = None
-        r.complete = True
+    def request_complete(self, r: ParsedRequest) -> None:
         if r is self._req and self._upstream is not None:
             self._end_body(r)
+
+    def request_refused(self, r: ParsedRequest, queued: bool) -> None:
+        self._dead = True
+        if not queued:
+            self._queue.append(r)
+        if r is self._req:
+            self._broken_mid_request(r)
+
+    def input_ended(self) -> None:
+        self._dead = True
 
     # -- the request state machine -------------------------------------------
 
@@ -546,7 +366,7 @@ class FrontProtocol(Protocol):
             # Reading on costs nothing until the client sends more (and
             # shows a disconnect at once): the read that brings a pipelined
             # request pauses the socket.
-            busy = self._parsing is not None or len(self._queue) > 0
+            busy = self._reader.parsing is not None or len(self._queue) > 0
         else:
             busy = self._phase < _UPSTREAM or self._upstream is None
         paused = self._paused
@@ -578,7 +398,7 @@ class FrontProtocol(Protocol):
             if not self._paused:
                 self.transport.resumeProducing()
 
-    def _start(self, r: _Request) -> None:
+    def _start(self, r: ParsedRequest) -> None:
         if r.error is not None:
             self._refuse(r, *r.error)
             return
@@ -654,7 +474,7 @@ class FrontProtocol(Protocol):
                            callbackArgs=(r,), errbackArgs=(r,))
 
     def _authorize_bound(self, auth: Any, proofs: Any,
-                         r: _Request) -> Any:
+                         r: ParsedRequest) -> Any:
         """Ask the gate about a request with sender-constraint evidence
         (DESIGN section 12): its DPoP proofs and the URL they must name,
         the client's scheme and host as a trusted proxy reports them, and
@@ -697,7 +517,7 @@ class FrontProtocol(Protocol):
             self._peer_trusted = proxies.trusts(self._peer)
         return self._peer_trusted
 
-    def _gate_failed(self, failure: Any, r: _Request) -> None:
+    def _gate_failed(self, failure: Any, r: ParsedRequest) -> None:
         if failure.check(defer.CancelledError) or r is not self._req:
             return
         self._gate_d = None
@@ -705,7 +525,7 @@ class FrontProtocol(Protocol):
         self._answer_error(r, 500, "server_error", "internal error",
                            close=not r.complete)
 
-    def _authorized(self, outcome: Any, r: _Request) -> None:
+    def _authorized(self, outcome: Any, r: ParsedRequest) -> None:
         if r is not self._req:
             return
         self._gate_d = None
@@ -726,7 +546,7 @@ class FrontProtocol(Protocol):
             return
         self._forward(r, jwt, outcome.claims)
 
-    def _forward(self, r: _Request, jwt: Optional[bytes],
+    def _forward(self, r: ParsedRequest, jwt: Optional[bytes],
                  claims: Any) -> None:
         """Send ``r`` to its route's upstream, with ``jwt`` (None: with no
         Authorization at all) and the route's claim headers from
@@ -799,7 +619,7 @@ class FrontProtocol(Protocol):
             self._end_body(r)
         self._advance()
 
-    def _send_body(self, r: _Request, data: bytes) -> None:
+    def _send_body(self, r: ParsedRequest, data: bytes) -> None:
         if not data:
             return
         if r.chunked:
@@ -808,7 +628,7 @@ class FrontProtocol(Protocol):
         else:
             self._upstream.write(data)
 
-    def _end_body(self, r: _Request) -> None:
+    def _end_body(self, r: ParsedRequest) -> None:
         if r.chunked:
             self._upstream.write(b"0\r\n\r\n")
         self._upstream.request_sent()
@@ -901,7 +721,7 @@ class FrontProtocol(Protocol):
         self._dead = True
         self.transport.abortConnection()
 
-    def _broken_mid_request(self, r: _Request) -> None:
+    def _broken_mid_request(self, r: ParsedRequest) -> None:
         """The body of the request in flight turned out malformed."""
         self.factory.metrics.rejected[
             _REJECTED.get(r.error[0], "bad_request")].inc()
@@ -913,25 +733,25 @@ class FrontProtocol(Protocol):
 
     # -- answering -----------------------------------------------------------
 
-    def _refuse(self, r: _Request, status: int, error: str,
+    def _refuse(self, r: ParsedRequest, status: int, error: str,
                 description: str, reason: Optional[str] = None) -> None:
         """Answer a request phantomd will not serve, and close."""
         reason = reason or _REJECTED.get(status, "bad_request")
         self.factory.metrics.rejected[reason].inc()
         self._answer_error(r, status, error, description, close=True)
 
-    def _rid(self, r: _Request) -> bytes:
+    def _rid(self, r: ParsedRequest) -> bytes:
         if r.rid is None:
             r.rid = _request_id(r.headers)
         return r.rid
 
-    def _answer_error(self, r: _Request, status: int, error: str,
+    def _answer_error(self, r: ParsedRequest, status: int, error: str,
                       description: str, close: bool) -> None:
         reject = error_response(status, error, description)
         self._answer(r, status, reject.headers(self.factory.realm),
                      reject.body(self._rid(r).decode("ascii")), close)
 
-    def _answer(self, r: _Request, status: int, headers: list, body: bytes,
+    def _answer(self, r: ParsedRequest, status: int, headers: list, body: bytes,
                 close: bool) -> None:
         """Send an answer phantomd makes itself (never the upstream's)."""
         close = close or self._closing or not r.keep_alive
@@ -954,7 +774,7 @@ class FrontProtocol(Protocol):
         self.factory.metrics.request_duration.observe(self._took)
         self._finish(r, close)
 
-    def _finish(self, r: _Request, close: bool) -> None:
+    def _finish(self, r: ParsedRequest, close: bool) -> None:
         self._log_access(r)
         self._req = None
         self._phase = _IDLE
@@ -963,13 +783,13 @@ class FrontProtocol(Protocol):
             self._close()
             return
         f = self.factory
-        if self._parsing is not None:
+        if self._reader.parsing is not None:
             self._deadline.arm(f.header_timeout, _HEADER)
         else:
             self._deadline.arm(f.idle_timeout, _IDLE_KA)
         self._advance()
 
-    def _log_access(self, r: _Request, end: str = "ok") -> None:
+    def _log_access(self, r: ParsedRequest, end: str = "ok") -> None:
         """Count and log request ``r``, however it ended: ``ok`` (answered),
         ``aborted`` (its response broken off), ``client_closed``, ``drain``
         (cut by the shutdown).  ``status`` is None when no status line went
@@ -1034,8 +854,7 @@ class FrontProtocol(Protocol):
             self.factory.metrics.rejected["header_timeout"].inc()
             self.transport.abortConnection()
             return
-        r = self._parsing or _Request()
-        self._parsing = None
+        r = self._reader.take_partial()
         self._dead = True
         if not r.started_at:
             r.started_at = self.reactor.seconds()
@@ -1069,11 +888,6 @@ class FrontProtocol(Protocol):
 
 
 _KEEP = object()
-
-
-def _failure_of(exc: BaseException) -> Any:
-    from twisted.python.failure import Failure
-    return Failure(exc, type(exc), exc.__traceback__)
 
 
 class FrontFactory(Factory):
