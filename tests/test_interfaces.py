@@ -4,7 +4,7 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyClass
 
 from phantomd.http import interfaces
-from phantomd.http.server import FrontProtocol
+from phantomd.http.front import FrontProtocol
 from phantomd.http.upstream import UpstreamConnection, UpstreamPool
 from phantomd.token.gate import Gate
 

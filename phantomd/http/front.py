@@ -17,6 +17,7 @@ Timers, one per connection: ``header_timeout`` for a request head (408),
 
 from __future__ import annotations
 
+import enum
 import re
 from collections import deque
 from typing import Any, Callable, Optional
@@ -58,8 +59,43 @@ _REJECTED = {400: "bad_request", 408: "body_timeout",
              414: "head_too_large", 431: "head_too_large",
              501: "unsupported", 505: "unsupported"}
 
-# Where the current request is (FrontProtocol._phase).
-_IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE = range(5)
+
+
+class State(enum.IntEnum):
+    """Where a client connection is (``FrontProtocol.state``).  Ordered:
+    the front asks "has the request reached the upstream yet?" as
+    ``state >= UPSTREAM``."""
+
+    IDLE = 0  #: no request in flight: waiting for a head or the next one
+    GATE = 1  #: the gate is deciding about the request
+    CONNECT = 2  #: waiting for an upstream connection (or a fresh retry)
+    UPSTREAM = 3  #: the request is going upstream; no answer head yet
+    RESPONSE = 4  #: an answer (the upstream's or phantomd's) is going out
+    CLOSED = 5  #: closing or closed: nothing more is read or answered
+
+
+#: The moves a connection may make; any other is a bug (``StateError``).
+TRANSITIONS = {
+    State.IDLE: frozenset((State.GATE, State.CONNECT, State.RESPONSE,
+                           State.CLOSED)),
+    State.GATE: frozenset((State.CONNECT, State.RESPONSE, State.CLOSED)),
+    # CONNECT -> CONNECT and UPSTREAM -> CONNECT: a reused connection closed
+    # before answering a retryable request, a fresh one is on its way.
+    State.CONNECT: frozenset((State.CONNECT, State.UPSTREAM, State.RESPONSE,
+                              State.CLOSED)),
+    State.UPSTREAM: frozenset((State.CONNECT, State.RESPONSE, State.CLOSED)),
+    State.RESPONSE: frozenset((State.IDLE, State.CLOSED)),
+    # connectionLost after phantomd closed.
+    State.CLOSED: frozenset((State.CLOSED,)),
+}
+
+_IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE, _CLOSED = (
+    State.IDLE, State.GATE, State.CONNECT, State.UPSTREAM, State.RESPONSE,
+    State.CLOSED)
+
+
+class StateError(RuntimeError):
+    """A move ``TRANSITIONS`` does not allow: a bug in the front."""
 # Why the client's socket is not being read (bits of FrontProtocol._paused).
 _BUSY, _UPSTREAM_FULL = 1, 2
 # What the connection timer is measuring.
@@ -94,7 +130,8 @@ class FrontProtocol(Protocol):
         self._reader = RequestReader(self, factory, self.reactor)
         self._queue: deque = deque()
         self._req: Optional[ParsedRequest] = None
-        self._phase = _IDLE
+        #: The connection's ``State``; moved only by ``_to``.
+        self.state = _IDLE
         self._paused = 0
         self._deadline = Deadline(self.reactor, self._timed_out)
         self._dead = False
@@ -118,7 +155,6 @@ class FrontProtocol(Protocol):
         self._peer_trusted = False
         self._x5t: Any = _UNKNOWN  # the TLS client certificate's thumbprint
         self._registered = False
-        self._closed = False
         self._tls = False
         self._stash = b""
         self._feeding = False
@@ -131,6 +167,11 @@ class FrontProtocol(Protocol):
         self._write: Any = None
         self._peer = "-"
         self._cut: Optional[str] = None
+
+    def _to(self, state: State) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise StateError("%s -> %s" % (self.state.name, state.name))
+        self.state = state
 
     # -- connection lifetime -------------------------------------------------
 
@@ -169,7 +210,7 @@ class FrontProtocol(Protocol):
         if self._rejected:
             return
         self._dead = True
-        self._closed = True
+        self._to(_CLOSED)
         f = self.factory
         f.connections.discard(self)
         f.metrics.connections.dec()
@@ -220,7 +261,7 @@ class FrontProtocol(Protocol):
         a reset that can destroy the answer before the client reads it
         (a 401 to an upload, say)."""
         self._dead = True
-        self._closed = True
+        self._to(_CLOSED)
         transport = self.transport
         if self._registered:
             # TLS transports wait for the producer to go before closing.
@@ -294,7 +335,7 @@ class FrontProtocol(Protocol):
             return True
         r = self._req
         return r is not None and not r.complete and (
-            self._phase < _UPSTREAM or self._upstream is None)
+            self.state < _UPSTREAM or self._upstream is None)
 
     def _unstash(self) -> None:
         if self._stash and not self._feeding and not self._dead \
@@ -314,7 +355,7 @@ class FrontProtocol(Protocol):
         self._queue.append(r)
 
     def request_body(self, r: ParsedRequest, data: bytes) -> None:
-        if r is self._req and self._phase >= _UPSTREAM:
+        if r is self._req and self.state >= _UPSTREAM:
             self._body_bytes += len(data)
             if self._upstream is not None:
                 self._send_body(r, data)
@@ -355,7 +396,7 @@ class FrontProtocol(Protocol):
         self._update_reading()
 
     def _update_reading(self) -> None:
-        if self._closed:
+        if self.state is _CLOSED:
             return
         r = self._req
         if self._dead or self._stash:
@@ -368,7 +409,7 @@ class FrontProtocol(Protocol):
             # request pauses the socket.
             busy = self._reader.parsing is not None or len(self._queue) > 0
         else:
-            busy = self._phase < _UPSTREAM or self._upstream is None
+            busy = self.state < _UPSTREAM or self._upstream is None
         paused = self._paused
         if busy:
             if not paused & _BUSY:
@@ -381,7 +422,7 @@ class FrontProtocol(Protocol):
                 self.transport.resumeProducing()
 
     def upstream_write_blocked(self, blocked: bool) -> None:
-        if self._closed:
+        if self.state is _CLOSED:
             return
         paused = self._paused
         if blocked:
@@ -455,7 +496,7 @@ class FrontProtocol(Protocol):
             # Without [cors] a preflight goes to the API this way.
             self._forward(r, None, None)
             return
-        self._phase = _GATE
+        self._to(_GATE)
         if h.proofs is None and not self._tls:
             if route.required_scopes is None:
                 d = self.factory.gate.authorize(auth)
@@ -581,27 +622,27 @@ class FrontProtocol(Protocol):
             r.chunked, r.length)
         r.kept = []
         r.fwd = None
-        self._phase = _CONNECT
+        self._to(_CONNECT)
         self.upstream_connecting(pool.connect(self))
 
     # -- what the upstream pool and connection call --------------------------
 
     def upstream_connecting(self, d: Any) -> None:
-        if d is not None and self._phase == _CONNECT and not d.called:
+        if d is not None and self.state is _CONNECT and not d.called:
             self._connect_d = d
 
     def upstream_retry(self) -> None:
         self._upstream = None
-        self._phase = _CONNECT
+        self._to(_CONNECT)
 
     def upstream_ready(self, conn: Any) -> None:
         r = self._req
         self._connect_d = None
-        if r is None or self._phase != _CONNECT:
+        if r is None or self.state is not _CONNECT:
             conn.abort()
             return
         self._upstream = conn
-        self._phase = _UPSTREAM
+        self._to(_UPSTREAM)
         conn.send(self, r.head, r.method == b"HEAD",
                   retryable(r.method, r.chunked, r.length))
         if self._client_full:
@@ -639,21 +680,21 @@ class FrontProtocol(Protocol):
         r = self._req
         self._upstream = None
         self._connect_d = None
-        if r is None or self._phase >= _RESPONSE:
+        if r is None or self.state >= _RESPONSE:
             return
         self._answer_error(r, status, error, description,
                            close=not r.complete)
 
     def response_continue(self) -> None:
         r = self._req
-        if r is not None and r.version == "1.1" and self._phase == _UPSTREAM:
+        if r is not None and r.version == "1.1" and self.state is _UPSTREAM:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def response_head(self, status: int, reason: bytes, headers: list,
                       mode: int, length: Optional[int],
                       duration: float) -> None:
         r = self._req
-        self._phase = _RESPONSE
+        self._to(_RESPONSE)
         self._upstream_duration = duration
         self._status = status
         close = self._closing or not r.keep_alive
@@ -726,7 +767,7 @@ class FrontProtocol(Protocol):
         self.factory.metrics.rejected[
             _REJECTED.get(r.error[0], "bad_request")].inc()
         self._drop_pending()
-        if self._phase >= _RESPONSE:
+        if self.state >= _RESPONSE:
             self.response_aborted()
         else:
             self._answer_error(r, *r.error, close=True)
@@ -768,7 +809,7 @@ class FrontProtocol(Protocol):
         data = b"".join(parts)
         self._status = status
         self._bytes_sent = len(data)
-        self._phase = _RESPONSE
+        self._to(_RESPONSE)
         self._write(data)
         self._took = self.reactor.seconds() - r.started_at
         self.factory.metrics.request_duration.observe(self._took)
@@ -777,7 +818,7 @@ class FrontProtocol(Protocol):
     def _finish(self, r: ParsedRequest, close: bool) -> None:
         self._log_access(r)
         self._req = None
-        self._phase = _IDLE
+        self._to(_IDLE)
         if close or self._closing:
             self._input_pending = not r.complete or self._dead
             self._close()
@@ -868,7 +909,7 @@ class FrontProtocol(Protocol):
         of grace; a slow or stalled client is answered 408 (its fault, not
         the API's) and the upstream connection is aborted."""
         r = self._req
-        if r is None or r.complete or self._dead or self._phase < _UPSTREAM:
+        if r is None or r.complete or self._dead or self.state < _UPSTREAM:
             return
         now = self.reactor.seconds()
         grace = self.factory.header_timeout
