@@ -28,7 +28,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from phantomd.http.answers import Dates, head as _head
+from phantomd.http.answers import (
+    AT_CAPACITY, REJECTED_REASON, Dates, head as _head, own_answer)
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
 from phantomd.http.interfaces import IExchange
@@ -54,10 +55,6 @@ _OUTCOMES = (Forward, Reject)
 
 _JWT = re.compile(rb"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]*)*\Z").match
 
-# connections_rejected reason of a request phantomd refuses, by status.
-_REJECTED = {400: "bad_request", 408: "body_timeout",
-             414: "head_too_large", 431: "head_too_large",
-             501: "unsupported", 505: "unsupported"}
 
 
 
@@ -187,9 +184,7 @@ class FrontProtocol(Protocol):
             f.metrics.rejected["connection_cap"].inc()
             r = ParsedRequest()
             r.started_at = self.reactor.seconds()
-            reject = Reject(503, "temporarily_unavailable",
-                            "too many connections", retry_after=1,
-                            bearer=False)
+            reject = AT_CAPACITY
             self._req = r
             self._answer(r, 503, reject.headers(f.realm),
                          reject.body(self._rid(r).decode("ascii")), close=True)
@@ -765,7 +760,7 @@ class FrontProtocol(Protocol):
     def _broken_mid_request(self, r: ParsedRequest) -> None:
         """The body of the request in flight turned out malformed."""
         self.factory.metrics.rejected[
-            _REJECTED.get(r.error[0], "bad_request")].inc()
+            REJECTED_REASON.get(r.error[0], "bad_request")].inc()
         self._drop_pending()
         if self.state >= _RESPONSE:
             self.response_aborted()
@@ -777,7 +772,7 @@ class FrontProtocol(Protocol):
     def _refuse(self, r: ParsedRequest, status: int, error: str,
                 description: str, reason: Optional[str] = None) -> None:
         """Answer a request phantomd will not serve, and close."""
-        reason = reason or _REJECTED.get(status, "bad_request")
+        reason = reason or REJECTED_REASON.get(status, "bad_request")
         self.factory.metrics.rejected[reason].inc()
         self._answer_error(r, status, error, description, close=True)
 
@@ -796,17 +791,9 @@ class FrontProtocol(Protocol):
                 close: bool) -> None:
         """Send an answer phantomd makes itself (never the upstream's)."""
         close = close or self._closing or not r.keep_alive
-        headers.append((b"Date", self.factory.date()))
-        headers.append((b"X-Request-Id", self._rid(r)))
-        if r.cors:
-            headers += r.cors
-        parts = _head(status, None, headers,
-                      b"Content-Length: %d\r\n" % len(body)
-                      if status != 204 else b"", close,
-                      r.version == "1.1")
-        if r.method != b"HEAD":
-            parts.append(body)
-        data = b"".join(parts)
+        data = own_answer(status, headers, body, self.factory.date(),
+                          self._rid(r), r.cors, close, r.version == "1.1",
+                          r.method == b"HEAD")
         self._status = status
         self._bytes_sent = len(data)
         self._to(_RESPONSE)
