@@ -42,3 +42,10 @@ class FrontStateTests(FrontCase):
         proto.dataReceived(get())
         self.assertRaises(StateError, proto._to, State.IDLE)
         self.assertIs(proto.state, State.UPSTREAM)
+
+    def test_the_factory_gives_the_reader_its_limits(self) -> None:
+        from zope.interface.verify import verifyObject
+
+        from phantomd.http.wire import IRequestConsumer, IRequestLimits
+        self.assertTrue(verifyObject(IRequestLimits, self.factory))
+        self.assertTrue(verifyObject(IRequestConsumer, self.connect()[0]))

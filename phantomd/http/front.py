@@ -33,7 +33,8 @@ from phantomd.http.answers import (
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
 from phantomd.http.interfaces import IExchange
-from phantomd.http.wire import IRequestConsumer, ParsedRequest, RequestReader
+from phantomd.http.wire import (
+    IRequestConsumer, IRequestLimits, ParsedRequest, RequestReader)
 from phantomd.http.requestid import from_headers as _request_id
 from phantomd.http.forwarding import (
     canonical_length, forwarded_lines, head_problem, own_forwarded,
@@ -918,6 +919,7 @@ class FrontProtocol(Protocol):
 _KEEP = object()
 
 
+@implementer(IRequestLimits)
 class FrontFactory(Factory):
     """Builds ``FrontProtocol`` for every accepted client connection.
 
