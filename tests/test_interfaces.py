@@ -3,8 +3,8 @@
 from twisted.trial import unittest
 from zope.interface.verify import verifyClass
 
-from phantomd.http import interfaces
-from phantomd.http.server import FrontProtocol
+from phantomd.http import interfaces, wire
+from phantomd.http.front import FrontFactory, FrontProtocol
 from phantomd.http.upstream import UpstreamConnection, UpstreamPool
 from phantomd.token.gate import Gate
 
@@ -12,6 +12,12 @@ from phantomd.token.gate import Gate
 class InterfaceTests(unittest.TestCase):
     def test_the_front_is_an_exchange(self):
         self.assertTrue(verifyClass(interfaces.IExchange, FrontProtocol))
+
+    def test_the_front_consumes_the_request_reader(self):
+        self.assertTrue(verifyClass(wire.IRequestConsumer, FrontProtocol))
+
+    def test_the_factory_holds_the_readers_limits(self):
+        self.assertTrue(verifyClass(wire.IRequestLimits, FrontFactory))
 
     def test_the_upstream_connection(self):
         self.assertTrue(verifyClass(interfaces.IUpstreamConnection,

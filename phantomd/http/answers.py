@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from phantomd.http.headers import http_date
+from phantomd.token.outcomes import Reject
 
 REASONS = {
     200: b"OK", 204: b"No Content", 400: b"Bad Request",
@@ -37,6 +38,36 @@ def head(status: int, reason: Optional[bytes], headers: list,
     else:
         parts.append(b"\r\n")
     return parts
+
+
+#: The ``connections_rejected`` reason of a request phantomd refuses, by
+#: status.
+REJECTED_REASON = {400: "bad_request", 408: "body_timeout",
+                   414: "head_too_large", 431: "head_too_large",
+                   501: "unsupported", 505: "unsupported"}
+
+#: The answer to a connection accepted beyond ``max_connections``.
+AT_CAPACITY = Reject(503, "temporarily_unavailable", "too many connections",
+                     retry_after=1, bearer=False)
+
+
+def own_answer(status: int, headers: list, body: bytes, date: bytes,
+               rid: bytes, cors: Optional[list], close: bool, http11: bool,
+               head_only: bool) -> bytes:
+    """A whole answer phantomd makes itself (never the upstream's):
+    ``headers`` (extended in place) with ``Date``, ``X-Request-Id`` and the
+    request's CORS headers, the body framed by Content-Length (none on a
+    204, none sent for HEAD)."""
+    headers.append((b"Date", date))
+    headers.append((b"X-Request-Id", rid))
+    if cors:
+        headers += cors
+    parts = head(status, None, headers,
+                 b"Content-Length: %d\r\n" % len(body)
+                 if status != 204 else b"", close, http11)
+    if not head_only:
+        parts.append(body)
+    return b"".join(parts)
 
 
 class Dates:

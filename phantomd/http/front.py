@@ -17,37 +17,37 @@ Timers, one per connection: ``header_timeout`` for a request head (408),
 
 from __future__ import annotations
 
+import enum
 import re
 from collections import deque
 from typing import Any, Callable, Optional
 
-from httptools import (
-    HttpParserError, HttpParserInvalidMethodError, HttpParserInvalidURLError,
-    HttpParserUpgrade, HttpRequestParser)
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from phantomd.http.answers import Dates, head as _head
+from phantomd.http.answers import (
+    AT_CAPACITY, REJECTED_REASON, Dates, head as _head, own_answer)
+from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
 from phantomd.http.interfaces import IExchange
-from phantomd.http.requestid import (
-    acceptable as _REQUEST_ID, from_headers as _request_id,
-    new_request_id as _new_request_id)
-from phantomd.http.headers import drop_connection_options
+from phantomd.http.wire import (
+    IRequestConsumer, IRequestLimits, ParsedRequest, RequestReader)
+from phantomd.http.requestid import from_headers as _request_id
+from phantomd.http.forwarding import (
+    canonical_length, forwarded_lines, head_problem, own_forwarded,
+    retryable, sort_headers, target_of, upstream_head, upstream_target)
 from phantomd.token.dpop import request_url
 from phantomd.token.mtls import header_thumbprint, peer_thumbprint
-from phantomd.http.headers import (
-    FORWARDING, REQUEST_DROP, SENDER_PROOF)
-from phantomd.http.proxies import forwarded_by_proxy, forwarded_origin
+from phantomd.http.proxies import forwarded_origin
 from phantomd.http.upstream import (
     MODE_CHUNKED, MODE_EOF, MODE_LENGTH)
 from phantomd.token.outcomes import Forward, Reject, error_response
 from phantomd.http.cors import request_origin, without_cors
 from phantomd.http.routes import (
-    Route, RouteTable, UnsafePath, claim_lines, drop_name)
+    Route, RouteTable, UnsafePath, claim_lines)
 
 log = Logger()
 
@@ -56,13 +56,44 @@ _OUTCOMES = (Forward, Reject)
 
 _JWT = re.compile(rb"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]*)*\Z").match
 
-# connections_rejected reason of a request phantomd refuses, by status.
-_REJECTED = {400: "bad_request", 408: "body_timeout",
-             414: "head_too_large", 431: "head_too_large",
-             501: "unsupported", 505: "unsupported"}
 
-# Where the current request is (FrontProtocol._phase).
-_IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE = range(5)
+
+
+class State(enum.IntEnum):
+    """Where a client connection is (``FrontProtocol.state``).  Ordered:
+    the front asks "has the request reached the upstream yet?" as
+    ``state >= UPSTREAM``."""
+
+    IDLE = 0  #: no request in flight: waiting for a head or the next one
+    GATE = 1  #: the gate is deciding about the request
+    CONNECT = 2  #: waiting for an upstream connection (or a fresh retry)
+    UPSTREAM = 3  #: the request is going upstream; no answer head yet
+    RESPONSE = 4  #: an answer (the upstream's or phantomd's) is going out
+    CLOSED = 5  #: closing or closed: nothing more is read or answered
+
+
+#: The moves a connection may make; any other is a bug (``StateError``).
+TRANSITIONS = {
+    State.IDLE: frozenset((State.GATE, State.CONNECT, State.RESPONSE,
+                           State.CLOSED)),
+    State.GATE: frozenset((State.CONNECT, State.RESPONSE, State.CLOSED)),
+    # CONNECT -> CONNECT and UPSTREAM -> CONNECT: a reused connection closed
+    # before answering a retryable request, a fresh one is on its way.
+    State.CONNECT: frozenset((State.CONNECT, State.UPSTREAM, State.RESPONSE,
+                              State.CLOSED)),
+    State.UPSTREAM: frozenset((State.CONNECT, State.RESPONSE, State.CLOSED)),
+    State.RESPONSE: frozenset((State.IDLE, State.CLOSED)),
+    # connectionLost after phantomd closed.
+    State.CLOSED: frozenset((State.CLOSED,)),
+}
+
+_IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE, _CLOSED = (
+    State.IDLE, State.GATE, State.CONNECT, State.UPSTREAM, State.RESPONSE,
+    State.CLOSED)
+
+
+class StateError(RuntimeError):
+    """A move ``TRANSITIONS`` does not allow: a bug in the front."""
 # Why the client's socket is not being read (bits of FrontProtocol._paused).
 _BUSY, _UPSTREAM_FULL = 1, 2
 # What the connection timer is measuring.
@@ -71,18 +102,8 @@ _HEADER, _IDLE_KA, _LINGER, _LINGER_TLS, _BODY = 1, 2, 3, 4, 5
 # grace of header_timeout (as Apache's mod_reqtimeout MinRate): a body
 # trickling in a byte at a time cannot hold an upstream connection for ever.
 MIN_BODY_RATE = 500
-# Bytes parsed at a time: bounds how many pipelined requests are parsed ahead.
-_SLICE = 4096
-# Bytes of input that carry no body byte, header or request (chunk-size
-# lines, extensions, trailers, empty lines) accepted in a row.
-_MAX_GAP = 16 * 1024
 # Seconds a closing connection discards what the client still sends.
 LINGER = 2.0
-# Methods the upstream pool may send a second time when a reused connection
-# closes before answering (RFC 9110 section 9.2.2 forbids resending the
-# others).  Only the safe ones: PUT and DELETE are idempotent on paper, but
-# whether an API's DELETE really is, phantomd cannot know; the client can.
-RETRYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 
 
 def _peer_host(transport: Any) -> str:
@@ -92,48 +113,7 @@ def _peer_host(transport: Any) -> str:
 _UNKNOWN = object()
 
 
-class _Limit(Exception):
-    """Raised inside a parser callback to stop llhttp at a limit."""
-
-
-class _Request:
-    """One request as parsed; ``body`` holds chunks read before the request
-    could stream upstream (at most one socket read's worth)."""
-
-    __slots__ = ("url", "headers", "method", "version", "keep_alive",
-                 "head_done", "complete", "body", "error", "chunked", "length",
-                 "raw", "hbytes", "started_at", "target", "host", "kept",
-                 "head", "fwd", "rid", "route", "sent", "cors")
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: list = []
-        self.method = b"-"  # until the request line names one
-        self.version = "1.1"
-        self.keep_alive = False
-        self.head_done = False
-        self.complete = False
-        self.body: Optional[list] = None
-        self.error: Optional[tuple] = None
-        self.chunked = False
-        self.length: Optional[bytes] = None
-        self.raw = 0
-        self.hbytes = 0
-        self.started_at = 0.0
-        self.target = b""
-        self.host: Optional[bytes] = None
-        self.kept: list = []
-        self.head = b""
-        self.fwd: Optional[list] = None  # the client's X-Forwarded-* lines
-        self.rid: Optional[bytes] = None
-        self.route: Optional[Route] = None  # DESIGN section 8
-        self.sent = b""  # the target sent upstream (minus strip_prefix)
-        #: DESIGN section 9: None without [cors]; else the headers every
-        #: answer gets (empty: the origin is not allowed).
-        self.cors: Optional[list] = None
-
-
-@implementer(IExchange)
+@implementer(IExchange, IRequestConsumer)
 class FrontProtocol(Protocol):
     """One client connection.
 
@@ -145,21 +125,18 @@ class FrontProtocol(Protocol):
     def __init__(self, factory: "FrontFactory") -> None:
         self.factory = factory
         self.reactor = factory.reactor
-        self._parser = HttpRequestParser(self)
+        self._reader = RequestReader(self, factory, self.reactor)
         self._queue: deque = deque()
-        self._parsing: Optional[_Request] = None
-        self._req: Optional[_Request] = None
-        self._phase = _IDLE
+        self._req: Optional[ParsedRequest] = None
+        #: The connection's ``State``; moved only by ``_to``.
+        self.state = _IDLE
         self._paused = 0
-        self._timer: Any = None
-        self._timer_kind = _HEADER
-        self._deadline = 0.0
+        self._deadline = Deadline(self.reactor, self._timed_out)
         self._dead = False
         self._closing = False
         self._rejected = False
         self._advancing = False
         self._client_full = False
-        self._limit: Optional[tuple] = None
         self._gate_d: Any = None
         self._connect_d: Any = None
         self._upstream: Any = None
@@ -176,12 +153,9 @@ class FrontProtocol(Protocol):
         self._peer_trusted = False
         self._x5t: Any = _UNKNOWN  # the TLS client certificate's thumbprint
         self._registered = False
-        self._closed = False
         self._tls = False
         self._stash = b""
         self._feeding = False
-        self._progress = False
-        self._gap = 0
         self._any_bytes = False
         self._input_pending = False
         self._body_base = 0.0
@@ -191,6 +165,11 @@ class FrontProtocol(Protocol):
         self._write: Any = None
         self._peer = "-"
         self._cut: Optional[str] = None
+
+    def _to(self, state: State) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise StateError("%s -> %s" % (self.state.name, state.name))
+        self.state = state
 
     # -- connection lifetime -------------------------------------------------
 
@@ -204,11 +183,9 @@ class FrontProtocol(Protocol):
             self._tls = ISSLTransport.providedBy(transport)
             self._write = transport.write
             f.metrics.rejected["connection_cap"].inc()
-            r = _Request()
+            r = ParsedRequest()
             r.started_at = self.reactor.seconds()
-            reject = Reject(503, "temporarily_unavailable",
-                            "too many connections", retry_after=1,
-                            bearer=False)
+            reject = AT_CAPACITY
             self._req = r
             self._answer(r, 503, reject.headers(f.realm),
                          reject.body(self._rid(r).decode("ascii")), close=True)
@@ -221,24 +198,15 @@ class FrontProtocol(Protocol):
         self._tls = ISSLTransport.providedBy(transport)
         host = getattr(transport.getPeer(), "host", None)
         self._peer = host
-        fwd = b""
-        if host:
-            fwd = b"X-Forwarded-For: " + host.encode("ascii") + b"\r\n"
-        if self._tls:
-            fwd += b"X-Forwarded-Proto: https\r\n"
-        else:
-            fwd += b"X-Forwarded-Proto: http\r\n"
-        self._fwd = fwd
-        self._arm(f.header_timeout, _HEADER)
+        self._fwd = own_forwarded(host, self._tls)
+        self._deadline.arm(f.header_timeout, _HEADER)
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._deadline.cancel()
         if self._rejected:
             return
         self._dead = True
-        self._closed = True
+        self._to(_CLOSED)
         f = self.factory
         f.connections.discard(self)
         f.metrics.connections.dec()
@@ -289,7 +257,7 @@ class FrontProtocol(Protocol):
         a reset that can destroy the answer before the client reads it
         (a 401 to an upload, say)."""
         self._dead = True
-        self._closed = True
+        self._to(_CLOSED)
         transport = self.transport
         if self._registered:
             # TLS transports wait for the producer to go before closing.
@@ -301,14 +269,14 @@ class FrontProtocol(Protocol):
             if self._paused:
                 self._paused = 0
                 transport.resumeProducing()
-            self._arm(LINGER, _LINGER)
+            self._deadline.arm(LINGER, _LINGER)
         elif linger and self._tls and self._input_pending:
             # TLS has no half-close: keep reading (and discarding) while
             # the answer goes out, then close.
             if self._paused:
                 self._paused = 0
                 transport.resumeProducing()
-            self._arm(LINGER, _LINGER_TLS)
+            self._deadline.arm(LINGER, _LINGER_TLS)
         else:
             transport.loseConnection()
 
@@ -341,27 +309,21 @@ class FrontProtocol(Protocol):
         self._advance()
 
     def _feed(self, data: bytes) -> None:
-        """Parse ``data`` a slice at a time; as soon as a request has to
-        wait behind the one in flight, keep the rest unparsed (``_stash``,
-        at most one read) so that at most one slice's worth of requests is
-        ever parsed ahead."""
+        """Parse ``data``; as soon as a request has to wait behind the one
+        in flight, keep the rest unparsed (``_stash``, at most one read)."""
         self._feeding = True
         try:
-            n = len(data)
-            i = 0
-            while i < n:
-                piece = data[i:i + _SLICE]
-                i += len(piece)
-                self._parse(piece)
-                if self._dead:
-                    return
-                if i < n:
-                    self._advance()
-                    if self._must_wait():
-                        self._stash = data[i:]
-                        return
+            rest = self._reader.feed(data)
         finally:
             self._feeding = False
+        if rest and not self._dead:
+            self._stash = rest
+
+    def slice_parsed(self) -> bool:
+        if self._dead:
+            return True
+        self._advance()
+        return self._must_wait()
 
     def _must_wait(self) -> bool:
         """Whether more input must not be parsed yet."""
@@ -369,7 +331,7 @@ class FrontProtocol(Protocol):
             return True
         r = self._req
         return r is not None and not r.complete and (
-            self._phase < _UPSTREAM or self._upstream is None)
+            self.state < _UPSTREAM or self._upstream is None)
 
     def _unstash(self) -> None:
         if self._stash and not self._feeding and not self._dead \
@@ -379,145 +341,17 @@ class FrontProtocol(Protocol):
             if not self._feeding:
                 self._advance()
 
-    def _parse(self, data: bytes) -> None:
-        while True:
-            try:
-                self._parser.feed_data(data)
-            except HttpParserUpgrade as e:
-                data = self._upgraded(data, e.args[0])
-                if data:
-                    continue
-            except HttpParserError as e:
-                self._parse_failed(e)
-            else:
-                r = self._parsing
-                if r is not None and not r.head_done:
-                    r.raw += len(data)
-                    if r.raw > self.factory.max_head:
-                        self._limit = (431, "request_header_fields_too_large",
-                                       "the request head is too large")
-                        self._parse_failed(None)
-                elif self._progress:
-                    self._progress = False
-                    self._gap = 0
-                else:
-                    # Chunk-size lines, chunk extensions, trailers and empty
-                    # lines between requests: llhttp keeps none of them but
-                    # would read them forever (CVE-2024-22019).
-                    self._gap += len(data)
-                    if self._gap > _MAX_GAP:
-                        self._limit = (400, "invalid_request",
-                                       "chunk metadata, trailers or empty "
-                                       "lines too long")
-                        self._parse_failed(None)
-            return
+    # -- what the request reader calls (wire.IRequestConsumer) --------------
 
-    def _upgraded(self, data: bytes, offset: int) -> bytes:
-        """llhttp stopped after a request asking to switch protocols.
+    def request_begun(self) -> None:
+        if self._req is None and self._deadline.kind == _IDLE_KA:
+            self._deadline.arm(self.factory.header_timeout, _HEADER)
 
-        phantomd never switches (Upgrade is dropped as hop-by-hop), so a
-        body-less request goes on as a plain one and parsing resumes after
-        it; CONNECT, or an Upgrade request with a body llhttp skipped, is
-        refused and the connection closed."""
-        r = self._queue[-1] if self._queue else None
-        if r is None:
-            self._limit = (400, "invalid_request", "malformed request")
-            self._parse_failed(None)
-            return b""
-        if r.method == b"CONNECT":
-            r.error = (501, "not_implemented", "CONNECT is not supported")
-        else:
-            for name, value in r.headers:
-                n = name.lower()
-                if (n == b"content-length" and value.strip() != b"0") or \
-                        n == b"transfer-encoding":
-                    r.error = (400, "invalid_request",
-                               "a request body with Upgrade is not supported")
-                    break
-            else:
-                return data[offset:]
-        self._dead = True
-        return b""
-
-    def _parse_failed(self, exc: Optional[Exception]) -> None:
-        limit, self._limit = self._limit, None
-        r = self._parsing
-        if limit is not None:
-            status, err, desc = limit
-        elif isinstance(exc, HttpParserInvalidMethodError):
-            status, err, desc = 400, "invalid_request", "unknown method"
-        elif isinstance(exc, HttpParserInvalidURLError):
-            status, err, desc = 400, "invalid_request", "malformed request target"
-            if r is not None and r.method == b"-":
-                r.method = self._parser.get_method()
-        elif r is not None and r.method == b"PRI" and not r.head_done:
-            # The HTTP/2 connection preface (prior knowledge, RFC 9113
-            # section 3.3): llhttp pauses on it.
-            status, err = 505, "invalid_request"
-            desc = "HTTP/2 is not supported: use HTTP/1.1"
-        else:
-            status, err = 400, "invalid_request"
-            desc = "malformed request: %s" % (exc,)
-            if exc is not None and exc.__context__ is not None:
-                log.failure("request parser callback failed",
-                            _failure_of(exc.__context__))
-        self._dead = True
-        self._parsing = None
-        if r is None:
-            r = _Request()
-            r.started_at = self.reactor.seconds()
-            self._queue.append(r)
-        elif not r.head_done:
-            r.started_at = self.reactor.seconds()
-            self._queue.append(r)
-        r.error = (status, err, desc)
-        r.complete = False
-        if r is self._req:
-            self._broken_mid_request(r)
-
-    # -- httptools callbacks -------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._progress = True
-        self._parsing = _Request()
-        if self._req is None and self._timer_kind == _IDLE_KA:
-            self._arm(self.factory.header_timeout, _HEADER)
-
-    def on_url(self, url: bytes) -> None:
-        r = self._parsing
-        if not r.url:
-            r.method = self._parser.get_method()
-        r.url += url
-        if len(r.url) > self.factory.max_request_line:
-            self._limit = (414, "uri_too_long", "the request line is too long")
-            raise _Limit()
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        r = self._parsing
-        if r.head_done:
-            return  # a trailer field: not forwarded
-        r.headers.append((name, value))
-        r.hbytes += len(name) + len(value) + 4
-        f = self.factory
-        if r.hbytes > f.max_header_bytes or len(r.headers) > f.max_headers:
-            self._limit = (431, "request_header_fields_too_large",
-                           "the request header section is too large")
-            raise _Limit()
-
-    def on_headers_complete(self) -> None:
-        self._progress = True
-        r = self._parsing
-        p = self._parser
-        r.version = p.get_http_version()
-        r.keep_alive = p.should_keep_alive()
-        r.head_done = True
-        r.started_at = self.reactor.seconds()
+    def request_head(self, r: ParsedRequest) -> None:
         self._queue.append(r)
 
-    def on_body(self, data: bytes) -> None:
-        self._progress = True
-        r = self._parsing
-        if r is self._req and self._phase >= _UPSTREAM:
+    def request_body(self, r: ParsedRequest, data: bytes) -> None:
+        if r is self._req and self.state >= _UPSTREAM:
             self._body_bytes += len(data)
             if self._upstream is not None:
                 self._send_body(r, data)
@@ -526,13 +360,19 @@ class FrontProtocol(Protocol):
         else:
             r.body.append(data)
 
-    def on_message_complete(self) -> None:
-        self._progress = True
-        r = self._parsing
-        self._parsing = None
-        r.complete = True
+    def request_complete(self, r: ParsedRequest) -> None:
         if r is self._req and self._upstream is not None:
             self._end_body(r)
+
+    def request_refused(self, r: ParsedRequest, queued: bool) -> None:
+        self._dead = True
+        if not queued:
+            self._queue.append(r)
+        if r is self._req:
+            self._broken_mid_request(r)
+
+    def input_ended(self) -> None:
+        self._dead = True
 
     # -- the request state machine -------------------------------------------
 
@@ -552,7 +392,7 @@ class FrontProtocol(Protocol):
         self._update_reading()
 
     def _update_reading(self) -> None:
-        if self._closed:
+        if self.state is _CLOSED:
             return
         r = self._req
         if self._dead or self._stash:
@@ -563,9 +403,9 @@ class FrontProtocol(Protocol):
             # Reading on costs nothing until the client sends more (and
             # shows a disconnect at once): the read that brings a pipelined
             # request pauses the socket.
-            busy = self._parsing is not None or len(self._queue) > 0
+            busy = self._reader.parsing is not None or len(self._queue) > 0
         else:
-            busy = self._phase < _UPSTREAM or self._upstream is None
+            busy = self.state < _UPSTREAM or self._upstream is None
         paused = self._paused
         if busy:
             if not paused & _BUSY:
@@ -578,7 +418,7 @@ class FrontProtocol(Protocol):
                 self.transport.resumeProducing()
 
     def upstream_write_blocked(self, blocked: bool) -> None:
-        if self._closed:
+        if self.state is _CLOSED:
             return
         paused = self._paused
         if blocked:
@@ -595,48 +435,14 @@ class FrontProtocol(Protocol):
             if not self._paused:
                 self.transport.resumeProducing()
 
-    def _start(self, r: _Request) -> None:
+    def _start(self, r: ParsedRequest) -> None:
         if r.error is not None:
             self._refuse(r, *r.error)
             return
-        auth = []
-        host = None
-        hosts = 0
-        kept = []
-        te = None
-        connection = None
-        fwd = None
-        rid = None
-        rids = 0
-        proofs = None
-        for item in r.headers:
-            name = item[0].lower()
-            if name in REQUEST_DROP:
-                if name == b"authorization":
-                    auth.append(item[1])
-                elif name == b"host":
-                    host = item[1]
-                    hosts += 1
-                elif name == b"content-length":
-                    r.length = item[1]
-                elif name == b"transfer-encoding":
-                    # Every line counts: "gzip" then "chunked" is not chunked.
-                    te = item[1] if te is None else te + b"," + item[1]
-                elif name == b"connection":
-                    connection = (connection or []) + item[1].split(b",")
-                elif name in FORWARDING:
-                    fwd = [item] if fwd is None else fwd + [item]
-                elif name == b"x-request-id":
-                    rid = item[1]
-                    rids += 1
-                elif name in SENDER_PROOF:
-                    proofs = [item] if proofs is None else proofs + [item]
-                continue
-            kept.append(item)
+        h = sort_headers(r.headers)
         r.headers = []
-        r.rid = rid if rids == 1 and _REQUEST_ID(rid) else _new_request_id()
-        if connection:
-            kept = drop_connection_options(kept, connection)
+        r.rid = h.rid
+        kept = h.kept
         cors = self.factory.cors
         preflight = False
         if cors is not None or r.method == b"OPTIONS":
@@ -644,39 +450,12 @@ class FrontProtocol(Protocol):
             preflight = preflight and r.method == b"OPTIONS"
             if cors is not None:
                 r.cors = cors.answer_headers(origin)
-        problem = None
-        if r.version != "1.1" and r.version != "1.0":
-            problem = ((400, "invalid_request", "malformed request line")
-                       if r.version[0] == "0" else
-                       (505, "invalid_request", "only HTTP/1.x is supported"))
-        elif hosts > 1 or (hosts == 0 and r.version == "1.1"):
-            problem = (400, "invalid_request",
-                       "exactly one Host header is required")
-        elif te is not None and te.strip().lower() != b"chunked":
-            problem = (501, "not_implemented",
-                       "only the chunked transfer coding is supported")
-        elif r.method == b"CONNECT":
-            problem = (501, "not_implemented", "CONNECT is not supported")
-        url = r.url
-        if url[:1] == b"/":
-            r.target = url
-        elif url == b"*" and r.method == b"OPTIONS":
-            r.target = b"*"
-        else:
-            lowered = url[:8].lower()
-            if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
-                rest = url[url.index(b"//") + 2:]
-                cut = len(rest)
-                for sep in (b"/", b"?"):
-                    i = rest.find(sep)
-                    if 0 <= i < cut:
-                        cut = i
-                path = rest[cut:]
-                if path[:1] != b"/":
-                    path = b"/" + path
-                r.target = path
-            elif problem is None:
-                problem = (400, "invalid_request", "malformed request target")
+        problem = head_problem(r.method, r.version, h)
+        target = target_of(r.method, r.url)
+        if target is not None:
+            r.target = target
+        elif problem is None:
+            problem = (400, "invalid_request", "malformed request target")
         if problem is not None:
             self._refuse(r, *problem)
             return
@@ -685,14 +464,13 @@ class FrontProtocol(Protocol):
         except UnsafePath as e:
             self._refuse(r, 400, "invalid_request", str(e))
             return
-        r.chunked = te is not None
-        if r.length is not None:
-            # As a number, never as written: "0005" or "5 " might be read
-            # otherwise by the API (llhttp has checked the digits).
-            r.length = b"%d" % int(r.length)
-        r.host = host
+        r.chunked = h.te is not None
+        if h.length is not None:
+            r.length = canonical_length(h.length)
+        r.host = h.host
         r.kept = kept
-        r.fwd = fwd
+        r.fwd = h.fwd
+        auth = h.auth
         if match is None:
             # No route, and no [phantomd] upstream to fall back on.
             self._answer_error(r, 404, "not_found",
@@ -714,15 +492,15 @@ class FrontProtocol(Protocol):
             # Without [cors] a preflight goes to the API this way.
             self._forward(r, None, None)
             return
-        self._phase = _GATE
-        if proofs is None and not self._tls:
+        self._to(_GATE)
+        if h.proofs is None and not self._tls:
             if route.required_scopes is None:
                 d = self.factory.gate.authorize(auth)
             else:
                 d = self.factory.gate.authorize(
                     auth, required_scopes=route.required_scopes)
         else:
-            d = self._authorize_bound(auth, proofs or (), r)
+            d = self._authorize_bound(auth, h.proofs or (), r)
         result = getattr(d, "result", None)
         if d.called and type(result) in _OUTCOMES:
             # Already decided (a cache hit): skip the callback machinery.
@@ -733,7 +511,7 @@ class FrontProtocol(Protocol):
                            callbackArgs=(r,), errbackArgs=(r,))
 
     def _authorize_bound(self, auth: Any, proofs: Any,
-                         r: _Request) -> Any:
+                         r: ParsedRequest) -> Any:
         """Ask the gate about a request with sender-constraint evidence
         (DESIGN section 12): its DPoP proofs and the URL they must name,
         the client's scheme and host as a trusted proxy reports them, and
@@ -776,7 +554,7 @@ class FrontProtocol(Protocol):
             self._peer_trusted = proxies.trusts(self._peer)
         return self._peer_trusted
 
-    def _gate_failed(self, failure: Any, r: _Request) -> None:
+    def _gate_failed(self, failure: Any, r: ParsedRequest) -> None:
         if failure.check(defer.CancelledError) or r is not self._req:
             return
         self._gate_d = None
@@ -784,7 +562,7 @@ class FrontProtocol(Protocol):
         self._answer_error(r, 500, "server_error", "internal error",
                            close=not r.complete)
 
-    def _authorized(self, outcome: Any, r: _Request) -> None:
+    def _authorized(self, outcome: Any, r: ParsedRequest) -> None:
         if r is not self._req:
             return
         self._gate_d = None
@@ -805,7 +583,7 @@ class FrontProtocol(Protocol):
             return
         self._forward(r, jwt, outcome.claims)
 
-    def _forward(self, r: _Request, jwt: Optional[bytes],
+    def _forward(self, r: ParsedRequest, jwt: Optional[bytes],
                  claims: Any) -> None:
         """Send ``r`` to its route's upstream, with ``jwt`` (None: with no
         Authorization at all) and the route's claim headers from
@@ -832,68 +610,43 @@ class FrontProtocol(Protocol):
             self._answer_error(r, 502, "bad_gateway", "no upstream pool",
                                close=not r.complete)
             return
-        target = r.sent
-        if pool.base_path:
-            target = pool.base_path + (target if target != b"*" else b"")
-        parts = [r.method, b" ", target, b" HTTP/1.1\r\nHost: ",
-                 pool.authority, b"\r\n"]
-        if jwt is not None:
-            parts += (b"Authorization: Bearer ", jwt, b"\r\n")
-        parts += (b"X-Request-Id: ", r.rid, b"\r\n")
-        drop = route.drop
-        for name, value in r.kept:
-            if drop and drop_name(name) in drop:
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        for name, value in claimed:
-            parts += (name, b": ", value, b"\r\n")
-        if r.fwd is not None and self._trusted():
-            parts.append(forwarded_by_proxy(
-                r.fwd, self._peer.encode("ascii"),
-                b"https" if self._tls else b"http", r.host))
-        else:
-            parts.append(self._fwd)
-            if r.host is not None:
-                parts += (b"X-Forwarded-Host: ", r.host, b"\r\n")
-        if r.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        elif r.length is not None:
-            parts += (b"Content-Length: ", r.length, b"\r\n\r\n")
-        else:
-            parts.append(b"\r\n")
-        r.head = b"".join(parts)
+        r.head = upstream_head(
+            r.method, upstream_target(pool.base_path, r.sent), pool.authority,
+            jwt, r.rid, r.kept, route.drop, claimed,
+            forwarded_lines(r.fwd, r.fwd is not None and self._trusted(),
+                            self._peer, self._tls, r.host, self._fwd),
+            r.chunked, r.length)
         r.kept = []
         r.fwd = None
-        self._phase = _CONNECT
+        self._to(_CONNECT)
         self.upstream_connecting(pool.connect(self))
 
     # -- what the upstream pool and connection call --------------------------
 
     def upstream_connecting(self, d: Any) -> None:
-        if d is not None and self._phase == _CONNECT and not d.called:
+        if d is not None and self.state is _CONNECT and not d.called:
             self._connect_d = d
 
     def upstream_retry(self) -> None:
         self._upstream = None
-        self._phase = _CONNECT
+        self._to(_CONNECT)
 
     def upstream_ready(self, conn: Any) -> None:
         r = self._req
         self._connect_d = None
-        if r is None or self._phase != _CONNECT:
+        if r is None or self.state is not _CONNECT:
             conn.abort()
             return
         self._upstream = conn
-        self._phase = _UPSTREAM
+        self._to(_UPSTREAM)
         conn.send(self, r.head, r.method == b"HEAD",
-                  r.method in RETRYABLE_METHODS and not r.chunked
-                  and (r.length is None or r.length == b"0"))
+                  retryable(r.method, r.chunked, r.length))
         if self._client_full:
             conn.pause_reading()
         if not r.complete:
             self._body_base = self.reactor.seconds()
             self._body_bytes = 0
-            self._arm(self.factory.header_timeout, _BODY)
+            self._deadline.arm(self.factory.header_timeout, _BODY)
         body = r.body
         if body is not None:
             r.body = None
@@ -903,7 +656,7 @@ class FrontProtocol(Protocol):
             self._end_body(r)
         self._advance()
 
-    def _send_body(self, r: _Request, data: bytes) -> None:
+    def _send_body(self, r: ParsedRequest, data: bytes) -> None:
         if not data:
             return
         if r.chunked:
@@ -912,7 +665,7 @@ class FrontProtocol(Protocol):
         else:
             self._upstream.write(data)
 
-    def _end_body(self, r: _Request) -> None:
+    def _end_body(self, r: ParsedRequest) -> None:
         if r.chunked:
             self._upstream.write(b"0\r\n\r\n")
         self._upstream.request_sent()
@@ -923,21 +676,21 @@ class FrontProtocol(Protocol):
         r = self._req
         self._upstream = None
         self._connect_d = None
-        if r is None or self._phase >= _RESPONSE:
+        if r is None or self.state >= _RESPONSE:
             return
         self._answer_error(r, status, error, description,
                            close=not r.complete)
 
     def response_continue(self) -> None:
         r = self._req
-        if r is not None and r.version == "1.1" and self._phase == _UPSTREAM:
+        if r is not None and r.version == "1.1" and self.state is _UPSTREAM:
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def response_head(self, status: int, reason: bytes, headers: list,
                       mode: int, length: Optional[int],
                       duration: float) -> None:
         r = self._req
-        self._phase = _RESPONSE
+        self._to(_RESPONSE)
         self._upstream_duration = duration
         self._status = status
         close = self._closing or not r.keep_alive
@@ -1005,75 +758,67 @@ class FrontProtocol(Protocol):
         self._dead = True
         self.transport.abortConnection()
 
-    def _broken_mid_request(self, r: _Request) -> None:
+    def _broken_mid_request(self, r: ParsedRequest) -> None:
         """The body of the request in flight turned out malformed."""
         self.factory.metrics.rejected[
-            _REJECTED.get(r.error[0], "bad_request")].inc()
+            REJECTED_REASON.get(r.error[0], "bad_request")].inc()
         self._drop_pending()
-        if self._phase >= _RESPONSE:
+        if self.state >= _RESPONSE:
             self.response_aborted()
         else:
             self._answer_error(r, *r.error, close=True)
 
     # -- answering -----------------------------------------------------------
 
-    def _refuse(self, r: _Request, status: int, error: str,
+    def _refuse(self, r: ParsedRequest, status: int, error: str,
                 description: str, reason: Optional[str] = None) -> None:
         """Answer a request phantomd will not serve, and close."""
-        reason = reason or _REJECTED.get(status, "bad_request")
+        reason = reason or REJECTED_REASON.get(status, "bad_request")
         self.factory.metrics.rejected[reason].inc()
         self._answer_error(r, status, error, description, close=True)
 
-    def _rid(self, r: _Request) -> bytes:
+    def _rid(self, r: ParsedRequest) -> bytes:
         if r.rid is None:
             r.rid = _request_id(r.headers)
         return r.rid
 
-    def _answer_error(self, r: _Request, status: int, error: str,
+    def _answer_error(self, r: ParsedRequest, status: int, error: str,
                       description: str, close: bool) -> None:
         reject = error_response(status, error, description)
         self._answer(r, status, reject.headers(self.factory.realm),
                      reject.body(self._rid(r).decode("ascii")), close)
 
-    def _answer(self, r: _Request, status: int, headers: list, body: bytes,
+    def _answer(self, r: ParsedRequest, status: int, headers: list, body: bytes,
                 close: bool) -> None:
         """Send an answer phantomd makes itself (never the upstream's)."""
         close = close or self._closing or not r.keep_alive
-        headers.append((b"Date", self.factory.date()))
-        headers.append((b"X-Request-Id", self._rid(r)))
-        if r.cors:
-            headers += r.cors
-        parts = _head(status, None, headers,
-                      b"Content-Length: %d\r\n" % len(body)
-                      if status != 204 else b"", close,
-                      r.version == "1.1")
-        if r.method != b"HEAD":
-            parts.append(body)
-        data = b"".join(parts)
+        data = own_answer(status, headers, body, self.factory.date(),
+                          self._rid(r), r.cors, close, r.version == "1.1",
+                          r.method == b"HEAD")
         self._status = status
         self._bytes_sent = len(data)
-        self._phase = _RESPONSE
+        self._to(_RESPONSE)
         self._write(data)
         self._took = self.reactor.seconds() - r.started_at
         self.factory.metrics.request_duration.observe(self._took)
         self._finish(r, close)
 
-    def _finish(self, r: _Request, close: bool) -> None:
+    def _finish(self, r: ParsedRequest, close: bool) -> None:
         self._log_access(r)
         self._req = None
-        self._phase = _IDLE
+        self._to(_IDLE)
         if close or self._closing:
             self._input_pending = not r.complete or self._dead
             self._close()
             return
         f = self.factory
-        if self._parsing is not None:
-            self._arm(f.header_timeout, _HEADER)
+        if self._reader.parsing is not None:
+            self._deadline.arm(f.header_timeout, _HEADER)
         else:
-            self._arm(f.idle_timeout, _IDLE_KA)
+            self._deadline.arm(f.idle_timeout, _IDLE_KA)
         self._advance()
 
-    def _log_access(self, r: _Request, end: str = "ok") -> None:
+    def _log_access(self, r: ParsedRequest, end: str = "ok") -> None:
         """Count and log request ``r``, however it ended: ``ok`` (answered),
         ``aborted`` (its response broken off), ``client_closed``, ``drain``
         (cut by the shutdown).  ``status`` is None when no status line went
@@ -1115,38 +860,20 @@ class FrontProtocol(Protocol):
 
     # -- timers --------------------------------------------------------------
 
-    def _arm(self, seconds: float, kind: int) -> None:
-        """Start waiting ``seconds`` for ``kind``.
-
-        One DelayedCall per connection, rarely moved: ``_deadline`` says
-        when the wait runs out, and a wake-up before it sleeps again."""
-        self._timer_kind = kind
-        deadline = self.reactor.seconds() + seconds
-        self._deadline = deadline
-        t = self._timer
-        if t is None:
-            self._timer = self.reactor.callLater(seconds, self._timed_out)
-        elif t.getTime() > deadline:
-            t.reset(seconds)
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        left = self._deadline - self.reactor.seconds()
-        if left > 0:
-            self._timer = self.reactor.callLater(left, self._timed_out)
-            return
-        if self._timer_kind == _LINGER:
+    def _timed_out(self, kind: int) -> None:
+        """The connection's one wait (``self._deadline``) ran out."""
+        if kind == _LINGER:
             self.transport.abortConnection()
             return
-        if self._timer_kind == _LINGER_TLS:
+        if kind == _LINGER_TLS:
             self.transport.loseConnection()
             return
-        if self._timer_kind == _BODY:
+        if kind == _BODY:
             self._body_timed_out()
             return
         if self._req is not None or self._dead or self._queue:
             return
-        if self._timer_kind == _IDLE_KA:
+        if kind == _IDLE_KA:
             self._close(linger=False)
             return
         if self._tls and not self._any_bytes:
@@ -1156,8 +883,7 @@ class FrontProtocol(Protocol):
             self.factory.metrics.rejected["header_timeout"].inc()
             self.transport.abortConnection()
             return
-        r = self._parsing or _Request()
-        self._parsing = None
+        r = self._reader.take_partial()
         self._dead = True
         if not r.started_at:
             r.started_at = self.reactor.seconds()
@@ -1171,18 +897,18 @@ class FrontProtocol(Protocol):
         of grace; a slow or stalled client is answered 408 (its fault, not
         the API's) and the upstream connection is aborted."""
         r = self._req
-        if r is None or r.complete or self._dead or self._phase < _UPSTREAM:
+        if r is None or r.complete or self._dead or self.state < _UPSTREAM:
             return
         now = self.reactor.seconds()
         grace = self.factory.header_timeout
         if self._paused & _UPSTREAM_FULL:
             # The upstream is not reading: not the client's fault (the
             # base moves on when it reads again).
-            self._arm(grace, _BODY)
+            self._deadline.arm(grace, _BODY)
             return
         due = self._body_base + grace + self._body_bytes / MIN_BODY_RATE
         if now < due:
-            self._arm(due - now, _BODY)
+            self._deadline.arm(due - now, _BODY)
             return
         self._dead = True
         r.error = (408, "request_timeout",
@@ -1193,11 +919,7 @@ class FrontProtocol(Protocol):
 _KEEP = object()
 
 
-def _failure_of(exc: BaseException) -> Any:
-    from twisted.python.failure import Failure
-    return Failure(exc, type(exc), exc.__traceback__)
-
-
+@implementer(IRequestLimits)
 class FrontFactory(Factory):
     """Builds ``FrontProtocol`` for every accepted client connection.
 

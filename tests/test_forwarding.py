@@ -1,0 +1,136 @@
+"""What goes upstream, as pure functions: no protocol, no socket."""
+
+from twisted.trial import unittest
+
+from phantomd.http import forwarding as fw
+
+
+def sort(*lines):
+    return fw.sort_headers(list(lines))
+
+
+class SortHeadersTests(unittest.TestCase):
+    def test_kept_and_used_lines(self) -> None:
+        h = sort((b"Host", b"api"), (b"Authorization", b"Bearer a"),
+                 (b"authorization", b"Bearer b"), (b"Accept", b"*/*"),
+                 (b"Content-Length", b"5"), (b"DPoP", b"proof"),
+                 (b"X-Forwarded-For", b"1.2.3.4"), (b"Upgrade", b"h2c"),
+                 (b"X-Real-IP", b"1.1.1.1"), (b"X_Forwarded_For", b"6.6.6.6"))
+        self.assertEqual(h.kept, [(b"Accept", b"*/*")])
+        self.assertEqual(h.auth, [b"Bearer a", b"Bearer b"])
+        self.assertEqual((h.host, h.hosts, h.length), (b"api", 1, b"5"))
+        self.assertEqual(h.proofs, [(b"DPoP", b"proof")])
+        self.assertEqual(h.fwd, [(b"X-Forwarded-For", b"1.2.3.4")])
+
+    def test_every_transfer_encoding_line_counts(self) -> None:
+        h = sort((b"Transfer-Encoding", b"gzip"),
+                 (b"Transfer-Encoding", b"chunked"))
+        self.assertEqual(h.te, b"gzip,chunked")
+        self.assertEqual(fw.head_problem(b"POST", "1.1", sort(
+            (b"Host", b"a"), (b"Transfer-Encoding", b"gzip"),
+            (b"Transfer-Encoding", b"chunked")))[0], 501)
+
+    def test_connection_named_lines_dropped(self) -> None:
+        h = sort((b"Connection", b"close, X-Secret"), (b"X_Secret", b"1"),
+                 (b"X-Secret", b"2"), (b"X-Other", b"3"))
+        self.assertEqual(h.kept, [(b"X-Other", b"3")])
+
+    def test_request_id(self) -> None:
+        self.assertEqual(sort((b"X-Request-Id", b"abc")).rid, b"abc")
+        for lines in ([], [(b"X-Request-Id", b"a"), (b"X-Request-Id", b"b")],
+                      [(b"X-Request-Id", b"has space")]):
+            rid = fw.sort_headers(lines).rid
+            self.assertEqual(len(rid), 32, lines)
+        self.assertNotEqual(sort().rid, sort().rid)
+
+
+class HeadProblemTests(unittest.TestCase):
+    def test_rows(self) -> None:
+        host = (b"Host", b"a")
+        rows = [
+            (b"GET", "1.1", [host], None),
+            (b"GET", "1.0", [], None),
+            (b"GET", "1.1", [], 400),
+            (b"GET", "1.1", [host, host], 400),
+            (b"GET", "0.9", [host], 400),
+            (b"GET", "2.0", [host], 505),
+            (b"CONNECT", "1.1", [host], 501),
+            (b"POST", "1.1", [host, (b"Transfer-Encoding", b" Chunked ")],
+             None),
+        ]
+        for method, version, lines, status in rows:
+            problem = fw.head_problem(method, version, fw.sort_headers(lines))
+            self.assertEqual(problem and problem[0], status,
+                             (method, version, lines))
+
+
+class TargetTests(unittest.TestCase):
+    def test_rows(self) -> None:
+        rows = [
+            (b"GET", b"/a?b", b"/a?b"),
+            (b"OPTIONS", b"*", b"*"),
+            (b"GET", b"*", None),
+            (b"GET", b"http://h/p?q", b"/p?q"),
+            (b"GET", b"HTTPS://h:8443?q", b"/?q"),
+            (b"GET", b"http://h", b"/"),
+            (b"GET", b"ftp://h/p", None),
+            (b"GET", b"p", None),
+        ]
+        for method, url, target in rows:
+            self.assertEqual(fw.target_of(method, url), target, url)
+
+    def test_upstream_target(self) -> None:
+        self.assertEqual(fw.upstream_target(b"", b"/a"), b"/a")
+        self.assertEqual(fw.upstream_target(b"/base", b"/a"), b"/base/a")
+        self.assertEqual(fw.upstream_target(b"/base", b"*"), b"/base")
+
+    def test_canonical_length(self) -> None:
+        self.assertEqual(fw.canonical_length(b"0005"), b"5")
+
+
+class ForwardedTests(unittest.TestCase):
+    def test_own(self) -> None:
+        own = fw.own_forwarded("10.0.0.1", tls=True)
+        self.assertEqual(own, b"X-Forwarded-For: 10.0.0.1\r\n"
+                              b"X-Forwarded-Proto: https\r\n")
+        self.assertEqual(fw.own_forwarded(None, tls=False),
+                         b"X-Forwarded-Proto: http\r\n")
+
+    def test_an_untrusted_peers_lines_are_not_believed(self) -> None:
+        own = fw.own_forwarded("10.0.0.1", tls=False)
+        lines = fw.forwarded_lines([(b"X-Forwarded-For", b"6.6.6.6")], False,
+                                   "10.0.0.1", False, b"api", own)
+        self.assertEqual(lines, own + b"X-Forwarded-Host: api\r\n")
+
+    def test_a_trusted_proxys_lines_are_extended(self) -> None:
+        lines = fw.forwarded_lines([(b"X-Forwarded-For", b"1.2.3.4")], True,
+                                   "10.0.0.1", False, b"api", b"unused")
+        self.assertIn(b"X-Forwarded-For: 1.2.3.4, 10.0.0.1\r\n", lines)
+
+
+class UpstreamHeadTests(unittest.TestCase):
+    def test_head(self) -> None:
+        head = fw.upstream_head(
+            b"POST", b"/x", b"api:8080", b"j.w.t", b"rid1",
+            [(b"Accept", b"*/*"), (b"X-Drop", b"1")],
+            frozenset((b"x-drop",)), [(b"X-User", b"alice")],
+            b"X-Forwarded-Proto: http\r\n", False, b"3")
+        self.assertEqual(head, b"POST /x HTTP/1.1\r\nHost: api:8080\r\n"
+                               b"Authorization: Bearer j.w.t\r\n"
+                               b"X-Request-Id: rid1\r\nAccept: */*\r\n"
+                               b"X-User: alice\r\n"
+                               b"X-Forwarded-Proto: http\r\n"
+                               b"Content-Length: 3\r\n\r\n")
+
+    def test_no_token_and_chunked(self) -> None:
+        head = fw.upstream_head(b"PUT", b"/", b"a", None, b"r", [], None, (),
+                                b"", True, None)
+        self.assertNotIn(b"Authorization", head)
+        self.assertTrue(head.endswith(b"Transfer-Encoding: chunked\r\n\r\n"))
+
+    def test_retryable(self) -> None:
+        self.assertTrue(fw.retryable(b"GET", False, None))
+        self.assertTrue(fw.retryable(b"HEAD", False, b"0"))
+        self.assertFalse(fw.retryable(b"GET", False, b"1"))
+        self.assertFalse(fw.retryable(b"GET", True, None))
+        self.assertFalse(fw.retryable(b"DELETE", False, None))
