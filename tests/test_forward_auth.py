@@ -432,6 +432,15 @@ class WorkersMode(ServiceCase):
         status, _, body = yield deferToThread(get_once, self.port, "/a",
                                               self.good)
         self.assertEqual(status, 200, self.why(body))
+        # The parent's checks are in /metrics beside the workers' counts.
+        from tests.test_service_e2e import unix_get
+        text = yield deferToThread(unix_get, self.metrics_path, "/metrics")
+        self.assertIn(b'phantomd_forward_auth_checks_total{code="2xx"} 1.0',
+                      text)
+        self.assertIn(b'phantomd_requests_total{code="2xx"} 1.0', text)
+        self.assertEqual(text.count(
+            b"# TYPE phantomd_forward_auth_checks_total counter"), 1, text)
+        self.assertPromtoolClean(text)
 
 
 class ProtocolUnit(unittest.TestCase):
