@@ -113,11 +113,16 @@ def _one(headers, names: Sequence[bytes], what: str
     Proxies set one of the two families and pass the client's headers
     through, so a client can add the other family (or a second line):
     values that disagree are refused rather than one believed."""
-    values: list = []
-    for name in names:
-        values += headers.getRawHeaders(name, [])
-    if not values:
-        return None
+    get = headers.getRawHeaders
+    first, second = get(names[0]), get(names[1])
+    if second is None:
+        if first is None:
+            return None
+        if len(first) == 1:  # the usual case: one line from the proxy
+            return first[0].strip(b" \t")
+        values = list(first)
+    else:
+        values = (first or []) + second
     first = values[0].strip(b" \t")
     if any(v.strip(b" \t") != first for v in values[1:]):
         return _bad("conflicting %s headers" % what)
@@ -259,17 +264,14 @@ class Checker:
                                    client_cert=cert, **more)
 
 
-class _Headers:
+class _Headers(dict):
     """The check's header lines, by lower-case name (``getRawHeaders`` as
-    twisted.web's ``Headers`` has it, for ``original_request``)."""
+    twisted.web's ``Headers`` has it, for ``original_request``; a dict's
+    own ``get``, so a look-up costs no Python call)."""
 
-    __slots__ = ("lines",)
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self.lines: dict = {}
-
-    def getRawHeaders(self, name: bytes, default=None):
-        return self.lines.get(name, default)
+    getRawHeaders = dict.get
 
 
 #: The only header lines a check reads.
@@ -365,7 +367,7 @@ class CheckProtocol(Protocol):
             raise _TooLarge()
         name = name.lower()
         if name in _READ:  # the rest is never looked at
-            lines = self._headers.lines
+            lines = self._headers
             got = lines.get(name)
             if got is None:
                 lines[name] = [value]
@@ -415,7 +417,7 @@ class CheckProtocol(Protocol):
                               headers)
         result = getattr(d, "result", None)
         if d.called and type(result) in (Forward, Reject):
-            d.addErrback(lambda f: None)
+            # Decided already (a cache hit): no callback machinery.
             return self._answer(slot, ctx, result)
         slot[1] = d
         d.addCallbacks(self._decided, self._failed,
