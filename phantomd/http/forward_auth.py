@@ -458,9 +458,8 @@ class CheckProtocol(Protocol):
             lines = [(b"Authorization", b"Bearer " + jwt)]
             claims = outcome.claims
         if route is not None and route.claim_headers:
-            present = dict(claim_lines(route, claims) or ()) if claims \
-                else {}
-            if claims and claim_lines(route, claims) is None:
+            claimed = claim_lines(route, claims) if claims else []
+            if claimed is None:
                 # As the front: CR, LF, a control or non-ASCII character
                 # (or an object) cannot become a header.
                 log.error("a claim of {token_id} cannot be sent as a "
@@ -469,6 +468,7 @@ class CheckProtocol(Protocol):
                 return error_response(
                     502, "bad_gateway",
                     "the token's claims cannot be forwarded")
+            present = dict(claimed)
             lines += [(name, present.get(name, b""))
                       for name, _ in route.claim_headers]
         lines.append((b"Cache-Control", b"no-store"))
