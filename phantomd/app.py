@@ -244,7 +244,8 @@ class Gateway:
                     _forward_auth_secret(config),
                     routes=routes.from_config(config, default=True)),
                 self.metrics, idle_timeout=config.phantomd.idle_timeout,
-                header_timeout=config.phantomd.header_timeout)
+                header_timeout=config.phantomd.header_timeout,
+                access_log=access_log)
         self.forward_auth_ports: list = []
         self.admin_site = admin.make_admin_site(
             reactor, self.metrics, self.readiness,

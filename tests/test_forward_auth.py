@@ -432,6 +432,15 @@ class WorkersMode(ServiceCase):
         status, _, body = yield deferToThread(get_once, self.port, "/a",
                                               self.good)
         self.assertEqual(status, 200, self.why(body))
+        # The parent's checks are in /metrics beside the workers' counts.
+        from tests.test_service_e2e import unix_get
+        text = yield deferToThread(unix_get, self.metrics_path, "/metrics")
+        self.assertIn(b'phantomd_forward_auth_checks_total{code="2xx"} 1.0',
+                      text)
+        self.assertIn(b'phantomd_requests_total{code="2xx"} 1.0', text)
+        self.assertEqual(text.count(
+            b"# TYPE phantomd_forward_auth_checks_total counter"), 1, text)
+        self.assertPromtoolClean(text)
 
 
 class ProtocolUnit(unittest.TestCase):
@@ -555,3 +564,153 @@ class Reload(GatewayCase):
         token, _ = scene.good_token()
         self.assertEqual((await scene.get(token)).status, 200)
         self.assertEqual((await get(reactor, scene.fa, token)).status, 200)
+
+
+ROUTES = {
+    "route public": {"match": "/public", "auth": "optional",
+                     "claim_headers": "X-User-Id=sub X-Tenant=tenant"},
+    "route api": {"match": "/", "claim_headers":
+                  "X-User-Id=sub X-Tenant=tenant"},
+}
+
+
+class ClaimHeaders(GatewayCase):
+    """Every claim header of the original URI's route is in each 200, so
+    that a proxy copying it never keeps a client's forged copy nor sends a
+    placeholder (Caddy 2.6-2.9, caddyserver/caddy#6610)."""
+
+    @async_test
+    async def test_present_claim_sent_absent_claim_empty(self):
+        scene = await build_fa(self, **ROUTES)
+        token, jwt = scene.good_token(sub="alice", groups=["a", "b"])
+        r = await get(reactor, scene.fa, token, headers=[
+            ("X-Forwarded-Uri", "/orders/1"), ("X-Tenant", "forged")])
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(r.header(b"x-user-id"), [b"alice"])
+        self.assertEqual(r.header(b"x-tenant"), [b""])
+        self.assertEqual(r.header(b"authorization"),
+                         [b"Bearer " + jwt.encode()])
+
+    @async_test
+    async def test_unsendable_claim_is_502_without_jwt(self):
+        scene = await build_fa(self, **ROUTES)
+        token, _ = scene.good_token(sub="alice\r\nX-Admin: yes")
+        r = await get(reactor, scene.fa, token, headers=[
+            ("X-Forwarded-Uri", "/orders/1")])
+        self.assertError(r, 502, "bad_gateway")
+        self.assertEqual(r.header(b"authorization"), [])
+        self.assertEqual(r.header(b"x-user-id"), [])
+        self.assertEqual(r.header(b"x-admin"), [])
+
+    @async_test
+    async def test_public_check_answers_empty_authorization_and_claims(self):
+        """auth = optional, no token: the proxy must not keep the
+        client's own X-User-Id (nor any Authorization)."""
+        scene = await build_fa(self, **ROUTES)
+        r = await get(reactor, scene.fa, None, headers=[
+            ("X-Forwarded-Uri", "/public/x"), ("X-User-Id", "root")])
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(r.header(b"authorization"), [b""])
+        self.assertEqual(r.header(b"x-user-id"), [b""])
+        self.assertEqual(r.header(b"x-tenant"), [b""])
+        self.assertEqual(scene.ts.requests, [])
+
+
+class AccessLog(GatewayCase):
+
+    @async_test
+    async def test_each_check_is_one_access_log_line(self):
+        from phantomd.ops.logs import ACCESS_FIELDS
+        from tests.robustness.fakes import Scene
+        from tests.test_gateway_e2e import LENIENT
+        records: list = []
+        sections = {name: dict(keys) for name, keys in LENIENT.items()}
+        sections["forward_auth"] = {"listen": "tcp:0:interface=127.0.0.1"}
+        scene = await Scene.build(self, reactor, access_log=records.append,
+                                  **sections)
+        fa = scene.gw.gateway.forward_auth_ports[0].getHost().port
+        token, _ = scene.good_token()
+        for t in (token, token, None):
+            await get(reactor, fa, t, headers=[
+                ("X-Forwarded-Method", "POST"),
+                ("X-Forwarded-Uri", "/orders/1?access_token=x"),
+                ("X-Request-Id", "check-1")])
+        self.assertEqual(len(records), 3)
+        for record in records:
+            self.assertEqual(set(record), set(ACCESS_FIELDS))
+        self.assertEqual([(r["status"], r["cache"], r["end"])
+                          for r in records],
+                         [(200, "miss", "ok"), (200, "hit", "ok"),
+                          (401, None, "ok")])
+        first = records[0]
+        self.assertEqual((first["method"], first["path"], first["client"],
+                          first["request_id"]),
+                         ("POST", "/orders/1", "127.0.0.1", "check-1"))
+        self.assertTrue(first["token_id"])
+        self.assertNotIn(token, repr(records))
+
+
+class SenderConstrained(GatewayCase):
+    """DPoP- and certificate-bound tokens through forward-auth (DESIGN
+    section 12), the real gate deciding."""
+
+    def proof_headers(self, token, proof, host="api.example.test"):
+        return [("Authorization", "DPoP " + token), ("DPoP", proof),
+                ("X-Forwarded-Proto", "http"), ("X-Forwarded-Host", host),
+                ("X-Forwarded-Method", "GET"),
+                ("X-Forwarded-Uri", "/resource?q=1")]
+
+    @async_test
+    async def test_dpop_bound_token_passes_with_proof_of_original_url(self):
+        from tests.test_dpop_e2e import KEY, proof
+        scene = await build_fa(self)
+        token, jwt = scene.good_token(cnf={"jkt": KEY.thumbprint()})
+        r = await get(reactor, scene.fa, None, headers=self.proof_headers(
+            token, proof(token)))
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(r.header(b"authorization"),
+                         [b"Bearer " + jwt.encode()])
+
+    @async_test
+    async def test_dpop_refused_without_proof_or_for_another_url(self):
+        from tests.test_dpop_e2e import KEY, proof
+        scene = await build_fa(self)
+        token, _ = scene.good_token(cnf={"jkt": KEY.thumbprint()})
+        # As Bearer, without the proof.
+        r = await get(reactor, scene.fa, token)
+        self.assertEqual(r.status, 401, r.body)
+        self.assertEqual(r.header(b"authorization"), [])
+        self.assertIn(b"DPoP", b" ".join(r.header(b"www-authenticate")))
+        # A proof made for another host than the proxy reports.
+        r = await get(reactor, scene.fa, None, headers=self.proof_headers(
+            token, proof(token), host="evil.example.test"))
+        self.assertEqual(r.status, 401, r.body)
+        self.assertIn(b'error="invalid_dpop_proof"',
+                      b" ".join(r.header(b"www-authenticate")))
+        self.assertEqual(r.header(b"authorization"), [])
+        # No X-Forwarded-Host: no URL to check the proof against.
+        r = await get(reactor, scene.fa, None, headers=[
+            ("Authorization", "DPoP " + token), ("DPoP", proof(token))])
+        self.assertEqual(r.status, 401, r.body)
+        self.assertEqual(r.header(b"authorization"), [])
+
+    @async_test
+    async def test_certificate_bound_token_needs_client_cert(self):
+        import base64
+        from phantomd.token.mtls import thumbprint
+        der = b"0\x82 a client certificate's DER"
+        scene = await build_fa(self)
+        token, jwt = scene.good_token(cnf={"x5t#S256": thumbprint(der)})
+        header = ":" + base64.b64encode(der).decode() + ":"
+        r = await get(reactor, scene.fa, token,
+                      headers=[("Client-Cert", header)])
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(r.header(b"authorization"),
+                         [b"Bearer " + jwt.encode()])
+        r = await get(reactor, scene.fa, token)
+        self.assertEqual(r.status, 401, r.body)
+        self.assertEqual(r.header(b"authorization"), [])
+        other = ":" + base64.b64encode(b"another").decode() + ":"
+        r = await get(reactor, scene.fa, token,
+                      headers=[("Client-Cert", other)])
+        self.assertEqual(r.status, 401, r.body)

@@ -28,6 +28,17 @@ NGINX = shutil.which("nginx") or (
 CADDY = shutil.which("caddy")
 
 
+def without_sub() -> str:
+    """A JWT as the fake token service makes them, without ``sub``."""
+    import base64
+    import json
+    from tests.robustness.fakes import b64url, make_jwt
+    head, payload, sig = make_jwt().split(".")
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    del claims["sub"]
+    return ".".join((head, b64url(json.dumps(claims).encode()), sig))
+
+
 def free_port() -> int:
     """A loopback port nothing listens on now (for a proxy's own config:
     nginx and Caddy cannot report a port 0 back)."""
@@ -162,6 +173,9 @@ class ThroughProxy:
                 f.write(secret + "\n")
             sections["forward_auth"] = {"secret_file": path}
         self.secret = secret
+        # The README snippets copy X-User-Id: the route that sends it.
+        sections.setdefault("route api", {"match": "/",
+                                          "claim_headers": "X-User-Id=sub"})
         scene = await build_fa(self, **sections)
         scene.proxy = await self.start_proxy(scene)
         return scene
@@ -253,6 +267,63 @@ class ThroughProxy:
                          [b"Bearer " + jwt.encode()])
 
 
+    #: What the API gets for a claim the token lacks: nginx sends no
+    #: header for an empty value, Caddy an empty one.
+    missing_claim: list = []
+
+    @async_test
+    async def test_forged_claim_header_never_reaches_the_api(self):
+        scene = await self.scene()
+        forged = [("X-User-Id", "root"), ("x-user-id", "root2")]
+        token, _ = scene.good_token(sub="alice")
+        r = await get(reactor, scene.proxy, token, headers=forged)
+        self.assertEqual(r.status, 200, r.body)
+        token = new_token()
+        scene.ts.activate(token, jwt=without_sub())
+        r = await get(reactor, scene.proxy, token, headers=forged)
+        self.assertEqual(r.status, 200, r.body)
+        with_sub, without = scene.api.requests
+        self.assertEqual(with_sub.header(b"x-user-id"), [b"alice"])
+        self.assertEqual(without.header(b"x-user-id"), self.missing_claim)
+        self.assertNotIn(b"root", with_sub.raw() + without.raw())
+        self.assertNotIn(b"{http.", without.raw())
+
+    @async_test
+    async def test_public_route_passes_neither_client_token_nor_claims(self):
+        scene = await self.scene(**{"route public": {
+            "match": "/public", "auth": "optional",
+            "claim_headers": "X-User-Id=sub"}})
+        r = await get(reactor, scene.proxy, None, target="/public/x",
+                      headers=[("X-User-Id", "root")])
+        self.assertEqual(r.status, 200, r.body)
+        [api_request] = scene.api.requests
+        self.assertEqual(api_request.header(b"x-user-id"), self.missing_claim)
+        self.assertIn(api_request.header(b"authorization"),
+                      ([], [b""]))
+
+    @async_test
+    async def test_dpop_bound_token_through_the_proxy(self):
+        from tests.test_dpop_e2e import KEY, proof
+        scene = await self.scene()
+        token, jwt = scene.good_token(cnf={"jkt": KEY.thumbprint()})
+        # The client's Host (request_bytes'), as the proxy reports it.
+        url = "http://api.example.test/orders/1"
+        r = await get(reactor, scene.proxy, None, target="/orders/1?x=1",
+                      headers=[("Authorization", "DPoP " + token),
+                               ("DPoP", proof(token, htu=url)),
+                               ("X-Forwarded-Host", "evil.example.test")])
+        self.assertEqual(r.status, 200, r.body)
+        [api_request] = scene.api.requests
+        self.assertEqual(api_request.header(b"authorization"),
+                         [b"Bearer " + jwt.encode()])
+        # A proof made for another URL.
+        r = await get(reactor, scene.proxy, None, headers=[
+            ("Authorization", "DPoP " + token),
+            ("DPoP", proof(token, htu="http://elsewhere.test/orders/1"))])
+        self.assertEqual(r.status, 401, r.body)
+        self.assertEqual(len(scene.api.requests), 1)
+
+
 class Nginx(ThroughProxy, GatewayCase):
     timeout = 30
     if NGINX is None:
@@ -291,6 +362,7 @@ class Nginx(ThroughProxy, GatewayCase):
 
 class Caddy(ThroughProxy, GatewayCase):
     timeout = 30
+    missing_claim = [b""]
     if CADDY is None:
         skip = ("caddy is not installed (apt-get install -y "
                 "--no-install-recommends caddy; Debian 12 has 2.6.2)")
@@ -394,7 +466,8 @@ class Snippets(unittest.TestCase):
         fa = doc["http"]["middlewares"]["phantomd"]["forwardAuth"]
         self.assertEqual(fa["address"], "http://127.0.0.1:8181/check")
         self.assertIs(fa["trustForwardHeader"], False)
-        self.assertEqual(fa["authResponseHeaders"], ["Authorization"])
+        self.assertEqual(fa["authResponseHeaders"],
+                         ["Authorization", "X-User-Id"])
         self.assertEqual(doc["http"]["routers"]["api"]["middlewares"],
                          ["phantomd"])
 
@@ -413,6 +486,6 @@ class Snippets(unittest.TestCase):
         response = http["authorization_response"]
         self.assertEqual([p["exact"] for p in
                           response["allowed_upstream_headers"]["patterns"]],
-                         ["authorization"])
+                         ["authorization", "x-user-id"])
         client = response["allowed_client_headers"]["patterns"]
         self.assertIn("www-authenticate", [p["exact"] for p in client])

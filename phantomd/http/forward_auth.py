@@ -20,12 +20,29 @@ front is: a check has no body to stream and its answer is a few header
 lines, so a cache hit is parse, lookup, one write.  (twisted.web's channel
 did the same job at about twice phantomd's CPU per check.)  A check's
 own body is parsed and discarded, never stored.
+
+Sender-constrained tokens (DESIGN section 12) pass here as on the front:
+a DPoP proof in the check's ``DPoP`` header must name the original
+request, ``htm`` its method and ``htu`` the URL made of the proxy's
+``X-Forwarded-Proto``, ``X-Forwarded-Host`` and the original URI; a
+certificate-bound token needs the client certificate in an RFC 9440
+``Client-Cert`` header.  Those headers are believed because only
+``allow_from`` peers (the proxy) are answered at all: the proxy must set
+them itself, overwriting any copy its client sent (the README snippets
+do).  Without them such a token is refused, 401 with the DPoP or
+certificate error.
+
+A 200 carries every claim header of the original URI's route (DESIGN
+section 8), empty for a claim the token lacks, and an ``auth = none`` (or
+``optional`` without a token) 200 carries an empty ``Authorization``: a
+proxy copying a header from the answer then never keeps or invents one
+(Caddy 2.6-2.9 sends a literal placeholder for a header the answer lacks,
+2.10 keeps the client's).
 """
 
 from __future__ import annotations
 
 import hmac
-import os
 import re
 from collections import deque
 from dataclasses import dataclass
@@ -36,8 +53,14 @@ from twisted.internet import defer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from phantomd.http.answers import REASONS, Dates
+from phantomd.http import requestid
+from phantomd.http.answers import Dates, head
+from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
+from phantomd.http.proxies import forwarded_origin
+from phantomd.http.routes import UnsafePath, claim_lines
+from phantomd.token.dpop import request_url
+from phantomd.token.mtls import header_thumbprint
 from phantomd.token.outcomes import Forward, Reject, error_response
 
 log = Logger()
@@ -52,7 +75,6 @@ MAX_ORIGINAL_URI = 8192
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}\Z").match
 # Visible ASCII only: no CR, LF, NUL, space or other controls.
 _URI = re.compile(rb"[\x21-\x7e]+\Z").match
-_REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}\Z").match
 _JWT = re.compile(rb"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]*)*\Z").match
 
 _FORWARDED = (b"x-forwarded-method", b"x-original-method")
@@ -91,11 +113,16 @@ def _one(headers, names: Sequence[bytes], what: str
     Proxies set one of the two families and pass the client's headers
     through, so a client can add the other family (or a second line):
     values that disagree are refused rather than one believed."""
-    values: list = []
-    for name in names:
-        values += headers.getRawHeaders(name, [])
-    if not values:
-        return None
+    get = headers.getRawHeaders
+    first, second = get(names[0]), get(names[1])
+    if second is None:
+        if first is None:
+            return None
+        if len(first) == 1:  # the usual case: one line from the proxy
+            return first[0].strip(b" \t")
+        values = list(first)
+    else:
+        values = (first or []) + second
     first = values[0].strip(b" \t")
     if any(v.strip(b" \t") != first for v in values[1:]):
         return _bad("conflicting %s headers" % what)
@@ -193,48 +220,64 @@ class Checker:
     def allowed(self, host: Optional[str]) -> bool:
         return self.allow_from.trusts(host)
 
-    def authorize(self, original: OriginalRequest,
-                  authorization: Sequence[bytes]) -> defer.Deferred:
-        """The gate's decision for ``original``, by its route (DESIGN
-        section 8): its path checked as the front checks it (400), the
-        route's scopes, and for ``auth = none`` (or ``optional`` without a
-        token) a 200 carrying no Authorization at all.  Claim headers are
-        not answered here (the proxy would have to copy them)."""
+    def route(self, original: OriginalRequest) -> Any:
+        """The route ``original`` takes (None without a route table), or
+        a 400 ``Reject`` for a path the front would refuse."""
         table = self.routes
         if table is None:
-            return self.gate.authorize(authorization)
-        from phantomd.http.routes import UnsafePath
+            return None
         try:
-            match = table.match(original.method, original.uri)
+            return table.match(original.method, original.uri).route
         except UnsafePath as e:
-            return defer.succeed(error_response(400, "invalid_request",
-                                                str(e)))
-        route = match.route
-        if route.auth == "none" or (route.auth == "optional"
-                                    and not authorization):
-            return defer.succeed(PUBLIC)
-        if route.required_scopes is None:
-            return self.gate.authorize(authorization)
-        return self.gate.authorize(authorization,
-                                   required_scopes=route.required_scopes)
+            return error_response(400, "invalid_request", str(e))
+
+    def authorize(self, original: OriginalRequest, route: Any,
+                  authorization: Sequence[bytes], headers: Any = None
+                  ) -> defer.Deferred:
+        """The gate's decision for ``original`` taking ``route`` (DESIGN
+        section 8): the route's scopes, and for ``auth = none`` (or
+        ``optional`` without a token) ``PUBLIC``.  ``headers``: the
+        check's lines, for the sender-constraint evidence (``DPoP``,
+        ``Client-Cert``, ``X-Forwarded-Proto``/``-Host``: the proxy's,
+        see the module docstring)."""
+        more: dict = {}
+        if route is not None:
+            if route.auth == "none" or (route.auth == "optional"
+                                        and not authorization):
+                return defer.succeed(PUBLIC)
+            if route.required_scopes is not None:
+                more["required_scopes"] = route.required_scopes
+        get = headers.getRawHeaders if headers is not None else None
+        dpop = get(b"dpop", ()) if get else ()
+        certs = get(b"client-cert", ()) if get else ()
+        cert = header_thumbprint(certs) if certs else None
+        if not dpop and cert is None:
+            return self.gate.authorize(authorization, **more)
+        url = None
+        if dpop:
+            fwd = [(n, v) for n in (b"x-forwarded-proto", b"x-forwarded-host")
+                   for v in get(n, ())]
+            scheme, host = forwarded_origin(fwd, b"http", None)
+            url = request_url(scheme, host, original.uri)
+        return self.gate.authorize(authorization, dpop=dpop,
+                                   method=original.method, url=url,
+                                   client_cert=cert, **more)
 
 
-class _Headers:
+class _Headers(dict):
     """The check's header lines, by lower-case name (``getRawHeaders`` as
-    twisted.web's ``Headers`` has it, for ``original_request``)."""
+    twisted.web's ``Headers`` has it, for ``original_request``; a dict's
+    own ``get``, so a look-up costs no Python call)."""
 
-    __slots__ = ("lines",)
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self.lines: dict = {}
-
-    def getRawHeaders(self, name: bytes, default=None):
-        return self.lines.get(name, default)
+    getRawHeaders = dict.get
 
 
 #: The only header lines a check reads.
 _READ = frozenset(_FORWARDED + _FORWARDED_URI + (
-    b"authorization", b"x-request-id", SECRET_HEADER))
+    b"authorization", b"x-request-id", SECRET_HEADER, b"dpop",
+    b"client-cert", b"x-forwarded-proto", b"x-forwarded-host"))
 
 
 #: Pipelined checks waiting for an answer on one connection; beyond it the
@@ -266,9 +309,7 @@ class CheckProtocol(Protocol):
         self.reactor = factory.reactor
         self._parser = HttpRequestParser(self)
         self._slots: deque = deque()   # [answer bytes or None, deferred]
-        self._timer = None
-        self._kind = None
-        self._deadline = 0.0
+        self._deadline = Deadline(factory.reactor, self._timed_out)
         self._paused = False
         self._closing = False
         self._url = b""
@@ -280,13 +321,11 @@ class CheckProtocol(Protocol):
         self._write = writer_for(self.transport)
         self._peer = getattr(self.transport.getPeer(), "host", None)
         self._allow_from = self._allowed = None
-        self._arm(self.factory.idle_timeout, _IDLE)
+        self._deadline.arm(self.factory.idle_timeout, _IDLE)
 
     def connectionLost(self, reason=None) -> None:
         self._closing = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._deadline.cancel()
         slots, self._slots = self._slots, deque()
         for slot in slots:
             if slot[1] is not None and not slot[1].called:
@@ -313,7 +352,7 @@ class CheckProtocol(Protocol):
         self._url = b""
         self._headers = _Headers()
         self._size = self._count = 0
-        self._arm(self.factory.header_timeout, _HEAD)
+        self._deadline.arm(self.factory.header_timeout, _HEAD)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -328,7 +367,7 @@ class CheckProtocol(Protocol):
             raise _TooLarge()
         name = name.lower()
         if name in _READ:  # the rest is never looked at
-            lines = self._headers.lines
+            lines = self._headers
             got = lines.get(name)
             if got is None:
                 lines[name] = [value]
@@ -336,7 +375,7 @@ class CheckProtocol(Protocol):
                 got.append(value)
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._deadline.disarm()
         p = self._parser
         slot = [None, None]
         self._slots.append(slot)
@@ -351,10 +390,10 @@ class CheckProtocol(Protocol):
     def _check(self, slot, method: bytes, uri: bytes, headers: _Headers,
                keep_alive: bool) -> None:
         factory = self.factory
-        rid = headers.getRawHeaders(b"x-request-id")
-        rid = (rid[0] if rid and len(rid) == 1 and _REQUEST_ID(rid[0])
-               else factory.request_id())
-        ctx = (rid, method == b"HEAD", keep_alive)
+        # ctx: request id, HEAD, keep-alive, start, method, URI, route.
+        ctx = [requestid.chosen(headers.getRawHeaders(b"x-request-id", ())),
+               method == b"HEAD", keep_alive, self.reactor.seconds(),
+               method, uri, None]
         checker = factory.checker
         if checker.allow_from is not self._allow_from:
             # Worked out once per connection, again after a reload.
@@ -367,11 +406,18 @@ class CheckProtocol(Protocol):
         original = original_request(headers, method, uri)
         if type(original) is Reject:
             return self._answer(slot, ctx, original)
-        d = checker.authorize(original,
-                              headers.getRawHeaders(b"authorization", []))
+        ctx[4] = original.method
+        ctx[5] = original.uri
+        route = checker.route(original)
+        if type(route) is Reject:
+            return self._answer(slot, ctx, route)
+        ctx[6] = route
+        d = checker.authorize(original, route,
+                              headers.getRawHeaders(b"authorization", []),
+                              headers)
         result = getattr(d, "result", None)
         if d.called and type(result) in (Forward, Reject):
-            d.addErrback(lambda f: None)
+            # Decided already (a cache hit): no callback machinery.
             return self._answer(slot, ctx, result)
         slot[1] = d
         d.addCallbacks(self._decided, self._failed,
@@ -380,6 +426,8 @@ class CheckProtocol(Protocol):
     def _failed(self, f, slot, ctx) -> None:
         if f.check(defer.CancelledError) or self._closing and \
                 slot not in self._slots:
+            if slot[0] is None:
+                self._logged(ctx, None, None, 0, "client_closed")
             return
         log.failure("forward-auth check failed", f)
         self._answer(slot, ctx, error_response(500, "server_error",
@@ -387,46 +435,92 @@ class CheckProtocol(Protocol):
 
     def _decided(self, outcome, slot, ctx) -> None:
         if slot not in self._slots:
-            return  # the connection went away
+            # The connection went away.
+            self._logged(ctx, None, outcome, 0, "client_closed")
+            return
         self._answer(slot, ctx, outcome)
 
-    def _answer(self, slot, ctx, outcome) -> None:
-        rid, head_only, keep_alive = ctx
-        factory = self.factory
+    def _granted(self, outcome, route) -> Union[list, Reject]:
+        """The header lines of a 200: ``Authorization`` (empty for
+        ``PUBLIC``) and every claim header of ``route``, empty for an
+        absent claim; a 502 for a claim that cannot be a header."""
         if outcome is PUBLIC:
-            status, body = 200, b""
-            lines = [b"Cache-Control: no-store\r\n"]
-        elif type(outcome) is Forward:
+            lines = [(b"Authorization", b"")]
+            claims: Any = None
+        else:
             jwt = outcome.jwt.encode("ascii", "replace")
             if not _JWT(jwt):
                 log.error("the gate produced a malformed JWT for "
                           "{token_id}", token_id=outcome.token_id)
-                outcome = error_response(
+                return error_response(
                     502, "bad_gateway",
                     "the token service returned an unusable token")
-        if outcome is PUBLIC:
-            pass
-        elif type(outcome) is Forward:
+            lines = [(b"Authorization", b"Bearer " + jwt)]
+            claims = outcome.claims
+        if route is not None and route.claim_headers:
+            claimed = claim_lines(route, claims) if claims else []
+            if claimed is None:
+                # As the front: CR, LF, a control or non-ASCII character
+                # (or an object) cannot become a header.
+                log.error("a claim of {token_id} cannot be sent as a "
+                          "header of route {route}",
+                          token_id=outcome.token_id, route=route.name)
+                return error_response(
+                    502, "bad_gateway",
+                    "the token's claims cannot be forwarded")
+            present = dict(claimed)
+            lines += [(name, present.get(name, b""))
+                      for name, _ in route.claim_headers]
+        lines.append((b"Cache-Control", b"no-store"))
+        return lines
+
+    def _answer(self, slot, ctx, outcome) -> None:
+        rid, head_only, keep_alive = ctx[0], ctx[1], ctx[2]
+        factory = self.factory
+        if outcome is PUBLIC or type(outcome) is Forward:
+            lines = self._granted(outcome, ctx[6])
+            if type(lines) is Reject:
+                outcome = lines
+        if outcome is PUBLIC or type(outcome) is Forward:
             status, body = 200, b""
-            lines = [b"Authorization: Bearer ", jwt,
-                     b"\r\nCache-Control: no-store\r\n"]
         else:
-            status, body = outcome.status, outcome.body()
-            lines = []
-            for name, value in outcome.headers(factory.checker.gate.realm):
-                lines += (name, b": ", value, b"\r\n")
+            status = outcome.status
+            body = outcome.body(rid.decode("ascii"))
+            lines = outcome.headers(factory.checker.gate.realm)
         factory.metrics.forward_auth_answered(status)
         close = not keep_alive or self._closing
-        slot[0] = b"".join([
-            b"HTTP/1.1 %d %s\r\nDate: " % (status,
-                                           REASONS.get(status, b"")),
-            factory.date(), b"\r\nX-Request-Id: ", rid, b"\r\n"] + lines + [
-            b"Content-Length: %d\r\n" % len(body),
-            b"Connection: close\r\n\r\n" if close else b"\r\n",
-            b"" if head_only else body])
+        parts = head(status, None, [(b"Date", factory.date()),
+                                    (b"X-Request-Id", rid)] + lines,
+                     b"Content-Length: %d\r\n" % len(body), close, True)
+        if not head_only:
+            parts.append(body)
+        slot[0] = b"".join(parts)
         if close:
             slot.append(True)
+        self._logged(ctx, status, outcome, len(slot[0]), "ok")
         self._flush()
+
+    def _logged(self, ctx, status, outcome, sent: int, end: str) -> None:
+        """One access-log line per check, with the front's fields
+        (``logs.ACCESS_FIELDS``): the original method and path."""
+        access_log = self.factory.access_log
+        if access_log is None:
+            return
+        uri = ctx[5]
+        q = uri.find(b"?")
+        access_log({
+            "client": self._peer,
+            "method": ctx[4].decode("ascii", "replace"),
+            "path": (uri if q < 0 else uri[:q]).decode("latin-1") or "-",
+            "status": status,
+            "duration": self.reactor.seconds() - ctx[3],
+            "upstream_duration": None,
+            "cache": getattr(outcome, "cache", None) or None,
+            "token_id": getattr(outcome, "token_id", None) or None,
+            "bytes_sent": sent,
+            "request_id": ctx[0].decode("ascii"),
+            "end": end,
+        })
 
     def _flush(self) -> None:
         slots = self._slots
@@ -440,58 +534,31 @@ class CheckProtocol(Protocol):
         if self._paused and len(slots) < MAX_PIPELINE:
             self._paused = False
             self.transport.resumeProducing()
-        if not slots and self._kind is None:
-            self._arm(self.factory.idle_timeout, _IDLE)
+        if not slots and not self._deadline.armed:
+            self._deadline.arm(self.factory.idle_timeout, _IDLE)
 
-    def _fail(self, status: int) -> None:
-        """Answer what cannot be parsed (after the answers owed), close."""
+    def _fail(self, status: int, description: str = "") -> None:
+        """Answer what cannot be parsed or came too late (after the
+        answers owed), close."""
         self._closing = True
         slot = [None, None]
         self._slots.append(slot)
-        self._answer(slot, (self.factory.request_id(), False, False),
-                     error_response(status, "invalid_request" if status ==
-                                    400 else "request_header_fields_too_large",
-                                    "malformed request" if status == 400 else
-                                    "request head too large"))
+        error = {400: "invalid_request", 408: "request_timeout",
+                 431: "request_header_fields_too_large"}[status]
+        self._answer(slot, [requestid.new_request_id(), False, False,
+                            self.reactor.seconds(), b"-", self._url, None],
+                     error_response(status, error, description or (
+                         "malformed request" if status == 400 else
+                         "request head too large")))
 
-    # -- timers ---------------------------------------------------------------
-
-    # One DelayedCall at most, moved lazily: arming sets a deadline, and
-    # the call, when it fires early, re-schedules itself for the rest.
-    # (Scheduling and cancelling a call per check costs more than the
-    # check's parsing.)  It is never more than header_timeout ahead, so a
-    # head's deadline, the shorter one, is never missed.
-
-    def _arm(self, seconds: float, kind: int) -> None:
-        self._kind = kind
-        self._deadline = self.reactor.seconds() + seconds
-        if self._timer is None:
-            self._timer = self.reactor.callLater(
-                min(seconds, self.factory.header_timeout), self._timed_out)
-
-    def _disarm(self) -> None:
-        self._kind = None
-
-    def _timed_out(self) -> None:
-        self._timer = None
-        kind = self._kind
-        if kind is None or self._closing:
+    def _timed_out(self, kind: int) -> None:
+        if self._closing:
             return
-        left = self._deadline - self.reactor.seconds()
-        if left > 0:
-            self._timer = self.reactor.callLater(
-                min(left, self.factory.header_timeout), self._timed_out)
-            return
-        self._kind = None
-        self._closing = True
         if kind == _IDLE:
+            self._closing = True
             self.transport.loseConnection()
             return
-        slot = [None, None]
-        self._slots.append(slot)
-        self._answer(slot, (self.factory.request_id(), False, False),
-                     error_response(408, "request_timeout",
-                                    "request head not received in time"))
+        self._fail(408, "request head not received in time")
 
 
 class ForwardAuthFactory(Factory):
@@ -502,26 +569,20 @@ class ForwardAuthFactory(Factory):
     noisy = False
 
     def __init__(self, reactor, checker: Checker, metrics,
-                 idle_timeout: float = 60, header_timeout: float = 10
-                 ) -> None:
+                 idle_timeout: float = 60, header_timeout: float = 10,
+                 access_log: Optional[Any] = None) -> None:
         self.reactor = reactor
+        #: Called with one dict per check (``logs.AccessLog``), or None.
+        self.access_log = access_log
         self.checker = checker
         self.metrics = metrics
         self.idle_timeout = idle_timeout
         self.header_timeout = header_timeout
         self.date = Dates(reactor)
-        self._id_prefix = os.urandom(6).hex().encode("ascii")
-        self._ids = 0
 
     def reconfigure(self, idle_timeout: float, header_timeout: float) -> None:
         self.idle_timeout = idle_timeout
         self.header_timeout = header_timeout
-
-    def request_id(self) -> bytes:
-        """A new id: this process's random prefix and a counter (unique
-        without a system call per check)."""
-        self._ids += 1
-        return b"%s-%x" % (self._id_prefix, self._ids)
 
     def buildProtocol(self, addr: Any) -> CheckProtocol:
         p = CheckProtocol(self)

@@ -48,7 +48,7 @@ import signal
 import socket
 import sys
 import tempfile
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from twisted.application import service
 from twisted.internet import defer, error, fdesc, protocol
@@ -440,6 +440,53 @@ def archive_dead_worker(directory: str, pid: int) -> None:
         os.remove(path)
 
 
+class WithParent:
+    """The workers' samples (``workers``, a ``MultiProcessCollector``) with
+    the parent's own added in: the parent answers ``[forward_auth]`` checks
+    with its own gate, and its ``Metrics`` live in its memory, not in the
+    workers' files.
+
+    Only families the workers' files have are merged (the parent's
+    ``process_*`` come from ``WorkerProcesses``): counters, histograms and
+    gauges (all ``livesum``) are summed per sample, a sample only the
+    parent has is added.  ``parent()`` is the parent's registry, or None
+    before it exists.  Holds nothing between scrapes.
+    """
+
+    _SUMMED = ("counter", "histogram", "gauge")
+
+    def __init__(self, workers: Any, parent: Callable[[], Any]) -> None:
+        self._workers = workers
+        self._parent = parent
+
+    def collect(self):
+        families = list(self._workers.collect())
+        registry = self._parent()
+        if registry is None:
+            return families
+        by_name = {f.name: f for f in families}
+        for own in registry.collect():
+            merged = by_name.get(own.name)
+            if merged is None or own.type not in self._SUMMED or \
+                    merged.type != own.type:
+                continue
+            samples = merged.samples
+            at = {(x.name, tuple(sorted(x.labels.items()))): i
+                  for i, x in enumerate(samples)}
+            for x in own.samples:
+                if x.name.endswith("_created"):
+                    continue
+                key = (x.name, tuple(sorted(x.labels.items())))
+                i = at.get(key)
+                if i is None:
+                    at[key] = len(samples)
+                    samples.append(x)
+                else:
+                    samples[i] = samples[i]._replace(
+                        value=samples[i].value + x.value)
+        return families
+
+
 class WorkerProcesses:
     """``process_*`` (CPU, memory, fds, start time) of the parent and of
     every live worker, labelled ``worker="parent"``, ``worker="0"``...
@@ -733,7 +780,7 @@ class Supervisor(service.Service):
         from prometheus_client.multiprocess import MultiProcessCollector
         from phantomd.ops.metrics import BuildInfo
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=metrics_dir)
+        workers = MultiProcessCollector(None, path=metrics_dir)
         registry.register(BuildInfo())
         registry.register(WorkerProcesses(
             lambda: self.pool.slots() if self.pool is not None else {}))
@@ -741,6 +788,9 @@ class Supervisor(service.Service):
         if make is None:
             from phantomd.app import Gateway as make
         self.gateway = make(self.reactor, self.config, admin_registry=registry)
+        # The parent counts too: it answers the [forward_auth] checks.
+        registry.register(WithParent(workers, lambda: getattr(
+            getattr(self.gateway, "metrics", None), "registry", None)))
         fleet = getattr(self.gateway, "fleet", None)
         if fleet is not None and fleet.shared is None:
             # No Redis: the parent tells its workers of each revocation.
