@@ -265,6 +265,18 @@ class RouteConfigTests(SynchronousTestCase):
         self.assertEqual(c.routes["public"].auth, "none")
         self.assertEqual(config.parse(MINIMAL).routes, {})
 
+    def test_cors_key(self):
+        c = config.parse(MINIMAL + "[route a]\nmatch = /a\n[route b]\n"
+                         "match = /b\ncors = no\n")
+        t = routes.from_config(c)
+        self.assertTrue(t.match(b"GET", b"/a").route.cors)  # default yes
+        self.assertFalse(t.match(b"GET", b"/b/1").route.cors)
+        self.assertTrue(t.match(b"GET", b"/c").route.cors)  # the default
+        e = self.assertRaises(config.ConfigError, config.parse,
+                              MINIMAL + "[route b]\nmatch = /b\ncors = maybe\n",
+                              "/etc/p.ini")
+        self.assertEqual((e.section, e.key), ("route b", "cors"))
+
     def test_empty_scopes_replace_the_default(self):
         c = config.parse(MINIMAL + "[route r]\nmatch = /r\nrequired_scopes =\n")
         self.assertEqual(c.routes["r"].required_scopes, ())

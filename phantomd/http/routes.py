@@ -37,14 +37,15 @@ class Route:
     ``required_scopes`` None: the gate's."""
 
     __slots__ = ("name", "prefixes", "methods", "upstream", "auth",
-                 "required_scopes", "claim_headers", "strip_prefix", "drop")
+                 "required_scopes", "claim_headers", "strip_prefix", "drop",
+                 "cors")
 
     def __init__(self, name: str, prefixes: tuple = ((),),
                  methods: Optional[frozenset] = None,
                  upstream: Optional[str] = None, auth: str = "required",
                  required_scopes: Optional[tuple] = None,
-                 claim_headers: tuple = (), strip_prefix: bool = False
-                 ) -> None:
+                 claim_headers: tuple = (), strip_prefix: bool = False,
+                 cors: bool = True) -> None:
         self.name = name
         self.prefixes = prefixes
         self.methods = methods
@@ -54,6 +55,9 @@ class Route:
                                 else frozenset(required_scopes))
         self.claim_headers = claim_headers
         self.strip_prefix = strip_prefix
+        #: False (``cors = no``): the front treats this route's requests as
+        #: without ``[cors]`` (DESIGN section 9's route override).
+        self.cors = cors
         #: ``claim_headers`` names as ``drop_name`` spells them: a client's
         #: copy goes, whatever its case and ``_`` for ``-`` (CGI/WSGI
         #: servers read ``X_User_Id`` as ``X-User-Id``).
@@ -244,7 +248,8 @@ def from_config(config: Any, default: bool = False) -> RouteTable:
     routes = [
         Route(name, prefixes=s.match, methods=s.methods, upstream=s.upstream,
               auth=s.auth, required_scopes=s.required_scopes,
-              claim_headers=s.claim_headers, strip_prefix=s.strip_prefix)
+              claim_headers=s.claim_headers, strip_prefix=s.strip_prefix,
+              cors=s.cors)
         for name, s in config.routes.items()]
     return RouteTable(routes, Route("default") if (
         default or config.phantomd.upstream) else None)
