@@ -24,6 +24,9 @@ _UNRESERVED = frozenset(
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 # Separators some upstream may decode and act on: '/', '\', NUL.
 _HIDDEN_SEPARATOR = re.compile(rb"%2[fF]|%5[cC]|\\")
+# A path that is not its own matched form: something to decode or cut
+# (``%``, ``;``), to refuse (a backslash, a dot segment) or to drop (``//``).
+_NOT_PLAIN = re.compile(rb"[%;\\]|/[./]").search
 
 
 class UnsafePath(ValueError):
@@ -201,9 +204,7 @@ class RouteTable:
                 segments(path)  # only its checks
             return (Match(self.default, target)
                     if self.default is not None else None)
-        if path[:1] == b"/" and b"%" not in path and b";" not in path \
-                and b"\\" not in path and b"/." not in path \
-                and b"//" not in path:
+        if path[:1] == b"/" and _NOT_PLAIN(path) is None:
             # The common case: the path is its matched form.
             cut = path.find(b"/", 1)
             first = path[1:] if cut < 0 else path[1:cut]
@@ -212,7 +213,9 @@ class RouteTable:
                 if path.startswith(joined) and (
                         len(path) == end or path[end] == 0x2F) and (
                         route.methods is None or method in route.methods):
-                    return self._found(route, target, end)
+                    if route.strip_prefix:
+                        return self._found(route, target, end)
+                    return Match(route, target)
         else:
             matched, ends = segments(path)
             if matched:
