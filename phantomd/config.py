@@ -560,6 +560,11 @@ ROUTE_SCHEMA: dict[str, Key] = {
     "required_scopes": Key(route_scopes, "\0inherit", trust=False),
     "claim_headers": Key(claim_headers, "", trust=False),
     "strip_prefix": Key(boolean, "no", trust=False),
+    # DESIGN section 9's route override: no: this route is as without
+    # [cors] (preflights forwarded with no Authorization, no
+    # Access-Control-* added).  Which answers browsers may read, not which
+    # token is valid: trust=False.
+    "cors": Key(boolean, "yes", trust=False),
 }
 _check_schema({"route NAME": ROUTE_SCHEMA})
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")

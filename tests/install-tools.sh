@@ -6,6 +6,7 @@
 #   openssl, curl   real TLS clients against ssl: listeners (ALPN)
 #   redis-server    the [shared_cache] tier and its Sentinel (redis-server --sentinel)
 #   nginx, caddy    forward-auth behind real proxies
+#   chromium        a real browser enforcing CORS against [cors] and routes
 #   promtool        alone, unpacked from Debian's prometheus package: its
 #                   dependencies are a Prometheus server's web UI, over 300 MB
 # and, where npm exists, node oidc-provider for the second real-token-service
@@ -16,7 +17,8 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update
 apt-get install -y --no-install-recommends \
-    python3-venv systemd openssl curl redis-server nginx caddy
+    python3-venv systemd openssl curl redis-server nginx caddy \
+    chromium
 if ! command -v promtool >/dev/null; then
     tmp=$(mktemp -d)
     (cd "$tmp" && apt-get download prometheus \

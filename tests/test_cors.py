@@ -198,3 +198,42 @@ class CorsE2E(GatewayCase):
                             headers=[("Origin", APP)])
         self.assertError(r, 401, None, challenge=None)
         self.assertEqual(r.header(b"access-control-allow-origin"), [])
+
+    @async_test
+    async def test_route_cors_no_is_as_without_cors(self):
+        # DESIGN section 9's route override: [route internal] cors = no.
+        s = await self.scene(**{"route internal": {
+            "match": "/internal", "required_scopes": "admin",
+            "cors": "no"}})
+        s.api.behaviour = Reply(204, (
+            (b"Access-Control-Allow-Origin", b"https://upstream.test"),), b"")
+        # Its preflight is not answered by phantomd: forwarded with no
+        # Authorization, and the upstream's answer is its own.
+        r = await self.send("OPTIONS", "/internal/x", token="opaque-tok",
+                            headers=self.PREFLIGHT)
+        self.assertEqual(r.status, 204)
+        self.assertEqual(r.header(b"access-control-allow-origin"),
+                         [b"https://upstream.test"])
+        self.assertEqual(r.header(b"access-control-allow-methods"), [])
+        [got] = s.api.requests
+        self.assertEqual(got.target, b"/internal/x")
+        self.assertEqual(got.header(b"authorization"), [])
+        self.assertNotIn(b"opaque-tok", got.raw())
+        # phantomd's own 401 and 403 on it carry no Access-Control-*.
+        r = await self.send("GET", "/internal/x", headers=[("Origin", APP)])
+        self.assertError(r, 401, None, challenge=None)
+        self.assertEqual([n for n, _ in r.headers
+                          if n.lower().startswith(b"access-control-")], [])
+        token, _ = s.good_token(sub="a", scope="read")
+        r = await self.send("GET", "/internal/x", token=token,
+                            headers=[("Origin", APP)])
+        self.assertError(r, 403, "insufficient_scope",
+                         challenge="insufficient_scope", scope="admin")
+        self.assertEqual(r.header(b"access-control-allow-origin"), [])
+        self.assertEqual(r.header(b"access-control-expose-headers"), [])
+        self.assertEqual(len(s.ts.requests), 1)
+        # Every other route keeps [cors].
+        r = await self.send("OPTIONS", "/resource", headers=self.PREFLIGHT)
+        self.assertEqual(r.status, 204)
+        self.assertAllowed(r)
+        self.assertEqual(len(s.api.requests), 1)

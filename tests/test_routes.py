@@ -150,6 +150,105 @@ def parse(prefix):
     return routes.parse_prefix(prefix.decode())
 
 
+INDEXED = """
+[route root]
+match = /
+methods = GET
+
+[route a]
+match = /a
+
+[route ab-put]
+match = /a/b
+methods = PUT
+
+[route abc]
+match = /a/b/c
+strip_prefix = yes
+
+[route abx]
+match = /a/bx /z/b
+
+[route b-post]
+match = /b
+methods = POST
+"""
+
+
+def naive(t, method, target):
+    """DESIGN section 8 spelled out, no index: every prefix of every route,
+    the longest whose route allows the method; ties in config order."""
+    path = target.split(b"?", 1)[0]
+    matched, _ = routes.segments(path)
+    best = None
+    for route in t.routes:
+        for prefix in route.prefixes:
+            if tuple(matched[:len(prefix)]) != prefix:
+                continue
+            if route.methods is not None and method not in route.methods:
+                continue
+            if best is None or len(prefix) > best[0]:
+                best = (len(prefix), route)
+    return best[1].name if best else t.default.name
+
+
+class IndexTests(SynchronousTestCase):
+    """The first-segment index answers as section 8 reads."""
+
+    CASES = [
+        (b"GET", b"/a/b/c/d", "abc", b"/d"),
+        (b"GET", b"/a/b/cd", "a", b"/a/b/cd"),    # segment-wise
+        (b"PUT", b"/a/b/x", "ab-put", b"/a/b/x"),
+        (b"GET", b"/a/b/x", "a", b"/a/b/x"),     # methods: shorter prefix
+        (b"GET", b"/a/bx/1", "abx", b"/a/bx/1"),
+        (b"GET", b"/z/b", "abx", b"/z/b"),       # a second prefix
+        (b"GET", b"/z/c", "root", b"/z/c"),      # root catches the rest
+        (b"POST", b"/z/c", "default", b"/z/c"),  # root lacks POST
+        (b"POST", b"/b/1", "b-post", b"/b/1"),
+        (b"GET", b"/b/1", "root", b"/b/1"),      # b-post lacks GET: root
+        (b"DELETE", b"/b/1", "default", b"/b/1"),
+        (b"GET", b"/", "root", b"/"),
+        (b"GET", b"/?q=/a", "root", b"/?q=/a"),
+        # Decoded, doubled or ;-spelled forms take the same route as the
+        # plain one (the index's two paths agree).
+        (b"GET", b"/a/%62/c/d", "abc", b"/d"),
+        (b"GET", b"/a//b/c/d", "abc", b"/d"),
+        (b"GET", b"/a/b;x/c", "abc", b"/"),
+        (b"GET", b"/%61/b/x", "a", b"/%61/b/x"),
+        # %2F never splits, on either path.
+        (b"GET", b"/a%2Fb/c", "root", b"/a%2Fb/c"),
+        (b"PUT", b"/a/b%2Fc", "a", b"/a/b%2Fc"),
+    ]
+
+    def test_cases(self):
+        t = table(INDEXED)
+        for method, target, name, sent in self.CASES:
+            m = t.match(method, target)
+            self.assertEqual((m.route.name, m.target), (name, sent),
+                             (method, target))
+
+    def test_unsafe_paths_refused_whatever_the_routes(self):
+        t = table(INDEXED)
+        for target in MatchTests.UNSAFE + [b"/a/b/..", b"/z/%2e"]:
+            self.assertRaises(UnsafePath, t.match, b"GET", target)
+
+    def test_agrees_with_the_naive_reading(self):
+        import itertools
+        t = table(INDEXED + ROUTES.replace("[route ", "[route x-"))
+        words = [b"a", b"b", b"c", b"bx", b"z", b"%62", b"orders", b"items",
+                 b"", b"admin;p", b"a%2Fb"]
+        n = 0
+        for depth in range(4):
+            for parts in itertools.product(words, repeat=depth):
+                target = b"/" + b"/".join(parts)
+                for method in (b"GET", b"PUT", b"POST", b"DELETE"):
+                    self.assertEqual(t.match(method, target).route.name,
+                                     naive(t, method, target),
+                                     (method, target))
+                    n += 1
+        self.assertGreater(n, 5000)
+
+
 class RouteConfigTests(SynchronousTestCase):
     def test_parsed(self):
         c = config.parse(MINIMAL + ROUTES)
@@ -165,6 +264,18 @@ class RouteConfigTests(SynchronousTestCase):
         self.assertEqual(c.routes["admin"].required_scopes, ("admin",))
         self.assertEqual(c.routes["public"].auth, "none")
         self.assertEqual(config.parse(MINIMAL).routes, {})
+
+    def test_cors_key(self):
+        c = config.parse(MINIMAL + "[route a]\nmatch = /a\n[route b]\n"
+                         "match = /b\ncors = no\n")
+        t = routes.from_config(c)
+        self.assertTrue(t.match(b"GET", b"/a").route.cors)  # default yes
+        self.assertFalse(t.match(b"GET", b"/b/1").route.cors)
+        self.assertTrue(t.match(b"GET", b"/c").route.cors)  # the default
+        e = self.assertRaises(config.ConfigError, config.parse,
+                              MINIMAL + "[route b]\nmatch = /b\ncors = maybe\n",
+                              "/etc/p.ini")
+        self.assertEqual((e.section, e.key), ("route b", "cors"))
 
     def test_empty_scopes_replace_the_default(self):
         c = config.parse(MINIMAL + "[route r]\nmatch = /r\nrequired_scopes =\n")

@@ -479,6 +479,8 @@ class FrontProtocol(Protocol):
             return
         route = r.route = match.route
         r.sent = match.target
+        if not route.cors:  # [route] cors = no: as without [cors]
+            cors = r.cors = None
         if preflight and cors is not None:
             # Browsers send no token on a preflight: phantomd answers it.
             r.cors = None

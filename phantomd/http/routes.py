@@ -24,6 +24,9 @@ _UNRESERVED = frozenset(
 _ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})")
 # Separators some upstream may decode and act on: '/', '\', NUL.
 _HIDDEN_SEPARATOR = re.compile(rb"%2[fF]|%5[cC]|\\")
+# A path that is not its own matched form: something to decode or cut
+# (``%``, ``;``), to refuse (a backslash, a dot segment) or to drop (``//``).
+_NOT_PLAIN = re.compile(rb"[%;\\]|/[./]").search
 
 
 class UnsafePath(ValueError):
@@ -37,14 +40,15 @@ class Route:
     ``required_scopes`` None: the gate's."""
 
     __slots__ = ("name", "prefixes", "methods", "upstream", "auth",
-                 "required_scopes", "claim_headers", "strip_prefix", "drop")
+                 "required_scopes", "claim_headers", "strip_prefix", "drop",
+                 "cors")
 
     def __init__(self, name: str, prefixes: tuple = ((),),
                  methods: Optional[frozenset] = None,
                  upstream: Optional[str] = None, auth: str = "required",
                  required_scopes: Optional[tuple] = None,
-                 claim_headers: tuple = (), strip_prefix: bool = False
-                 ) -> None:
+                 claim_headers: tuple = (), strip_prefix: bool = False,
+                 cors: bool = True) -> None:
         self.name = name
         self.prefixes = prefixes
         self.methods = methods
@@ -54,6 +58,9 @@ class Route:
                                 else frozenset(required_scopes))
         self.claim_headers = claim_headers
         self.strip_prefix = strip_prefix
+        #: False (``cors = no``): the front treats this route's requests as
+        #: without ``[cors]`` (DESIGN section 9's route override).
+        self.cors = cors
         #: ``claim_headers`` names as ``drop_name`` spells them: a client's
         #: copy goes, whatever its case and ``_`` for ``-`` (CGI/WSGI
         #: servers read ``X_User_Id`` as ``X-User-Id``).
@@ -151,23 +158,38 @@ def parse_prefix(value: str) -> tuple:
 
 
 class RouteTable:
-    """The routes, longest prefix first.
+    """The routes, indexed by their prefixes' first segment.
 
-    ``match`` costs one dictionary lookup per distinct prefix length not
-    longer than the path, whatever the number of routes.  A table is
-    immutable; a reload builds a new one."""
+    ``match`` looks up the path's first segment once and tries only the
+    prefixes that start with it (longest first, ties in config order),
+    then the root ``/`` prefixes: its cost does not grow with the number
+    of routes, only with how many prefixes share a first segment.  A
+    path with nothing to decode or drop (no ``%``, ``;``, ``\\``, ``/.``,
+    ``//``) is its own matched form, so it is compared to the prefixes as
+    bytes without being split.  A table is immutable; a reload builds a
+    new one."""
 
     def __init__(self, routes: "list[Route]", default: Optional[Route]
                  ) -> None:
         self.routes = tuple(routes)
         self.default = default
-        by_length: dict = {}
-        for route in routes:
+        entries = []
+        for order, route in enumerate(routes):
             for prefix in route.prefixes:
-                by_length.setdefault(len(prefix), {}).setdefault(
-                    prefix, []).append(route)
-        self._lengths = sorted(by_length, reverse=True)
-        self._by_length = by_length
+                entries.append((-len(prefix), order, prefix, route))
+        entries.sort(key=lambda e: e[:2])
+        #: first segment -> ((prefix, b"/a/b", route), ...) longest first
+        index: dict = {}
+        root = []
+        for _, _, prefix, route in entries:
+            if prefix:
+                index.setdefault(prefix[0], []).append(
+                    (prefix, b"/" + b"/".join(prefix), route))
+            else:
+                root.append(route)
+        self._index = {k: tuple(v) for k, v in index.items()}
+        self._root = tuple(root)
+        self._empty = not entries
 
     def match(self, method: bytes, target: bytes) -> Optional[Match]:
         """The route for a request, or None (404: no route and no
@@ -177,30 +199,49 @@ class RouteTable:
                     if self.default is not None else None)
         q = target.find(b"?")
         path = target if q < 0 else target[:q]
-        if not self._lengths:
+        if self._empty:
             if b"%" in path or b"\\" in path or b"/." in path:
                 segments(path)  # only its checks
             return (Match(self.default, target)
                     if self.default is not None else None)
-        matched, ends = segments(path)
-        n = len(matched)
-        for length in self._lengths:
-            if length > n:
-                continue
-            candidates = self._by_length[length].get(tuple(matched[:length]))
-            if candidates is None:
-                continue
-            for route in candidates:
-                if route.methods is None or method in route.methods:
-                    if route.strip_prefix and length:
-                        rest = target[ends[length - 1]:]
-                        if rest[:1] != b"/":
-                            rest = b"/" + rest
-                        return Match(route, rest)
+        if path[:1] == b"/" and _NOT_PLAIN(path) is None:
+            # The common case: the path is its matched form.
+            cut = path.find(b"/", 1)
+            first = path[1:] if cut < 0 else path[1:cut]
+            for prefix, joined, route in self._index.get(first, ()):
+                end = len(joined)
+                if path.startswith(joined) and (
+                        len(path) == end or path[end] == 0x2F) and (
+                        route.methods is None or method in route.methods):
+                    if route.strip_prefix:
+                        return self._found(route, target, end)
                     return Match(route, target)
+        else:
+            matched, ends = segments(path)
+            if matched:
+                n = len(matched)
+                for prefix, _, route in self._index.get(matched[0], ()):
+                    length = len(prefix)
+                    if length <= n and tuple(matched[:length]) == prefix \
+                            and (route.methods is None
+                                 or method in route.methods):
+                        return self._found(route, target, ends[length - 1])
+        for route in self._root:
+            if route.methods is None or method in route.methods:
+                return Match(route, target)
         if self.default is None:
             return None
         return Match(self.default, target)
+
+    @staticmethod
+    def _found(route: Route, target: bytes, end: int) -> Match:
+        """``route`` matched a prefix ending at ``end`` in ``target``."""
+        if route.strip_prefix:
+            rest = target[end:]
+            if rest[:1] != b"/":
+                rest = b"/" + rest
+            return Match(route, rest)
+        return Match(route, target)
 
 
 def from_config(config: Any, default: bool = False) -> RouteTable:
@@ -210,7 +251,8 @@ def from_config(config: Any, default: bool = False) -> RouteTable:
     routes = [
         Route(name, prefixes=s.match, methods=s.methods, upstream=s.upstream,
               auth=s.auth, required_scopes=s.required_scopes,
-              claim_headers=s.claim_headers, strip_prefix=s.strip_prefix)
+              claim_headers=s.claim_headers, strip_prefix=s.strip_prefix,
+              cors=s.cors)
         for name, s in config.routes.items()]
     return RouteTable(routes, Route("default") if (
         default or config.phantomd.upstream) else None)
