@@ -44,8 +44,7 @@ from phantomd import config
 from phantomd.ops import logs
 from phantomd.token.clientauth import ClientAuth
 from phantomd.http.client import (AnswerTooLarge, Answer, BodyFailed,
-                                  BodyTooLarge, HTTPClient)
-from phantomd.http.fetch import fetcher_for, fixed_headers
+                                  BodyTooLarge, HTTPClient, encode_headers)
 from phantomd.token.outcomes import Active, Inactive, IntrospectionFailed
 
 log = Logger()
@@ -193,11 +192,11 @@ class Introspector:
         # which count only when empty (so they must be seen, bounded).
         self._keep = (200,) + tuple(sorted(self._inactive_statuses))
         self._url = settings.url
-        self._fetch = fetcher_for(http_client)
+        self._fetch = http_client.fetch
         self._static_form: Optional[tuple[bytes, Any]] = None
         if self._auth.static:
             tail, headers = self._form()
-            self._static_form = (tail, fixed_headers(http_client, headers))
+            self._static_form = (tail, encode_headers(headers))
         self._throttle = logs.Throttle(clock, LOG_INTERVAL, _MAX_LOG_KEYS)
         self.last_success: Optional[float] = None
 
