@@ -279,9 +279,19 @@ class _Exchange:
         except Exception:
             self._finish(Failure())
             return self.result
-        self._request.addCallbacks(self._got_answer, self._request_failed)
-        self._request.addErrback(self._unexpected)
+        self._request.addBoth(self._ended)
         return self.result
+
+    def _ended(self, result: Any) -> None:
+        """The request's outcome (one callback, not three: this is on the
+        miss path of every new token)."""
+        try:
+            if isinstance(result, Failure):
+                self._request_failed(result)
+            else:
+                self._got_answer(result)
+        except Exception:
+            self._unexpected(Failure())
 
     def _got_answer(self, answer: Answer) -> None:
         if self._finished:
