@@ -166,8 +166,9 @@ class _IntrospectionStack:
         keys = self.keys = response_verifier = jwt_verifier = None
         if i.response == "token-introspection+jwt" or i.verify_jwt:
             from phantomd.token import jose
-            keys = jose.KeySource(reactor, self.http, jwks_url=i.jwks_url,
-                                  issuer=i.issuer)
+            from phantomd.token.keysource import KeySource
+            keys = KeySource(reactor, self.http, jwks_url=i.jwks_url,
+                             issuer=i.issuer)
             if i.response == "token-introspection+jwt":
                 response_verifier = jose.IntrospectionResponseVerifier(
                     reactor, keys, i.issuer, i.client_id)

@@ -3,7 +3,8 @@
 from hypothesis import given, settings, strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.token.cachecontrol import freshness_lifetime, parse_http_date
+from phantomd.token.cachecontrol import (floor_applies, freshness,
+                                       freshness_lifetime, parse_http_date)
 
 NOW = 784111777.0  # Sun, 06 Nov 1994 08:49:37 GMT
 IMF_NOW = "Sun, 06 Nov 1994 08:49:37 GMT"
@@ -184,3 +185,30 @@ class NeverRaisesTests(SynchronousTestCase):
     def test_any_input(self, headers, now):
         lifetime = freshness_lifetime(headers, now)
         self.assertTrue(lifetime is None or lifetime >= 0, lifetime)
+
+
+class FreshnessTests(SynchronousTestCase):
+    """``freshness`` (one reading, used by the introspector) says exactly
+    what ``freshness_lifetime`` and ``floor_applies`` say."""
+
+    FLOOR_CASES = [({CC: ["no-store"]}, True), ({CC: ["no-cache"]}, True),
+                   ({CC: ["private"]}, False), ({}, True),
+                   ({CC: ["max-age=0"]}, False), ({CC: ["max-age=x"]}, False),
+                   ({CC: ["max-age=60, max-age=30"]}, False)]
+
+    def test_table(self):
+        for description, headers, expected in CASES:
+            with self.subTest(description):
+                self.assertEqual(freshness(headers, NOW),
+                                 (expected, floor_applies(headers, NOW)))
+        for headers, floorable in self.FLOOR_CASES:
+            self.assertEqual(freshness(headers, NOW)[1], floorable, headers)
+
+    @settings(derandomize=True, max_examples=500, deadline=None)
+    @given(headers=st.dictionaries(
+        _HEADER_NAMES, st.lists(_VALUES, max_size=3), max_size=5),
+        now=st.floats(allow_nan=False, allow_infinity=False))
+    def test_any_input(self, headers, now):
+        self.assertEqual(freshness(headers, now),
+                         (freshness_lifetime(headers, now),
+                          floor_applies(headers, now)))

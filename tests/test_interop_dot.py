@@ -31,6 +31,8 @@ import treq
 from treq.client import HTTPClient
 
 from phantomd.token import jose
+from phantomd.token.keysource import KeySource
+from tests.helpers_fetch import TreqFetcher
 
 try:
     import django  # noqa: F401
@@ -219,7 +221,7 @@ class DjangoOAuthToolkitTests(TestCase):
         id_token = json.loads(body)["id_token"]
 
         issuer = self.base + "/o"
-        keys = jose.KeySource(reactor, self.http, issuer=issuer)
+        keys = KeySource(reactor, TreqFetcher(self.http), issuer=issuer)
         claims = yield jose.JWTVerifier(reactor, keys).verify(id_token)
         self.assertEqual((claims["iss"], claims["aud"]),
                          (issuer, self.info["webapp"]["client_id"]))

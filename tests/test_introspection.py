@@ -1,5 +1,5 @@
 """Tests for phantomd.token.introspection against an in-memory token service
-(treq.testing.StubTreq) and a Clock: every response form, every status row,
+(treq.testing.StubTreq, through tests.helpers_fetch) and a Clock: every response form, every status row,
 each client authentication method's wire form, body framing and bounds,
 timeouts."""
 
@@ -24,6 +24,7 @@ from phantomd import config
 
 from phantomd.token import introspection, jose
 from phantomd.token.introspection import Introspector
+from tests.helpers_fetch import TreqFetcher
 from phantomd.token.outcomes import Active, Inactive, IntrospectionFailed
 
 URL = "https://login.example.com/oauth/v2/introspect"
@@ -134,7 +135,8 @@ class IntrospectorTestCase(unittest.TestCase):
         extra = {k: settings.pop(k) for k in
                  ("minter", "response_verifier", "jwt_verifier")
                  if k in settings}
-        return Introspector(self.clock, self.stub, make_settings(**settings),
+        return Introspector(self.clock, TreqFetcher(self.stub),
+                            make_settings(**settings),
                             secret, **extra)
 
     def outcome(self, intro: Introspector, token: str = TOKEN) -> Any:
@@ -517,7 +519,7 @@ class StatusTests(IntrospectorTestCase):
             def request(self, *a, **kw):
                 return fail(ConnectionRefusedError("127.0.0.1"))
 
-        intro = Introspector(self.clock, Refusing(), make_settings(), "x")
+        intro = Introspector(self.clock, TreqFetcher(Refusing()), make_settings(), "x")
         e = self.failureResultOf(intro.introspect(TOKEN),
                                  IntrospectionFailed).value
         self.assertEqual(e.kind, "error")

@@ -24,6 +24,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from phantomd.token import jose
+from phantomd.token import keysource
+from phantomd.token.keysource import KeySource
+from tests.helpers_fetch import TreqFetcher
 
 NOW = 1_800_000_000.0
 ISSUER = "https://login.example.com"
@@ -497,7 +500,7 @@ class KeySourceTests(SynchronousTestCase):
 
     def source(self, **kw):
         kw.setdefault("jwks_url", JWKS_URL)
-        return jose.KeySource(self.clock, self.stub, **kw)
+        return KeySource(self.clock, TreqFetcher(self.stub), **kw)
 
     def get(self, source, kid, alg="RS256"):
         d = source.key(kid, alg)
@@ -638,12 +641,13 @@ class KeySourceTests(SynchronousTestCase):
                       str(self.refused(source, None, "RS256")))
 
     def test_needs_a_url_or_issuer(self):
-        self.assertRaises(ValueError, jose.KeySource, self.clock, self.stub)
+        self.assertRaises(ValueError, KeySource, self.clock,
+                          TreqFetcher(self.stub))
 
     def test_discovery_openid_configuration(self):
         self.service.serve(b"/.well-known/openid-configuration",
                            {"issuer": ISSUER, "jwks_uri": JWKS_URL})
-        source = jose.KeySource(self.clock, self.stub, issuer=ISSUER)
+        source = KeySource(self.clock, TreqFetcher(self.stub), issuer=ISSUER)
         self.assertEqual(self.get(source, "rsa-1").get("kid"), "rsa-1")
 
     def test_discovery_falls_back_to_rfc8414(self):
@@ -651,7 +655,7 @@ class KeySourceTests(SynchronousTestCase):
         self.service.serve(
             b"/.well-known/oauth-authorization-server/tenant",
             {"issuer": issuer, "jwks_uri": JWKS_URL})
-        source = jose.KeySource(self.clock, self.stub, issuer=issuer)
+        source = KeySource(self.clock, TreqFetcher(self.stub), issuer=issuer)
         self.assertEqual(self.get(source, "rsa-1").get("kid"), "rsa-1")
         self.assertEqual(
             self.service.count(b"/tenant/.well-known/openid-configuration"), 1)
@@ -660,14 +664,14 @@ class KeySourceTests(SynchronousTestCase):
         self.service.serve(b"/.well-known/openid-configuration",
                            {"issuer": "https://evil.example",
                             "jwks_uri": JWKS_URL})
-        source = jose.KeySource(self.clock, self.stub, issuer=ISSUER)
+        source = KeySource(self.clock, TreqFetcher(self.stub), issuer=ISSUER)
         e = self.refused(source, "rsa-1")
         self.assertIn("names issuer 'https://evil.example'", str(e))
 
     def test_discovery_without_jwks_uri(self):
         self.service.serve(b"/.well-known/oauth-authorization-server",
                            {"issuer": ISSUER})
-        source = jose.KeySource(self.clock, self.stub, issuer=ISSUER)
+        source = KeySource(self.clock, TreqFetcher(self.stub), issuer=ISSUER)
         self.assertIn("no usable jwks_uri", str(self.refused(source, "x")))
 
     def test_discovery_refuses_plain_http_jwks_uri_of_an_https_issuer(self):
@@ -676,11 +680,11 @@ class KeySourceTests(SynchronousTestCase):
         fetching it, with one log line per attempt."""
         from twisted.logger import Logger
         events: list = []
-        self.patch(jose, "log", Logger(observer=events.append))
+        self.patch(keysource, "log", Logger(observer=events.append))
         self.service.serve(b"/.well-known/openid-configuration",
                            {"issuer": ISSUER, "jwks_uri":
                             "http://login.example.com/jwks"})
-        source = jose.KeySource(self.clock, self.stub, issuer=ISSUER)
+        source = KeySource(self.clock, TreqFetcher(self.stub), issuer=ISSUER)
         e = self.refused(source, "rsa-1")
         self.assertIn("not https like its issuer", str(e))
         self.assertEqual(self.service.count(b"/jwks"), 0)
@@ -697,7 +701,7 @@ class KeySourceTests(SynchronousTestCase):
         self.service.serve(b"/.well-known/openid-configuration",
                            {"issuer": issuer,
                             "jwks_uri": "http://login.example.com/jwks"})
-        source = jose.KeySource(self.clock, self.stub, issuer=issuer)
+        source = KeySource(self.clock, TreqFetcher(self.stub), issuer=issuer)
         self.assertEqual(self.get(source, "rsa-1").get("kid"), "rsa-1")
 
 
@@ -723,7 +727,7 @@ class IntrospectionResponseVerifierTests(SynchronousTestCase):
         self.service = TokenService()
         self.service.serve(b"/jwks", public_jwks(RSA_KEY, EC_KEY, ED_KEY))
         self.stub = StubTreq(self.service)
-        self.keys = jose.KeySource(self.clock, self.stub, jwks_url=JWKS_URL)
+        self.keys = KeySource(self.clock, TreqFetcher(self.stub), jwks_url=JWKS_URL)
         self.verifier = jose.IntrospectionResponseVerifier(
             self.clock, self.keys, ISSUER, CLIENT_ID, max_age=60)
 
@@ -873,7 +877,7 @@ class JWTVerifierTests(SynchronousTestCase):
         self.service.serve(b"/jwks", public_jwks(RSA_KEY, ED_KEY))
         self.stub = StubTreq(self.service)
         self.verifier = jose.JWTVerifier(
-            self.clock, jose.KeySource(self.clock, self.stub,
+            self.clock, KeySource(self.clock, TreqFetcher(self.stub),
                                        jwks_url=JWKS_URL))
 
     def verify(self, token):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 __all__ = ["freshness_lifetime", "floor_applies", "parse_http_date"]
 
@@ -80,9 +80,30 @@ def floor_applies(headers: Mapping[str, HeaderValues], now: float) -> bool:
     return freshness_lifetime(headers, now) is None
 
 
+def freshness(headers: Mapping[str, HeaderValues], now: float
+              ) -> tuple[Optional[float], bool]:
+    """``(freshness_lifetime(headers, now), floor_applies(headers, now))``
+    from one reading of the headers (the introspector wants both for every
+    answer)."""
+    try:
+        directives = _cache_control(_values(headers, "cache-control"))
+        if "no-store" in directives or "no-cache" in directives:
+            return 0.0, True
+        lifetime = _lifetime_from(directives, headers, now)
+    except _Stale:
+        return 0.0, False
+    return lifetime, lifetime is None
+
+
 def _lifetime(headers: Mapping[str, HeaderValues],
               now: float) -> Optional[float]:
-    directives = _cache_control(_values(headers, "cache-control"))
+    return _lifetime_from(_cache_control(_values(headers, "cache-control")),
+                          headers, now)
+
+
+def _lifetime_from(directives: Mapping[str, Any],
+                   headers: Mapping[str, HeaderValues],
+                   now: float) -> Optional[float]:
     if "no-store" in directives or "no-cache" in directives \
             or "private" in directives:
         return 0.0

@@ -26,7 +26,6 @@ above decide that.
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any, Optional
 from urllib.parse import quote_plus, urlencode
@@ -37,30 +36,21 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from phantomd.token import cachecontrol, jose, tokens
+from phantomd.token import cachecontrol, readers, tokens
+from phantomd.token.readers import ACCEPT
 
 from phantomd import config
 
 from phantomd.ops import logs
 from phantomd.token.clientauth import ClientAuth
 from phantomd.http.client import (AnswerTooLarge, Answer, BodyFailed,
-                                  BodyTooLarge, HTTPClient)
-from phantomd.http.fetch import fetcher_for, fixed_headers
-from phantomd.token.outcomes import Active, Inactive, IntrospectionFailed
+                                  BodyTooLarge, HTTPClient, encode_headers)
+from phantomd.token.outcomes import Inactive, IntrospectionFailed
 
 log = Logger()
 
 _FORM_SAFE = re.compile(r"[A-Za-z0-9._~-]*\Z").match
 """Characters a form value keeps as they are (most tokens have no others)."""
-
-ACCEPT = {
-    "jwt": b"application/jwt",
-    "phantom_token": b"application/json",
-    "json": b"application/json",
-    "token-introspection+jwt": b"application/token-introspection+jwt",
-}
-"""The default ``Accept`` of each response form, and the Content-Type its
-answers must have (``[introspection] accept`` changes only the former)."""
 
 RETRY_AFTER_DEFAULT = 5
 RETRY_AFTER_MIN = 1
@@ -82,9 +72,7 @@ LOG_INTERVAL = 10.0
 _MAX_LOG_KEYS = 64
 
 
-def _failed(kind: str, description: str,
-            retry_after: Optional[int] = None) -> IntrospectionFailed:
-    return IntrospectionFailed(kind, description, retry_after)
+_failed = readers.failed
 
 
 def _describe(failure: Failure) -> str:
@@ -121,26 +109,6 @@ def _media_type(headers: dict[str, list[str]]) -> Optional[str]:
     return values[0].split(";", 1)[0].strip().lower()
 
 
-def _json_object(body: bytes) -> dict:
-    try:
-        doc = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _failed("error", "token service answered malformed JSON")
-    if not isinstance(doc, dict):
-        raise _failed("error", "token service answered JSON that is not an "
-                      "object")
-    return doc
-
-
-def _active(doc: dict) -> bool:
-    active = doc.get("active")
-    if not isinstance(active, bool):
-        raise _failed("error", "token service answer has %s" % (
-            "no \"active\" member" if "active" not in doc
-            else "a non-boolean \"active\" member"))
-    return active
-
-
 class Introspector:
     """Asks the token service about one token at a time (many concurrently).
 
@@ -163,22 +131,13 @@ class Introspector:
         self._clock = clock
         self._settings = settings
         self._mode = settings.response
-        if self._mode not in ACCEPT:
-            raise ValueError("unknown response form %r" % self._mode)
-        if self._mode in ("json", "token-introspection+jwt") \
-                and minter is None:
-            raise ValueError("response = %s needs a minter" % self._mode)
-        if self._mode == "token-introspection+jwt" \
-                and response_verifier is None:
-            raise ValueError("response = token-introspection+jwt needs a "
-                             "response verifier")
         self._verify_jwt = bool(settings.verify_jwt) and self._mode in (
             "jwt", "phantom_token")
         if self._verify_jwt and jwt_verifier is None:
             raise ValueError("verify_jwt needs a JWT verifier")
-        self._minter = minter
-        self._response_verifier = response_verifier
-        self._jwt_verifier = jwt_verifier
+        self._reader = readers.for_mode(
+            self._mode, clock, settings.phantom_token_field, minter,
+            response_verifier, jwt_verifier if self._verify_jwt else None)
         self._auth = ClientAuth.from_settings(clock, settings, client_secret)
         self._accept = (settings.accept.encode("ascii") if settings.accept
                         else ACCEPT[self._mode])
@@ -188,16 +147,15 @@ class Introspector:
         # server fault into "inactive token" either.
         config.inactive_statuses(" ".join(
             str(status) for status in self._inactive_statuses))
-        self._field = settings.phantom_token_field
         # Bodies kept: an answer's, and those of the inactive statuses,
         # which count only when empty (so they must be seen, bounded).
         self._keep = (200,) + tuple(sorted(self._inactive_statuses))
         self._url = settings.url
-        self._fetch = fetcher_for(http_client)
+        self._fetch = http_client.fetch
         self._static_form: Optional[tuple[bytes, Any]] = None
         if self._auth.static:
             tail, headers = self._form()
-            self._static_form = (tail, fixed_headers(http_client, headers))
+            self._static_form = (tail, encode_headers(headers))
         self._throttle = logs.Throttle(clock, LOG_INTERVAL, _MAX_LOG_KEYS)
         self.last_success: Optional[float] = None
 
@@ -245,93 +203,11 @@ class Introspector:
                 raise _failed("error", "token service answered HTTP %d "
                               "with a body (inactive_statuses counts only "
                               "empty answers as inactive)" % status)
-            return Inactive(self._lifetime(headers, now))
+            return Inactive(cachecontrol.freshness_lifetime(headers, now))
         if status != 200:
             raise _failed("error", "token service answered HTTP %d" % status)
-        media_type = _media_type(headers)
-        expected = ACCEPT[self._mode].decode("ascii")
-        if self._mode == "jwt" and media_type == "application/json":
-            if _active(_json_object(body)):
-                raise _failed("error", "token service answered active JSON "
-                              "to a request for application/jwt")
-            return Inactive(self._lifetime(headers, now))
-        if media_type != expected:
-            raise _failed("error", "token service answered Content-Type %s, "
-                          "expected %s" % (
-                              "(none or several)" if media_type is None
-                              else media_type[:64], expected))
-        if self._mode == "jwt":
-            try:
-                jwt = body.decode("ascii").strip()
-            except UnicodeDecodeError:
-                raise _failed("error", "token service answered a JWT that "
-                              "is not ASCII")
-            return self._check_jwt(jwt, headers, now)
-        if self._mode == "token-introspection+jwt":
-            d = self._response_verifier.verify(body)
-            d.addErrback(self._jose_failed, "signed introspection answer")
-            d.addCallback(self._from_claims, headers, now)
-            return d
-        doc = _json_object(body)
-        if self._mode == "json":
-            return self._from_claims(doc, headers, now)
-        if not _active(doc):
-            return Inactive(self._lifetime(headers, now))
-        jwt = doc.get(self._field)
-        if not isinstance(jwt, str) or not jwt:
-            raise _failed("error", "token service answered active without "
-                          "a %s member%s" % (
-                              self._field[:64], "" if self._field in doc
-                              else " (phantom_token_field)"))
-        return self._check_jwt(jwt, headers, now)
-
-    def _from_claims(self, doc: dict, headers: dict[str, list[str]],
-                     now: float) -> Any:
-        if not _active(doc):
-            return Inactive(self._lifetime(headers, now))
-        try:
-            jwt, claims = self._minter.mint(doc)
-        except jose.JOSEError as e:
-            raise _failed("error", "cannot mint a JWT from the token "
-                          "service's answer: %s" % e)
-        return Active(jwt, claims, self._lifetime(headers, now),
-                      cachecontrol.floor_applies(headers, now))
-
-    def _check_jwt(self, jwt: str, headers: dict[str, list[str]],
-                   now: float) -> Any:
-        if jwt.strip() != jwt:
-            # Checked here, not only by the front: an Active with a JWT the
-            # front refuses to forward would be cached and fail every
-            # request until it expired.  (unverified_claims strips, then
-            # holds each part to the base64url alphabet.)
-            raise _failed("error", "token service answered an unusable JWT: "
-                          "not a compact JWS")
-        try:
-            claims = jose.unverified_claims(jwt, self._clock.seconds())
-        except jose.JOSEError as e:
-            raise _failed("error", "token service answered an unusable JWT: "
-                          "%s" % e)
-        lifetime = self._lifetime(headers, now)
-        floorable = cachecontrol.floor_applies(headers, now)
-        if not self._verify_jwt:
-            return Active(jwt, claims, lifetime, floorable)
-        d = self._jwt_verifier.verify(jwt)
-        d.addErrback(self._jose_failed, "JWT")
-        d.addCallback(lambda verified: Active(jwt, verified, lifetime,
-                                              floorable))
-        return d
-
-    @staticmethod
-    def _jose_failed(failure: Failure, what: str) -> Failure:
-        if failure.check(jose.JOSEError):
-            raise _failed("error", "the token service's %s did not verify: "
-                          "%s" % (what, failure.value))
-        return failure
-
-    @staticmethod
-    def _lifetime(headers: dict[str, list[str]], now: float
-                  ) -> Optional[float]:
-        return cachecontrol.freshness_lifetime(headers, now)
+        return self._reader.read(_media_type(headers), body,
+                                 cachecontrol.freshness(headers, now))
 
     @staticmethod
     def _retry_after(headers: dict[str, list[str]], now: float) -> int:
@@ -403,9 +279,19 @@ class _Exchange:
         except Exception:
             self._finish(Failure())
             return self.result
-        self._request.addCallbacks(self._got_answer, self._request_failed)
-        self._request.addErrback(self._unexpected)
+        self._request.addBoth(self._ended)
         return self.result
+
+    def _ended(self, result: Any) -> None:
+        """The request's outcome (one callback, not three: this is on the
+        miss path of every new token)."""
+        try:
+            if isinstance(result, Failure):
+                self._request_failed(result)
+            else:
+                self._got_answer(result)
+        except Exception:
+            self._unexpected(Failure())
 
     def _got_answer(self, answer: Answer) -> None:
         if self._finished:

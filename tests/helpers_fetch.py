@@ -1,12 +1,12 @@
-"""Whole, bounded answers from whichever HTTP client phantomd was given.
+"""``HTTPClient.fetch`` for unit tests, over treq's ``StubTreq``.
 
-The introspector and the key-set fetcher want an answer whole (``Answer``:
-code, decoded headers, body), never more than a bound.  ``fetcher_for``
-gives them ``HTTPClient.fetch`` in production; for a client with treq's
-interface instead (``treq.testing.StubTreq`` in unit tests) it gives
-``_via_treq``, which reads a streamed response into the same ``Answer``
-and fails the same ways (``BodyTooLarge``, ``BodyFailed``, or the
-client's own failure before the head).
+The introspector and ``KeySource`` take any client with
+``fetch(method, url, data, headers, max_body, keep) -> Deferred[Answer]``
+(``phantomd.http.client.HTTPClient`` in production).  ``TreqFetcher``
+gives that interface for a client with treq's (``treq.testing.StubTreq``
+around an in-memory twisted.web ``Resource``): a streamed response read
+into the same ``Answer``, failing the same ways (``BodyTooLarge``,
+``BodyFailed``, or the client's own failure before the head).
 """
 
 from __future__ import annotations
@@ -19,28 +19,34 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from phantomd.http.client import (Answer, BodyFailed, BodyTooLarge, HTTPClient,
-                                  encode_headers)
-
-Fetch = Callable[[str, str, Optional[bytes], Any, int, tuple], Deferred]
-"""``fetch(method, url, data, headers, max_body, keep) -> Deferred[Answer]``,
-as ``HTTPClient.fetch`` takes them."""
+from phantomd.http.client import (Answer, BodyFailed, BodyTooLarge,
+                                  EncodedHeaders)
 
 
-def fetcher_for(http: Any) -> Fetch:
-    """``http.fetch`` for a ``HTTPClient``, else the treq way."""
-    if isinstance(http, HTTPClient):
-        return http.fetch
-    return lambda *args: _via_treq(http, *args)
+class TreqFetcher:
+    """``fetch`` as ``HTTPClient`` has it, through ``http`` (treq's
+    interface: ``StubTreq``, or any object with ``request``)."""
+
+    def __init__(self, http: Any) -> None:
+        self.http = http
+
+    def fetch(self, method: str, url: str, data: Optional[bytes] = None,
+              headers: Any = None, max_body: int = 65536,
+              keep: tuple = (200,)) -> Deferred:
+        return _via_treq(self.http, method, url, data, _plain(headers),
+                         max_body, keep)
 
 
-def fixed_headers(http: Any, headers: Any) -> Any:
-    """``headers`` as the fetcher for ``http`` takes them fastest when they
-    are sent on every request: checked and encoded once for a
-    ``HTTPClient``, as they are otherwise."""
-    if isinstance(http, HTTPClient):
-        return encode_headers(headers)
-    return headers
+def _plain(headers: Any) -> Any:
+    """``encode_headers``' block back into a dict treq takes."""
+    if type(headers) is not EncodedHeaders:
+        return headers
+    out: dict[bytes, list[bytes]] = {}
+    for line in headers.block.split(b"\r\n"):
+        if line:
+            name, _, value = line.partition(b":")
+            out.setdefault(name, []).append(value.strip())
+    return out
 
 
 class _TooLarge(Exception):
