@@ -32,6 +32,7 @@ from zope.interface import implementer
 
 from phantomd.http.answers import Dates, head as _head
 from phantomd.http.fastio import writer_for
+from phantomd.http.tunnel import Tunnel
 from phantomd.http.interfaces import IExchange
 from phantomd.http.requestid import (
     acceptable as _REQUEST_ID, from_headers as _request_id,
@@ -83,6 +84,8 @@ LINGER = 2.0
 # others).  Only the safe ones: PUT and DELETE are idempotent on paper, but
 # whether an API's DELETE really is, phantomd cannot know; the client can.
 RETRYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+# Bytes a client may send after a WebSocket upgrade request before the 101.
+MAX_HELD = 128 * 1024
 
 
 def _peer_host(transport: Any) -> str:
@@ -103,7 +106,7 @@ class _Request:
     __slots__ = ("url", "headers", "method", "version", "keep_alive",
                  "head_done", "complete", "body", "error", "chunked", "length",
                  "raw", "hbytes", "started_at", "target", "host", "kept",
-                 "head", "fwd", "rid", "route", "sent", "cors")
+                 "head", "fwd", "rid", "route", "sent", "cors", "upgrade")
 
     def __init__(self) -> None:
         self.url = b""
@@ -131,6 +134,8 @@ class _Request:
         #: DESIGN section 9: None without [cors]; else the headers every
         #: answer gets (empty: the origin is not allowed).
         self.cors: Optional[list] = None
+        #: DESIGN section 13: a WebSocket upgrade, forwarded as one.
+        self.upgrade = False
 
 
 @implementer(IExchange)
@@ -191,6 +196,10 @@ class FrontProtocol(Protocol):
         self._write: Any = None
         self._peer = "-"
         self._cut: Optional[str] = None
+        # DESIGN section 13: the client's bytes after a WebSocket upgrade
+        # request (never parsed), then the Tunnel relaying them.
+        self._held: Optional[list] = None
+        self._tunnel: Any = None
 
     # -- connection lifetime -------------------------------------------------
 
@@ -237,6 +246,8 @@ class FrontProtocol(Protocol):
         self._timer = None
         if self._rejected:
             return
+        if self._tunnel is not None:
+            self._tunnel.client_lost()
         self._dead = True
         self._closed = True
         f = self.factory
@@ -332,6 +343,8 @@ class FrontProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._any_bytes = True
         if self._dead:
+            if self._held is not None:
+                self._hold(data)
             return
         if self._stash:
             # Arrived before the pause took effect; parsed in its turn.
@@ -354,6 +367,8 @@ class FrontProtocol(Protocol):
                 i += len(piece)
                 self._parse(piece)
                 if self._dead:
+                    if self._held is not None and i < n:
+                        self._held.append(data[i:])
                     return
                 if i < n:
                     self._advance()
@@ -435,9 +450,89 @@ class FrontProtocol(Protocol):
                                "a request body with Upgrade is not supported")
                     break
             else:
-                return data[offset:]
+                if not self._wants_tunnel(r, data[offset:]):
+                    return data[offset:]
         self._dead = True
         return b""
+
+    # -- WebSocket tunnels (DESIGN section 13) --------------------------------
+
+    def _wants_tunnel(self, r: _Request, rest: bytes) -> bool:
+        """Whether ``r`` asks for a WebSocket: a GET over HTTP/1.1 with
+        ``Upgrade: websocket`` alone (``h2c`` and the rest go on as plain
+        requests).  Then nothing the client sends after it is parsed as
+        HTTP: it is held, the socket paused, for the tunnel; any answer but
+        a 101 closes the connection."""
+        if r.method != b"GET" or r.version != "1.1":
+            return False
+        upgrade = [v for n, v in r.headers if n.lower() == b"upgrade"]
+        if len(upgrade) != 1 or upgrade[0].strip().lower() != b"websocket":
+            return False
+        r.upgrade = True
+        r.keep_alive = False
+        self._held = [rest]
+        return True
+
+    def _hold(self, data: bytes) -> None:
+        """Client bytes after a WebSocket upgrade request: to the tunnel,
+        else kept until the 101.  A client may not send before it (RFC 6455
+        section 4.1) and the socket is paused, so at most ``MAX_HELD``
+        bytes are kept: beyond, the connection is cut."""
+        if self._tunnel is not None:
+            self._tunnel.from_client(data)
+            return
+        held = self._held
+        held.append(data)
+        if sum(map(len, held)) > MAX_HELD:
+            held.clear()
+            self.transport.abortConnection()
+
+    def upstream_switched(self, upstream: Any, headers: list,
+                          rest: bytes) -> Any:
+        """The upstream answered 101 on ``upstream`` (its transport), with
+        ``headers`` (hop-by-hop ones gone) and ``rest`` read after it.  For
+        a WebSocket request: send the 101 on and return the ``Tunnel`` both
+        transports now belong to; else None (the pool answers 502)."""
+        r = self._req
+        if r is None or not r.upgrade or self._phase != _UPSTREAM or \
+                self._closed:
+            return None
+        f = self.factory
+        self._upstream = None
+        self._status = 101
+        self._phase = _RESPONSE
+        head = b"".join(_head(101, b"Switching Protocols", headers,
+                              b"Connection: Upgrade\r\nUpgrade: websocket\r\n",
+                              False, True))
+        self._bytes_sent = len(head)
+        self._took = self.reactor.seconds() - r.started_at
+        f.metrics.request_duration.observe(self._took)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._closed = True  # the tunnel has the transport from now on
+        client = self.transport
+        if self._registered:
+            self._registered = False
+            client.unregisterProducer()
+        if self._paused:
+            self._paused = 0
+            client.resumeProducing()
+        client.write(head)
+        exp = (getattr(self._outcome, "claims", None) or {}).get("exp")
+        if type(exp) not in (int, float):
+            exp = None  # no token (auth = none or optional), or no exp
+        held, self._held = self._held or [], []
+        self._tunnel = Tunnel(self.reactor, client, upstream,
+                              f.tunnel_idle_timeout, exp, f.metrics.tunnels,
+                              self._tunnel_ended)
+        self._tunnel.start(b"".join(held), rest)
+        return self._tunnel
+
+    def _tunnel_ended(self, why: str) -> None:
+        r, self._req = self._req, None
+        if r is not None:
+            self._log_access(r, self._cut or "tunnel_" + why)
 
     def _parse_failed(self, exc: Optional[Exception]) -> None:
         limit, self._limit = self._limit, None
@@ -855,6 +950,8 @@ class FrontProtocol(Protocol):
             parts.append(self._fwd)
             if r.host is not None:
                 parts += (b"X-Forwarded-Host: ", r.host, b"\r\n")
+        if r.upgrade:
+            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
         if r.chunked:
             parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
         elif r.length is not None:
@@ -1239,6 +1336,7 @@ class FrontFactory(Factory):
         self.max_headers = settings.max_headers
         self.max_head = settings.max_request_line + settings.max_header_bytes
         self.proxies = settings.trusted_proxies
+        self.tunnel_idle_timeout = settings.tunnel_idle_timeout
 
     def buildProtocol(self, addr: Any) -> FrontProtocol:
         return FrontProtocol(self)
