@@ -93,6 +93,7 @@ class TunnelTests(unittest.TestCase):
         t.upstream_lost()  # its own loss later: counted once
         self.assertEqual(self.ended, ["closed"])
         self.assertEqual(self.gauge(), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_a_side_that_will_not_flush_is_cut_after_linger(self):
         aborted = []

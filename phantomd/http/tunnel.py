@@ -68,6 +68,7 @@ class Tunnel:
         self._deadline = Deadline(clock, self._timed_out)
         self.open = False
         self.ended: Optional[str] = None
+        self._lost = 0  # sides whose connection is gone
 
     def start(self, from_client: bytes = b"", from_upstream: bytes = b"") -> None:
         """Begin relaying; ``from_client``/``from_upstream``: bytes each side
@@ -97,15 +98,22 @@ class Tunnel:
 
     def client_lost(self) -> None:
         self._end("closed", self.upstream)
+        self._gone()
 
     def upstream_lost(self) -> None:
         self._end("closed", self.client)
+        self._gone()
 
     def close(self, why: str) -> None:
         """End now, cutting both sides (``why`` is what ``done`` gets)."""
         self._end(why, None)
 
     # -- internals -----------------------------------------------------------
+
+    def _gone(self) -> None:
+        self._lost += 1
+        if self._lost == 2:
+            self._deadline.cancel()  # nothing left to linger for
 
     def _arm(self) -> None:
         seconds = self.idle_timeout
