@@ -144,8 +144,8 @@ class Tunnel:
         self._gauge.dec()
         self._deadline.cancel()
         for transport in (self.client, self.upstream):
+            # A TLS transport waits for its producer to go before closing.
             transport.unregisterProducer()
-            transport.resumeProducing()
         if flush is None:
             self.client.abortConnection()
             self.upstream.abortConnection()
