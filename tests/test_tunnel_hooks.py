@@ -80,6 +80,28 @@ class FrontTunnelTests(FrontCase):
         self.assertEqual(self.pool.conns, [])
         self.assertEqual(headers[b"connection"], b"close")
 
+    def test_auth_none_route_tunnels_without_a_token_and_sends_none(self):
+        from phantomd.http.routes import Route, RouteTable
+        self.factory.routes = RouteTable([], Route("default", auth="none"))
+        proto, transport = self.upgrade()  # with the client's token
+        head = self.pool.conns[0].head
+        self.assertNotIn(b"Authorization", head)
+        self.assertNotIn(OPAQUE.encode(), head)
+        self.assertEqual(self.gate.calls, [])
+        conn, upstream, tunnel = self.switch(proto)
+        self.assertIsNone(tunnel.expires_at)
+        self.assertTrue(tunnel.open)
+
+    def test_too_much_before_the_101_cuts_the_connection(self):
+        proto, transport = self.upgrade()
+        aborted = []
+        transport.abortConnection = lambda: aborted.append(True)
+        proto.dataReceived(b"x" * 64 * 1024)
+        self.assertEqual(aborted, [])
+        proto.dataReceived(b"x" * 64 * 1024)
+        self.assertEqual(aborted, [True])
+        self.assertEqual(len(self.pool.conns), 1)
+
     def test_h2c_is_dropped_and_parsing_goes_on_as_today(self):
         proto, transport = self.connect()
         proto.dataReceived(get(b"/", b"Connection: Upgrade\r\nUpgrade: h2c\r\n")
