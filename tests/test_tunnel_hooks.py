@@ -72,6 +72,12 @@ class FrontTunnelTests(FrontCase):
         self.assertEqual((status, body), (403, b"no"))
         self.assertEqual(headers[b"connection"], b"close")
         self.assertEqual(len(self.pool.conns), 1)  # the smuggled GET: never
+        aborted = []
+        transport.abortConnection = lambda: aborted.append(True)
+        for _ in range(4):  # discarded while the answer lingers
+            proto.dataReceived(b"x" * 64 * 1024)
+        self.assertEqual(aborted, [])
+        self.assertEqual(len(self.pool.conns), 1)
 
     def test_no_token_is_401_and_nothing_forwarded(self):
         proto, transport = self.upgrade(auth=b"")

@@ -481,6 +481,8 @@ class FrontProtocol(Protocol):
         if self._tunnel is not None:
             self._tunnel.from_client(data)
             return
+        if self._closed:
+            return  # answered (not 101) and closing: discarded
         held = self._held
         held.append(data)
         if sum(map(len, held)) > MAX_HELD:
