@@ -337,6 +337,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "header_timeout": Key(positive_float, "10", trust=False),
         "idle_timeout": Key(positive_float, "60", trust=False),
         "drain_timeout": Key(non_negative_float, "30", trust=False),
+        # DESIGN section 13: a WebSocket tunnel with no byte either way.
+        "tunnel_idle_timeout": Key(positive_float, "300", trust=False),
         "max_connections": Key(positive_int, "10000", trust=False),
         "max_request_line": Key(_number(int, 256, 1 << 20), "8192",
                                 trust=False),

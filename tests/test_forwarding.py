@@ -128,6 +128,23 @@ class UpstreamHeadTests(unittest.TestCase):
         self.assertNotIn(b"Authorization", head)
         self.assertTrue(head.endswith(b"Transfer-Encoding: chunked\r\n\r\n"))
 
+    def test_a_websocket_upgrade_gets_exactly_its_two_lines(self) -> None:
+        """DESIGN section 13: the client's own Connection/Upgrade lines
+        were dropped by sort_headers; the upstream gets these two."""
+        sorted_ = fw.sort_headers([
+            (b"Host", b"h"), (b"Connection", b"keep-alive, Upgrade"),
+            (b"Upgrade", b"websocket, h2c"), (b"Sec-WebSocket-Key", b"k")])
+        head = fw.upstream_head(b"GET", b"/ws", b"a", None, b"r",
+                                sorted_.kept, None, (), b"", False, None,
+                                websocket=True)
+        self.assertEqual(head, b"GET /ws HTTP/1.1\r\nHost: a\r\n"
+                               b"X-Request-Id: r\r\nSec-WebSocket-Key: k\r\n"
+                               b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+                               b"\r\n")
+        plain = fw.upstream_head(b"GET", b"/ws", b"a", None, b"r",
+                                 sorted_.kept, None, (), b"", False, None)
+        self.assertNotIn(b"pgrade", plain)
+
     def test_retryable(self) -> None:
         self.assertTrue(fw.retryable(b"GET", False, None))
         self.assertTrue(fw.retryable(b"HEAD", False, b"0"))

@@ -26,6 +26,16 @@ class TableTests(unittest.TestCase):
                 self.assertNotIn(State.UPSTREAM, moves, state)
 
 
+    def test_a_tunnel_comes_only_from_the_upstream_and_ends_closed(self):
+        """DESIGN section 13: only the upstream's 101 opens a tunnel, and
+        no request follows one on that connection."""
+        for state, moves in TRANSITIONS.items():
+            if state is not State.UPSTREAM:
+                self.assertNotIn(State.TUNNEL, moves, state)
+        self.assertIn(State.TUNNEL, TRANSITIONS[State.UPSTREAM])
+        self.assertEqual(TRANSITIONS[State.TUNNEL], {State.CLOSED})
+
+
 class FrontStateTests(FrontCase):
     def test_a_request_walks_the_table(self) -> None:
         proto, transport = self.connect()
@@ -34,6 +44,19 @@ class FrontStateTests(FrontCase):
         self.assertIs(proto.state, State.UPSTREAM)
         self.pool.conns[-1].respond()
         self.assertIs(proto.state, State.IDLE)
+        proto.connectionLost(None)
+        self.assertIs(proto.state, State.CLOSED)
+
+    def test_a_websocket_walks_through_tunnel(self) -> None:
+        from twisted.internet.testing import StringTransport
+        proto, transport = self.connect()
+        proto.dataReceived(get(b"/ws", b"Connection: Upgrade\r\n"
+                                      b"Upgrade: websocket\r\n"))
+        self.assertIs(proto.state, State.UPSTREAM)
+        self.assertIsNotNone(proto.upstream_switched(StringTransport(), [],
+                                                     b""))
+        self.assertIs(proto.state, State.TUNNEL)
+        self.assertRaises(StateError, proto._to, State.IDLE)
         proto.connectionLost(None)
         self.assertIs(proto.state, State.CLOSED)
 

@@ -23,6 +23,7 @@ class Recorder:
         self.events: list = []
         self.stop = stop_after_slice
         self.ended = False
+        self.take_upgrade = False
 
     def request_begun(self) -> None:
         self.events.append(("begun",))
@@ -41,6 +42,10 @@ class Recorder:
 
     def input_ended(self) -> None:
         self.ended = True
+
+    def request_upgrade(self, r, rest) -> bool:
+        self.events.append(("upgrade", r.url, rest))
+        return self.take_upgrade
 
     def slice_parsed(self) -> bool:
         self.events.append(("slice",))
@@ -134,6 +139,20 @@ class ReaderTests(unittest.TestCase):
         self.assertFalse(self.consumer.ended)
         self.assertEqual([e[2] for e in self.kinds() if e[0] == "head"],
                          [b"/", b"/2"])
+        self.assertIn(("upgrade", b"/", b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n"),
+                      self.consumer.events)
+
+    def test_an_upgrade_the_consumer_takes_stops_reading(self) -> None:
+        """A WebSocket to be (DESIGN section 13): what follows the request
+        goes to the consumer unparsed, never as a request."""
+        self.consumer.take_upgrade = True
+        self.reader.feed(b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: upgrade"
+                         b"\r\nUpgrade: websocket\r\n\r\nGET /2 HTTP/1.1\r\n"
+                         b"Host: h\r\n\r\n")
+        self.assertTrue(self.consumer.ended)
+        self.assertEqual(self.kinds(), [
+            ("begun",), ("head", b"GET", b"/ws", "1.1"), ("complete", b"GET"),
+            ("upgrade", b"/ws", b"GET /2 HTTP/1.1\r\nHost: h\r\n\r\n")])
 
     def test_slices_and_the_unparsed_rest(self) -> None:
         one = b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"y" * 80 + b"\r\n\r\n"

@@ -6,10 +6,10 @@ Pure functions of bytes, no connection, no I/O: the front calls them once
 per request (``sort_headers`` and ``target_of`` when the head has arrived,
 ``upstream_head`` when the gate allowed it).
 
-Two places are kept for requests the front learns to pass on differently:
-``Upgrade`` is dropped with the hop-by-hop headers in ``sort_headers`` (a
-tunnel would keep it and ``Connection: upgrade`` there), and the CORS
-headers an answer gets are decided by the front per request (``cors.py``).
+``Upgrade`` is dropped with the hop-by-hop headers in ``sort_headers``; a
+WebSocket upgrade (DESIGN section 13) gets exactly ``WEBSOCKET_LINES`` from
+``upstream_head`` instead, whatever the client wrote.  The CORS headers an
+answer gets are decided by the front per request (``cors.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from phantomd.http.routes import drop_name
 # others).  Only the safe ones: PUT and DELETE are idempotent on paper, but
 # whether an API's DELETE really is, phantomd cannot know; the client can.
 RETRYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
+#: The hop-by-hop lines of a WebSocket upgrade (DESIGN section 13), in the
+#: request sent upstream and in the 101 sent back.
+WEBSOCKET_LINES = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
 
 
 class SortedHeaders:
@@ -188,11 +191,12 @@ def upstream_target(base_path: bytes, sent: bytes) -> bytes:
 def upstream_head(method: bytes, target: bytes, authority: bytes,
                   jwt: Optional[bytes], rid: bytes, kept: list, drop: Any,
                   claimed: Any, forwarded: bytes, chunked: bool,
-                  length: Optional[bytes]) -> bytes:
+                  length: Optional[bytes], websocket: bool = False) -> bytes:
     """The request head for the upstream: Host is the pool's
     ``authority``; ``jwt`` (None: no Authorization at all); the request id;
     the ``kept`` lines minus the route's ``drop`` names; the ``claimed``
-    claim lines; the ``forwarded`` lines; the body's framing."""
+    claim lines; the ``forwarded`` lines; with ``websocket``, the upgrade's
+    ``WEBSOCKET_LINES``; the body's framing."""
     parts = [method, b" ", target, b" HTTP/1.1\r\nHost: ", authority,
              b"\r\n"]
     if jwt is not None:
@@ -205,6 +209,8 @@ def upstream_head(method: bytes, target: bytes, authority: bytes,
     for name, value in claimed:
         parts += (name, b": ", value, b"\r\n")
     parts.append(forwarded)
+    if websocket:
+        parts.append(WEBSOCKET_LINES)
     if chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
     elif length is not None:

@@ -13,6 +13,11 @@ each, after which the other side is paused), whatever the body sizes.
 Timers, one per connection: ``header_timeout`` for a request head (408),
 ``idle_timeout`` between requests (closed silently), a minimum body rate
 (408), and a short linger after an answer that closes the connection.
+
+A WebSocket upgrade (DESIGN section 13) is the one request after which
+nothing is parsed: what follows is held (socket paused, ``MAX_HELD`` at
+most) until the upstream's 101, then the connection is in ``State.TUNNEL``
+and its bytes are ``tunnel.Tunnel``'s to relay.
 """
 
 from __future__ import annotations
@@ -33,12 +38,14 @@ from phantomd.http.answers import (
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
 from phantomd.http.interfaces import IExchange
+from phantomd.http.tunnel import Tunnel
 from phantomd.http.wire import (
     IRequestConsumer, IRequestLimits, ParsedRequest, RequestReader)
 from phantomd.http.requestid import from_headers as _request_id
 from phantomd.http.forwarding import (
     canonical_length, forwarded_lines, head_problem, own_forwarded,
-    retryable, sort_headers, target_of, upstream_head, upstream_target)
+    WEBSOCKET_LINES, retryable, sort_headers, target_of, upstream_head,
+    upstream_target)
 from phantomd.token.dpop import request_url
 from phantomd.token.mtls import header_thumbprint, peer_thumbprint
 from phantomd.http.proxies import forwarded_origin
@@ -69,7 +76,11 @@ class State(enum.IntEnum):
     CONNECT = 2  #: waiting for an upstream connection (or a fresh retry)
     UPSTREAM = 3  #: the request is going upstream; no answer head yet
     RESPONSE = 4  #: an answer (the upstream's or phantomd's) is going out
-    CLOSED = 5  #: closing or closed: nothing more is read or answered
+    #: DESIGN section 13: the upstream answered a WebSocket upgrade 101;
+    #: both transports are the ``Tunnel``'s, the front reads and answers
+    #: nothing more (the client's bytes go to the tunnel unparsed).
+    TUNNEL = 5
+    CLOSED = 6  #: closing or closed: nothing more is read or answered
 
 
 #: The moves a connection may make; any other is a bug (``StateError``).
@@ -81,15 +92,19 @@ TRANSITIONS = {
     # before answering a retryable request, a fresh one is on its way.
     State.CONNECT: frozenset((State.CONNECT, State.UPSTREAM, State.RESPONSE,
                               State.CLOSED)),
-    State.UPSTREAM: frozenset((State.CONNECT, State.RESPONSE, State.CLOSED)),
+    State.UPSTREAM: frozenset((State.CONNECT, State.RESPONSE, State.TUNNEL,
+                               State.CLOSED)),
     State.RESPONSE: frozenset((State.IDLE, State.CLOSED)),
+    # A tunnel is never followed by another request: the connection ends
+    # with it (connectionLost, or a drain after it ended).
+    State.TUNNEL: frozenset((State.CLOSED,)),
     # connectionLost after phantomd closed.
     State.CLOSED: frozenset((State.CLOSED,)),
 }
 
-_IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE, _CLOSED = (
+_IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE, _TUNNEL, _CLOSED = (
     State.IDLE, State.GATE, State.CONNECT, State.UPSTREAM, State.RESPONSE,
-    State.CLOSED)
+    State.TUNNEL, State.CLOSED)
 
 
 class StateError(RuntimeError):
@@ -104,6 +119,8 @@ _HEADER, _IDLE_KA, _LINGER, _LINGER_TLS, _BODY = 1, 2, 3, 4, 5
 MIN_BODY_RATE = 500
 # Seconds a closing connection discards what the client still sends.
 LINGER = 2.0
+# Bytes a client may send after a WebSocket upgrade request before the 101.
+MAX_HELD = 128 * 1024
 
 
 def _peer_host(transport: Any) -> str:
@@ -165,6 +182,10 @@ class FrontProtocol(Protocol):
         self._write: Any = None
         self._peer = "-"
         self._cut: Optional[str] = None
+        # DESIGN section 13: the client's bytes after a WebSocket upgrade
+        # request (never parsed), then the Tunnel relaying them.
+        self._held: Optional[list] = None
+        self._tunnel: Any = None
 
     def _to(self, state: State) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -205,6 +226,8 @@ class FrontProtocol(Protocol):
         self._deadline.cancel()
         if self._rejected:
             return
+        if self._tunnel is not None:
+            self._tunnel.client_lost()
         self._dead = True
         self._to(_CLOSED)
         f = self.factory
@@ -300,6 +323,8 @@ class FrontProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._any_bytes = True
         if self._dead:
+            if self._held is not None:
+                self._hold(data)
             return
         if self._stash:
             # Arrived before the pause took effect; parsed in its turn.
@@ -316,8 +341,11 @@ class FrontProtocol(Protocol):
             rest = self._reader.feed(data)
         finally:
             self._feeding = False
-        if rest and not self._dead:
-            self._stash = rest
+        if rest:
+            if not self._dead:
+                self._stash = rest
+            elif self._held is not None:
+                self._hold(rest)  # after a WebSocket upgrade request
 
     def slice_parsed(self) -> bool:
         if self._dead:
@@ -374,6 +402,23 @@ class FrontProtocol(Protocol):
     def input_ended(self) -> None:
         self._dead = True
 
+    def request_upgrade(self, r: ParsedRequest, rest: bytes) -> bool:
+        """Whether ``r`` asks for a WebSocket (DESIGN section 13): a GET
+        over HTTP/1.1 with ``Upgrade: websocket`` alone (``h2c`` and the
+        rest go on as plain requests).  Then nothing the client sends after
+        it is parsed as HTTP: ``rest`` and what follows are held, the socket
+        paused, for the tunnel; any answer but a 101 closes the
+        connection."""
+        if r.method != b"GET" or r.version != "1.1":
+            return False
+        upgrade = [v for n, v in r.headers if n.lower() == b"upgrade"]
+        if len(upgrade) != 1 or upgrade[0].strip().lower() != b"websocket":
+            return False
+        r.upgrade = True
+        r.keep_alive = False
+        self._held = [rest]
+        return True
+
     # -- the request state machine -------------------------------------------
 
     def _advance(self) -> None:
@@ -392,7 +437,7 @@ class FrontProtocol(Protocol):
         self._update_reading()
 
     def _update_reading(self) -> None:
-        if self.state is _CLOSED:
+        if self.state >= _TUNNEL:
             return
         r = self._req
         if self._dead or self._stash:
@@ -418,7 +463,7 @@ class FrontProtocol(Protocol):
                 self.transport.resumeProducing()
 
     def upstream_write_blocked(self, blocked: bool) -> None:
-        if self.state is _CLOSED:
+        if self.state >= _TUNNEL:
             return
         paused = self._paused
         if blocked:
@@ -617,7 +662,7 @@ class FrontProtocol(Protocol):
             jwt, r.rid, r.kept, route.drop, claimed,
             forwarded_lines(r.fwd, r.fwd is not None and self._trusted(),
                             self._peer, self._tls, r.host, self._fwd),
-            r.chunked, r.length)
+            r.chunked, r.length, websocket=r.upgrade)
         r.kept = []
         r.fwd = None
         self._to(_CONNECT)
@@ -657,6 +702,64 @@ class FrontProtocol(Protocol):
         if r.complete:
             self._end_body(r)
         self._advance()
+
+    def upstream_switched(self, upstream: Any, headers: list,
+                          rest: bytes) -> Any:
+        """The upstream answered 101 on ``upstream`` (its transport), with
+        ``headers`` (hop-by-hop ones gone) and ``rest`` read after it.  For
+        a WebSocket request: send the 101 on and return the ``Tunnel`` both
+        transports now belong to; else None (the pool answers 502)."""
+        r = self._req
+        if r is None or not r.upgrade or self.state is not _UPSTREAM:
+            return None
+        f = self.factory
+        self._upstream = None
+        self._status = 101
+        self._to(_TUNNEL)
+        head = b"".join(_head(101, b"Switching Protocols", headers,
+                              WEBSOCKET_LINES, False, True))
+        self._bytes_sent = len(head)
+        self._took = self.reactor.seconds() - r.started_at
+        f.metrics.request_duration.observe(self._took)
+        self._deadline.cancel()
+        client = self.transport
+        if self._registered:
+            self._registered = False
+            client.unregisterProducer()
+        if self._paused:
+            self._paused = 0
+            client.resumeProducing()
+        client.write(head)
+        exp = (getattr(self._outcome, "claims", None) or {}).get("exp")
+        if type(exp) not in (int, float):
+            exp = None  # no token (auth = none or optional), or no exp
+        held, self._held = self._held or [], []
+        self._tunnel = Tunnel(self.reactor, client, upstream,
+                              f.tunnel_idle_timeout, exp, f.metrics.tunnels,
+                              self._tunnel_ended)
+        self._tunnel.start(b"".join(held), rest)
+        return self._tunnel
+
+    def _hold(self, data: bytes) -> None:
+        """Client bytes after a WebSocket upgrade request: to the tunnel,
+        else kept until the 101.  A client may not send before it (RFC 6455
+        section 4.1) and the socket is paused, so at most ``MAX_HELD``
+        bytes are kept: beyond, the connection is cut."""
+        if self._tunnel is not None:
+            self._tunnel.from_client(data)
+            return
+        if self.state is _CLOSED:
+            return  # answered (not 101) and closing: discarded
+        held = self._held
+        held.append(data)
+        if sum(map(len, held)) > MAX_HELD:
+            held.clear()
+            self.transport.abortConnection()
+
+    def _tunnel_ended(self, why: str) -> None:
+        r, self._req = self._req, None
+        if r is not None:
+            self._log_access(r, self._cut or "tunnel_" + why)
 
     def _send_body(self, r: ParsedRequest, data: bytes) -> None:
         if not data:
@@ -823,7 +926,8 @@ class FrontProtocol(Protocol):
     def _log_access(self, r: ParsedRequest, end: str = "ok") -> None:
         """Count and log request ``r``, however it ended: ``ok`` (answered),
         ``aborted`` (its response broken off), ``client_closed``, ``drain``
-        (cut by the shutdown).  ``status`` is None when no status line went
+        (cut by the shutdown), ``tunnel_closed``/``_idle``/``_expired`` (a
+        WebSocket tunnel's end).  ``status`` is None when no status line went
         out."""
         f = self.factory
         status = self._status
@@ -963,6 +1067,7 @@ class FrontFactory(Factory):
         self.max_headers = settings.max_headers
         self.max_head = settings.max_request_line + settings.max_header_bytes
         self.proxies = settings.trusted_proxies
+        self.tunnel_idle_timeout = settings.tunnel_idle_timeout
 
     def buildProtocol(self, addr: Any) -> FrontProtocol:
         return FrontProtocol(self)

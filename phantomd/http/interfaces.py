@@ -81,6 +81,15 @@ class IExchange(Interface):
     def upstream_failed(status, error, description):
         """No answer came before the head: phantomd answers ``status``."""
 
+    def upstream_switched(upstream, headers, rest):
+        """The upstream answered ``101 Switching Protocols`` to
+        ``websocket`` on transport ``upstream`` (``headers``: the 101's,
+        hop-by-hop ones gone; ``rest``: bytes read after it).  Returns the
+        ``tunnel.Tunnel`` that now owns both transports (its
+        ``from_upstream``/``upstream_lost`` get the connection's reads and
+        loss), or None when the request asked for no WebSocket (then 502).
+        DESIGN section 13."""
+
     def upstream_write_blocked(blocked):
         """The upstream's send buffer filled (True) or drained (False)."""
 

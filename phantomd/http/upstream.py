@@ -75,6 +75,7 @@ class UpstreamConnection(Protocol):
         self._broken = False
         self._registered = False
         self._write: Any = None
+        self._tunnel: Any = None  # DESIGN section 13, after a 101
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
@@ -90,6 +91,7 @@ class UpstreamConnection(Protocol):
         self._keep_alive = False
         self._request_sent = False
         self._sent_at = 0.0
+        self._switch: Optional[list] = None  # a 101's headers
 
     # -- Protocol ------------------------------------------------------------
 
@@ -100,6 +102,9 @@ class UpstreamConnection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self.front is None:
+            if self._tunnel is not None:
+                self._tunnel.from_upstream(data)
+                return
             # Bytes on an idle connection: the server is not speaking
             # HTTP/1.1 as we understand it, so never reuse it.
             self._broken = True
@@ -114,8 +119,9 @@ class UpstreamConnection(Protocol):
         front = self.front
         try:
             self._parser.feed_data(data)
-        except HttpParserUpgrade:
-            self._past_the_answer() or self._garbled(
+        except HttpParserUpgrade as e:
+            self._past_the_answer() or self._switched(data[e.args[0]:]) or \
+                self._garbled(
                 "the upstream switched protocols, which phantomd never asks "
                 "for")
         except HttpParserError as e:
@@ -142,6 +148,8 @@ class UpstreamConnection(Protocol):
         self.front = None
         self.pool._lost(self)
         if front is None:
+            if self._tunnel is not None:
+                self._tunnel.upstream_lost()
             return
         if self._head_done:
             if self._mode == MODE_EOF and reason is not None and \
@@ -255,6 +263,8 @@ class UpstreamConnection(Protocol):
         reason = self._reason
         self._reason = b""
         if status < 200:
+            if status == 101:
+                self._switch = headers
             if status == 100 and self.front is not None:
                 self.front.response_continue()
             return
@@ -343,6 +353,39 @@ class UpstreamConnection(Protocol):
             else:
                 self.close()
         front.response_end()
+
+    def _switched(self, rest: bytes) -> bool:
+        """A 101 (DESIGN section 13): handed to a front that asked for a
+        WebSocket, and then True; False (a 502) for any other front or a
+        101 to anything but ``websocket``.  A handed-over connection is the
+        tunnel's: never pooled, no timer, its reads and loss go there."""
+        headers, self._switch = self._switch, None
+        switched = getattr(self.front, "upstream_switched", None)
+        if headers is None or switched is None:
+            return False
+        upgrade = [v for n, v in headers if n.lower() == b"upgrade"]
+        if [v.strip().lower() for v in upgrade] != [b"websocket"]:
+            return False
+        connection = [t for n, v in headers if n.lower() == b"connection"
+                      for t in v.split(b",")]
+        kept = drop_connection_options(
+            [h for h in headers if h[0].lower() not in RESPONSE_DROP],
+            connection)
+        self._broken = True
+        self._cancel_timer()
+        transport = self.transport
+        if self._registered:
+            self._registered = False
+            transport.unregisterProducer()
+        if self._read_paused:
+            self._read_paused = False
+            transport.resumeProducing()
+        tunnel = switched(transport, kept, rest)
+        if tunnel is None:
+            return False
+        self.front = None
+        self._tunnel = tunnel
+        return True
 
     def _garbled(self, description: str) -> None:
         front = self.front

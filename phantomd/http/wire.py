@@ -54,7 +54,14 @@ class IRequestConsumer(Interface):
 
     def input_ended():
         """No more input will be parsed (a CONNECT or bodied Upgrade
-        request, already given to ``request_head``, carries the error)."""
+        request, already given to ``request_head``, carries the error; or
+        ``request_upgrade`` took the rest)."""
+
+    def request_upgrade(request, rest):
+        """``request`` (complete, body-less) asks to switch protocols;
+        ``rest``: the bytes after it, unparsed.  True: the consumer takes
+        ``rest`` (and what follows) as it is and reading stops here; False:
+        parsing goes on, the request being a plain one."""
 
     def slice_parsed():
         """Between two slices of one read: True to stop parsing there."""
@@ -79,7 +86,7 @@ class ParsedRequest:
     __slots__ = ("url", "headers", "method", "version", "keep_alive",
                  "head_done", "complete", "body", "error", "chunked", "length",
                  "raw", "hbytes", "started_at", "target", "host", "kept",
-                 "head", "fwd", "rid", "route", "sent", "cors")
+                 "head", "fwd", "rid", "route", "sent", "cors", "upgrade")
 
     def __init__(self) -> None:
         self.url = b""
@@ -107,6 +114,8 @@ class ParsedRequest:
         #: DESIGN section 9: None without [cors]; else the headers every
         #: answer gets (empty: the origin is not allowed).
         self.cors: Optional[list] = None
+        #: DESIGN section 13: a WebSocket upgrade, forwarded as one.
+        self.upgrade = False
 
 
 class _Limit(Exception):
@@ -193,12 +202,12 @@ class RequestReader:
     def _upgraded(self, data: bytes, offset: int) -> bytes:
         """llhttp stopped after a request asking to switch protocols.
 
-        phantomd never switches (Upgrade is dropped as hop-by-hop by
-        ``forwarding.sort_headers``), so a body-less request goes on as a
-        plain one and parsing resumes after it; CONNECT, or an Upgrade
-        request with a body llhttp skipped, is refused and reading stops.
-        (A tunnel would stop reading here too, and take ``data[offset:]``
-        as the first bytes for the upstream once it answered 101.)"""
+        A body-less request is offered to the consumer with the bytes
+        after it (``request_upgrade``): taken (a WebSocket tunnel to be),
+        reading stops; else it goes on as a plain one (Upgrade is dropped
+        as hop-by-hop by ``forwarding.sort_headers``) and parsing resumes
+        after it.  CONNECT, or an Upgrade request with a body llhttp
+        skipped, is refused and reading stops."""
         r = self._last
         if r is None:
             self._limit = (400, "invalid_request", "malformed request")
@@ -215,7 +224,9 @@ class RequestReader:
                                "a request body with Upgrade is not supported")
                     break
             else:
-                return data[offset:]
+                rest = data[offset:]
+                if not self._consumer.request_upgrade(r, rest):
+                    return rest
         self._consumer.input_ended()
         return b""
 

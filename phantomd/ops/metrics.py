@@ -90,6 +90,10 @@ class Metrics:
         self.connections = Gauge(
             "phantomd_client_connections", "Open client connections.",
             multiprocess_mode="livesum", registry=r)
+        # DESIGN section 13; summed over workers like the other gauges.
+        self.tunnels = Gauge(
+            "phantomd_tunnels_open", "Open WebSocket tunnels.",
+            multiprocess_mode="livesum", registry=r)
         r.register(BuildInfo())
         try:
             # process_* (CPU, memory, fds) of this process, from /proc.

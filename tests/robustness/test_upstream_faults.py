@@ -188,28 +188,35 @@ class UpstreamTunnels(unittest.TestCase):
 
     @async_test
     async def test_unrequested_101_does_not_open_a_tunnel(self):
-        """An API that answers 101 Switching Protocols must not turn the
-        client connection into a raw tunnel: later bytes from the client
-        would reach the API without passing the gate."""
+        """An API that answers 101 Switching Protocols to a request that
+        did not ask for a WebSocket (DESIGN section 13: only those tunnel)
+        must not turn the client connection into a raw tunnel: later bytes
+        from the client would reach the API without passing the gate.  It
+        is a 502."""
         from .fakes import sleep
         s = await Scene.build(self, reactor)
         token, _ = s.good_token()
-        s.api.behaviour = Raw(b"HTTP/1.1 101 Switching Protocols\r\n"
-                              b"Upgrade: websocket\r\nConnection: Upgrade"
-                              b"\r\n\r\n", then="keep")
-        client = await connect_raw(reactor, s.front)
-        self.addCleanup(lambda: client.is_closed or
-                        client.transport.abortConnection())
-        client.send(request_bytes(target="/ws", token=token, headers=[
-            ("Upgrade", "websocket"), ("Connection", "Upgrade")]))
-        await wait_for(reactor, lambda: client.received or client.is_closed,
-                       3.0)
-        s.api.behaviour = None
-        if not client.is_closed:
-            client.send(b"GET /unauthenticated HTTP/1.1\r\nHost: x\r\n\r\n")
-        await sleep(reactor, 0.5)
-        self.assertNotIn(b"/unauthenticated",
-                         [r.target for r in s.api.requests])
+        for headers in ([], [("Upgrade", "h2c"), ("Connection", "Upgrade")]):
+            s.api.behaviour = Raw(b"HTTP/1.1 101 Switching Protocols\r\n"
+                                  b"Upgrade: websocket\r\nConnection: "
+                                  b"Upgrade\r\n\r\n", then="keep")
+            client = await connect_raw(reactor, s.front)
+            self.addCleanup(lambda c=client: c.is_closed or
+                            c.transport.abortConnection())
+            client.send(request_bytes(target="/ws", token=token,
+                                      headers=headers))
+            await wait_for(reactor,
+                           lambda: client.received or client.is_closed, 3.0)
+            s.api.behaviour = None
+            self.assertTrue(client.received.startswith(b"HTTP/1.1 502 "),
+                            client.received[:100])
+            if not client.is_closed:
+                client.send(b"GET /unauthenticated HTTP/1.1\r\nHost: x"
+                            b"\r\n\r\n")
+            await sleep(reactor, 0.5)
+            self.assertNotIn(b"/unauthenticated",
+                             [r.target for r in s.api.requests])
+            self.assertEqual(s.gw.metrics.sample("phantomd_tunnels_open"), 0)
 
 
 class UploadBackpressure(unittest.TestCase):
