@@ -147,7 +147,7 @@ class ResponseTests(PoolCase):
             self.assertEqual(bytes(front.body), body, raw)
             self.assertEqual(self.pool.idle_count(), int(pooled), raw)
             self.assertEqual(conn.transport.disconnecting, not pooled, raw)
-            for c in list(self.pool._idle):
+            for c in self.pool._idle.idle(None):
                 c.transport.loseConnection()
                 c.connectionLost(Failure(error.ConnectionDone()))
 

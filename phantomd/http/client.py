@@ -51,7 +51,9 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 
+from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
+from phantomd.http.pool import IdlePool
 
 MAX_TARGETS = 16
 """Parsed URLs (and their endpoints) kept by a client."""
@@ -210,7 +212,7 @@ class _Connection(Protocol):
         self.idle_since = 0.0
         self._parser = HttpResponseParser(self)
         self._write: Any = None
-        self._timer: Any = None
+        self._idle_deadline = Deadline(client.reactor, self._idle_expired)
         self._broken = False
         self._call: Optional[_Call] = None
         self._collect: Optional[_Collect] = None
@@ -255,10 +257,7 @@ class _Connection(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        self._idle_deadline.cancel()
         self.client.pool.lost(self)
         if self._collect is not None and self._eof_body and \
                 reason.check(ConnectionDone):
@@ -379,22 +378,13 @@ class _Connection(Protocol):
             kind = ResponseFailed if self._received else ResponseNeverReceived
             call.result.errback(kind([Failure(e)]))
 
-    def arm_idle_timer(self) -> None:
-        """One DelayedCall per connection, rarely moved: it wakes up, sees
-        the connection was used since, and sleeps again."""
-        if self._timer is None:
-            self._timer = self.client.reactor.callLater(
-                self.client.pool.idle_timeout, self._idle_check)
+    def went_idle(self) -> None:
+        """Kept by the pool: closed after ``idle_timeout`` unless taken
+        (one timer per connection, rarely moved: ``Deadline``)."""
+        self._idle_deadline.arm(self.client.pool.idle_timeout)
 
-    def _idle_check(self) -> None:
-        self._timer = None
+    def _idle_expired(self, kind: Any) -> None:
         if self.lost or self._call is not None or self._collect is not None:
-            return
-        left = self.idle_since + self.client.pool.idle_timeout \
-            - self.client.reactor.seconds()
-        if left > 0:
-            self._timer = self.client.reactor.callLater(left,
-                                                        self._idle_check)
             return
         self.client.pool.discard(self)
         self.close()
@@ -409,77 +399,9 @@ class _ConnectionFactory(Factory):
         return _Connection(self.client, self.key)
 
 
-class ConnectionPool:
-    """Idle connections per (scheme, host, port), most recently used first.
-
-    At most ``max_idle`` per key: one handed back beyond that is closed.
-    One idle longer than ``idle_timeout`` seconds is closed (by its timer,
-    or when next picked).  After ``close()`` every connection handed back
-    is closed.
-    """
-
-    def __init__(self, reactor: Any, max_idle: int,
-                 idle_timeout: float) -> None:
-        self.reactor = reactor
-        self.max_idle = max_idle
-        self.idle_timeout = idle_timeout
-        self.closed = False
-        self._idle: dict[tuple, list[_Connection]] = {}
-        self._closing: set[_Connection] = set()
-        self._close_waiters: list[defer.Deferred] = []
-
-    def take(self, key: tuple) -> Optional[_Connection]:
-        idle = self._idle.get(key)
-        if not idle:
-            return None
-        horizon = self.reactor.seconds() - self.idle_timeout
-        while idle:
-            conn = idle.pop()
-            if conn.idle_since >= horizon:
-                return conn
-            conn.close()
-        del self._idle[key]
-        return None
-
-    def put(self, conn: _Connection) -> None:
-        idle = self._idle.setdefault(conn.key, [])
-        if self.closed or len(idle) >= self.max_idle:
-            conn.close()
-            return
-        conn.idle_since = self.reactor.seconds()
-        idle.append(conn)
-        conn.arm_idle_timer()
-
-    def discard(self, conn: _Connection) -> None:
-        idle = self._idle.get(conn.key)
-        if idle and conn in idle:
-            idle.remove(conn)
-
-    def lost(self, conn: _Connection) -> None:
-        self.discard(conn)
-        self._closing.discard(conn)
-        if self._close_waiters and not self._closing:
-            waiters, self._close_waiters = self._close_waiters, []
-            for d in waiters:
-                d.callback(None)
-
-    def idle_count(self) -> int:
-        return sum(len(idle) for idle in self._idle.values())
-
-    def close(self) -> defer.Deferred:
-        """Close the idle connections; fires once they are all gone.
-        Connections in use are closed when their exchange ends."""
-        self.closed = True
-        idle = [c for conns in self._idle.values() for c in conns]
-        self._idle.clear()
-        self._closing.update(idle)
-        if not self._closing:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._close_waiters.append(d)
-        for conn in idle:
-            conn.close()
-        return d
+ConnectionPool = IdlePool
+"""The client's pool: ``phantomd.http.pool.IdlePool`` keyed by (scheme,
+host, port)."""
 
 
 class _Target:

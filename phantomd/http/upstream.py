@@ -34,7 +34,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
+from phantomd.http.pool import IdlePool
 from phantomd.http.interfaces import IUpstreamConnection, IUpstreamPool
 from phantomd.http.headers import drop_connection_options
 from phantomd.http.headers import RESPONSE_DROP
@@ -61,6 +63,9 @@ class UpstreamConnection(Protocol):
     ``front.upstream_write_blocked``.
     """
 
+    #: The pool's target key (one target per UpstreamPool).
+    key = None
+
     def __init__(self, pool: "UpstreamPool") -> None:
         self.pool = pool
         self.front: Any = None
@@ -68,8 +73,7 @@ class UpstreamConnection(Protocol):
         self.idle_since = 0.0
         self.lost = False
         self._parser = HttpResponseParser(self)
-        self._timer: Any = None
-        self._deadline = 0.0
+        self._deadline = Deadline(pool.reactor, self._timed_out)
         self._write_blocked = False
         self._read_paused = False
         self._broken = False
@@ -137,7 +141,7 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = True
-        self._cancel_timer()
+        self._deadline.cancel()
         front = self.front
         self.front = None
         self.pool._lost(self)
@@ -232,7 +236,7 @@ class UpstreamConnection(Protocol):
         """Give up on the exchange; the connection is never reused."""
         self.front = None
         self._broken = True
-        self._cancel_timer()
+        self._deadline.cancel()
         if not self.lost:
             self.transport.abortConnection()
 
@@ -313,7 +317,7 @@ class UpstreamConnection(Protocol):
         if front is None or self._past_the_answer():
             self._broken = True
             return
-        self._deadline = self.pool.reactor.seconds() + self.pool.timeout
+        self._deadline.arm(self.pool.timeout)
         front.response_body(data)
 
     def on_message_complete(self) -> None:
@@ -329,8 +333,8 @@ class UpstreamConnection(Protocol):
         """The response is complete: pool or close, then tell the front
         (which may start its next request on this very connection).
 
-        The timer is left running: ``_timed_out`` ignores an idle
-        connection, and resetting it is cheaper than a new one per request."""
+        The deadline is left armed: ``_timed_out`` ignores an idle
+        connection, and moving it is cheaper than a new call per request."""
         self.front = None
         reuse = reuse and self._request_sent and not self._broken
         self._reset_exchange()
@@ -355,32 +359,15 @@ class UpstreamConnection(Protocol):
             front.upstream_failed(502, "bad_gateway", description)
 
     def _touch(self) -> None:
-        """Progress: the upstream has ``upstream_timeout`` from now.
+        """Progress: the upstream has ``upstream_timeout`` from now."""
+        self._deadline.arm(self.pool.timeout)
 
-        One DelayedCall, rarely moved: it wakes up, sees the deadline moved
-        later, and sleeps again (``_timer`` is None when none is pending)."""
-        self._deadline = self.pool.reactor.seconds() + self.pool.timeout
-        if self._timer is None:
-            self._timer = self.pool.reactor.callLater(self.pool.timeout,
-                                                      self._timed_out)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-
-    def _timed_out(self) -> None:
-        self._timer = None
+    def _timed_out(self, kind: Any) -> None:
         front = self.front
         if front is None or (self._read_paused and self._head_done):
             return  # idle, or a slow client holds the response back
         if not (self._head_done or self._request_sent or self._write_blocked):
             return  # the client is still sending the body: the front times it
-        left = self._deadline - self.pool.reactor.seconds()
-        if left > 0:
-            self._timer = self.pool.reactor.callLater(left, self._timed_out)
-            return
         head_done = self._head_done
         self.abort()
         if head_done:
@@ -403,9 +390,9 @@ class _ConnectionFactory(Factory):
 class UpstreamPool:
     """Persistent connections to the ``upstream`` URL.
 
-    Idle connections are kept most-recently-used first, at most
-    ``upstream_max_idle`` of them: a connection released beyond that bound
-    is closed.  One idle for longer than ``upstream_idle_timeout`` is
+    Idle connections are kept in a ``pool.IdlePool`` (one target), at
+    most ``upstream_max_idle`` of them: a connection released beyond that
+    bound is closed.  One idle for longer than ``upstream_idle_timeout`` is
     closed when next picked instead of used.  Connections in use are bounded
     by the requests in flight (the front's ``max_connections``).
     """
@@ -424,11 +411,10 @@ class UpstreamPool:
             self.authority = host.encode("idna") + (
                 b":%d" % url.port if url.port else b"")
         self.base_path = url.path.rstrip("/").encode("ascii")
-        self._idle: list[UpstreamConnection] = []
+        self._idle = IdlePool(reactor, settings.upstream_max_idle,
+                              settings.upstream_idle_timeout)
         self.reconfigure(settings)
-        self._closed = False
         self._throttle = Throttle(reactor, WARN_INTERVAL, max_keys=1)
-        self._close_waiters: list[defer.Deferred] = []
         self._factory = _ConnectionFactory(self)
         connect_timeout = settings.upstream_connect_timeout
         try:
@@ -449,10 +435,8 @@ class UpstreamPool:
         """Apply new timeouts and idle bound (the upstream URL and TLS
         settings need a new pool)."""
         self.timeout = settings.upstream_timeout
-        self.max_idle = settings.upstream_max_idle
-        self.max_idle_age = settings.upstream_idle_timeout
-        while len(self._idle) > self.max_idle:
-            self._idle.pop(0).close()
+        self._idle.reconfigure(settings.upstream_max_idle,
+                               settings.upstream_idle_timeout)
 
     def connect(self, front: Any) -> Optional[defer.Deferred]:
         """Attach ``front`` to a connection.
@@ -462,17 +446,11 @@ class UpstreamPool:
         pending connection attempt, which the front cancels if its client
         goes away.
         """
-        idle = self._idle
-        if idle:
-            horizon = self.reactor.seconds() - self.max_idle_age
-            while idle:
-                conn = idle.pop()
-                if conn.idle_since < horizon:
-                    conn.close()
-                    continue
-                conn.reused = True
-                front.upstream_ready(conn)
-                return None
+        conn = self._idle.take(None)
+        if conn is not None:
+            conn.reused = True
+            front.upstream_ready(conn)
+            return None
         return self._connect(front)
 
     def _connect(self, front: Any) -> defer.Deferred:
@@ -516,37 +494,19 @@ class UpstreamPool:
         front.upstream_connecting(self._connect(front))
 
     def _release(self, conn: UpstreamConnection) -> None:
-        if self._closed or len(self._idle) >= self.max_idle:
-            conn.close()
-            return
-        conn.idle_since = self.reactor.seconds()
-        self._idle.append(conn)
+        self._idle.put(conn)
 
     def _lost(self, conn: UpstreamConnection) -> None:
-        try:
-            self._idle.remove(conn)
-        except ValueError:
-            pass
-        if self._closed and not self._idle and self._close_waiters:
-            waiters, self._close_waiters = self._close_waiters, []
-            for d in waiters:
-                d.callback(None)
+        self._idle.lost(conn)
 
     def idle_count(self) -> int:
-        return len(self._idle)
+        return self._idle.idle_count()
 
     def close(self) -> defer.Deferred:
         """Close the idle connections; fires once they are all gone.
 
         Connections still in use are closed when their response ends."""
-        self._closed = True
-        if not self._idle:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._close_waiters.append(d)
-        for conn in list(self._idle):
-            conn.close()
-        return d
+        return self._idle.close()
 
 
 def _default_tls(host: str, settings: Any) -> Any:
