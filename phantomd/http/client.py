@@ -40,7 +40,6 @@ import re
 from typing import Any, Optional, Union
 from urllib.parse import urlsplit
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet import defer
 from twisted.internet.endpoints import (
     HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS)
@@ -54,6 +53,7 @@ from twisted.web.http_headers import Headers
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
 from phantomd.http.pool import IdlePool
+from phantomd.http.wire import MODE_EOF, BadResponse, ResponseReader
 
 MAX_TARGETS = 16
 """Parsed URLs (and their endpoints) kept by a client."""
@@ -113,7 +113,7 @@ class BodyFailed(Exception):
 
 
 class _Overflow(Exception):
-    """Internal: raised from ``on_body`` to stop the parser."""
+    """Internal: raised from ``answer_body`` to stop the parser."""
 
 
 class _Collect:
@@ -200,8 +200,8 @@ class _Call:
 class _Connection(Protocol):
     """One HTTP/1.1 connection; one exchange at a time on it.
 
-    httptools callbacks only collect; the caller hears of the answer
-    after ``feed_data`` returns, so a caller that starts its next request
+    The ``ResponseReader``'s calls only collect; the caller hears of the
+    answer after ``feed`` returns, so a caller that starts its next request
     from a callback never meets a parser mid-feed.
     """
 
@@ -210,7 +210,7 @@ class _Connection(Protocol):
         self.key = key
         self.lost = False
         self.idle_since = 0.0
-        self._parser = HttpResponseParser(self)
+        self._reader = ResponseReader(self, client.max_answer_bytes)
         self._write: Any = None
         self._idle_deadline = Deadline(client.reactor, self._idle_expired)
         self._broken = False
@@ -220,9 +220,6 @@ class _Connection(Protocol):
 
     def _reset(self) -> None:
         self._received = 0
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._complete = False
-        self._keep_alive = False
         self._eof_body = False
 
     # -- Protocol ------------------------------------------------------------
@@ -240,20 +237,17 @@ class _Connection(Protocol):
         if self._received > self.client.max_answer_bytes:
             self._fail(AnswerTooLarge(self.client.max_answer_bytes))
             return
+        reader = self._reader
         try:
-            self._parser.feed_data(data)
-        except HttpParserUpgrade:
-            self._fail(MalformedAnswer("it switched protocols, which "
-                                       "phantomd never asks for"))
+            reader.feed(data)
+        except BadResponse as e:
+            self._fail(MalformedAnswer("%s" % e))
             return
-        except HttpParserError as e:
-            cause = e.__context__
-            self._fail(cause if isinstance(cause, (MalformedAnswer,
-                                                   _Overflow)) else
-                       MalformedAnswer("malformed HTTP answer: %s" % e))
+        except _Overflow as e:
+            self._fail(e)
             return
-        if self._complete and self._collect is not None:
-            self._finish(self._keep_alive)
+        if reader.complete and self._collect is not None:
+            self._finish(reader.keep_alive)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
@@ -276,7 +270,7 @@ class _Connection(Protocol):
             return
         call.conn = self
         self._call = call
-        self._head_method = call.head_method
+        self._reader.start(call.head_method)
         self._reset()
         self._write(call.payload)
 
@@ -294,64 +288,34 @@ class _Connection(Protocol):
         if not self.lost:
             self.transport.abortConnection()
 
-    # -- httptools callbacks -------------------------------------------------
+    # -- what the ResponseReader calls ---------------------------------------
 
-    def on_message_begin(self) -> None:
-        if self._complete:
-            self._broken = True  # bytes past the answer: never reuse
+    def answer_interim(self, status: int) -> None:
+        pass  # the real answer follows
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        code = self._parser.get_status_code()
-        headers, self._headers = self._headers, []
+    def answer_head(self, status: int, reason: bytes, headers: list,
+                    names: list, mode: int, length: Optional[bytes],
+                    connection: Optional[list]) -> None:
         call = self._call
         if call is None or self._collect is not None:
             self._broken = True  # an answer nobody asked for
             return
-        if code < 200:
-            if code == 101:
-                raise MalformedAnswer("101 Switching Protocols, which "
-                                      "phantomd never asks for")
-            return  # interim: the real answer follows
         decoded: dict[str, list[str]] = {}
-        has_length = chunked = False
-        for name, value in headers:
-            lower = name.lower()
+        for (_, value), lower in zip(headers, names):
             key = lower.decode("latin-1")
             if key in decoded:
                 decoded[key].append(value.decode("latin-1"))
             else:
                 decoded[key] = [value.decode("latin-1")]
-            if lower == b"content-length":
-                has_length = True
-            elif lower == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    # gzip and friends would reach the caller undeclared.
-                    raise MalformedAnswer("a transfer coding other than "
-                                          "chunked")
-                chunked = True
-        if self._head_method:
-            # llhttp cannot be told that a HEAD answer has no body.
-            self._complete = True
-            self._broken = True
-        elif code != 204 and code != 304 and not chunked and not has_length:
-            self._eof_body = True
+        self._eof_body = mode == MODE_EOF
         # Nothing fires before the whole answer is in.
-        self._collect = _Collect(code, decoded, call.max_body,
-                                 code in call.keep, call.result)
+        self._collect = _Collect(status, decoded, call.max_body,
+                                 status in call.keep, call.result)
 
-    def on_body(self, data: bytes) -> None:
+    def answer_body(self, data: bytes) -> None:
         collect = self._collect
         if collect is not None:
             collect._data(data)
-
-    def on_message_complete(self) -> None:
-        if self._collect is not None:
-            self._complete = True
-            # Asked here: once the message is done, llhttp says False.
-            self._keep_alive = self._parser.should_keep_alive()
 
     # -- internals -----------------------------------------------------------
 
@@ -361,7 +325,7 @@ class _Connection(Protocol):
         self._call = None
         self._reset()
         if not self.lost:
-            if reuse and not self._broken:
+            if reuse and not self._broken and not self._reader.broken:
                 self.client.pool.put(self)
             else:
                 self.close()

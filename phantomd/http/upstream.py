@@ -26,7 +26,6 @@ import ipaddress
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet import defer, error
 from twisted.internet.endpoints import (
     HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS)
@@ -40,9 +39,10 @@ from phantomd.http.pool import IdlePool
 from phantomd.http.interfaces import IUpstreamConnection, IUpstreamPool
 from phantomd.http.headers import drop_connection_options
 from phantomd.http.headers import RESPONSE_DROP
+from phantomd.http.wire import (  # noqa: F401 (MODE_* for the front)
+    MODE_CHUNKED, MODE_EOF, MODE_LENGTH, MODE_NONE, BadResponse,
+    ResponseReader)
 from phantomd.ops.logs import Throttle
-
-MODE_NONE, MODE_LENGTH, MODE_CHUNKED, MODE_EOF = range(4)
 
 # Bytes of response head (interim 1xx responses included) read before giving
 # up with 502: llhttp itself would accumulate a header without bound.
@@ -72,7 +72,7 @@ class UpstreamConnection(Protocol):
         self.reused = False
         self.idle_since = 0.0
         self.lost = False
-        self._parser = HttpResponseParser(self)
+        self._reader = ResponseReader(self, MAX_RESPONSE_HEAD)
         self._deadline = Deadline(pool.reactor, self._timed_out)
         self._write_blocked = False
         self._read_paused = False
@@ -82,16 +82,8 @@ class UpstreamConnection(Protocol):
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
-        self._complete = False
         self._retryable = False
         self._got_bytes = False
-        self._head_bytes = 0
-        self._head_method = False
-        self._head_done = False
-        self._headers: list = []
-        self._reason = b""
-        self._mode = MODE_NONE
-        self._keep_alive = False
         self._request_sent = False
         self._sent_at = 0.0
 
@@ -110,34 +102,19 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
             return
         self._got_bytes = True
-        if not self._head_done:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_RESPONSE_HEAD + len(data):
-                self._garbled("the upstream's response head is too large")
-                return
         front = self.front
+        reader = self._reader
         try:
-            self._parser.feed_data(data)
-        except HttpParserUpgrade:
-            self._past_the_answer() or self._garbled(
-                "the upstream switched protocols, which phantomd never asks "
-                "for")
-        except HttpParserError as e:
-            self._past_the_answer() or self._garbled(
-                "the upstream sent a malformed response: %s" % e)
-        if self._complete and self.front is front:
+            reader.feed(data)
+        except BadResponse as e:
+            self._garbled("the upstream sent %s" % e)
+        if reader.complete and self.front is front:
             # Only now, with this read parsed to its end: finishing inside
             # feed_data would pool the connection while llhttp still hands
             # the rest of the read -- a smuggled second response -- to the
             # next request.
-            self._finished(front, reuse=self._keep_alive)
+            self._finished(front, reuse=reader.keep_alive)
         front.flush_output()
-
-    def _past_the_answer(self) -> bool:
-        """Bytes after a complete response: never reuse the connection."""
-        if self._complete:
-            self._broken = True
-        return self._complete
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = True
@@ -147,8 +124,8 @@ class UpstreamConnection(Protocol):
         self.pool._lost(self)
         if front is None:
             return
-        if self._head_done:
-            if self._mode == MODE_EOF and reason is not None and \
+        if self._reader.head_done:
+            if self._reader.mode == MODE_EOF and reason is not None and \
                     reason.check(error.ConnectionDone):
                 self._finished(front, reuse=False)
             else:
@@ -191,7 +168,7 @@ class UpstreamConnection(Protocol):
              retryable: bool) -> None:
         """Start an exchange: write the request head for ``front``."""
         self.front = front
-        self._head_method = head_method
+        self._reader.start(head_method)
         self._retryable = retryable
         self._sent_at = self.pool.reactor.seconds()
         self._write(head)
@@ -240,65 +217,22 @@ class UpstreamConnection(Protocol):
         if not self.lost:
             self.transport.abortConnection()
 
-    # -- httptools callbacks -------------------------------------------------
+    # -- what the ResponseReader calls ---------------------------------------
 
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
+    def answer_interim(self, status: int) -> None:
+        if status == 100 and self.front is not None:
+            self.front.response_continue()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._head_done:
-            self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        if self._past_the_answer():
-            return
-        parser = self._parser
-        status = parser.get_status_code()
-        headers = self._headers
-        self._headers = []
-        reason = self._reason
-        self._reason = b""
-        if status < 200:
-            if status == 100 and self.front is not None:
-                self.front.response_continue()
-            return
-        self._keep_alive = parser.should_keep_alive()
-        kept = []
-        length = None
-        chunked = False
-        connection = None
-        for item in headers:
-            name = item[0].lower()
-            if name in RESPONSE_DROP:
-                if name == b"content-length":
-                    length = item[1]
-                elif name == b"transfer-encoding":
-                    if item[1].strip().lower() != b"chunked":
-                        # gzip and friends would reach the client undeclared.
-                        self._garbled("the upstream used a transfer coding "
-                                      "other than chunked")
-                        return
-                    chunked = True
-                elif name == b"connection":
-                    connection = (connection or []) + item[1].split(b",")
-                continue
-            kept.append(item)
+    def answer_head(self, status: int, reason: bytes, headers: list,
+                    names: list, mode: int, length: Optional[bytes],
+                    connection: Optional[list]) -> None:
+        kept = [item for item, name in zip(headers, names)
+                if name not in RESPONSE_DROP]
         if connection:
             kept = drop_connection_options(kept, connection)
-        self._head_done = True
-        if self._head_method or status == 204 or status == 304:
-            mode = MODE_NONE
-            if status != 204 and length is not None:
-                kept.append((b"Content-Length", length))
-        elif chunked:
-            mode = MODE_CHUNKED
-        elif length is not None:
-            mode = MODE_LENGTH
-        else:
-            mode = MODE_EOF
-        self._mode = mode
-        now = self.pool.reactor.seconds()
-        duration = now - self._sent_at
+        if mode == MODE_NONE and status != 204 and length is not None:
+            kept.append((b"Content-Length", length))
+        duration = self.pool.reactor.seconds() - self._sent_at
         self.pool.metrics.upstream_duration.observe(duration)
         self._touch()
         front = self.front
@@ -306,26 +240,14 @@ class UpstreamConnection(Protocol):
             front.response_head(status, reason, kept, mode,
                                 None if length is None else int(length),
                                 duration)
-        if self._head_method and self.front is not None:
-            # llhttp cannot be told that a HEAD response has no body, so the
-            # connection ends here instead of being reused.
-            self._broken = True
-            self._finished(self.front, reuse=False)
 
-    def on_body(self, data: bytes) -> None:
+    def answer_body(self, data: bytes) -> None:
         front = self.front
-        if front is None or self._past_the_answer():
+        if front is None:
             self._broken = True
             return
         self._deadline.arm(self.pool.timeout)
         front.response_body(data)
-
-    def on_message_complete(self) -> None:
-        if self._past_the_answer():
-            return
-        if self.front is None or not self._head_done:
-            return
-        self._complete = True  # finished once feed_data returns
 
     # -- internals -----------------------------------------------------------
 
@@ -336,7 +258,8 @@ class UpstreamConnection(Protocol):
         The deadline is left armed: ``_timed_out`` ignores an idle
         connection, and moving it is cheaper than a new call per request."""
         self.front = None
-        reuse = reuse and self._request_sent and not self._broken
+        reuse = reuse and self._request_sent and not self._broken and \
+            not self._reader.broken
         self._reset_exchange()
         if self._read_paused:
             self._read_paused = False
@@ -353,7 +276,7 @@ class UpstreamConnection(Protocol):
         self.abort()
         if front is None:
             return
-        if self._head_done:
+        if self._reader.head_done:
             front.response_aborted()
         else:
             front.upstream_failed(502, "bad_gateway", description)
@@ -364,11 +287,11 @@ class UpstreamConnection(Protocol):
 
     def _timed_out(self, kind: Any) -> None:
         front = self.front
-        if front is None or (self._read_paused and self._head_done):
+        head_done = self._reader.head_done
+        if front is None or (self._read_paused and head_done):
             return  # idle, or a slow client holds the response back
-        if not (self._head_done or self._request_sent or self._write_blocked):
+        if not (head_done or self._request_sent or self._write_blocked):
             return  # the client is still sending the body: the front times it
-        head_done = self._head_done
         self.abort()
         if head_done:
             front.response_aborted()
