@@ -35,14 +35,11 @@ never reused.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Any, Optional, Union
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
-from twisted.internet.endpoints import (
-    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS)
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -52,7 +49,7 @@ from twisted.web.http_headers import Headers
 
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
-from phantomd.http.pool import IdlePool
+from phantomd.http.pool import IdlePool, endpoint_for
 from phantomd.http.wire import MODE_EOF, BadResponse, ResponseReader
 
 MAX_TARGETS = 16
@@ -363,11 +360,6 @@ class _ConnectionFactory(Factory):
         return _Connection(self.client, self.key)
 
 
-ConnectionPool = IdlePool
-"""The client's pool: ``phantomd.http.pool.IdlePool`` keyed by (scheme,
-host, port)."""
-
-
 class _Target:
     """A parsed URL: where to connect and what to write."""
 
@@ -385,7 +377,8 @@ class HTTPClient:
     ``IPolicyForHTTPS`` such as ``phantomd.http.tls.ClientPolicy``).
 
     ``connect_timeout`` bounds each connection attempt; ``max_idle`` and
-    ``idle_timeout`` bound the pool (``ConnectionPool``);
+    ``idle_timeout`` bound the pool (``pool.IdlePool``, keyed by scheme,
+    host and port);
     ``max_answer_bytes`` bounds each answer on the wire.
     """
 
@@ -393,7 +386,7 @@ class HTTPClient:
                  max_idle: int, idle_timeout: float,
                  max_answer_bytes: int) -> None:
         self.reactor = reactor
-        self.pool = ConnectionPool(reactor, max_idle, idle_timeout)
+        self.pool = IdlePool(reactor, max_idle, idle_timeout)
         self.max_answer_bytes = max_answer_bytes
         self._tls_policy = tls_policy
         self._connect_timeout = connect_timeout
@@ -449,22 +442,11 @@ class HTTPClient:
             raise ValueError("no host in %r" % url)
         port = parts.port or (443 if scheme == "https" else 80)
         host = host if host.isascii() else host.encode("idna").decode("ascii")
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            ip = None
-            endpoint: Any = HostnameEndpoint(self.reactor, host, port,
-                                             timeout=self._connect_timeout)
-        else:
-            kind = TCP6ClientEndpoint if ip.version == 6 else \
-                TCP4ClientEndpoint
-            endpoint = kind(self.reactor, host, port,
-                            timeout=self._connect_timeout)
-        if scheme == "https":
-            endpoint = wrapClientTLS(self._tls_policy.creatorForNetloc(
-                host.encode("ascii"), port), endpoint)
-        authority = ("[%s]" % host if ip is not None and ip.version == 6
-                     else host)
+        endpoint = endpoint_for(
+            self.reactor, host, port, self._connect_timeout,
+            self._tls_policy.creatorForNetloc(host.encode("ascii"), port)
+            if scheme == "https" else None)
+        authority = "[%s]" % host if ":" in host else host
         if parts.port is not None:
             authority += ":%d" % port
         path = (parts.path or "/") + ("?" + parts.query if parts.query

@@ -20,9 +20,31 @@ Bounds:
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any, Optional
 
 from twisted.internet import defer
+from twisted.internet.endpoints import (
+    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS)
+
+
+def endpoint_for(reactor: Any, host: str, port: int, timeout: float,
+                 tls: Any = None) -> Any:
+    """Where a connection attempt to ``host``:``port`` goes: straight to an
+    IP literal (no resolver), else through ``HostnameEndpoint``; each
+    attempt bounded by ``timeout`` seconds; over TLS with ``tls`` (a client
+    connection creator) when given."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        endpoint: Any = HostnameEndpoint(reactor, host, port,
+                                         timeout=timeout)
+    else:
+        kind = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
+        endpoint = kind(reactor, host, port, timeout=timeout)
+    if tls is not None:
+        endpoint = wrapClientTLS(tls, endpoint)
+    return endpoint
 
 
 class IdlePool:

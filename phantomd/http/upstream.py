@@ -22,20 +22,17 @@ through plain method calls, no Deferred per request:
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from twisted.internet import defer, error
-from twisted.internet.endpoints import (
-    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
-from phantomd.http.pool import IdlePool
+from phantomd.http.pool import IdlePool, endpoint_for
 from phantomd.http.interfaces import IUpstreamConnection, IUpstreamPool
 from phantomd.http.headers import drop_connection_options
 from phantomd.http.headers import RESPONSE_DROP
@@ -339,20 +336,11 @@ class UpstreamPool:
         self.reconfigure(settings)
         self._throttle = Throttle(reactor, WARN_INTERVAL, max_keys=1)
         self._factory = _ConnectionFactory(self)
-        connect_timeout = settings.upstream_connect_timeout
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            endpoint: Any = HostnameEndpoint(reactor, host, port,
-                                             timeout=connect_timeout)
-        else:
-            kind = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
-            endpoint = kind(reactor, host, port, timeout=connect_timeout)
-        if self.secure:
-            if tls_options is None:
-                tls_options = _default_tls(host, settings)
-            endpoint = wrapClientTLS(tls_options, endpoint)
-        self.endpoint = endpoint
+        if self.secure and tls_options is None:
+            tls_options = _default_tls(host, settings)
+        self.endpoint = endpoint_for(reactor, host, port,
+                                     settings.upstream_connect_timeout,
+                                     tls_options if self.secure else None)
 
     def reconfigure(self, settings: Any) -> None:
         """Apply new timeouts and idle bound (the upstream URL and TLS
