@@ -340,12 +340,20 @@ class _Connection(Protocol):
             call.result.errback(kind([Failure(e)]))
 
     def went_idle(self) -> None:
-        """Kept by the pool: closed after ``idle_timeout`` unless taken
-        (one timer per connection, rarely moved: ``Deadline``)."""
-        self._idle_deadline.arm(self.client.pool.idle_timeout)
+        """Kept by the pool: closed after ``idle_timeout`` unless taken.
+        One ``Deadline`` per connection, armed once: when it runs out it
+        looks at ``idle_since`` and sleeps again if the connection was
+        used since (cheaper than moving it on every exchange)."""
+        if not self._idle_deadline.armed:
+            self._idle_deadline.arm(self.client.pool.idle_timeout)
 
     def _idle_expired(self, kind: Any) -> None:
         if self.lost or self._call is not None or self._collect is not None:
+            return
+        left = self.idle_since + self.client.pool.idle_timeout \
+            - self.client.reactor.seconds()
+        if left > 0:
+            self._idle_deadline.arm(left)
             return
         self.client.pool.discard(self)
         self.close()
