@@ -33,7 +33,8 @@ class Conn:
 class IdlePoolTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.pool = IdlePool(self.clock, max_idle=2, idle_timeout=10)
+        self.pool = IdlePool(self.clock, max_idle=2, idle_timeout=10,
+                             on_idle=Conn.went_idle)
 
     def test_most_recently_used_first(self) -> None:
         first, second = Conn(), Conn()

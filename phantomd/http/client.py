@@ -291,15 +291,15 @@ class _Connection(Protocol):
         pass  # the real answer follows
 
     def answer_head(self, status: int, reason: bytes, headers: list,
-                    names: list, mode: int, length: Optional[bytes],
+                    mode: int, length: Optional[bytes],
                     connection: Optional[list]) -> None:
         call = self._call
         if call is None or self._collect is not None:
             self._broken = True  # an answer nobody asked for
             return
         decoded: dict[str, list[str]] = {}
-        for (_, value), lower in zip(headers, names):
-            key = lower.decode("latin-1")
+        for name, value in headers:
+            key = name.lower().decode("latin-1")
             if key in decoded:
                 decoded[key].append(value.decode("latin-1"))
             else:
@@ -344,7 +344,7 @@ class _Connection(Protocol):
         One ``Deadline`` per connection, armed once: when it runs out it
         looks at ``idle_since`` and sleeps again if the connection was
         used since (cheaper than moving it on every exchange)."""
-        if not self._idle_deadline.armed:
+        if self._idle_deadline.at is None:  # not armed
             self._idle_deadline.arm(self.client.pool.idle_timeout)
 
     def _idle_expired(self, kind: Any) -> None:
@@ -394,7 +394,8 @@ class HTTPClient:
                  max_idle: int, idle_timeout: float,
                  max_answer_bytes: int) -> None:
         self.reactor = reactor
-        self.pool = IdlePool(reactor, max_idle, idle_timeout)
+        self.pool = IdlePool(reactor, max_idle, idle_timeout,
+                             _Connection.went_idle)
         self.max_answer_bytes = max_answer_bytes
         self._tls_policy = tls_policy
         self._connect_timeout = connect_timeout

@@ -4,9 +4,9 @@ One mechanism for both kinds of connection phantomd opens: the forwarding
 connections to the API (``upstream.UpstreamPool``, one target) and the
 token service client's (``client.HTTPClient``, one target per
 (scheme, host, port)).  A connection kept here needs ``key`` (its target),
-``idle_since`` (set here), ``close()`` (which ends in ``lost`` being called
-back), and may have ``went_idle()`` (called once it is kept; the client's
-connections arm their idle timer there).
+``idle_since`` (set here) and ``close()`` (which ends in ``lost`` being
+called back); ``on_idle(conn)``, when given, is called once a connection
+is kept (the client's connections arm their idle timer there).
 
 Bounds:
 
@@ -21,7 +21,7 @@ Bounds:
 from __future__ import annotations
 
 import ipaddress
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 from twisted.internet.endpoints import (
@@ -52,9 +52,10 @@ class IdlePool:
     bounds.  The number of targets is bounded by the caller (one for the
     forwarder; ``client.MAX_TARGETS`` URLs for the token service client)."""
 
-    def __init__(self, clock: Any, max_idle: int,
-                 idle_timeout: float) -> None:
+    def __init__(self, clock: Any, max_idle: int, idle_timeout: float,
+                 on_idle: Optional[Callable[[Any], None]] = None) -> None:
         self.clock = clock
+        self.on_idle = on_idle
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
         self.closed = False
@@ -96,9 +97,8 @@ class IdlePool:
             return
         conn.idle_since = self.clock.seconds()
         idle.append(conn)
-        went_idle = getattr(conn, "went_idle", None)
-        if went_idle is not None:
-            went_idle()
+        if self.on_idle is not None:
+            self.on_idle(conn)
 
     def discard(self, conn: Any) -> None:
         """``conn`` is no longer idle (its timer closed it, say)."""

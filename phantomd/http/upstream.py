@@ -221,10 +221,10 @@ class UpstreamConnection(Protocol):
             self.front.response_continue()
 
     def answer_head(self, status: int, reason: bytes, headers: list,
-                    names: list, mode: int, length: Optional[bytes],
+                    mode: int, length: Optional[bytes],
                     connection: Optional[list]) -> None:
-        kept = [item for item, name in zip(headers, names)
-                if name not in RESPONSE_DROP]
+        kept = [item for item in headers
+                if item[0].lower() not in RESPONSE_DROP]
         if connection:
             kept = drop_connection_options(kept, connection)
         if mode == MODE_NONE and status != 204 and length is not None:

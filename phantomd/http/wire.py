@@ -9,10 +9,10 @@ size bound, and what makes an answer unusable -- and hands the rest to its
 
 * ``sink.answer_interim(status)``: a 1xx answer other than 101 (which is
   refused: phantomd never asks to switch protocols);
-* ``sink.answer_head(status, reason, headers, names, mode, length,
-  connection)``: the head; ``headers`` as received, ``names`` their
-  lower-cased names (same order), ``length`` the Content-Length value
-  (bytes) or None, ``connection`` the Connection header's tokens or None;
+* ``sink.answer_head(status, reason, headers, mode, length, connection)``:
+  the head; ``headers`` as received (name, value) pairs, ``length`` the
+  Content-Length value (bytes) or None, ``connection`` the Connection
+  header's tokens or None;
 * ``sink.answer_body(data)``: a piece of the body, unframed.
 
 ``mode`` is one of ``MODE_NONE`` (no body follows), ``MODE_LENGTH``
@@ -26,6 +26,10 @@ from typing import Any, Optional
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 MODE_NONE, MODE_LENGTH, MODE_CHUNKED, MODE_EOF = range(4)
+
+# The lengths of the names that decide the framing (connection,
+# content-length, transfer-encoding): only those are lower-cased here.
+_FRAMING_LENGTHS = frozenset((10, 14, 17))
 
 
 class BadResponse(Exception):
@@ -119,13 +123,13 @@ class ResponseReader:
             self._sink.answer_interim(status)
             return
         self.keep_alive = parser.should_keep_alive()
-        names = []
         length: Optional[bytes] = None
         chunked = False
         connection: Optional[list] = None
         for name, value in headers:
+            if len(name) not in _FRAMING_LENGTHS:
+                continue
             lower = name.lower()
-            names.append(lower)
             if lower == b"content-length":
                 length = value
             elif lower == b"transfer-encoding":
@@ -150,7 +154,7 @@ class ResponseReader:
             # answer ends here, and so does the connection.
             self.complete = True
             self.broken = True
-        self._sink.answer_head(status, reason, headers, names, mode, length,
+        self._sink.answer_head(status, reason, headers, mode, length,
                                connection)
 
     def on_body(self, data: bytes) -> None:
