@@ -8,7 +8,8 @@ from typing import Any, Optional
 from twisted.trial import unittest
 
 from phantomd.http.wire import (MODE_CHUNKED, MODE_EOF, MODE_LENGTH,
-                                MODE_NONE, BadResponse, ResponseReader)
+                                MODE_NONE, BadResponse, BareResponseReader,
+                                ResponseReader)
 
 
 class Sink:
@@ -128,6 +129,16 @@ class ResponseReaderTests(unittest.TestCase):
                                        (b"Connection", b"keep-alive, X-A"),
                                        (b"Content-Length", b"0")])
             self.assertEqual(connection, [b"keep-alive", b" X-A"])
+
+    def test_bare_reader_keeps_no_reason(self) -> None:
+        sink = Sink()
+        reader = BareResponseReader(sink, 4096)
+        reader.feed(b"HTTP/1.1 404 Not Here\r\nContent-Length: 1\r\n\r\nx")
+        [(status, reason, headers, mode, length, _)] = sink.heads
+        self.assertEqual((status, reason, mode, length),
+                         (404, b"", MODE_LENGTH, b"1"))
+        self.assertEqual(bytes(sink.body), b"x")
+        self.assertTrue(reader.complete)
 
     def test_interim_answers_then_the_real_one(self) -> None:
         wire = (b"HTTP/1.1 100 Continue\r\n\r\n"

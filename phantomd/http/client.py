@@ -50,7 +50,7 @@ from twisted.web.http_headers import Headers
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
 from phantomd.http.pool import IdlePool, endpoint_for
-from phantomd.http.wire import MODE_EOF, BadResponse, ResponseReader
+from phantomd.http.wire import MODE_EOF, BadResponse, BareResponseReader
 
 MAX_TARGETS = 16
 """Parsed URLs (and their endpoints) kept by a client."""
@@ -207,7 +207,7 @@ class _Connection(Protocol):
         self.key = key
         self.lost = False
         self.idle_since = 0.0
-        self._reader = ResponseReader(self, client.max_answer_bytes)
+        self._reader = BareResponseReader(self, client.max_answer_bytes)
         self._write: Any = None
         self._idle_deadline = Deadline(client.reactor, self._idle_expired)
         self._broken = False

@@ -37,7 +37,7 @@ class BadResponse(Exception):
     how); the connection must be dropped."""
 
 
-class ResponseReader:
+class BareResponseReader:
     """One connection's answers, one at a time: ``start(head_method)``
     before each request, then ``feed(data)`` with every read.
 
@@ -48,6 +48,11 @@ class ResponseReader:
     the exception a sink method raised.  Bytes of head (1xx answers
     included) are bounded by ``max_head``: llhttp alone would keep an
     endless header line.  Nothing reaches the sink after ``complete``.
+
+    This one keeps no reason phrase (``reason`` is always ``b""``):
+    httptools calls no ``on_status`` it is not given, a call per answer
+    saved for a sink that never shows the phrase (``ResponseReader`` keeps
+    it).
     """
 
     __slots__ = ("_sink", "_parser", "max_head", "head_method", "head_done",
@@ -100,9 +105,6 @@ class ResponseReader:
     def on_message_begin(self) -> None:
         if self.complete:
             self.broken = True  # a second answer to one request
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.head_done:  # not the trailers
@@ -166,3 +168,12 @@ class ResponseReader:
     def on_message_complete(self) -> None:
         if self.head_done:
             self.complete = True
+
+
+class ResponseReader(BareResponseReader):
+    """``BareResponseReader`` that keeps the reason phrase."""
+
+    __slots__ = ()
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
