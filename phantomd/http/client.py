@@ -4,7 +4,8 @@ The introspector and ``jose.KeySource`` want answers whole:
 ``fetch(method, url, data, headers, max_body, keep)`` returns a
 ``Deferred`` that fires once, with an ``Answer`` (code, decoded headers,
 bounded body) -- no Response object, body protocol or Twisted ``Headers``
-in between.  Underneath, one ``httptools`` parser per connection and plain
+in between.  Underneath, one ``wire.BareResponseReader`` (httptools) per
+connection, idle connections in a ``pool.IdlePool``, and plain
 method calls replace Agent, hyperlink and ``HTTP11ClientProtocol``: an
 introspection is on the miss path of every new token, so its client must
 cost little.  (``phantomd.http.fetch`` gives the same ``fetch`` for a
