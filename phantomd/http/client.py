@@ -214,10 +214,9 @@ class _Connection(Protocol):
         self._broken = False
         self._call: Optional[_Call] = None
         self._collect: Optional[_Collect] = None
-        self._reset()
-
-    def _reset(self) -> None:
+        #: Bytes of this exchange's answer so far (reset by ``send``).
         self._received = 0
+        #: The answer's body ends with the connection (set with its head).
         self._eof_body = False
 
     # -- Protocol ------------------------------------------------------------
@@ -269,7 +268,7 @@ class _Connection(Protocol):
         call.conn = self
         self._call = call
         self._reader.start(call.head_method)
-        self._reset()
+        self._received = 0
         self._write(call.payload)
 
     def close(self) -> None:
@@ -321,7 +320,6 @@ class _Connection(Protocol):
         """The answer is complete: pool or close, then tell the caller."""
         collect, self._collect = self._collect, None
         self._call = None
-        self._reset()
         if not self.lost:
             if reuse and not self._broken and not self._reader.broken:
                 self.client.pool.put(self)
