@@ -331,6 +331,20 @@ class MemoryTests(unittest.TestCase):
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.client.pool.idle_count(), 0)
 
+    def test_idle_age_counts_from_the_last_exchange(self) -> None:
+        _, conn, transport = self.answer(
+            [b"HTTP/1.1 204 No Content\r\n\r\n"])
+        self.reactor.advance(3)
+        d = self.client.fetch("POST", URL, data=b"t")  # reused at 3 s
+        conn.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.successResultOf(d)
+        self.reactor.advance(2)  # 5 s after the first, 2 s idle
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.client.pool.idle_count(), 1)
+        self.reactor.advance(2)  # 4 s idle
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.client.pool.idle_count(), 0)
+
     def test_idle_connection_expired_when_picked(self) -> None:
         _, conn, transport = self.answer(
             [b"HTTP/1.1 204 No Content\r\n\r\n"])

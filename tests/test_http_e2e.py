@@ -181,7 +181,7 @@ class HappyPathTests(ProxyCase):
         yield client.done
         [front] = list(self.front.connections)
         self.assertTrue(front.transport.getTcpNoDelay())
-        [conn] = self.pool._idle
+        [conn] = self.pool._idle.idle(None)
         self.assertTrue(conn.transport.getTcpNoDelay())
         client.transport.loseConnection()
 

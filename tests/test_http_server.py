@@ -13,7 +13,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
 from phantomd.http.front import LINGER, FrontFactory
-from phantomd.http.upstream import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
+from phantomd.http.wire import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
 from phantomd.ops.metrics import Metrics
 from phantomd.token.outcomes import Forward
 from tests.helpers_http import JWT, OPAQUE, FakeGate, settings

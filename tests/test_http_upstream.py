@@ -9,8 +9,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
-from phantomd.http.upstream import (
-    MODE_CHUNKED, MODE_EOF, MODE_LENGTH, MODE_NONE, UpstreamPool)
+from phantomd.http.upstream import UpstreamPool
+from phantomd.http.wire import MODE_CHUNKED, MODE_EOF, MODE_LENGTH, MODE_NONE
 from phantomd.ops.metrics import Metrics
 from tests.helpers_http import settings
 
@@ -147,7 +147,7 @@ class ResponseTests(PoolCase):
             self.assertEqual(bytes(front.body), body, raw)
             self.assertEqual(self.pool.idle_count(), int(pooled), raw)
             self.assertEqual(conn.transport.disconnecting, not pooled, raw)
-            for c in list(self.pool._idle):
+            for c in self.pool._idle.idle(None):
                 c.transport.loseConnection()
                 c.connectionLost(Failure(error.ConnectionDone()))
 

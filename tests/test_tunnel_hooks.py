@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.internet.testing import StringTransport
 
-from phantomd.http.upstream import MODE_LENGTH
+from phantomd.http.wire import MODE_LENGTH
 from tests.helpers_http import JWT, OPAQUE
 from tests.test_http_server import AUTH, FrontCase, get
 from tests.test_http_upstream import FakeFront, PoolCase

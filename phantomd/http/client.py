@@ -4,11 +4,12 @@ The introspector and ``jose.KeySource`` want answers whole:
 ``fetch(method, url, data, headers, max_body, keep)`` returns a
 ``Deferred`` that fires once, with an ``Answer`` (code, decoded headers,
 bounded body) -- no Response object, body protocol or Twisted ``Headers``
-in between.  Underneath, one ``httptools`` parser per connection and plain
+in between.  Underneath, one ``wire.BareResponseReader`` (httptools) per
+connection, idle connections in a ``pool.IdlePool``, and plain
 method calls replace Agent, hyperlink and ``HTTP11ClientProtocol``: an
 introspection is on the miss path of every new token, so its client must
-cost little.  (``phantomd.http.fetch`` gives the same ``fetch`` for a
-client with treq's interface, which the unit tests use.)
+cost little.  (The unit tests give the introspector the same ``fetch``
+over treq's ``StubTreq``: ``tests/helpers_fetch.TreqFetcher``.)
 
 What it never does: follow redirects (a 3xx is an answer like any other),
 keep or send cookies, pipeline, retry (a POST may not be repeated).
@@ -35,15 +36,11 @@ never reused.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from typing import Any, Optional, Union
 from urllib.parse import urlsplit
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet import defer
-from twisted.internet.endpoints import (
-    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS)
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
@@ -51,7 +48,10 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 
+from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
+from phantomd.http.pool import IdlePool, endpoint_for
+from phantomd.http.wire import MODE_EOF, BadResponse, BareResponseReader
 
 MAX_TARGETS = 16
 """Parsed URLs (and their endpoints) kept by a client."""
@@ -111,7 +111,7 @@ class BodyFailed(Exception):
 
 
 class _Overflow(Exception):
-    """Internal: raised from ``on_body`` to stop the parser."""
+    """Internal: raised from ``answer_body`` to stop the parser."""
 
 
 class _Collect:
@@ -198,8 +198,8 @@ class _Call:
 class _Connection(Protocol):
     """One HTTP/1.1 connection; one exchange at a time on it.
 
-    httptools callbacks only collect; the caller hears of the answer
-    after ``feed_data`` returns, so a caller that starts its next request
+    The ``ResponseReader``'s calls only collect; the caller hears of the
+    answer after ``feed`` returns, so a caller that starts its next request
     from a callback never meets a parser mid-feed.
     """
 
@@ -208,19 +208,15 @@ class _Connection(Protocol):
         self.key = key
         self.lost = False
         self.idle_since = 0.0
-        self._parser = HttpResponseParser(self)
+        self._reader = BareResponseReader(self, client.max_answer_bytes)
         self._write: Any = None
-        self._timer: Any = None
+        self._idle_deadline = Deadline(client.reactor, self._idle_expired)
         self._broken = False
         self._call: Optional[_Call] = None
         self._collect: Optional[_Collect] = None
-        self._reset()
-
-    def _reset(self) -> None:
+        #: Bytes of this exchange's answer so far (reset by ``send``).
         self._received = 0
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._complete = False
-        self._keep_alive = False
+        #: The answer's body ends with the connection (set with its head).
         self._eof_body = False
 
     # -- Protocol ------------------------------------------------------------
@@ -238,27 +234,21 @@ class _Connection(Protocol):
         if self._received > self.client.max_answer_bytes:
             self._fail(AnswerTooLarge(self.client.max_answer_bytes))
             return
+        reader = self._reader
         try:
-            self._parser.feed_data(data)
-        except HttpParserUpgrade:
-            self._fail(MalformedAnswer("it switched protocols, which "
-                                       "phantomd never asks for"))
+            reader.feed(data)
+        except BadResponse as e:
+            self._fail(MalformedAnswer("%s" % e))
             return
-        except HttpParserError as e:
-            cause = e.__context__
-            self._fail(cause if isinstance(cause, (MalformedAnswer,
-                                                   _Overflow)) else
-                       MalformedAnswer("malformed HTTP answer: %s" % e))
+        except _Overflow as e:
+            self._fail(e)
             return
-        if self._complete and self._collect is not None:
-            self._finish(self._keep_alive)
+        if reader.complete and self._collect is not None:
+            self._finish(reader.keep_alive)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lost = True
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        self._idle_deadline.cancel()
         self.client.pool.lost(self)
         if self._collect is not None and self._eof_body and \
                 reason.check(ConnectionDone):
@@ -277,8 +267,8 @@ class _Connection(Protocol):
             return
         call.conn = self
         self._call = call
-        self._head_method = call.head_method
-        self._reset()
+        self._reader.start(call.head_method)
+        self._received = 0
         self._write(call.payload)
 
     def close(self) -> None:
@@ -295,64 +285,37 @@ class _Connection(Protocol):
         if not self.lost:
             self.transport.abortConnection()
 
-    # -- httptools callbacks -------------------------------------------------
+    # -- what the ResponseReader calls ---------------------------------------
 
-    def on_message_begin(self) -> None:
-        if self._complete:
-            self._broken = True  # bytes past the answer: never reuse
+    def answer_interim(self, status: int) -> None:
+        pass  # the real answer follows
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+    def answer_switch(self, headers: list, rest: bytes) -> bool:
+        return False  # never asked for: the answer is unusable
 
-    def on_headers_complete(self) -> None:
-        code = self._parser.get_status_code()
-        headers, self._headers = self._headers, []
+    def answer_head(self, status: int, reason: bytes, headers: list,
+                    mode: int, length: Optional[bytes],
+                    connection: Optional[list]) -> None:
         call = self._call
         if call is None or self._collect is not None:
             self._broken = True  # an answer nobody asked for
             return
-        if code < 200:
-            if code == 101:
-                raise MalformedAnswer("101 Switching Protocols, which "
-                                      "phantomd never asks for")
-            return  # interim: the real answer follows
         decoded: dict[str, list[str]] = {}
-        has_length = chunked = False
         for name, value in headers:
-            lower = name.lower()
-            key = lower.decode("latin-1")
+            key = name.lower().decode("latin-1")
             if key in decoded:
                 decoded[key].append(value.decode("latin-1"))
             else:
                 decoded[key] = [value.decode("latin-1")]
-            if lower == b"content-length":
-                has_length = True
-            elif lower == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    # gzip and friends would reach the caller undeclared.
-                    raise MalformedAnswer("a transfer coding other than "
-                                          "chunked")
-                chunked = True
-        if self._head_method:
-            # llhttp cannot be told that a HEAD answer has no body.
-            self._complete = True
-            self._broken = True
-        elif code != 204 and code != 304 and not chunked and not has_length:
-            self._eof_body = True
+        self._eof_body = mode == MODE_EOF
         # Nothing fires before the whole answer is in.
-        self._collect = _Collect(code, decoded, call.max_body,
-                                 code in call.keep, call.result)
+        self._collect = _Collect(status, decoded, call.max_body,
+                                 status in call.keep, call.result)
 
-    def on_body(self, data: bytes) -> None:
+    def answer_body(self, data: bytes) -> None:
         collect = self._collect
         if collect is not None:
             collect._data(data)
-
-    def on_message_complete(self) -> None:
-        if self._collect is not None:
-            self._complete = True
-            # Asked here: once the message is done, llhttp says False.
-            self._keep_alive = self._parser.should_keep_alive()
 
     # -- internals -----------------------------------------------------------
 
@@ -360,9 +323,8 @@ class _Connection(Protocol):
         """The answer is complete: pool or close, then tell the caller."""
         collect, self._collect = self._collect, None
         self._call = None
-        self._reset()
         if not self.lost:
-            if reuse and not self._broken:
+            if reuse and not self._broken and not self._reader.broken:
                 self.client.pool.put(self)
             else:
                 self.close()
@@ -379,22 +341,21 @@ class _Connection(Protocol):
             kind = ResponseFailed if self._received else ResponseNeverReceived
             call.result.errback(kind([Failure(e)]))
 
-    def arm_idle_timer(self) -> None:
-        """One DelayedCall per connection, rarely moved: it wakes up, sees
-        the connection was used since, and sleeps again."""
-        if self._timer is None:
-            self._timer = self.client.reactor.callLater(
-                self.client.pool.idle_timeout, self._idle_check)
+    def went_idle(self) -> None:
+        """Kept by the pool: closed after ``idle_timeout`` unless taken.
+        One ``Deadline`` per connection, armed once: when it runs out it
+        looks at ``idle_since`` and sleeps again if the connection was
+        used since (cheaper than moving it on every exchange)."""
+        if self._idle_deadline.at is None:  # not armed
+            self._idle_deadline.arm(self.client.pool.idle_timeout)
 
-    def _idle_check(self) -> None:
-        self._timer = None
+    def _idle_expired(self, kind: Any) -> None:
         if self.lost or self._call is not None or self._collect is not None:
             return
         left = self.idle_since + self.client.pool.idle_timeout \
             - self.client.reactor.seconds()
         if left > 0:
-            self._timer = self.client.reactor.callLater(left,
-                                                        self._idle_check)
+            self._idle_deadline.arm(left)
             return
         self.client.pool.discard(self)
         self.close()
@@ -407,79 +368,6 @@ class _ConnectionFactory(Factory):
 
     def buildProtocol(self, addr: Any) -> _Connection:
         return _Connection(self.client, self.key)
-
-
-class ConnectionPool:
-    """Idle connections per (scheme, host, port), most recently used first.
-
-    At most ``max_idle`` per key: one handed back beyond that is closed.
-    One idle longer than ``idle_timeout`` seconds is closed (by its timer,
-    or when next picked).  After ``close()`` every connection handed back
-    is closed.
-    """
-
-    def __init__(self, reactor: Any, max_idle: int,
-                 idle_timeout: float) -> None:
-        self.reactor = reactor
-        self.max_idle = max_idle
-        self.idle_timeout = idle_timeout
-        self.closed = False
-        self._idle: dict[tuple, list[_Connection]] = {}
-        self._closing: set[_Connection] = set()
-        self._close_waiters: list[defer.Deferred] = []
-
-    def take(self, key: tuple) -> Optional[_Connection]:
-        idle = self._idle.get(key)
-        if not idle:
-            return None
-        horizon = self.reactor.seconds() - self.idle_timeout
-        while idle:
-            conn = idle.pop()
-            if conn.idle_since >= horizon:
-                return conn
-            conn.close()
-        del self._idle[key]
-        return None
-
-    def put(self, conn: _Connection) -> None:
-        idle = self._idle.setdefault(conn.key, [])
-        if self.closed or len(idle) >= self.max_idle:
-            conn.close()
-            return
-        conn.idle_since = self.reactor.seconds()
-        idle.append(conn)
-        conn.arm_idle_timer()
-
-    def discard(self, conn: _Connection) -> None:
-        idle = self._idle.get(conn.key)
-        if idle and conn in idle:
-            idle.remove(conn)
-
-    def lost(self, conn: _Connection) -> None:
-        self.discard(conn)
-        self._closing.discard(conn)
-        if self._close_waiters and not self._closing:
-            waiters, self._close_waiters = self._close_waiters, []
-            for d in waiters:
-                d.callback(None)
-
-    def idle_count(self) -> int:
-        return sum(len(idle) for idle in self._idle.values())
-
-    def close(self) -> defer.Deferred:
-        """Close the idle connections; fires once they are all gone.
-        Connections in use are closed when their exchange ends."""
-        self.closed = True
-        idle = [c for conns in self._idle.values() for c in conns]
-        self._idle.clear()
-        self._closing.update(idle)
-        if not self._closing:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._close_waiters.append(d)
-        for conn in idle:
-            conn.close()
-        return d
 
 
 class _Target:
@@ -499,7 +387,8 @@ class HTTPClient:
     ``IPolicyForHTTPS`` such as ``phantomd.http.tls.ClientPolicy``).
 
     ``connect_timeout`` bounds each connection attempt; ``max_idle`` and
-    ``idle_timeout`` bound the pool (``ConnectionPool``);
+    ``idle_timeout`` bound the pool (``pool.IdlePool``, keyed by scheme,
+    host and port);
     ``max_answer_bytes`` bounds each answer on the wire.
     """
 
@@ -507,7 +396,8 @@ class HTTPClient:
                  max_idle: int, idle_timeout: float,
                  max_answer_bytes: int) -> None:
         self.reactor = reactor
-        self.pool = ConnectionPool(reactor, max_idle, idle_timeout)
+        self.pool = IdlePool(reactor, max_idle, idle_timeout,
+                             _Connection.went_idle)
         self.max_answer_bytes = max_answer_bytes
         self._tls_policy = tls_policy
         self._connect_timeout = connect_timeout
@@ -563,22 +453,11 @@ class HTTPClient:
             raise ValueError("no host in %r" % url)
         port = parts.port or (443 if scheme == "https" else 80)
         host = host if host.isascii() else host.encode("idna").decode("ascii")
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            ip = None
-            endpoint: Any = HostnameEndpoint(self.reactor, host, port,
-                                             timeout=self._connect_timeout)
-        else:
-            kind = TCP6ClientEndpoint if ip.version == 6 else \
-                TCP4ClientEndpoint
-            endpoint = kind(self.reactor, host, port,
-                            timeout=self._connect_timeout)
-        if scheme == "https":
-            endpoint = wrapClientTLS(self._tls_policy.creatorForNetloc(
-                host.encode("ascii"), port), endpoint)
-        authority = ("[%s]" % host if ip is not None and ip.version == 6
-                     else host)
+        endpoint = endpoint_for(
+            self.reactor, host, port, self._connect_timeout,
+            self._tls_policy.creatorForNetloc(host.encode("ascii"), port)
+            if scheme == "https" else None)
+        authority = "[%s]" % host if ":" in host else host
         if parts.port is not None:
             authority += ":%d" % port
         path = (parts.path or "/") + ("?" + parts.query if parts.query

@@ -49,8 +49,7 @@ from phantomd.http.forwarding import (
 from phantomd.token.dpop import request_url
 from phantomd.token.mtls import header_thumbprint, peer_thumbprint
 from phantomd.http.proxies import forwarded_origin
-from phantomd.http.upstream import (
-    MODE_CHUNKED, MODE_EOF, MODE_LENGTH)
+from phantomd.http.wire import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
 from phantomd.token.outcomes import Forward, Reject, error_response
 from phantomd.http.cors import request_origin, without_cors
 from phantomd.http.routes import (

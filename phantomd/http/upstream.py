@@ -1,7 +1,7 @@
 """Persistent HTTP/1.1 connections to the API, and the pool that reuses them.
 
 The pool hands a connection to a *front* (one client request in flight, see
-``server.FrontProtocol``) and the connection reports the response back to it
+``front.FrontProtocol``) and the connection reports the response back to it
 through plain method calls, no Deferred per request:
 
 * ``front.upstream_ready(conn)``: send the request on ``conn`` now;
@@ -22,25 +22,24 @@ through plain method calls, no Deferred per request:
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from twisted.internet import defer, error
-from twisted.internet.endpoints import (
-    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
+from phantomd.http.pool import IdlePool, endpoint_for
 from phantomd.http.interfaces import IUpstreamConnection, IUpstreamPool
 from phantomd.http.headers import drop_connection_options
 from phantomd.http.headers import RESPONSE_DROP
+from phantomd.http.wire import (
+    MODE_EOF, MODE_NONE, BadResponse,
+    ResponseReader)
 from phantomd.ops.logs import Throttle
-
-MODE_NONE, MODE_LENGTH, MODE_CHUNKED, MODE_EOF = range(4)
 
 # Bytes of response head (interim 1xx responses included) read before giving
 # up with 502: llhttp itself would accumulate a header without bound.
@@ -61,15 +60,17 @@ class UpstreamConnection(Protocol):
     ``front.upstream_write_blocked``.
     """
 
+    #: The pool's target key (one target per UpstreamPool).
+    key = None
+
     def __init__(self, pool: "UpstreamPool") -> None:
         self.pool = pool
         self.front: Any = None
         self.reused = False
         self.idle_since = 0.0
         self.lost = False
-        self._parser = HttpResponseParser(self)
-        self._timer: Any = None
-        self._deadline = 0.0
+        self._reader = ResponseReader(self, MAX_RESPONSE_HEAD)
+        self._deadline = Deadline(pool.reactor, self._timed_out)
         self._write_blocked = False
         self._read_paused = False
         self._broken = False
@@ -79,19 +80,10 @@ class UpstreamConnection(Protocol):
         self._reset_exchange()
 
     def _reset_exchange(self) -> None:
-        self._complete = False
         self._retryable = False
         self._got_bytes = False
-        self._head_bytes = 0
-        self._head_method = False
-        self._head_done = False
-        self._headers: list = []
-        self._reason = b""
-        self._mode = MODE_NONE
-        self._keep_alive = False
         self._request_sent = False
         self._sent_at = 0.0
-        self._switch: Optional[list] = None  # a 101's headers
 
     # -- Protocol ------------------------------------------------------------
 
@@ -111,39 +103,23 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
             return
         self._got_bytes = True
-        if not self._head_done:
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_RESPONSE_HEAD + len(data):
-                self._garbled("the upstream's response head is too large")
-                return
         front = self.front
+        reader = self._reader
         try:
-            self._parser.feed_data(data)
-        except HttpParserUpgrade as e:
-            self._past_the_answer() or self._switched(data[e.args[0]:]) or \
-                self._garbled(
-                "the upstream switched protocols, which phantomd never asks "
-                "for")
-        except HttpParserError as e:
-            self._past_the_answer() or self._garbled(
-                "the upstream sent a malformed response: %s" % e)
-        if self._complete and self.front is front:
+            reader.feed(data)
+        except BadResponse as e:
+            self._garbled("the upstream sent %s" % e)
+        if reader.complete and self.front is front:
             # Only now, with this read parsed to its end: finishing inside
             # feed_data would pool the connection while llhttp still hands
             # the rest of the read -- a smuggled second response -- to the
             # next request.
-            self._finished(front, reuse=self._keep_alive)
+            self._finished(front, reuse=reader.keep_alive)
         front.flush_output()
-
-    def _past_the_answer(self) -> bool:
-        """Bytes after a complete response: never reuse the connection."""
-        if self._complete:
-            self._broken = True
-        return self._complete
 
     def connectionLost(self, reason: Any = None) -> None:
         self.lost = True
-        self._cancel_timer()
+        self._deadline.cancel()
         front = self.front
         self.front = None
         self.pool._lost(self)
@@ -151,8 +127,8 @@ class UpstreamConnection(Protocol):
             if self._tunnel is not None:
                 self._tunnel.upstream_lost()
             return
-        if self._head_done:
-            if self._mode == MODE_EOF and reason is not None and \
+        if self._reader.head_done:
+            if self._reader.mode == MODE_EOF and reason is not None and \
                     reason.check(error.ConnectionDone):
                 self._finished(front, reuse=False)
             else:
@@ -195,7 +171,7 @@ class UpstreamConnection(Protocol):
              retryable: bool) -> None:
         """Start an exchange: write the request head for ``front``."""
         self.front = front
-        self._head_method = head_method
+        self._reader.start(head_method)
         self._retryable = retryable
         self._sent_at = self.pool.reactor.seconds()
         self._write(head)
@@ -240,128 +216,23 @@ class UpstreamConnection(Protocol):
         """Give up on the exchange; the connection is never reused."""
         self.front = None
         self._broken = True
-        self._cancel_timer()
+        self._deadline.cancel()
         if not self.lost:
             self.transport.abortConnection()
 
-    # -- httptools callbacks -------------------------------------------------
+    # -- what the ResponseReader calls ---------------------------------------
 
-    def on_status(self, reason: bytes) -> None:
-        self._reason += reason
+    def answer_interim(self, status: int) -> None:
+        if status == 100 and self.front is not None:
+            self.front.response_continue()
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._head_done:
-            self._headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        if self._past_the_answer():
-            return
-        parser = self._parser
-        status = parser.get_status_code()
-        headers = self._headers
-        self._headers = []
-        reason = self._reason
-        self._reason = b""
-        if status < 200:
-            if status == 101:
-                self._switch = headers
-            if status == 100 and self.front is not None:
-                self.front.response_continue()
-            return
-        self._keep_alive = parser.should_keep_alive()
-        kept = []
-        length = None
-        chunked = False
-        connection = None
-        for item in headers:
-            name = item[0].lower()
-            if name in RESPONSE_DROP:
-                if name == b"content-length":
-                    length = item[1]
-                elif name == b"transfer-encoding":
-                    if item[1].strip().lower() != b"chunked":
-                        # gzip and friends would reach the client undeclared.
-                        self._garbled("the upstream used a transfer coding "
-                                      "other than chunked")
-                        return
-                    chunked = True
-                elif name == b"connection":
-                    connection = (connection or []) + item[1].split(b",")
-                continue
-            kept.append(item)
-        if connection:
-            kept = drop_connection_options(kept, connection)
-        self._head_done = True
-        if self._head_method or status == 204 or status == 304:
-            mode = MODE_NONE
-            if status != 204 and length is not None:
-                kept.append((b"Content-Length", length))
-        elif chunked:
-            mode = MODE_CHUNKED
-        elif length is not None:
-            mode = MODE_LENGTH
-        else:
-            mode = MODE_EOF
-        self._mode = mode
-        now = self.pool.reactor.seconds()
-        duration = now - self._sent_at
-        self.pool.metrics.upstream_duration.observe(duration)
-        self._touch()
-        front = self.front
-        if front is not None:
-            front.response_head(status, reason, kept, mode,
-                                None if length is None else int(length),
-                                duration)
-        if self._head_method and self.front is not None:
-            # llhttp cannot be told that a HEAD response has no body, so the
-            # connection ends here instead of being reused.
-            self._broken = True
-            self._finished(self.front, reuse=False)
-
-    def on_body(self, data: bytes) -> None:
-        front = self.front
-        if front is None or self._past_the_answer():
-            self._broken = True
-            return
-        self._deadline = self.pool.reactor.seconds() + self.pool.timeout
-        front.response_body(data)
-
-    def on_message_complete(self) -> None:
-        if self._past_the_answer():
-            return
-        if self.front is None or not self._head_done:
-            return
-        self._complete = True  # finished once feed_data returns
-
-    # -- internals -----------------------------------------------------------
-
-    def _finished(self, front: Any, reuse: bool) -> None:
-        """The response is complete: pool or close, then tell the front
-        (which may start its next request on this very connection).
-
-        The timer is left running: ``_timed_out`` ignores an idle
-        connection, and resetting it is cheaper than a new one per request."""
-        self.front = None
-        reuse = reuse and self._request_sent and not self._broken
-        self._reset_exchange()
-        if self._read_paused:
-            self._read_paused = False
-            self.transport.resumeProducing()
-        if not self.lost:
-            if reuse:
-                self.pool._release(self)
-            else:
-                self.close()
-        front.response_end()
-
-    def _switched(self, rest: bytes) -> bool:
+    def answer_switch(self, headers: list, rest: bytes) -> bool:
         """A 101 (DESIGN section 13): handed to a front that asked for a
         WebSocket, and then True; False (a 502) for any other front or a
         101 to anything but ``websocket``.  A handed-over connection is the
         tunnel's: never pooled, no timer, its reads and loss go there."""
-        headers, self._switch = self._switch, None
         switched = getattr(self.front, "upstream_switched", None)
-        if headers is None or switched is None:
+        if switched is None:
             return False
         upgrade = [v for n, v in headers if n.lower() == b"upgrade"]
         if [v.strip().lower() for v in upgrade] != [b"websocket"]:
@@ -372,7 +243,7 @@ class UpstreamConnection(Protocol):
             [h for h in headers if h[0].lower() not in RESPONSE_DROP],
             connection)
         self._broken = True
-        self._cancel_timer()
+        self._deadline.cancel()
         transport = self.transport
         if self._registered:
             self._registered = False
@@ -387,44 +258,75 @@ class UpstreamConnection(Protocol):
         self._tunnel = tunnel
         return True
 
+    def answer_head(self, status: int, reason: bytes, headers: list,
+                    mode: int, length: Optional[bytes],
+                    connection: Optional[list]) -> None:
+        kept = [item for item in headers
+                if item[0].lower() not in RESPONSE_DROP]
+        if connection:
+            kept = drop_connection_options(kept, connection)
+        if mode == MODE_NONE and status != 204 and length is not None:
+            kept.append((b"Content-Length", length))
+        duration = self.pool.reactor.seconds() - self._sent_at
+        self.pool.metrics.upstream_duration.observe(duration)
+        self._touch()
+        front = self.front
+        if front is not None:
+            front.response_head(status, reason, kept, mode,
+                                None if length is None else int(length),
+                                duration)
+
+    def answer_body(self, data: bytes) -> None:
+        front = self.front
+        if front is None:
+            self._broken = True
+            return
+        self._deadline.arm(self.pool.timeout)
+        front.response_body(data)
+
+    # -- internals -----------------------------------------------------------
+
+    def _finished(self, front: Any, reuse: bool) -> None:
+        """The response is complete: pool or close, then tell the front
+        (which may start its next request on this very connection).
+
+        The deadline is left armed: ``_timed_out`` ignores an idle
+        connection, and moving it is cheaper than a new call per request."""
+        self.front = None
+        reuse = reuse and self._request_sent and not self._broken and \
+            not self._reader.broken
+        self._reset_exchange()
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resumeProducing()
+        if not self.lost:
+            if reuse:
+                self.pool._release(self)
+            else:
+                self.close()
+        front.response_end()
+
     def _garbled(self, description: str) -> None:
         front = self.front
         self.abort()
         if front is None:
             return
-        if self._head_done:
+        if self._reader.head_done:
             front.response_aborted()
         else:
             front.upstream_failed(502, "bad_gateway", description)
 
     def _touch(self) -> None:
-        """Progress: the upstream has ``upstream_timeout`` from now.
+        """Progress: the upstream has ``upstream_timeout`` from now."""
+        self._deadline.arm(self.pool.timeout)
 
-        One DelayedCall, rarely moved: it wakes up, sees the deadline moved
-        later, and sleeps again (``_timer`` is None when none is pending)."""
-        self._deadline = self.pool.reactor.seconds() + self.pool.timeout
-        if self._timer is None:
-            self._timer = self.pool.reactor.callLater(self.pool.timeout,
-                                                      self._timed_out)
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-
-    def _timed_out(self) -> None:
-        self._timer = None
+    def _timed_out(self, kind: Any) -> None:
         front = self.front
-        if front is None or (self._read_paused and self._head_done):
+        head_done = self._reader.head_done
+        if front is None or (self._read_paused and head_done):
             return  # idle, or a slow client holds the response back
-        if not (self._head_done or self._request_sent or self._write_blocked):
+        if not (head_done or self._request_sent or self._write_blocked):
             return  # the client is still sending the body: the front times it
-        left = self._deadline - self.pool.reactor.seconds()
-        if left > 0:
-            self._timer = self.pool.reactor.callLater(left, self._timed_out)
-            return
-        head_done = self._head_done
         self.abort()
         if head_done:
             front.response_aborted()
@@ -446,9 +348,9 @@ class _ConnectionFactory(Factory):
 class UpstreamPool:
     """Persistent connections to the ``upstream`` URL.
 
-    Idle connections are kept most-recently-used first, at most
-    ``upstream_max_idle`` of them: a connection released beyond that bound
-    is closed.  One idle for longer than ``upstream_idle_timeout`` is
+    Idle connections are kept in a ``pool.IdlePool`` (one target), at
+    most ``upstream_max_idle`` of them: a connection released beyond that
+    bound is closed.  One idle for longer than ``upstream_idle_timeout`` is
     closed when next picked instead of used.  Connections in use are bounded
     by the requests in flight (the front's ``max_connections``).
     """
@@ -467,35 +369,23 @@ class UpstreamPool:
             self.authority = host.encode("idna") + (
                 b":%d" % url.port if url.port else b"")
         self.base_path = url.path.rstrip("/").encode("ascii")
-        self._idle: list[UpstreamConnection] = []
+        self._idle = IdlePool(reactor, settings.upstream_max_idle,
+                              settings.upstream_idle_timeout)
         self.reconfigure(settings)
-        self._closed = False
         self._throttle = Throttle(reactor, WARN_INTERVAL, max_keys=1)
-        self._close_waiters: list[defer.Deferred] = []
         self._factory = _ConnectionFactory(self)
-        connect_timeout = settings.upstream_connect_timeout
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError:
-            endpoint: Any = HostnameEndpoint(reactor, host, port,
-                                             timeout=connect_timeout)
-        else:
-            kind = TCP6ClientEndpoint if ip.version == 6 else TCP4ClientEndpoint
-            endpoint = kind(reactor, host, port, timeout=connect_timeout)
-        if self.secure:
-            if tls_options is None:
-                tls_options = _default_tls(host, settings)
-            endpoint = wrapClientTLS(tls_options, endpoint)
-        self.endpoint = endpoint
+        if self.secure and tls_options is None:
+            tls_options = _default_tls(host, settings)
+        self.endpoint = endpoint_for(reactor, host, port,
+                                     settings.upstream_connect_timeout,
+                                     tls_options if self.secure else None)
 
     def reconfigure(self, settings: Any) -> None:
         """Apply new timeouts and idle bound (the upstream URL and TLS
         settings need a new pool)."""
         self.timeout = settings.upstream_timeout
-        self.max_idle = settings.upstream_max_idle
-        self.max_idle_age = settings.upstream_idle_timeout
-        while len(self._idle) > self.max_idle:
-            self._idle.pop(0).close()
+        self._idle.reconfigure(settings.upstream_max_idle,
+                               settings.upstream_idle_timeout)
 
     def connect(self, front: Any) -> Optional[defer.Deferred]:
         """Attach ``front`` to a connection.
@@ -505,17 +395,11 @@ class UpstreamPool:
         pending connection attempt, which the front cancels if its client
         goes away.
         """
-        idle = self._idle
-        if idle:
-            horizon = self.reactor.seconds() - self.max_idle_age
-            while idle:
-                conn = idle.pop()
-                if conn.idle_since < horizon:
-                    conn.close()
-                    continue
-                conn.reused = True
-                front.upstream_ready(conn)
-                return None
+        conn = self._idle.take(None)
+        if conn is not None:
+            conn.reused = True
+            front.upstream_ready(conn)
+            return None
         return self._connect(front)
 
     def _connect(self, front: Any) -> defer.Deferred:
@@ -559,37 +443,19 @@ class UpstreamPool:
         front.upstream_connecting(self._connect(front))
 
     def _release(self, conn: UpstreamConnection) -> None:
-        if self._closed or len(self._idle) >= self.max_idle:
-            conn.close()
-            return
-        conn.idle_since = self.reactor.seconds()
-        self._idle.append(conn)
+        self._idle.put(conn)
 
     def _lost(self, conn: UpstreamConnection) -> None:
-        try:
-            self._idle.remove(conn)
-        except ValueError:
-            pass
-        if self._closed and not self._idle and self._close_waiters:
-            waiters, self._close_waiters = self._close_waiters, []
-            for d in waiters:
-                d.callback(None)
+        self._idle.lost(conn)
 
     def idle_count(self) -> int:
-        return len(self._idle)
+        return self._idle.idle_count()
 
     def close(self) -> defer.Deferred:
         """Close the idle connections; fires once they are all gone.
 
         Connections still in use are closed when their response ends."""
-        self._closed = True
-        if not self._idle:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._close_waiters.append(d)
-        for conn in list(self._idle):
-            conn.close()
-        return d
+        return self._idle.close()
 
 
 def _default_tls(host: str, settings: Any) -> Any:
