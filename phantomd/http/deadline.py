@@ -23,12 +23,13 @@ class Deadline:
     ``disarm`` is cheap (the call stays, wakes and does nothing); ``cancel``
     removes the call too, for a connection that is gone."""
 
-    __slots__ = ("_clock", "_fire", "_call", "at", "kind")
+    __slots__ = ("_clock", "_fire", "_call", "_due", "at", "kind")
 
     def __init__(self, clock: Any, fire: Callable[[Any], None]) -> None:
         self._clock = clock
         self._fire = fire
         self._call: Any = None
+        self._due = 0.0  # when the call is scheduled to wake
         #: When the wait runs out (clock time), or None when disarmed.
         self.at: Optional[float] = None
         self.kind: Any = None
@@ -40,8 +41,10 @@ class Deadline:
         call = self._call
         if call is None:
             self._call = self._clock.callLater(seconds, self._wake)
-        elif call.getTime() > at:
+            self._due = at
+        elif self._due > at:
             call.reset(seconds)
+            self._due = at
 
     def disarm(self) -> None:
         self.at = None
@@ -65,6 +68,7 @@ class Deadline:
         left = at - self._clock.seconds()
         if left > 0:
             self._call = self._clock.callLater(left, self._wake)
+            self._due = at
             return
         kind = self.kind
         self.at = None
