@@ -1,6 +1,6 @@
 """A lean, pooled HTTP/1.1 client for the token service and its key set.
 
-The introspector and ``jose.KeySource`` want answers whole:
+The introspector and ``keysource.KeySource`` want answers whole:
 ``fetch(method, url, data, headers, max_body, keep)`` returns a
 ``Deferred`` that fires once, with an ``Answer`` (code, decoded headers,
 bounded body) -- no Response object, body protocol or Twisted ``Headers``
