@@ -771,6 +771,20 @@ def _refuse_unknown_route(cp: configparser.ConfigParser, path: str,
             raise ConfigError(path, section, key, "unknown key; " + hint)
 
 
+def _value(path: str, section: str, key: str, spec: Key,
+           raw: Optional[str]) -> Any:
+    """One key's parsed value: ``raw`` as written (None: absent), else its
+    default; a required key left out or empty is an error."""
+    if raw is None or (raw == "" and spec.default is REQUIRED):
+        if spec.default is REQUIRED:
+            raise ConfigError(path, section, key, "is required")
+        raw = spec.default
+    try:
+        return spec.parse(raw)
+    except _Invalid as e:
+        raise ConfigError(path, section, key, str(e))
+
+
 def _parse_routes(cp: configparser.ConfigParser, path: str,
                   phantomd: Section) -> Mapping[str, Section]:
     out: dict[str, Section] = {}
@@ -783,18 +797,9 @@ def _parse_routes(cp: configparser.ConfigParser, path: str,
             raise ConfigError(path, section, None, "route name %r is %s" % (
                 name, "taken by the unmatched requests' label"
                 if name == "default" else "used twice"))
-        values: dict[str, Any] = {}
-        for key, spec in ROUTE_SCHEMA.items():
-            raw = cp.get(section, key).strip() if cp.has_option(
-                section, key) else None
-            if raw is None or (raw == "" and spec.default is REQUIRED):
-                if spec.default is REQUIRED:
-                    raise ConfigError(path, section, key, "is required")
-                raw = spec.default
-            try:
-                values[key] = spec.parse(raw)
-            except _Invalid as e:
-                raise ConfigError(path, section, key, str(e))
+        values = {key: _value(path, section, key, spec, cp.get(
+            section, key).strip() if cp.has_option(section, key) else None)
+            for key, spec in ROUTE_SCHEMA.items()}
         r = Section(section, values)
         if r.auth == "none" and r.required_scopes:
             raise ConfigError(path, section, "required_scopes",
@@ -906,14 +911,7 @@ def parse(source: str, path: str = "<string>",
                 raw = overrides[name][key]
             elif cp.has_option(name, key):
                 raw = cp.get(name, key).strip()
-            if raw is None or (raw == "" and spec.default is REQUIRED):
-                if spec.default is REQUIRED:
-                    raise ConfigError(path, name, key, "is required")
-                raw = spec.default
-            try:
-                values[key] = spec.parse(raw)
-            except _Invalid as e:
-                raise ConfigError(path, name, key, str(e))
+            values[key] = _value(path, name, key, spec, raw)
         sections[name] = Section(name, values)
 
     config = _cross_checks(path, sections)
