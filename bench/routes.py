@@ -107,15 +107,7 @@ def wrk_script(tmp: str, path: str) -> str:
 
 def served_by(proxy: run.Phantomd, route: str) -> float:
     """Requests ``route`` answered with 2xx, from phantomd's /metrics."""
-    import socket
-    with socket.create_connection(("127.0.0.1", proxy.metrics_port),
-                                  timeout=5) as s:
-        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n"
-                  b"Connection: close\r\n\r\n")
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    for line in data.decode(errors="replace").splitlines():
+    for line in proxy.scrape():
         if (line.startswith("phantomd_route_requests_total{")
                 and 'route="%s"' % route in line and 'code="2xx"' in line):
             return float(line.rsplit(None, 1)[1])

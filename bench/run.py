@@ -448,18 +448,23 @@ listen = tcp:{mport}:interface=127.0.0.1
         except OSError:
             return ""
 
+    def scrape(self) -> list[str]:
+        """The lines of phantomd's /metrics (raises OSError)."""
+        with socket.create_connection(("127.0.0.1", self.metrics_port),
+                                      timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n"
+                      b"Connection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return data.decode(errors="replace").splitlines()
+
     def metric(self, name: str) -> float | None:
         try:
-            with socket.create_connection(("127.0.0.1", self.metrics_port),
-                                          timeout=5) as s:
-                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n"
-                          b"Connection: close\r\n\r\n")
-                data = b""
-                while chunk := s.recv(65536):
-                    data += chunk
+            lines = self.scrape()
         except OSError:
             return None
-        for line in data.decode(errors="replace").splitlines():
+        for line in lines:
             if line.startswith(name + " ") or line.startswith(name + "{"):
                 return float(line.rsplit(None, 1)[1])
         return None
