@@ -59,20 +59,6 @@ class Loop(missloop.Loop):
         super().__init__()
         self.token_answer = token_answer
 
-    def _pump(self) -> None:
-        while self.reactor.tcpClients:
-            host, port, factory, _, _ = self.reactor.tcpClients.pop(0)
-            protocol = factory.buildProtocol(IPv4Address("TCP", host, port))
-            transport = missloop._transport()
-            protocol.makeConnection(transport)
-            self.conns[transport] = (protocol, port)
-        for transport, (protocol, port) in list(self.conns.items()):
-            if transport.value():
-                transport.clear()
-                protocol.dataReceived(
-                    self.token_answer if port == missloop.TOKEN_PORT
-                    else missloop.API_ANSWER)
-
     def send(self, request: bytes) -> None:
         self.front.dataReceived(request)
         self._pump()

@@ -67,6 +67,9 @@ def _transport() -> StringTransport:
 
 
 class Loop:
+    #: What the fake token service answers every introspection with.
+    token_answer = TOKEN_ANSWER
+
     def __init__(self) -> None:
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1_800_000_000)
@@ -89,7 +92,7 @@ class Loop:
             if transport.value():
                 transport.clear()
                 protocol.dataReceived(
-                    TOKEN_ANSWER if port == TOKEN_PORT else API_ANSWER)
+                    self.token_answer if port == TOKEN_PORT else API_ANSWER)
 
     def one(self, token: bytes) -> None:
         self.front.dataReceived(b"GET / HTTP/1.1\r\nHost: localhost\r\n"
