@@ -26,7 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from jwcrypto import jwk, jws  # noqa: E402
-from twisted.internet.address import IPv4Address  # noqa: E402
 
 import missloop  # noqa: E402
 from phantomd.token.dpop import access_token_hash  # noqa: E402
