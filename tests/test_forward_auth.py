@@ -695,6 +695,24 @@ class SenderConstrained(GatewayCase):
         self.assertEqual(r.header(b"authorization"), [])
 
     @async_test
+    async def test_a_replayed_proof_is_refused(self):
+        # A proof the proxy passes twice (a client replaying it) is used
+        # up by the first check.
+        from tests.test_dpop_e2e import KEY, proof
+        scene = await build_fa(self)
+        token, _ = scene.good_token(cnf={"jkt": KEY.thumbprint()})
+        once = proof(token)
+        r = await get(reactor, scene.fa, None,
+                      headers=self.proof_headers(token, once))
+        self.assertEqual(r.status, 200, r.body)
+        r = await get(reactor, scene.fa, None,
+                      headers=self.proof_headers(token, once))
+        self.assertEqual(r.status, 401, r.body)
+        self.assertIn(b'error="invalid_dpop_proof"',
+                      b" ".join(r.header(b"www-authenticate")))
+        self.assertEqual(r.header(b"authorization"), [])
+
+    @async_test
     async def test_certificate_bound_token_needs_client_cert(self):
         import base64
         from phantomd.token.mtls import thumbprint
