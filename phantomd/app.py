@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from phantomd.ops import admin
@@ -186,6 +186,11 @@ class _IntrospectionStack:
         return self.http.close()
 
 
+#: Seconds between hand-overs of the per-request metric counts
+#: (``Metrics.flush``): how far a worker's series may lag in a scrape.
+FLUSH_INTERVAL = 1.0
+
+
 class Gateway:
     def __init__(self, reactor, config: Config,
                  metrics: Optional[Metrics] = None,
@@ -197,6 +202,12 @@ class Gateway:
         # What the restart-only keys are, whatever reloads come after.
         self._started = config
         self.metrics = metrics if metrics is not None else Metrics()
+        # Hand the per-request counts to prometheus_client (a scrape does
+        # it too, but a worker's are read from its files by the parent):
+        # each turn that answered a request, and each second for the rest.
+        self.metrics.use_clock(reactor)
+        self._flusher = task.LoopingCall(self.metrics.flush)
+        self._flusher.clock = reactor
         self.readiness = admin.Readiness(reactor)
         c = config.cache
         self.cache = TokenCache(reactor, self.metrics, c.max_entries,
@@ -327,6 +338,7 @@ class Gateway:
             self.readiness.mark_listening()
             if self.probe is not None:
                 self.probe.start()
+            self._flusher.start(FLUSH_INTERVAL, now=False)
             log.info("phantomd listening on {front} (admin {admin}), "
                      "upstream {upstream}",
                      front=where(self.front_ports),
@@ -478,6 +490,8 @@ class Gateway:
         ``drain_timeout`` seconds, then close everything."""
         if self.probe is not None:
             self.probe.stop()
+        if self._flusher.running:
+            self._flusher.stop()
         stops = [defer.maybeDeferred(p.stopListening)
                  for p in self.front_ports]
         self.front_ports = []
@@ -501,6 +515,8 @@ class Gateway:
             return drained.addErrback(overdue)
 
         def close(_):
+            # The drained requests' counts, before a worker's files close.
+            self.metrics.flush()
             closing = [defer.maybeDeferred(self._stack.close)]
             if self.upstream is not None:
                 closing.append(defer.maybeDeferred(self.upstream.close))

@@ -7,6 +7,9 @@ only from the fixed sets below, never from requests.
 
 from __future__ import annotations
 
+import atexit
+import weakref
+from bisect import bisect_left
 from typing import Optional
 
 from prometheus_client import (
@@ -41,6 +44,114 @@ class BuildInfo:
             labels=["version"])
         family.add_metric([__version__], 1)
         yield family
+class PendingCount:
+    """A counter child's increments, kept in a plain int until ``flush``.
+
+    prometheus_client takes a lock per increment and, with workers, writes
+    a memory-mapped file: per request that was the largest single cost of
+    a cache hit.  Here an increment is an addition (and, for the first
+    since the last hand-over, a note in ``dirty``).  ``Metrics.flush``
+    hands the sums over before every collection (so a scrape, ``sample``
+    and ``generate_latest`` see every count), at the end of the reactor
+    turn in which a request was answered (``Metrics.use_clock``: under
+    load one hand-over serves the dozens of requests a turn answers, and a
+    worker's files, which its parent reads, are never a turn behind), once
+    a second from ``Gateway`` for counts no request made, and when the
+    interpreter exits.  A worker killed with SIGKILL loses at most the
+    counts of the turn it was in.  Bounded: one int per child, and
+    ``dirty`` holds each child at most once."""
+
+    __slots__ = ("child", "n", "dirty")
+
+    def __init__(self, child, dirty: list) -> None:
+        self.child = child
+        self.n = 0
+        self.dirty = dirty
+
+    def inc(self, amount: float = 1) -> None:
+        if not self.n:
+            self.dirty.append(self)
+        self.n += amount
+
+    def flush(self) -> None:
+        n, self.n = self.n, 0
+        if n:
+            self.child.inc(n)
+
+
+class PendingHistogram:
+    """A histogram child's observations as bucket counts and a sum, handed
+    over by ``flush`` like ``PendingCount`` (one ``bisect`` per
+    observation instead of a Python loop over the buckets, a lock and a
+    file write each for the bucket and the sum).
+
+    It writes to the child's bucket and sum values directly, which are
+    prometheus_client internals: a client whose histogram does not have
+    them gets every observation passed straight through instead."""
+
+    __slots__ = ("child", "bounds", "counts", "seen", "total", "observe",
+                 "dirty")
+
+    def __init__(self, child, dirty: list) -> None:
+        self.child = child
+        self.dirty = dirty
+        self.bounds = tuple(getattr(child, "_upper_bounds", ()))
+        buckets = getattr(child, "_buckets", None)
+        self.counts = [0] * len(self.bounds)
+        self.seen = 0
+        self.total = 0.0
+        if (not self.bounds or buckets is None
+                or getattr(child, "_sum", None) is None
+                or len(buckets) != len(self.bounds)
+                or self.bounds[-1] != float("inf")):
+            self.observe = child.observe  # not batched, never lost
+        else:
+            self.observe = self._observe
+
+    def _observe(self, amount: float) -> None:
+        if not self.seen:
+            self.dirty.append(self)
+        self.seen += 1
+        # bounds ends with +Inf, so the index is always a bucket; a NaN
+        # lands there too, as prometheus_client's loop would put it.
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.total += amount
+
+    def flush(self) -> None:
+        if not self.seen:
+            return
+        counts = self.counts
+        self.counts = [0] * len(counts)
+        total, self.total, self.seen = self.total, 0.0, 0
+        buckets = self.child._buckets
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
+        self.child._sum.inc(total)
+
+
+#: Every Metrics alive, so counts still pending at exit are written.
+_LIVE: "weakref.WeakSet[Metrics]" = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    for metrics in list(_LIVE):
+        metrics.flush()
+
+
+class _FlushFirst:
+    """Registered before phantomd's own metrics: collecting the registry
+    first hands the pending counts over (it yields no metric itself)."""
+
+    def __init__(self, metrics: "Metrics") -> None:
+        self._metrics = metrics
+
+    def collect(self):
+        self._metrics.flush()
+        return iter(())
+
+
 # Why phantomd refused a client connection (answered it with an error and
 # closed it, or dropped it): connection_cap (503 at max_connections),
 # header_timeout (408, or no TLS handshake, within header_timeout),
@@ -55,6 +166,12 @@ class Metrics:
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # What was counted since the last flush(), each child once.
+        self._dirty: list = []
+        self._clock = None
+        self._due = False
+        r.register(_FlushFirst(self))
+        _LIVE.add(self)
         self.requests = Counter(
             "phantomd_requests", "Requests answered, by status class.",
             ["code"], registry=r)
@@ -68,18 +185,18 @@ class Metrics:
             "phantomd_coalesced_requests",
             "Requests that joined an introspection already in flight.",
             registry=r)
-        self.introspection_duration = Histogram(
+        self.introspection_duration = self._pend(Histogram(
             "phantomd_introspection_duration_seconds",
             "Time the token service took to answer an introspection.",
-            buckets=_LATENCY_BUCKETS, registry=r)
-        self.upstream_duration = Histogram(
+            buckets=_LATENCY_BUCKETS, registry=r))
+        self.upstream_duration = self._pend(Histogram(
             "phantomd_upstream_duration_seconds",
             "Time from sending a request upstream to its response head.",
-            buckets=_LATENCY_BUCKETS, registry=r)
-        self.request_duration = Histogram(
+            buckets=_LATENCY_BUCKETS, registry=r))
+        self.request_duration = self._pend(Histogram(
             "phantomd_request_duration_seconds",
             "Time from a request's head arriving to its response head sent.",
-            buckets=_LATENCY_BUCKETS, registry=r)
+            buckets=_LATENCY_BUCKETS, registry=r))
         self.cache_entries = Gauge(
             "phantomd_cache_entries", "Entries in the token cache.",
             multiprocess_mode="livesum", registry=r)
@@ -107,11 +224,11 @@ class Metrics:
         # Pre-create every label value so dashboards see zeros, not gaps.
         # Label children looked up once: labels() is a measurable share of
         # a cache hit's CPU.
-        self._by_class = {c: self.requests.labels(code=c)
+        self._by_class = {c: self._pend(self.requests.labels(code=c))
                           for c in CODE_CLASSES}
-        self.lookup = {c: self.cache_lookups.labels(result=c)
+        self.lookup = {c: self._pend(self.cache_lookups.labels(result=c))
                        for c in CACHE_RESULTS}
-        self.outcome = {c: self.introspections.labels(outcome=c)
+        self.outcome = {c: self._pend(self.introspections.labels(outcome=c))
                         for c in INTROSPECTION_OUTCOMES}
         self.rejected = {c: self.connections_rejected.labels(reason=c)
                          for c in REJECT_REASONS}
@@ -120,6 +237,37 @@ class Metrics:
         self._sender_constrained(r)
         self._forward_auth(r)
         self._routes(r)
+
+    def _pend(self, child):
+        """``child`` (a label child or a metric without labels) behind a
+        ``PendingCount``/``PendingHistogram`` that ``flush`` empties."""
+        return (PendingHistogram(child, self._dirty)
+                if isinstance(child, Histogram)
+                else PendingCount(child, self._dirty))
+
+    def _unpend(self, pending) -> None:
+        while pending in self._dirty:
+            self._dirty.remove(pending)
+
+    def flush(self) -> None:
+        """Hand every pending count to prometheus_client."""
+        dirty = self._dirty
+        for pending in dirty:
+            pending.flush()
+        dirty.clear()
+
+    def use_clock(self, clock) -> None:
+        """From now on, an answered request's counts are handed over at the
+        end of the reactor turn (``clock.callLater(0, ...)``)."""
+        self._clock = clock
+
+    def _soon(self) -> None:
+        self._due = True
+        self._clock.callLater(0, self._turn_ended)
+
+    def _turn_ended(self) -> None:
+        self._due = False
+        self.flush()
 
     def _routes(self, r: CollectorRegistry) -> None:
         """Per route (DESIGN section 8): new metrics rather than a label on
@@ -146,16 +294,19 @@ class Metrics:
         keep = set(names) | {"default"}
         for name in list(self._route_children):
             if name not in keep:
-                del self._route_children[name]
+                codes, duration = self._route_children.pop(name)
+                for pending in (*codes.values(), duration):
+                    self._unpend(pending)
                 for c in CODE_CLASSES:
                     self.route_requests.remove(name, c)
                 self.route_duration.remove(name)
         for name in keep:
             if name not in self._route_children:
                 self._route_children[name] = (
-                    {c: self.route_requests.labels(route=name, code=c)
+                    {c: self._pend(self.route_requests.labels(route=name,
+                                                              code=c))
                      for c in CODE_CLASSES},
-                    self.route_duration.labels(route=name))
+                    self._pend(self.route_duration.labels(route=name)))
 
     def route_answered(self, route: str, status: int,
                        duration: Optional[float]) -> None:
@@ -223,17 +374,20 @@ class Metrics:
             "Forward-auth checks refused before the gate: peer (not in "
             "allow_from), secret (missing or wrong X-Phantomd-Secret).",
             ["reason"], registry=r)
-        self._checks_by_class = {c: checks.labels(code=c)
+        self._checks_by_class = {c: self._pend(checks.labels(code=c))
                                  for c in CODE_CLASSES}
         self.forward_auth_refused = {c: refused.labels(reason=c)
                                      for c in FORWARD_AUTH_REFUSALS}
 
     def forward_auth_answered(self, status: int) -> None:
         self._checks_by_class[_CLASS_OF.get(status // 100, "5xx")].inc()
+        if not self._due and self._clock is not None:
+            self._soon()
 
     def request_answered(self, status: int) -> None:
-        child = self._by_class.get(_CLASS_OF.get(status // 100, "5xx"))
-        child.inc()
+        self._by_class[_CLASS_OF.get(status // 100, "5xx")].inc()
+        if not self._due and self._clock is not None:
+            self._soon()
 
     def sample(self, name: str, labels: Optional[dict] = None) -> float:
         """The current value of one sample, 0.0 if absent (for tests)."""
