@@ -170,6 +170,9 @@ class TopService(logs.ObservedService):
 
 def makeService(options) -> service.IService:
     from twisted.internet import reactor
+    from phantomd.http.fastio import lean_polling
+
+    lean_polling(reactor)
 
     if options["demo"]:
         from phantomd.ops.demo import DemoService
