@@ -688,11 +688,46 @@ class SenderConstrained(GatewayCase):
         self.assertIn(b'error="invalid_dpop_proof"',
                       b" ".join(r.header(b"www-authenticate")))
         self.assertEqual(r.header(b"authorization"), [])
-        # No X-Forwarded-Host: no URL to check the proof against.
-        r = await get(reactor, scene.fa, None, headers=[
-            ("Authorization", "DPoP " + token), ("DPoP", proof(token))])
+        # No X-Forwarded-Host: the check's own Host (phantomd's address,
+        # as nginx and Caddy send it), which the proof does not name.
+        r = await get(reactor, scene.fa, None, host="127.0.0.1:8181",
+                      headers=[h for h in self.proof_headers(
+                          token, proof(token))
+                          if h[0] != "X-Forwarded-Host"])
         self.assertEqual(r.status, 401, r.body)
         self.assertEqual(r.header(b"authorization"), [])
+
+    @async_test
+    async def test_dpop_through_envoy_uses_the_checks_host_and_path(self):
+        # Envoy's ext_authz: the client's method, path and Host on the
+        # check itself, X-Forwarded-Proto as Envoy set it, no
+        # X-Forwarded-Host (the README's allowed_headers).
+        from tests.test_dpop_e2e import KEY, proof
+        scene = await build_fa(self)
+        token, jwt = scene.good_token(cnf={"jkt": KEY.thumbprint()})
+        url = "https://api.example.test/orders/7?x=1"
+
+        def envoy(p):
+            return [("x-forwarded-proto", "https"),
+                    ("Authorization", "DPoP " + token), ("DPoP", p),
+                    ("Content-Length", "0")]
+        r = await get(reactor, scene.fa, None, method="PUT",
+                      target="/orders/7?x=1", host="api.example.test",
+                      headers=envoy(proof(token, htm="PUT", htu=url)))
+        self.assertEqual(r.status, 200, r.body)
+        self.assertEqual(r.header(b"authorization"),
+                         [b"Bearer " + jwt.encode()])
+        # The proof names another host than the client used.
+        r = await get(reactor, scene.fa, None, method="PUT",
+                      target="/orders/7?x=1", host="evil.example.test",
+                      headers=envoy(proof(token, htm="PUT", htu=url)))
+        self.assertEqual(r.status, 401, r.body)
+        self.assertEqual(r.header(b"authorization"), [])
+        # Another method than the client's.
+        r = await get(reactor, scene.fa, None, method="DELETE",
+                      target="/orders/7?x=1",
+                      headers=envoy(proof(token, htm="PUT", htu=url)))
+        self.assertEqual(r.status, 401, r.body)
 
     @async_test
     async def test_a_replayed_proof_is_refused(self):

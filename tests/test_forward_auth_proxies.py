@@ -483,6 +483,12 @@ class Snippets(unittest.TestCase):
         request = http["authorization_request"]
         allowed = [p["exact"] for p in request["allowed_headers"]["patterns"]]
         self.assertIn("authorization", allowed)
+        # What the DPoP stand-in (test_forward_auth.SenderConstrained)
+        # sends; never a header a client could forge the origin with.
+        self.assertIn("dpop", allowed)
+        self.assertIn("x-forwarded-proto", allowed)
+        self.assertNotIn("x-forwarded-host", allowed)
+        self.assertNotIn("client-cert", allowed)
         response = http["authorization_response"]
         self.assertEqual([p["exact"] for p in
                           response["allowed_upstream_headers"]["patterns"]],

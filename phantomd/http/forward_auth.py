@@ -24,7 +24,10 @@ own body is parsed and discarded, never stored.
 Sender-constrained tokens (DESIGN section 12) pass here as on the front:
 a DPoP proof in the check's ``DPoP`` header must name the original
 request, ``htm`` its method and ``htu`` the URL made of the proxy's
-``X-Forwarded-Proto``, ``X-Forwarded-Host`` and the original URI; a
+``X-Forwarded-Proto``, ``X-Forwarded-Host`` and the original URI
+(without ``X-Forwarded-Host``, the check's own ``Host``: Envoy's
+``ext_authz`` sends the client's there, nginx and Caddy their upstream's,
+which no proof names, so a missing header fails closed); a
 certificate-bound token needs the client certificate in an RFC 9440
 ``Client-Cert`` header.  Those headers are believed because only
 ``allow_from`` peers (the proxy) are answered at all: the proxy must set
@@ -257,7 +260,9 @@ class Checker:
         if dpop:
             fwd = [(n, v) for n in (b"x-forwarded-proto", b"x-forwarded-host")
                    for v in get(n, ())]
-            scheme, host = forwarded_origin(fwd, b"http", None)
+            own = get(b"host", ())
+            scheme, host = forwarded_origin(
+                fwd, b"http", own[0] if len(own) == 1 else None)
             url = request_url(scheme, host, original.uri)
         return self.gate.authorize(authorization, dpop=dpop,
                                    method=original.method, url=url,
@@ -277,7 +282,7 @@ class _Headers(dict):
 #: The only header lines a check reads.
 _READ = frozenset(_FORWARDED + _FORWARDED_URI + (
     b"authorization", b"x-request-id", SECRET_HEADER, b"dpop",
-    b"client-cert", b"x-forwarded-proto", b"x-forwarded-host"))
+    b"client-cert", b"x-forwarded-proto", b"x-forwarded-host", b"host"))
 
 
 #: Pipelined checks waiting for an answer on one connection; beyond it the

@@ -1043,10 +1043,12 @@ async def connect_http(reactor, port: int) -> HTTPClient:
 
 async def get(reactor, port: int, token: Optional[str] = None,
               target: str = "/resource", method: str = "GET", headers=(),
-              body: bytes = b"", timeout: float = 5.0) -> Response:
+              body: bytes = b"", timeout: float = 5.0,
+              host: str = "api.example.test") -> Response:
     """One request on a fresh connection (``Connection: close``)."""
     return await one_request(reactor, port, request_bytes(
-        method, target, token, headers, body, close=True), timeout)
+        method, target, token, headers, body, close=True, host=host),
+        timeout)
 
 
 async def one_request(reactor, port: int, request: bytes,
