@@ -247,6 +247,9 @@ class Gateway:
                                       routes=routes.from_config(config),
                                       pools=self.route_pools,
                                       cors=cors.from_config(config.cors))
+        if self.front is not None and self.fleet is not None and \
+                getattr(self.fleet, "revoker", None) is not None:
+            self.fleet.revoker.listeners.append(self._revoked)
         self.forward_auth = None
         if config.forward_auth.listen:
             from phantomd.http import forward_auth
@@ -301,6 +304,12 @@ class Gateway:
         return self._stack.jwks()
 
     # -- life cycle -----------------------------------------------------------
+
+    def _revoked(self, key: Optional[bytes], digest: Optional[str]) -> None:
+        """A revocation reached this process: its tunnels close too."""
+        revoker = self.fleet.revoker
+        self.front.revoked(key, None if digest is None else (
+            lambda sub: revoker.digest(sub) == digest))
 
     def start(self, front_ports=None) -> defer.Deferred:
         """Bind every listener; fail (and unbind) if any cannot bind.

@@ -165,6 +165,24 @@ class RevokerIndexTests(SynchronousTestCase):
         self.assertEqual(set(cache.discarded),
                          {token_key("t2"), token_key("t3")})
 
+    def test_listeners_hear_every_revocation_and_cannot_stop_one(self):
+        # The front's tunnels listen here (DESIGN section 13).
+        from phantomd.fleet.revocation import Revoker
+        from phantomd.token.tokens import token_key
+        cache = FakeCache()
+        revoker = Revoker(Clock(), cache, Metrics(), max_entries=10)
+        heard = []
+
+        def broken(key, digest):
+            raise RuntimeError("a listener went wrong")
+        revoker.listeners += [broken, lambda k, d: heard.append((k, d))]
+        revoker.revoke_token("tok")
+        revoker.revoke_subject("u")
+        self.assertEqual(heard, [(token_key("tok"), None),
+                                 (None, revoker.digest("u"))])
+        self.assertIn(token_key("tok"), cache.discarded)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
     def test_answer_started_before_a_subject_revocation_is_asked_again(self):
         from phantomd.fleet.revocation import Revoker
         clock = Clock()

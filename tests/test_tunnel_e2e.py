@@ -151,6 +151,42 @@ class TunnelE2E(unittest.TestCase):
         self.assertEqual(self.gauge(scene), 0)
 
 
+    @async_test
+    async def test_revoking_the_token_closes_its_tunnel(self):
+        # [revocation] without Redis: POST /revoke on the admin listener.
+        import tempfile
+        from tests.robustness.fakes import one_request
+        bearer = b"revocation-bearer-for-the-tunnel-test"
+        fd, path = tempfile.mkstemp()
+        self.addCleanup(os.unlink, path)
+        with os.fdopen(fd, "wb") as f:
+            f.write(bearer)
+        self.server = spawn(self, "serve")
+        port = await self.server.first("port")
+        scene = await Scene.build(self, reactor, api_port=port,
+                                  phantomd=LENIENT,
+                                  introspection={"timeout": "5"},
+                                  revocation={"token_file": path})
+        token, _ = scene.good_token()
+        other, _ = scene.good_token()
+        c = self.client(scene, "chatty", token)
+        stays = self.client(scene, "chatty", other)
+        self.assertEqual(await c.first("echo"), "hello")
+        self.assertEqual(await stays.first("echo"), "hello")
+        self.assertEqual(self.gauge(scene), 2)
+        body = b"token=" + token.encode()
+        r = await one_request(reactor, scene.gw.admin, b"\r\n".join([
+            b"POST /revoke HTTP/1.1", b"Host: admin", b"Connection: close",
+            b"Authorization: Bearer " + bearer,
+            b"Content-Type: application/x-www-form-urlencoded",
+            b"Content-Length: %d" % len(body)]) + b"\r\n\r\n" + body)
+        self.assertEqual(r.status, 200, r.body)
+        await c.first("closed", timeout=5)
+        self.assertTrue(await wait_for(reactor,
+                                       lambda: self.gauge(scene) == 1, 5))
+        self.assertEqual(stays.get("closed"), [])
+
+
 class PlainUpgrades(unittest.TestCase):
     """Upgrade values other than websocket: no tunnel, a plain request."""
 

@@ -152,6 +152,60 @@ class FrontTunnelTests(FrontCase):
         self.assertEqual(self.access[-1]["end"], "drain")
 
 
+class RevocationTests(FrontCase):
+    """A revoked token's tunnels close, as its exp would close them."""
+
+    upgrade = FrontTunnelTests.upgrade
+    switch = FrontTunnelTests.switch
+
+    def open_tunnel(self, token: str, sub: str):
+        from phantomd.token.outcomes import Forward
+        self.gate.decide = lambda auth: Forward(
+            jwt=JWT, claims={"sub": sub}, token_id="t")
+        proto, transport = self.upgrade(
+            auth=b"Authorization: Bearer " + token.encode() + b"\r\n")
+        conn, upstream, tunnel = self.switch(proto)
+        self.assertTrue(tunnel.open)
+        return proto, upstream, tunnel
+
+    def test_revoking_a_token_closes_its_tunnels_only(self):
+        from phantomd.token.tokens import token_key
+        _, up_a, a = self.open_tunnel("token-a", "alice")
+        _, up_b, b = self.open_tunnel("token-b", "alice")
+        self.assertEqual(self.factory.revoked(token_key("token-a")), 1)
+        self.assertEqual((a.open, a.ended), (False, "revoked"))
+        self.assertTrue(up_a.disconnecting)
+        self.assertTrue(b.open)
+        self.assertEqual(self.access[-1]["end"], "tunnel_revoked")
+        self.assertEqual(self.metrics.sample("phantomd_tunnels_open"), 1)
+        self.assertEqual(list(self.factory.tunnels), [b])
+        self.assertEqual(self.factory.revoked(token_key("token-a")), 0)
+
+    def test_revoking_a_subject_closes_every_tunnel_of_it(self):
+        _, _, a = self.open_tunnel("token-a", "alice")
+        _, _, b = self.open_tunnel("token-b", "alice")
+        _, _, c = self.open_tunnel("token-c", "bob")
+        self.assertEqual(
+            self.factory.revoked(subject=lambda sub: sub == "alice"), 2)
+        self.assertEqual([t.open for t in (a, b, c)], [False, False, True])
+
+    def test_a_closed_tunnel_is_forgotten(self):
+        proto, _, a = self.open_tunnel("token-a", "alice")
+        proto.connectionLost(None)
+        self.assertEqual(self.factory.tunnels, {})
+
+    def test_a_tunnel_without_a_token_is_never_matched(self):
+        from phantomd.http.routes import Route, RouteTable
+        from phantomd.token.tokens import token_key
+        self.factory.routes = RouteTable([], Route("default", auth="none"))
+        proto, transport = self.upgrade(auth=b"")
+        _, _, tunnel = self.switch(proto)
+        self.assertEqual(self.factory.tunnels[tunnel], (None, None))
+        self.assertEqual(self.factory.revoked(token_key("")), 0)
+        self.assertEqual(self.factory.revoked(subject=lambda s: True), 0)
+        self.assertTrue(tunnel.open)
+
+
 class WebSocketFront(FakeFront):
     """A front that asked for a WebSocket: takes the 101's handover."""
 

@@ -76,6 +76,11 @@ class Revoker:
         #: every worker (phantomd.fleet.workerrevoke) and fires True when all
         #: confirmed.  None elsewhere.
         self.peers: Optional[Callable[[dict], defer.Deferred]] = None
+        #: ``listener(key, digest)`` for every revocation applied here: a
+        #: token's cache key (digest None) or a subject's digest (key
+        #: None).  The front closes the WebSocket tunnels they opened.
+        self.listeners: list[Callable[[Optional[bytes], Optional[str]],
+                                      Any]] = []
         self._subject_of_key: OrderedDict[bytes, str] = OrderedDict()
         self._keys_of_subject: dict[str, set] = {}
         self._revoked: OrderedDict[str, float] = OrderedDict()
@@ -150,6 +155,7 @@ class Revoker:
         if digest is not None:
             self._unindex_key(key, digest)
         self.metrics.revocations["token"].inc()
+        self._tell(key, None)
 
     def drop_subject(self, digest: str, at: float) -> int:
         self._remember(self._revoked, digest, at, MAX_REVOKED_SUBJECTS)
@@ -158,7 +164,17 @@ class Revoker:
             self._subject_of_key.pop(key, None)
             self.cache.discard(key)
         self.metrics.revocations["sub"].inc()
+        self._tell(None, digest)
         return len(keys)
+
+    def _tell(self, key: Optional[bytes], digest: Optional[str]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(key, digest)
+            except Exception:
+                # The cache is already clean; a listener's fault must not
+                # undo or stop the revocation.
+                log.failure("a revocation listener failed")
 
     def _event(self, event: dict) -> None:
         kind = event.get("t")

@@ -51,6 +51,7 @@ from phantomd.token.mtls import header_thumbprint, peer_thumbprint
 from phantomd.http.proxies import forwarded_origin
 from phantomd.http.wire import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
 from phantomd.token.outcomes import Forward, Reject, error_response
+from phantomd.token.tokens import parse_credentials, token_key
 from phantomd.http.cors import request_origin, without_cors
 from phantomd.http.routes import (
     Route, RouteTable, UnsafePath, claim_lines)
@@ -539,6 +540,8 @@ class FrontProtocol(Protocol):
             self._forward(r, None, None)
             return
         self._to(_GATE)
+        if r.upgrade:
+            r.auth = auth  # which tunnel a revocation must close
         if h.proofs is None and not self._tls:
             if route.required_scopes is None:
                 d = self.factory.gate.authorize(auth)
@@ -736,6 +739,8 @@ class FrontProtocol(Protocol):
         self._tunnel = Tunnel(self.reactor, client, upstream,
                               f.tunnel_idle_timeout, exp, f.metrics.tunnels,
                               self._tunnel_ended)
+        f.tunnel_opened(self._tunnel, r.auth,
+                        getattr(self._outcome, "claims", None))
         self._tunnel.start(b"".join(held), rest)
         return self._tunnel
 
@@ -756,6 +761,7 @@ class FrontProtocol(Protocol):
             self.transport.abortConnection()
 
     def _tunnel_ended(self, why: str) -> None:
+        self.factory.tunnels.pop(self._tunnel, None)
         r, self._req = self._req, None
         if r is not None:
             self._log_access(r, self._cut or "tunnel_" + why)
@@ -1050,6 +1056,9 @@ class FrontFactory(Factory):
         self.metrics = metrics
         self.access_log = access_log
         self.connections: set = set()
+        #: Open WebSocket tunnels -> (token cache key, ``sub``), for
+        #: ``revoked``; at most one per connection (``max_connections``).
+        self.tunnels: dict = {}
         self.date = Dates(reactor)
         self._drain_waiters: list = []
         self._draining = False
@@ -1089,6 +1098,30 @@ class FrontFactory(Factory):
             self.upstream = upstream
         if settings is not None:
             self._apply(settings)
+
+    def tunnel_opened(self, tunnel: Any, auth: Optional[list],
+                      claims: Optional[dict]) -> None:
+        """Remember what opened ``tunnel``: its token's cache key (None
+        without a token: ``auth = none`` or ``optional``) and ``sub``."""
+        key = None
+        parsed = parse_credentials(auth or ())
+        if type(parsed) is tuple:
+            key = token_key(parsed[1])
+        sub = (claims or {}).get("sub")
+        self.tunnels[tunnel] = (key, sub if type(sub) is str else None)
+
+    def revoked(self, key: Optional[bytes] = None,
+                subject: Optional[Callable[[str], bool]] = None) -> int:
+        """A token (its cache ``key``) or a subject (``subject(sub)`` says
+        whether ``sub`` is the revoked one) was revoked: close the open
+        tunnels it opened, as its ``exp`` would (DESIGN section 13).
+        Returns how many."""
+        cut = [t for t, (k, sub) in self.tunnels.items()
+               if (key is not None and k == key)
+               or (subject is not None and sub is not None and subject(sub))]
+        for tunnel in cut:
+            tunnel.close("revoked")
+        return len(cut)
 
     def drain(self) -> defer.Deferred:
         """For shutdown, once the listeners have stopped: close idle

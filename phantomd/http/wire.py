@@ -110,7 +110,8 @@ class ParsedRequest:
     __slots__ = ("url", "headers", "method", "version", "keep_alive",
                  "head_done", "complete", "body", "error", "chunked", "length",
                  "raw", "hbytes", "started_at", "target", "host", "kept",
-                 "head", "fwd", "rid", "route", "sent", "cors", "upgrade")
+                 "head", "fwd", "rid", "route", "sent", "cors", "upgrade",
+                 "auth")
 
     def __init__(self) -> None:
         self.url = b""
@@ -140,6 +141,8 @@ class ParsedRequest:
         self.cors: Optional[list] = None
         #: DESIGN section 13: a WebSocket upgrade, forwarded as one.
         self.upgrade = False
+        # A WebSocket request's Authorization values (kept for revocation).
+        self.auth: Optional[list] = None
 
 
 class _Limit(Exception):
