@@ -89,6 +89,21 @@ class HandOverTests(unittest.TestCase):
         self.assertNotIn('route="orders"', generate_latest(m.registry).decode())
 
 
+class CountTests(unittest.TestCase):
+    def test_zero_and_negative_increments(self):
+        m = Metrics()
+        hit = m.lookup["hit"]
+        for _ in range(3):
+            hit.inc(0)  # nothing to hand over, so nothing noted
+        self.assertEqual(m._dirty, [])
+        self.assertRaises(ValueError, hit.inc, -1)  # at once, as before
+        hit.inc()
+        hit.inc()
+        self.assertEqual(m._dirty, [hit])  # noted once
+        self.assertEqual(m.sample("phantomd_cache_lookups_total",
+                                  {"result": "hit"}), 2.0)
+
+
 class HistogramTests(unittest.TestCase):
     VALUES = (0.0, 0.0005, 0.0004999, 0.00050001, 0.001, 0.02, 0.025, 1.0,
               29.9, 30.0, 30.0001, 1e9, float("inf"), -1.0)

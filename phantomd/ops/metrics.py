@@ -44,6 +44,8 @@ class BuildInfo:
             labels=["version"])
         family.add_metric([__version__], 1)
         yield family
+
+
 class PendingCount:
     """A counter child's increments, kept in a plain int until ``flush``.
 
@@ -69,6 +71,11 @@ class PendingCount:
         self.dirty = dirty
 
     def inc(self, amount: float = 1) -> None:
+        if amount <= 0:
+            if amount < 0:  # as prometheus_client, at once, not at flush
+                raise ValueError("counters can only be incremented by "
+                                 "non-negative amounts")
+            return
         if not self.n:
             self.dirty.append(self)
         self.n += amount
