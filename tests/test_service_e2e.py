@@ -333,6 +333,21 @@ class ServiceCase(TestCase):
                  self.jwt in line or self.jwt.split(".")[1] in line]
         self.assertEqual(leaks, [], "secrets in phantomd's output")
 
+    @defer.inlineCallbacks
+    def metrics_with(self, want: bytes):
+        """The parent's /metrics once it shows ``want`` (up to 5 s): a
+        worker counts a request at the end of the reactor turn that wrote
+        its answer, so the client can read the answer a moment before it
+        is counted."""
+        for _ in range(50):
+            text = yield deferToThread(unix_get, self.metrics_path,
+                                       "/metrics")
+            if want in text:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
+        self.assertIn(want, text)
+        return text
+
     def why(self, *context) -> str:
         """Failure context: what the test saw and phantomd's output."""
         return "%r\n--- phantomd output ---\n%s" % (
@@ -538,16 +553,8 @@ class WorkerTests(ServiceCase):
                                                self.good)
             self.assertEqual(status, 200)
 
-        # A worker counts a request once its answer is written, so the
-        # client can read the 12th answer a moment before it is counted.
-        want = b'phantomd_requests_total{code="2xx"} 12.0'
-        for _ in range(50):
-            text = yield deferToThread(unix_get, self.metrics_path,
-                                       "/metrics")
-            if want in text:
-                break
-            yield deferLater(reactor, 0.1, lambda: None)
-        self.assertIn(want, text)
+        text = yield self.metrics_with(
+            b'phantomd_requests_total{code="2xx"} 12.0')
         self.assertPromtoolClean(text)
 
         records = [json.loads(line) for line in self.proc.lines()
