@@ -1,10 +1,14 @@
 """Bearer token extraction: one row per kind of Authorization header."""
 
+import random
+import re
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from phantomd.token.outcomes import Reject
 from phantomd.token.tokens import (
-    MAX_TOKEN_LENGTH, parse_authorization, token_id, token_key)
+    MAX_TOKEN_LENGTH, b64token, jwt_shaped, parse_authorization, token_id,
+    token_key)
 
 # (headers, expected token or (status, error))
 ROWS = [
@@ -64,3 +68,33 @@ class DigestTests(SynchronousTestCase):
         tid = token_id(token_key("secret-opaque-token"))
         self.assertEqual(len(tid), 12)
         self.assertNotIn("secret", tid)
+
+
+class GrammarTests(SynchronousTestCase):
+    """``b64token`` and ``jwt_shaped`` are RFC 6750's b64token and a
+    compact JWS's shape, written with ``bytes.translate`` for speed: they
+    must accept exactly what the grammars' regular expressions accept."""
+
+    B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*\Z").match
+    JWT = re.compile(rb"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]*)*\Z").match
+
+    def samples(self):
+        edge = [b"", b"=", b"==", b"a", b"a=", b"a==", b"=a", b"a=b", b".",
+                b"..", b".a", b"a.", b"a..b", b"a.b.c", b"-_", b"+/~",
+                b"a b", b"a\n", b"a\x00", b"\xff", b"a\xc3\xa9", b"?",
+                b"eyJ.eyJ.sig", b"eyJ.eyJ.", b"a" * 5000]
+        rng = random.Random(6750)
+        alphabet = (b"AZaz09-._~+/=?% \t\r\n,;\"\x00\x7f\x80\xff")
+        for _ in range(20000):
+            edge.append(bytes(rng.choice(alphabet)
+                              for _ in range(rng.randint(0, 12))))
+        return edge
+
+    def test_b64token_is_the_grammar(self):
+        for value in self.samples():
+            self.assertEqual(b64token(value), bool(self.B64TOKEN(value)),
+                             value)
+
+    def test_jwt_shaped_is_the_grammar(self):
+        for value in self.samples():
+            self.assertEqual(jwt_shaped(value), bool(self.JWT(value)), value)

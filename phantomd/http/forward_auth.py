@@ -65,6 +65,7 @@ from phantomd.http.routes import UnsafePath, claim_lines
 from phantomd.token.dpop import request_url
 from phantomd.token.mtls import header_thumbprint
 from phantomd.token.outcomes import Forward, Reject, error_response
+from phantomd.token.tokens import jwt_shaped
 
 log = Logger()
 
@@ -78,7 +79,6 @@ MAX_ORIGINAL_URI = 8192
 _METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}\Z").match
 # Visible ASCII only: no CR, LF, NUL, space or other controls.
 _URI = re.compile(rb"[\x21-\x7e]+\Z").match
-_JWT = re.compile(rb"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]*)*\Z").match
 
 _FORWARDED = (b"x-forwarded-method", b"x-original-method")
 _FORWARDED_URI = (b"x-forwarded-uri", b"x-original-uri")
@@ -454,7 +454,7 @@ class CheckProtocol(Protocol):
             claims: Any = None
         else:
             jwt = outcome.jwt.encode("ascii", "replace")
-            if not _JWT(jwt):
+            if not jwt_shaped(jwt):
                 log.error("the gate produced a malformed JWT for "
                           "{token_id}", token_id=outcome.token_id)
                 return error_response(

@@ -23,7 +23,6 @@ and its bytes are ``tunnel.Tunnel``'s to relay.
 from __future__ import annotations
 
 import enum
-import re
 from collections import deque
 from typing import Any, Callable, Optional
 
@@ -51,7 +50,7 @@ from phantomd.token.mtls import header_thumbprint, peer_thumbprint
 from phantomd.http.proxies import forwarded_origin
 from phantomd.http.wire import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
 from phantomd.token.outcomes import Forward, Reject, error_response
-from phantomd.token.tokens import parse_credentials, token_key
+from phantomd.token.tokens import jwt_shaped, parse_credentials, token_key
 from phantomd.http.cors import request_origin, without_cors
 from phantomd.http.routes import (
     Route, RouteTable, UnsafePath, claim_lines)
@@ -60,10 +59,6 @@ log = Logger()
 
 
 _OUTCOMES = (Forward, Reject)
-
-_JWT = re.compile(rb"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]*)*\Z").match
-
-
 
 
 class State(enum.IntEnum):
@@ -623,7 +618,7 @@ class FrontProtocol(Protocol):
                          close=not r.complete)
             return
         jwt = outcome.jwt.encode("ascii", "replace")
-        if not _JWT(jwt):
+        if not jwt_shaped(jwt):
             log.error("the gate produced a malformed JWT for {token_id}",
                       token_id=outcome.token_id)
             self._answer_error(r, 502, "bad_gateway",

@@ -14,8 +14,31 @@ from typing import Sequence, Union
 
 from phantomd.token.outcomes import Reject
 
+_ALNUM = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+          b"0123456789")
 # b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
-_B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*\Z")
+_B64TOKEN_CHARS = _ALNUM + b"-._~+/"
+# A compact JWS/JWE: base64url segments joined by dots.
+_JWT_CHARS = _ALNUM + b"_-."
+
+
+def b64token(value: bytes) -> bool:
+    """Whether ``value`` is an RFC 6750 b64token.  ``bytes.translate``
+    deleting the allowed bytes is a C loop: a regex over the same grammar
+    cost more than the rest of parsing the header."""
+    body = value.rstrip(b"=")
+    return bool(body) and not body.translate(None, _B64TOKEN_CHARS)
+
+
+def jwt_shaped(value: bytes) -> bool:
+    """Whether ``value`` can be sent as a JWT: base64url segments joined by
+    dots (the first one not empty), nothing else.  Checked on every request
+    that forwards one, hence ``translate`` rather than a regex (2.2 us for
+    a 700-byte JWT)."""
+    return bool(value) and value[0] != 0x2E and not value.translate(
+        None, _JWT_CHARS)
+
+
 _SCHEME = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+)(?:[ ]+(.*))?\Z", re.S)
 
 #: Longer tokens are refused (400) before anything is sent to the token
@@ -71,7 +94,7 @@ def parse_credentials(values: Sequence[bytes]
     if len(credentials) > MAX_TOKEN_LENGTH:
         return _malformed("bearer token longer than %d bytes"
                           % MAX_TOKEN_LENGTH)
-    if _B64TOKEN.match(credentials) is None:
+    if not b64token(credentials):
         if b"," in credentials or b" " in credentials:
             return _malformed("more than one credential in Authorization")
         return _malformed("bearer token has characters RFC 6750 forbids")
