@@ -7,8 +7,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from phantomd.token.outcomes import Reject
 from phantomd.token.tokens import (
-    MAX_TOKEN_LENGTH, b64token, jwt_shaped, parse_authorization, token_id,
-    token_key)
+    MAX_TOKEN_LENGTH, b64token, jwt_shaped, parse_authorization,
+    parse_credentials, token_id, token_key)
 
 # (headers, expected token or (status, error))
 ROWS = [
@@ -98,3 +98,25 @@ class GrammarTests(SynchronousTestCase):
     def test_jwt_shaped_is_the_grammar(self):
         for value in self.samples():
             self.assertEqual(jwt_shaped(value), bool(self.JWT(value)), value)
+
+    def test_the_bearer_fast_path_reads_as_the_grammar_does(self):
+        # "Bearer " takes a shortcut past the scheme regex; "bearer "
+        # (same scheme, RFC 7235 case-insensitive) still goes through it.
+        rng = random.Random(7235)
+        tails = [b"", b" ", b"  x", b"\tx", b"x y", b"x,y", b"abc==",
+                 b"a" * (MAX_TOKEN_LENGTH + 1), b"\xff", b"x\r\ny"]
+        alphabet = b"Aa0-._~+/= \t,\"\x00\xff"
+        for _ in range(5000):
+            tails.append(bytes(rng.choice(alphabet)
+                               for _ in range(rng.randint(0, 10))))
+        for tail in tails:
+            for lead in (b"", b" ", b"\t "):
+                fast = parse_credentials([lead + b"Bearer " + tail])
+                slow = parse_credentials([lead + b"bearer " + tail])
+                self.assertEqual(type(fast), type(slow), tail)
+                if isinstance(fast, Reject):
+                    self.assertEqual(
+                        (fast.status, fast.error, fast.description),
+                        (slow.status, slow.error, slow.description), tail)
+                else:
+                    self.assertEqual(fast, slow, tail)

@@ -77,18 +77,22 @@ def parse_credentials(values: Sequence[bytes]
     if len(values) > 1:
         return _malformed("more than one Authorization header")
     value = values[0].strip(b" \t")
-    m = _SCHEME.match(value)
-    if m is None:
-        if value[:6].lower() == b"bearer" or value[:4].lower() == b"dpop":
-            return _malformed("unreadable bearer credentials")
-        return NO_CREDENTIALS
-    scheme, credentials = m.group(1).lower(), m.group(2)
-    if scheme == b"bearer":
-        name = "Bearer"
-    elif scheme == b"dpop":
-        name = "DPoP"
+    if value[:7] == b"Bearer ":
+        # What nearly every client sends, read as _SCHEME would read it.
+        name, credentials = "Bearer", value[7:].lstrip(b" ")
     else:
-        return NO_CREDENTIALS
+        m = _SCHEME.match(value)
+        if m is None:
+            if value[:6].lower() == b"bearer" or value[:4].lower() == b"dpop":
+                return _malformed("unreadable bearer credentials")
+            return NO_CREDENTIALS
+        scheme, credentials = m.group(1).lower(), m.group(2)
+        if scheme == b"bearer":
+            name = "Bearer"
+        elif scheme == b"dpop":
+            name = "DPoP"
+        else:
+            return NO_CREDENTIALS
     if not credentials:
         return _malformed("empty bearer token")
     if len(credentials) > MAX_TOKEN_LENGTH:
