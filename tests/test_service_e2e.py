@@ -544,6 +544,11 @@ class WorkerTests(ServiceCase):
                                                self.good)
             self.assertEqual(status, 200)
 
+        # Counted once handed to the files, at the end of the turn that
+        # wrote the answer; a SIGKILL loses that turn's counts, so the
+        # victim is killed after they are there.  What must survive is
+        # what it had written.
+        yield self.metrics_with(b'phantomd_requests_total{code="2xx"} 6.0')
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)
         yield self.until(lambda: len(child_pids(parent) - {victim}) == 2,
