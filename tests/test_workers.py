@@ -661,6 +661,34 @@ class DieWithParentTests(TestCase):
 class ArchiveTests(SynchronousTestCase):
     """Dead workers' metric files are folded, not lost and not piled up."""
 
+    def test_a_file_still_being_created_does_not_fail_the_scrape(self):
+        # prometheus_client creates a starting worker's file, then sizes
+        # it: a scrape in between met an empty file and raised
+        # struct.error (seen in a clean-clone CI run).
+        mdir = tempfile.mkdtemp(prefix="phantomd-settle-")
+        self.addCleanup(shutil.rmtree, mdir, True)
+        script = textwrap.dedent("""\
+            import sys
+            sys.path.insert(0, %r)
+            from phantomd.ops.metrics import Metrics
+            Metrics().request_answered(200)
+            """ % os.path.dirname(os.path.dirname(os.path.dirname(
+                workers.__file__))))
+        subprocess.run([sys.executable, "-c", script], check=True,
+                       timeout=60, env=dict(os.environ,
+                                            PROMETHEUS_MULTIPROC_DIR=mdir))
+        open(os.path.join(mdir, "counter_999999.db"), "wb").close()
+        from prometheus_client.multiprocess import MultiProcessCollector
+        import struct
+        with self.assertRaises(struct.error):  # what the scrape met
+            list(MultiProcessCollector(None, path=mdir).collect())
+        samples = {(x.name, x.labels.get("code")): x.value
+                   for family in workers.merged_workers(mdir)
+                   for x in family.samples}
+        self.assertEqual(samples[("phantomd_requests_total", "2xx")], 1.0)
+        self.assertEqual(len(workers.settled_files(mdir)),
+                         len(os.listdir(mdir)) - 1)
+
     def test_totals_survive_and_files_do_not_pile_up(self):
         from prometheus_client import CollectorRegistry, generate_latest
         from prometheus_client.multiprocess import MultiProcessCollector

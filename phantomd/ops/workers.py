@@ -441,7 +441,7 @@ def archive_dead_worker(directory: str, pid: int) -> None:
 
 
 class WithParent:
-    """The workers' samples (``workers``, a ``MultiProcessCollector``) with
+    """The workers' samples (``workers``, a ``_WorkerFiles``) with
     the parent's own added in: the parent answers ``[forward_auth]`` checks
     with its own gate, and its ``Metrics`` live in its memory, not in the
     workers' files.
@@ -485,6 +485,48 @@ class WithParent:
                     samples[i] = samples[i]._replace(
                         value=samples[i].value + x.value)
         return families
+
+
+def settled_files(path: str) -> list:
+    """The workers' metric files in ``path`` that can be read now.
+
+    prometheus_client creates a process's file and only then sizes it, so
+    a scrape that lands while a worker starts can meet an empty file, and
+    reading one raises ``struct.error`` (the whole scrape a 500).  Such a
+    file holds no counts yet: it is left for the next scrape.  A file
+    archived away (``archive_dead_worker``) between listing and reading is
+    left out the same way."""
+    out = []
+    for name in glob.glob(os.path.join(path, "*.db")):
+        try:
+            if os.path.getsize(name) >= 8:  # the used-bytes header
+                out.append(name)
+        except OSError:
+            pass
+    return out
+
+
+def merged_workers(path: str):
+    """``MultiProcessCollector.collect`` over ``settled_files(path)``; a
+    file that vanished or changed under the read is retried once."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+    import struct
+    try:
+        return MultiProcessCollector.merge(settled_files(path),
+                                           accumulate=True)
+    except (OSError, struct.error, ValueError):
+        return MultiProcessCollector.merge(settled_files(path),
+                                           accumulate=True)
+
+
+class _WorkerFiles:
+    """The collector over the workers' metric files (``merged_workers``)."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def collect(self):
+        return merged_workers(self._path)
 
 
 class WorkerProcesses:
@@ -777,10 +819,9 @@ class Supervisor(service.Service):
                 self._notify_path(slot),
                 NotifyListener(slot, self.readiness.ready)))
         from prometheus_client import CollectorRegistry
-        from prometheus_client.multiprocess import MultiProcessCollector
         from phantomd.ops.metrics import BuildInfo
         registry = CollectorRegistry()
-        workers = MultiProcessCollector(None, path=metrics_dir)
+        workers = _WorkerFiles(metrics_dir)
         registry.register(BuildInfo())
         registry.register(WorkerProcesses(
             lambda: self.pool.slots() if self.pool is not None else {}))
