@@ -37,7 +37,7 @@ from phantomd.http.answers import (
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
 from phantomd.http.interfaces import IExchange
-from phantomd.http.tunnel import Tunnel
+from phantomd.http.tunnel import Tunnel, hand_over
 from phantomd.http.wire import (
     IRequestConsumer, IRequestLimits, ParsedRequest, RequestReader)
 from phantomd.http.requestid import from_headers as _request_id
@@ -720,12 +720,9 @@ class FrontProtocol(Protocol):
         f.metrics.request_duration.observe(self._took)
         self._deadline.cancel()
         client = self.transport
-        if self._registered:
-            self._registered = False
-            client.unregisterProducer()
-        if self._paused:
-            self._paused = 0
-            client.resumeProducing()
+        hand_over(client, self._registered, bool(self._paused))
+        self._registered = False
+        self._paused = 0
         client.write(head)
         exp = (getattr(self._outcome, "claims", None) or {}).get("exp")
         if type(exp) not in (int, float):

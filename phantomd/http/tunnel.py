@@ -50,6 +50,16 @@ class _Pauses:
         pass
 
 
+def hand_over(transport: Any, registered: bool, paused: bool) -> None:
+    """Ready ``transport`` for a ``Tunnel``, which registers its own
+    producer on it: the owner's producer goes (``registered``) and reading
+    resumes (``paused``).  The owner clears its own flags."""
+    if registered:
+        transport.unregisterProducer()
+    if paused:
+        transport.resumeProducing()
+
+
 class Tunnel:
     """Joins ``client`` and ``upstream`` (transports) until one of the
     ends above; ``gauge`` (``phantomd_tunnels_open``) counts it while open.

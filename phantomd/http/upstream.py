@@ -33,6 +33,7 @@ from zope.interface import implementer
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
 from phantomd.http.pool import IdlePool, endpoint_for
+from phantomd.http.tunnel import hand_over
 from phantomd.http.interfaces import IUpstreamConnection, IUpstreamPool
 from phantomd.http.headers import drop_connection_options
 from phantomd.http.headers import RESPONSE_DROP
@@ -245,12 +246,9 @@ class UpstreamConnection(Protocol):
         self._broken = True
         self._deadline.cancel()
         transport = self.transport
-        if self._registered:
-            self._registered = False
-            transport.unregisterProducer()
-        if self._read_paused:
-            self._read_paused = False
-            transport.resumeProducing()
+        hand_over(transport, self._registered, self._read_paused)
+        self._registered = False
+        self._read_paused = False
         tunnel = switched(transport, kept, rest)
         if tunnel is None:
             return False
