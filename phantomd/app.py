@@ -24,7 +24,7 @@ from phantomd.fleet.wiring import Fleet, check as check_fleet
 from phantomd.config import Config, ConfigError
 from phantomd.token.dpop import ProofChecker, SharedReplays
 from phantomd.token.gate import Gate
-from phantomd.http.front import FrontFactory
+from phantomd.http.listener import FrontFactory
 from phantomd.http.upstream import UpstreamPool
 from phantomd.ops.metrics import Metrics
 from phantomd.ops.sdnotify import where

@@ -3,7 +3,10 @@ refuses a move the table does not allow."""
 
 from twisted.trial import unittest
 
-from phantomd.http.front import TRANSITIONS, State, StateError
+from phantomd.http.front import FrontProtocol
+from phantomd.http.listener import AtCapacity
+from phantomd.http.states import (
+    INPUT_TRANSITIONS, TRANSITIONS, Input, State, StateError)
 from tests.test_http_server import FrontCase, get
 
 
@@ -34,6 +37,21 @@ class TableTests(unittest.TestCase):
                 self.assertNotIn(State.TUNNEL, moves, state)
         self.assertIn(State.TUNNEL, TRANSITIONS[State.UPSTREAM])
         self.assertEqual(TRANSITIONS[State.TUNNEL], {State.CLOSED})
+
+
+class InputTableTests(unittest.TestCase):
+    def test_every_input_state_has_its_moves(self) -> None:
+        self.assertEqual(set(INPUT_TRANSITIONS), set(Input))
+
+    def test_ended_input_stays_ended(self) -> None:
+        self.assertEqual(INPUT_TRANSITIONS[Input.ENDED], {Input.ENDED})
+
+    def test_held_input_is_never_parsed_again(self) -> None:
+        """DESIGN section 13: bytes after an upgrade request are the
+        tunnel's; nothing turns them back into requests."""
+        for state, moves in INPUT_TRANSITIONS.items():
+            self.assertNotIn(Input.OPEN, moves, state)
+        self.assertEqual(INPUT_TRANSITIONS[Input.HELD], {Input.ENDED})
 
 
 class FrontStateTests(FrontCase):
@@ -72,3 +90,63 @@ class FrontStateTests(FrontCase):
         from phantomd.http.wire import IRequestConsumer, IRequestLimits
         self.assertTrue(verifyObject(IRequestLimits, self.factory))
         self.assertTrue(verifyObject(IRequestConsumer, self.connect()[0]))
+
+
+class FrontInputTests(FrontCase):
+    def test_a_malformed_request_ends_input_after_the_one_before(self):
+        proto, transport = self.connect()
+        proto.dataReceived(get() + b"NOT HTTP\r\n\r\n")
+        self.assertIs(proto.input, Input.ENDED)  # parsed in one slice
+        self.assertEqual(len(self.pool.conns), 1)  # the first still goes
+        self.pool.conns[-1].respond()
+        self.assertEqual([s for s, _, _ in self.responses(transport)],
+                         [200, 400])
+        self.assertIs(proto.input, Input.ENDED)
+        self.assertIs(proto.state, State.CLOSED)
+        proto.dataReceived(get(b"/ignored"))
+        self.assertEqual(len(self.pool.conns), 1)
+
+    def test_a_websocket_request_holds_input_until_the_101(self) -> None:
+        from twisted.internet.testing import StringTransport
+        proto, transport = self.connect()
+        proto.dataReceived(get(b"/ws", b"Connection: Upgrade\r\n"
+                                      b"Upgrade: websocket\r\n")
+                           + b"early")
+        self.assertIs(proto.input, Input.HELD)
+        proto.dataReceived(b" frame")
+        self.assertEqual(len(self.pool.conns), 1)  # never parsed as HTTP
+        upstream = StringTransport()
+        proto.upstream_switched(upstream, [], b"")
+        self.assertEqual(upstream.value(), b"early frame")
+        self.assertRaises(StateError, proto._input_to, Input.OPEN)
+
+    def test_a_refused_upgrade_discards_what_was_held(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(get(b"/ws", b"Connection: Upgrade\r\n"
+                                      b"Upgrade: websocket\r\n",
+                               auth=b"Authorization: Bearer wrong\r\n")
+                           + b"x")
+        [(status, _, _)] = self.responses(transport)
+        self.assertEqual(status, 401)
+        self.assertIs(proto.input, Input.ENDED)
+        self.assertIs(proto.state, State.CLOSED)
+        proto.dataReceived(b"more")
+        self.assertEqual(proto._held, [b"x"])
+
+
+class AtCapacityTests(FrontCase):
+    keys = {"max_connections": 1}
+
+    def test_the_connection_past_the_cap_is_its_own_kind(self) -> None:
+        first, _ = self.connect()
+        self.assertIs(type(first), FrontProtocol)
+        proto, transport = self.connect()
+        self.assertIs(type(proto), AtCapacity)
+        self.assertIs(proto.input, Input.ENDED)
+        proto.dataReceived(get())
+        self.assertEqual([s for s, _, _ in self.responses(transport)], [503])
+        self.assertEqual(self.pool.conns, [])
+        proto.connectionLost(None)
+        self.assertEqual(self.factory.connections, {first})
+        self.assertEqual(self.metrics.sample("phantomd_client_connections"),
+                         1)

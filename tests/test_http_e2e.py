@@ -9,7 +9,7 @@ from twisted.internet.endpoints import (
     TCP4ClientEndpoint, connectProtocol, wrapClientTLS)
 from twisted.trial import unittest
 
-from phantomd.http.front import FrontFactory
+from phantomd.http.listener import FrontFactory
 from phantomd.http.upstream import UpstreamPool
 from phantomd.ops.metrics import Metrics
 from tests.helpers_http import (

@@ -12,7 +12,8 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial import unittest
 
-from phantomd.http.front import LINGER, FrontFactory
+from phantomd.http.front import LINGER
+from phantomd.http.listener import FrontFactory
 from phantomd.http.wire import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
 from phantomd.ops.metrics import Metrics
 from phantomd.token.outcomes import Forward

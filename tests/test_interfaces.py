@@ -4,7 +4,8 @@ from twisted.trial import unittest
 from zope.interface.verify import verifyClass
 
 from phantomd.http import interfaces, wire
-from phantomd.http.front import FrontFactory, FrontProtocol
+from phantomd.http.front import FrontProtocol
+from phantomd.http.listener import FrontFactory
 from phantomd.http.upstream import UpstreamConnection, UpstreamPool
 from phantomd.token.gate import Gate
 

@@ -2,6 +2,6 @@
 
 Plain Twisted protocols over httptools (llhttp), not ``twisted.web``: a cache
 hit must cost a small fraction of what a ``twisted.web`` request does.  The
-rest of phantomd knows this package only through ``front.FrontFactory`` and
+rest of phantomd knows this package only through ``listener.FrontFactory`` and
 ``upstream.UpstreamPool``.
 """

@@ -22,25 +22,24 @@ and its bytes are ``tunnel.Tunnel``'s to relay.
 
 from __future__ import annotations
 
-import enum
 from collections import deque
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from phantomd.http.answers import (
-    AT_CAPACITY, REJECTED_REASON, Dates, head as _head, own_answer)
+from phantomd.http.answers import REJECTED_REASON, head as _head, own_answer
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
 from phantomd.http.interfaces import IExchange
 from phantomd.http.tunnel import Tunnel, hand_over
-from phantomd.http.wire import (
-    IRequestConsumer, IRequestLimits, ParsedRequest, RequestReader)
+from phantomd.http.wire import IRequestConsumer, ParsedRequest, RequestReader
 from phantomd.http.requestid import from_headers as _request_id
+from phantomd.http.states import (
+    INPUT_TRANSITIONS, TRANSITIONS, Input, State, StateError)
 from phantomd.http.forwarding import (
     canonical_length, forwarded_lines, head_problem, own_forwarded,
     WEBSOCKET_LINES, retryable, sort_headers, target_of, upstream_head,
@@ -50,10 +49,12 @@ from phantomd.token.mtls import header_thumbprint, peer_thumbprint
 from phantomd.http.proxies import forwarded_origin
 from phantomd.http.wire import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
 from phantomd.token.outcomes import Forward, Reject, error_response
-from phantomd.token.tokens import jwt_shaped, parse_credentials, token_key
+from phantomd.token.tokens import jwt_shaped
 from phantomd.http.cors import request_origin, without_cors
-from phantomd.http.routes import (
-    Route, RouteTable, UnsafePath, claim_lines)
+from phantomd.http.routes import UnsafePath, claim_lines
+
+if TYPE_CHECKING:
+    from phantomd.http.listener import FrontFactory
 
 log = Logger()
 
@@ -61,49 +62,12 @@ log = Logger()
 _OUTCOMES = (Forward, Reject)
 
 
-class State(enum.IntEnum):
-    """Where a client connection is (``FrontProtocol.state``).  Ordered:
-    the front asks "has the request reached the upstream yet?" as
-    ``state >= UPSTREAM``."""
-
-    IDLE = 0  #: no request in flight: waiting for a head or the next one
-    GATE = 1  #: the gate is deciding about the request
-    CONNECT = 2  #: waiting for an upstream connection (or a fresh retry)
-    UPSTREAM = 3  #: the request is going upstream; no answer head yet
-    RESPONSE = 4  #: an answer (the upstream's or phantomd's) is going out
-    #: DESIGN section 13: the upstream answered a WebSocket upgrade 101;
-    #: both transports are the ``Tunnel``'s, the front reads and answers
-    #: nothing more (the client's bytes go to the tunnel unparsed).
-    TUNNEL = 5
-    CLOSED = 6  #: closing or closed: nothing more is read or answered
-
-
-#: The moves a connection may make; any other is a bug (``StateError``).
-TRANSITIONS = {
-    State.IDLE: frozenset((State.GATE, State.CONNECT, State.RESPONSE,
-                           State.CLOSED)),
-    State.GATE: frozenset((State.CONNECT, State.RESPONSE, State.CLOSED)),
-    # CONNECT -> CONNECT and UPSTREAM -> CONNECT: a reused connection closed
-    # before answering a retryable request, a fresh one is on its way.
-    State.CONNECT: frozenset((State.CONNECT, State.UPSTREAM, State.RESPONSE,
-                              State.CLOSED)),
-    State.UPSTREAM: frozenset((State.CONNECT, State.RESPONSE, State.TUNNEL,
-                               State.CLOSED)),
-    State.RESPONSE: frozenset((State.IDLE, State.CLOSED)),
-    # A tunnel is never followed by another request: the connection ends
-    # with it (connectionLost, or a drain after it ended).
-    State.TUNNEL: frozenset((State.CLOSED,)),
-    # connectionLost after phantomd closed.
-    State.CLOSED: frozenset((State.CLOSED,)),
-}
-
 _IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE, _TUNNEL, _CLOSED = (
     State.IDLE, State.GATE, State.CONNECT, State.UPSTREAM, State.RESPONSE,
     State.TUNNEL, State.CLOSED)
+_OPEN, _HELD, _ENDED = Input.OPEN, Input.HELD, Input.ENDED
 
 
-class StateError(RuntimeError):
-    """A move ``TRANSITIONS`` does not allow: a bug in the front."""
 # Why the client's socket is not being read (bits of FrontProtocol._paused).
 _BUSY, _UPSTREAM_FULL = 1, 2
 # What the connection timer is measuring.
@@ -116,10 +80,6 @@ MIN_BODY_RATE = 500
 LINGER = 2.0
 # Bytes a client may send after a WebSocket upgrade request before the 101.
 MAX_HELD = 128 * 1024
-
-
-def _peer_host(transport: Any) -> str:
-    return getattr(transport.getPeer(), "host", None) or "-"
 
 
 _UNKNOWN = object()
@@ -140,25 +100,18 @@ class FrontProtocol(Protocol):
         self._reader = RequestReader(self, factory, self.reactor)
         self._queue: deque = deque()
         self._req: Optional[ParsedRequest] = None
-        #: The connection's ``State``; moved only by ``_to``.
+        #: The exchange's ``State``; moved only by ``_to``.
         self.state = _IDLE
+        #: What becomes of the client's bytes (``Input``); moved only by
+        #: ``_input_to``.
+        self.input = _OPEN
         self._paused = 0
         self._deadline = Deadline(self.reactor, self._timed_out)
-        self._dead = False
-        self._closing = False
-        self._rejected = False
         self._advancing = False
         self._client_full = False
         self._gate_d: Any = None
         self._connect_d: Any = None
         self._upstream: Any = None
-        self._outcome: Any = None
-        self._status = 0
-        self._chunk_out = False
-        self._resp_close = False
-        self._bytes_sent = 0
-        self._upstream_duration: Optional[float] = None
-        self._took: Optional[float] = None  # head arrived -> answer head
         self._fwd = b""
         self._peer: Optional[str] = None
         self._proxies: Any = None
@@ -169,7 +122,6 @@ class FrontProtocol(Protocol):
         self._stash = b""
         self._feeding = False
         self._any_bytes = False
-        self._input_pending = False
         self._body_base = 0.0
         self._body_bytes = 0
         self._blocked_at = 0.0
@@ -178,8 +130,9 @@ class FrontProtocol(Protocol):
         self._peer = "-"
         self._cut: Optional[str] = None
         # DESIGN section 13: the client's bytes after a WebSocket upgrade
-        # request (never parsed), then the Tunnel relaying them.
-        self._held: Optional[list] = None
+        # request (never parsed, ``Input.HELD``), then the Tunnel relaying
+        # them.
+        self._held: list = []
         self._tunnel: Any = None
 
     def _to(self, state: State) -> None:
@@ -187,25 +140,20 @@ class FrontProtocol(Protocol):
             raise StateError("%s -> %s" % (self.state.name, state.name))
         self.state = state
 
+    def _input_to(self, to: Input) -> None:
+        if to not in INPUT_TRANSITIONS[self.input]:
+            raise StateError("input %s -> %s" % (self.input.name, to.name))
+        self.input = to
+
+    def _end_input(self) -> None:
+        """Nothing the client sends from now on is read."""
+        self.input = _ENDED  # allowed from every input state
+
     # -- connection lifetime -------------------------------------------------
 
     def connectionMade(self) -> None:
         f = self.factory
         transport = self.transport
-        self._peer = _peer_host(transport)
-        if len(f.connections) >= f.max_connections:
-            self._rejected = True
-            self._dead = True
-            self._tls = ISSLTransport.providedBy(transport)
-            self._write = transport.write
-            f.metrics.rejected["connection_cap"].inc()
-            r = ParsedRequest()
-            r.started_at = self.reactor.seconds()
-            reject = AT_CAPACITY
-            self._req = r
-            self._answer(r, 503, reject.headers(f.realm),
-                         reject.body(self._rid(r).decode("ascii")), close=True)
-            return
         f.connections.add(self)
         f.metrics.connections.inc()
         transport.registerProducer(self, True)
@@ -219,11 +167,9 @@ class FrontProtocol(Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._deadline.cancel()
-        if self._rejected:
-            return
         if self._tunnel is not None:
             self._tunnel.client_lost()
-        self._dead = True
+        self._end_input()
         self._to(_CLOSED)
         f = self.factory
         f.connections.discard(self)
@@ -233,7 +179,7 @@ class FrontProtocol(Protocol):
             # Cut before its answer was complete: by the client, or by
             # phantomd when drain_timeout ran out.
             self._log_access(r, self._cut or "client_closed")
-        if self._closing:
+        if f.draining:
             for queued in self._queue:
                 if queued.head_done:
                     self._log_access(queued, "drain")
@@ -261,20 +207,21 @@ class FrontProtocol(Protocol):
             conn.abort()
 
     def drain(self) -> None:
-        """Close now if idle, else after the current response."""
-        self._closing = True
+        """The factory is draining (``FrontFactory.draining``): close now
+        if idle, else after the current response."""
         if self._req is None:
             self._close(linger=False)
 
-    def _close(self, linger: bool = True) -> None:
+    def _close(self, linger: bool = True, unread: bool = False) -> None:
         """Close after what was written is sent.
 
         With ``linger``, a plain TCP connection first shuts down only its
         sending side and discards what the client still sends for
         ``LINGER`` seconds: closing with unread bytes makes the kernel send
         a reset that can destroy the answer before the client reads it
-        (a 401 to an upload, say)."""
-        self._dead = True
+        (a 401 to an upload, say).  ``unread``: the client may still be
+        sending (a body not read, or input that ended unparsed)."""
+        self._end_input()
         self._to(_CLOSED)
         transport = self.transport
         if self._registered:
@@ -288,7 +235,7 @@ class FrontProtocol(Protocol):
                 self._paused = 0
                 transport.resumeProducing()
             self._deadline.arm(LINGER, _LINGER)
-        elif linger and self._tls and self._input_pending:
+        elif linger and self._tls and unread:
             # TLS has no half-close: keep reading (and discarding) while
             # the answer goes out, then close.
             if self._paused:
@@ -317,8 +264,8 @@ class FrontProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._any_bytes = True
-        if self._dead:
-            if self._held is not None:
+        if self.input is not _OPEN:
+            if self.input is _HELD:
                 self._hold(data)
             return
         if self._stash:
@@ -337,13 +284,13 @@ class FrontProtocol(Protocol):
         finally:
             self._feeding = False
         if rest:
-            if not self._dead:
+            if self.input is _OPEN:
                 self._stash = rest
-            elif self._held is not None:
+            elif self.input is _HELD:
                 self._hold(rest)  # after a WebSocket upgrade request
 
     def slice_parsed(self) -> bool:
-        if self._dead:
+        if self.input is not _OPEN:
             return True
         self._advance()
         return self._must_wait()
@@ -357,7 +304,7 @@ class FrontProtocol(Protocol):
             self.state < _UPSTREAM or self._upstream is None)
 
     def _unstash(self) -> None:
-        if self._stash and not self._feeding and not self._dead \
+        if self._stash and not self._feeding and self.input is _OPEN \
                 and not self._must_wait():
             data, self._stash = self._stash, b""
             self._feed(data)
@@ -388,14 +335,15 @@ class FrontProtocol(Protocol):
             self._end_body(r)
 
     def request_refused(self, r: ParsedRequest, queued: bool) -> None:
-        self._dead = True
+        self._end_input()
         if not queued:
             self._queue.append(r)
         if r is self._req:
             self._broken_mid_request(r)
 
     def input_ended(self) -> None:
-        self._dead = True
+        if self.input is _OPEN:  # held input stays the tunnel's
+            self._end_input()
 
     def request_upgrade(self, r: ParsedRequest, rest: bytes) -> bool:
         """Whether ``r`` asks for a WebSocket (DESIGN section 13): a GET
@@ -411,7 +359,8 @@ class FrontProtocol(Protocol):
             return False
         r.upgrade = True
         r.keep_alive = False
-        self._held = [rest]
+        self._input_to(_HELD)
+        self._held.append(rest)
         return True
 
     # -- the request state machine -------------------------------------------
@@ -421,7 +370,8 @@ class FrontProtocol(Protocol):
             return
         self._advancing = True
         try:
-            while self._req is None and self._queue and not self._closing:
+            while self._req is None and self._queue and \
+                    not self.factory.draining:
                 r = self._queue.popleft()
                 self._req = r
                 self._start(r)
@@ -435,7 +385,7 @@ class FrontProtocol(Protocol):
         if self.state >= _TUNNEL:
             return
         r = self._req
-        if self._dead or self._stash:
+        if self.input is not _OPEN or self._stash:
             busy = True
         elif r is None:
             busy = False
@@ -610,7 +560,7 @@ class FrontProtocol(Protocol):
         if r is not self._req:
             return
         self._gate_d = None
-        self._outcome = outcome
+        r.outcome = outcome
         if type(outcome) is not Forward:
             self._answer(r, outcome.status,
                          outcome.headers(self.factory.realm),
@@ -642,7 +592,7 @@ class FrontProtocol(Protocol):
                 # fault, and the API must not get half its headers.
                 log.error("a claim of {token_id} cannot be sent as a "
                           "header of route {route}",
-                          token_id=getattr(self._outcome, "token_id", ""),
+                          token_id=getattr(r.outcome, "token_id", ""),
                           route=route.name)
                 self._answer_error(r, 502, "bad_gateway",
                                    "the token's claims cannot be forwarded",
@@ -711,28 +661,28 @@ class FrontProtocol(Protocol):
             return None
         f = self.factory
         self._upstream = None
-        self._status = 101
+        r.status = 101
         self._to(_TUNNEL)
         head = b"".join(_head(101, b"Switching Protocols", headers,
                               WEBSOCKET_LINES, False, True))
-        self._bytes_sent = len(head)
-        self._took = self.reactor.seconds() - r.started_at
-        f.metrics.request_duration.observe(self._took)
+        r.bytes_sent = len(head)
+        r.took = self.reactor.seconds() - r.started_at
+        f.metrics.request_duration.observe(r.took)
         self._deadline.cancel()
         client = self.transport
         hand_over(client, self._registered, bool(self._paused))
         self._registered = False
         self._paused = 0
         client.write(head)
-        exp = (getattr(self._outcome, "claims", None) or {}).get("exp")
+        claims = getattr(r.outcome, "claims", None)
+        exp = (claims or {}).get("exp")
         if type(exp) not in (int, float):
             exp = None  # no token (auth = none or optional), or no exp
-        held, self._held = self._held or [], []
+        held, self._held = self._held, []
         self._tunnel = Tunnel(self.reactor, client, upstream,
                               f.tunnel_idle_timeout, exp, f.metrics.tunnels,
                               self._tunnel_ended)
-        f.tunnel_opened(self._tunnel, r.auth,
-                        getattr(self._outcome, "claims", None))
+        f.tunnel_opened(self._tunnel, r.auth, claims)
         self._tunnel.start(b"".join(held), rest)
         return self._tunnel
 
@@ -744,8 +694,6 @@ class FrontProtocol(Protocol):
         if self._tunnel is not None:
             self._tunnel.from_client(data)
             return
-        if self.state is _CLOSED:
-            return  # answered (not 101) and closing: discarded
         held = self._held
         held.append(data)
         if sum(map(len, held)) > MAX_HELD:
@@ -793,9 +741,9 @@ class FrontProtocol(Protocol):
                       duration: float) -> None:
         r = self._req
         self._to(_RESPONSE)
-        self._upstream_duration = duration
-        self._status = status
-        close = self._closing or not r.keep_alive
+        r.upstream_duration = duration
+        r.status = status
+        close = self.factory.draining or not r.keep_alive
         http11 = r.version == "1.1"
         if r.cors is not None:
             # Replaced, never duplicated: browsers refuse two.
@@ -810,23 +758,24 @@ class FrontProtocol(Protocol):
                 framing = b"Transfer-Encoding: chunked\r\n"
             else:
                 close = True
-        self._chunk_out = chunk_out
-        self._resp_close = close
+        r.chunk_out = chunk_out
+        r.close_after = close
         head = b"".join(_head(status, reason, headers, framing, close,
                               http11))
-        self._bytes_sent = len(head)
+        r.bytes_sent = len(head)
         self._out.append(head)
-        self._took = self.reactor.seconds() - r.started_at
-        self.factory.metrics.request_duration.observe(self._took)
+        r.took = self.reactor.seconds() - r.started_at
+        self.factory.metrics.request_duration.observe(r.took)
 
     def response_body(self, data: bytes) -> None:
-        if self._chunk_out:
+        r = self._req
+        if r.chunk_out:
             size = b"%x\r\n" % len(data)
             self._out += (size, data, b"\r\n")
-            self._bytes_sent += len(size) + len(data) + 2
+            r.bytes_sent += len(size) + len(data) + 2
         else:
             self._out.append(data)
-            self._bytes_sent += len(data)
+            r.bytes_sent += len(data)
 
     def flush_output(self) -> None:
         """Send what this upstream read produced, in one write."""
@@ -841,11 +790,11 @@ class FrontProtocol(Protocol):
         self._upstream = None
         if r is None:
             return
-        if self._chunk_out:
+        if r.chunk_out:
             self._out.append(b"0\r\n\r\n")
-            self._bytes_sent += 5
+            r.bytes_sent += 5
         self.flush_output()
-        self._finish(r, self._resp_close or not r.complete)
+        self._finish(r, r.close_after or not r.complete)
 
     def response_aborted(self) -> None:
         """The upstream broke off after the response head went out: the
@@ -857,7 +806,7 @@ class FrontProtocol(Protocol):
         self._log_access(r, "aborted")
         self.flush_output()
         self._req = None
-        self._dead = True
+        self._end_input()
         self.transport.abortConnection()
 
     def _broken_mid_request(self, r: ParsedRequest) -> None:
@@ -893,25 +842,24 @@ class FrontProtocol(Protocol):
     def _answer(self, r: ParsedRequest, status: int, headers: list, body: bytes,
                 close: bool) -> None:
         """Send an answer phantomd makes itself (never the upstream's)."""
-        close = close or self._closing or not r.keep_alive
+        close = close or self.factory.draining or not r.keep_alive
         data = own_answer(status, headers, body, self.factory.date(),
                           self._rid(r), r.cors, close, r.version == "1.1",
                           r.method == b"HEAD")
-        self._status = status
-        self._bytes_sent = len(data)
+        r.status = status
+        r.bytes_sent = len(data)
         self._to(_RESPONSE)
         self._write(data)
-        self._took = self.reactor.seconds() - r.started_at
-        self.factory.metrics.request_duration.observe(self._took)
+        r.took = self.reactor.seconds() - r.started_at
+        self.factory.metrics.request_duration.observe(r.took)
         self._finish(r, close)
 
     def _finish(self, r: ParsedRequest, close: bool) -> None:
         self._log_access(r)
         self._req = None
         self._to(_IDLE)
-        if close or self._closing:
-            self._input_pending = not r.complete or self._dead
-            self._close()
+        if close or self.factory.draining:
+            self._close(unread=not r.complete or self.input is not _OPEN)
             return
         f = self.factory
         if self._reader.parsing is not None:
@@ -927,21 +875,14 @@ class FrontProtocol(Protocol):
         WebSocket tunnel's end).  ``status`` is None when no status line went
         out."""
         f = self.factory
-        status = self._status
-        outcome = self._outcome
-        upstream_duration = self._upstream_duration
-        bytes_sent = self._bytes_sent
-        self._status = 0
-        self._outcome = None
-        self._upstream_duration = None
-        self._bytes_sent = 0
+        status = r.status
+        outcome = r.outcome
         if status:
             f.metrics.request_answered(status)
             # Refused before a route was chosen: counted as default.
             f.metrics.route_answered(
                 r.route.name if r.route is not None else "default", status,
-                self._took)
-        self._took = None
+                r.took)
         access_log = f.access_log
         if access_log is None:
             return
@@ -953,10 +894,10 @@ class FrontProtocol(Protocol):
             "path": (url if q < 0 else url[:q]).decode("latin-1") or "-",
             "status": status or None,
             "duration": self.reactor.seconds() - r.started_at,
-            "upstream_duration": upstream_duration,
+            "upstream_duration": r.upstream_duration,
             "cache": getattr(outcome, "cache", None) or None,
             "token_id": getattr(outcome, "token_id", None) or None,
-            "bytes_sent": bytes_sent,
+            "bytes_sent": r.bytes_sent,
             "request_id": self._rid(r).decode("ascii"),
             "end": end,
         })
@@ -974,7 +915,7 @@ class FrontProtocol(Protocol):
         if kind == _BODY:
             self._body_timed_out()
             return
-        if self._req is not None or self._dead or self._queue:
+        if self._req is not None or self.input is not _OPEN or self._queue:
             return
         if kind == _IDLE_KA:
             self._close(linger=False)
@@ -982,12 +923,12 @@ class FrontProtocol(Protocol):
         if self._tls and not self._any_bytes:
             # No TLS handshake completed: a 408 could never be delivered,
             # and a TLS transport would wait for it forever.
-            self._dead = True
+            self._end_input()
             self.factory.metrics.rejected["header_timeout"].inc()
             self.transport.abortConnection()
             return
         r = self._reader.take_partial()
-        self._dead = True
+        self._end_input()
         if not r.started_at:
             r.started_at = self.reactor.seconds()
         self._req = r
@@ -1000,7 +941,8 @@ class FrontProtocol(Protocol):
         of grace; a slow or stalled client is answered 408 (its fault, not
         the API's) and the upstream connection is aborted."""
         r = self._req
-        if r is None or r.complete or self._dead or self.state < _UPSTREAM:
+        if r is None or r.complete or self.input is not _OPEN or \
+                self.state < _UPSTREAM:
             return
         now = self.reactor.seconds()
         grace = self.factory.header_timeout
@@ -1013,130 +955,7 @@ class FrontProtocol(Protocol):
         if now < due:
             self._deadline.arm(due - now, _BODY)
             return
-        self._dead = True
+        self._end_input()
         r.error = (408, "request_timeout",
                    "the request body did not arrive in time")
         self._broken_mid_request(r)
-
-
-_KEEP = object()
-
-
-@implementer(IRequestLimits)
-class FrontFactory(Factory):
-    """Builds ``FrontProtocol`` for every accepted client connection.
-
-    ``connections`` is bounded by ``max_connections``: a connection accepted
-    beyond it is answered 503 and closed at once.
-    """
-
-    noisy = False
-
-    def __init__(self, reactor: Any, gate: Any, upstream: Any, settings: Any,
-                 metrics: Any, access_log: Optional[Callable] = None,
-                 routes: Optional[RouteTable] = None,
-                 pools: Optional[dict] = None, cors: Any = None) -> None:
-        self.reactor = reactor
-        self.gate = gate
-        self.upstream = upstream
-        #: DESIGN section 8: asked once per request; ``pools`` holds one
-        #: upstream pool per distinct route upstream URL.
-        self.routes = routes if routes is not None else RouteTable(
-            [], Route("default"))
-        self.pools = pools if pools is not None else {}
-        self.cors = cors  # a cors.Policy, or None without [cors]
-        self.metrics = metrics
-        self.access_log = access_log
-        self.connections: set = set()
-        #: Open WebSocket tunnels -> (token cache key, ``sub``), for
-        #: ``revoked``; at most one per connection (``max_connections``).
-        self.tunnels: dict = {}
-        self.date = Dates(reactor)
-        self._drain_waiters: list = []
-        self._draining = False
-        self._apply(settings)
-
-    def _apply(self, settings: Any) -> None:
-        self.settings = settings
-        self.realm = settings.realm
-        self.header_timeout = settings.header_timeout
-        self.idle_timeout = settings.idle_timeout
-        self.max_connections = settings.max_connections
-        self.max_request_line = settings.max_request_line
-        self.max_header_bytes = settings.max_header_bytes
-        self.max_headers = settings.max_headers
-        self.max_head = settings.max_request_line + settings.max_header_bytes
-        self.proxies = settings.trusted_proxies
-        self.tunnel_idle_timeout = settings.tunnel_idle_timeout
-
-    def buildProtocol(self, addr: Any) -> FrontProtocol:
-        return FrontProtocol(self)
-
-    def reconfigure(self, gate: Any = None, upstream: Any = None,
-                    settings: Any = None, routes: Optional[RouteTable] = None,
-                    pools: Optional[dict] = None, cors: Any = _KEEP) -> None:
-        """Use new parts for requests that start from now on; open
-        connections stay open (limits apply to their next request).
-        ``cors``: a ``cors.Policy``, or None to turn CORS off."""
-        if cors is not _KEEP:
-            self.cors = cors
-        if routes is not None:
-            self.routes = routes
-        if pools is not None:
-            self.pools = pools
-        if gate is not None:
-            self.gate = gate
-        if upstream is not None:
-            self.upstream = upstream
-        if settings is not None:
-            self._apply(settings)
-
-    def tunnel_opened(self, tunnel: Any, auth: Optional[list],
-                      claims: Optional[dict]) -> None:
-        """Remember what opened ``tunnel``: its token's cache key (None
-        without a token: ``auth = none`` or ``optional``) and ``sub``."""
-        key = None
-        parsed = parse_credentials(auth or ())
-        if type(parsed) is tuple:
-            key = token_key(parsed[1])
-        sub = (claims or {}).get("sub")
-        self.tunnels[tunnel] = (key, sub if type(sub) is str else None)
-
-    def revoked(self, key: Optional[bytes] = None,
-                subject: Optional[Callable[[str], bool]] = None) -> int:
-        """A token (its cache ``key``) or a subject (``subject(sub)`` says
-        whether ``sub`` is the revoked one) was revoked: close the open
-        tunnels it opened, as its ``exp`` would (DESIGN section 13).
-        Returns how many."""
-        cut = [t for t, (k, sub) in self.tunnels.items()
-               if (key is not None and k == key)
-               or (subject is not None and sub is not None and subject(sub))]
-        for tunnel in cut:
-            tunnel.close("revoked")
-        return len(cut)
-
-    def drain(self) -> defer.Deferred:
-        """For shutdown, once the listeners have stopped: close idle
-        connections now, let busy ones finish their current response (sent
-        with ``Connection: close``) and fire when none is left."""
-        self._draining = True
-        d: defer.Deferred = defer.Deferred()
-        if not self.connections:
-            d.callback(None)
-            return d
-        self._drain_waiters.append(d)
-        for p in list(self.connections):
-            p.drain()
-        return d
-
-    def abort(self) -> None:
-        """Drop every connection at once (when ``drain`` took too long)."""
-        for p in list(self.connections):
-            p.abort()
-
-    def _gone(self, protocol: FrontProtocol) -> None:
-        if self._draining and not self.connections and self._drain_waiters:
-            waiters, self._drain_waiters = self._drain_waiters, []
-            for d in waiters:
-                if not d.called:  # a caller's timeout may have cancelled it
-                    d.callback(None)

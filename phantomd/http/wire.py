@@ -111,7 +111,8 @@ class ParsedRequest:
                  "head_done", "complete", "body", "error", "chunked", "length",
                  "raw", "hbytes", "started_at", "target", "host", "kept",
                  "head", "fwd", "rid", "route", "sent", "cors", "upgrade",
-                 "auth")
+                 "auth", "outcome", "status", "bytes_sent", "took",
+                 "upstream_duration", "chunk_out", "close_after")
 
     def __init__(self) -> None:
         self.url = b""
@@ -143,6 +144,14 @@ class ParsedRequest:
         self.upgrade = False
         # A WebSocket request's Authorization values (kept for revocation).
         self.auth: Optional[list] = None
+        # The answer, as it goes out and for the access log.
+        self.outcome: Any = None  # the gate's Forward or Reject
+        self.status = 0  # 0 until a status line went out
+        self.bytes_sent = 0
+        self.took: Optional[float] = None  # head arrived -> answer head
+        self.upstream_duration: Optional[float] = None
+        self.chunk_out = False  # the answer is re-chunked to the client
+        self.close_after = False  # the connection closes after the answer
 
 
 class _Limit(Exception):
