@@ -31,6 +31,9 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from phantomd.http.admission import (
+    GATE as _ASK_GATE, NOT_FOUND as _NOT_FOUND, OPEN as _OPEN_ROUTE,
+    REFUSE as _REFUSE, admit, evidence)
 from phantomd.http.answers import REJECTED_REASON, head as _head, own_answer
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
@@ -41,17 +44,14 @@ from phantomd.http.requestid import from_headers as _request_id
 from phantomd.http.states import (
     INPUT_TRANSITIONS, TRANSITIONS, Input, State, StateError)
 from phantomd.http.forwarding import (
-    canonical_length, forwarded_lines, head_problem, own_forwarded,
-    WEBSOCKET_LINES, retryable, sort_headers, target_of, upstream_head,
+    WEBSOCKET_LINES, forwarded_lines, own_forwarded, retryable, upstream_head,
     upstream_target)
-from phantomd.token.dpop import request_url
-from phantomd.token.mtls import header_thumbprint, peer_thumbprint
-from phantomd.http.proxies import forwarded_origin
+from phantomd.token.mtls import peer_thumbprint
 from phantomd.http.wire import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
 from phantomd.token.outcomes import Forward, Reject, error_response
 from phantomd.token.tokens import jwt_shaped
-from phantomd.http.cors import request_origin, without_cors
-from phantomd.http.routes import UnsafePath, claim_lines
+from phantomd.http.cors import without_cors
+from phantomd.http.routes import claim_lines
 
 if TYPE_CHECKING:
     from phantomd.http.listener import FrontFactory
@@ -426,75 +426,34 @@ class FrontProtocol(Protocol):
                 self.transport.resumeProducing()
 
     def _start(self, r: ParsedRequest) -> None:
-        if r.error is not None:
-            self._refuse(r, *r.error)
-            return
-        h = sort_headers(r.headers)
-        r.headers = []
-        r.rid = h.rid
-        kept = h.kept
-        cors = self.factory.cors
-        preflight = False
-        if cors is not None or r.method == b"OPTIONS":
-            origin, preflight = request_origin(kept)
-            preflight = preflight and r.method == b"OPTIONS"
-            if cors is not None:
-                r.cors = cors.answer_headers(origin)
-        problem = head_problem(r.method, r.version, h)
-        target = target_of(r.method, r.url)
-        if target is not None:
-            r.target = target
-        elif problem is None:
-            problem = (400, "invalid_request", "malformed request target")
-        if problem is not None:
-            self._refuse(r, *problem)
-            return
-        try:
-            match = self.factory.routes.match(r.method, r.target)
-        except UnsafePath as e:
-            self._refuse(r, 400, "invalid_request", str(e))
-            return
-        r.chunked = h.te is not None
-        if h.length is not None:
-            r.length = canonical_length(h.length)
-        r.host = h.host
-        r.kept = kept
-        r.fwd = h.fwd
-        auth = h.auth
-        if match is None:
-            # No route, and no [phantomd] upstream to fall back on.
-            self._answer_error(r, 404, "not_found",
-                               "no route for this path",
-                               close=not r.complete)
-            return
-        route = r.route = match.route
-        r.sent = match.target
-        if not route.cors:  # [route] cors = no: as without [cors]
-            cors = r.cors = None
-        if preflight and cors is not None:
-            # Browsers send no token on a preflight: phantomd answers it.
-            r.cors = None
-            self._answer(r, 204, cors.preflight_headers(origin), b"",
-                         close=not r.complete)
-            return
-        if preflight or route.auth == "none" or (
-                route.auth == "optional" and not auth):
-            # No token goes upstream: the Authorization lines were never
-            # kept, and a client's copies of claim headers are dropped.
-            # Without [cors] a preflight goes to the API this way.
-            self._forward(r, None, None)
+        f = self.factory
+        kind, what = admit(r, f.routes, f.cors)
+        if kind != _ASK_GATE:
+            if kind == _OPEN_ROUTE:
+                self._forward(r, None, None)
+            elif kind == _REFUSE:
+                self._refuse(r, *what)
+            elif kind == _NOT_FOUND:
+                self._answer_error(r, 404, "not_found",
+                                   "no route for this path",
+                                   close=not r.complete)
+            else:
+                self._answer(r, 204, what, b"", close=not r.complete)
             return
         self._to(_GATE)
-        if r.upgrade:
-            r.auth = auth  # which tunnel a revocation must close
-        if h.proofs is None and not self._tls:
-            if route.required_scopes is None:
-                d = self.factory.gate.authorize(auth)
+        auth, proofs = what
+        scopes = r.route.required_scopes
+        if proofs is None and not self._tls:
+            if scopes is None:
+                d = f.gate.authorize(auth)
             else:
-                d = self.factory.gate.authorize(
-                    auth, required_scopes=route.required_scopes)
+                d = f.gate.authorize(auth, required_scopes=scopes)
         else:
-            d = self._authorize_bound(auth, h.proofs or (), r)
+            more = evidence(proofs or (), r, self._tls, self._trusted(),
+                            self._peer_cert)
+            if scopes is not None:
+                more["required_scopes"] = scopes
+            d = f.gate.authorize(auth, **more)
         result = getattr(d, "result", None)
         if d.called and type(result) in _OUTCOMES:
             # Already decided (a cache hit): skip the callback machinery.
@@ -504,40 +463,12 @@ class FrontProtocol(Protocol):
             d.addCallbacks(self._authorized, self._gate_failed,
                            callbackArgs=(r,), errbackArgs=(r,))
 
-    def _authorize_bound(self, auth: Any, proofs: Any,
-                         r: ParsedRequest) -> Any:
-        """Ask the gate about a request with sender-constraint evidence
-        (DESIGN section 12): its DPoP proofs and the URL they must name,
-        the client's scheme and host as a trusted proxy reports them, and
-        the client certificate (a trusted proxy's ``Client-Cert`` header,
-        else the one presented on this TLS connection)."""
-        dpop = []
-        certs = []
-        for n, v in proofs:
-            n = n.lower()
-            if n == b"dpop":
-                dpop.append(v)
-            elif n == b"client-cert":
-                certs.append(v)
-        if self._trusted():
-            cert = header_thumbprint(certs)
-        else:
-            if self._x5t is _UNKNOWN:
-                self._x5t = peer_thumbprint(self.transport)
-            cert = self._x5t
-        scopes = r.route.required_scopes
-        more = {} if scopes is None else {"required_scopes": scopes}
-        if not dpop and cert is None:
-            return self.factory.gate.authorize(auth, **more)
-        url = None
-        if dpop:
-            scheme: Any = b"https" if self._tls else b"http"
-            host = r.host
-            if r.fwd is not None and self._trusted():
-                scheme, host = forwarded_origin(r.fwd, scheme, host)
-            url = request_url(scheme, host, r.target)
-        return self.factory.gate.authorize(auth, dpop=dpop, method=r.method,
-                                           url=url, client_cert=cert, **more)
+    def _peer_cert(self) -> Any:
+        """The thumbprint of the certificate the client presented on this
+        connection (None without one), worked out once."""
+        if self._x5t is _UNKNOWN:
+            self._x5t = peer_thumbprint(self.transport)
+        return self._x5t
 
     def _trusted(self) -> bool:
         """Whether the peer is a trusted proxy, by the settings in force
