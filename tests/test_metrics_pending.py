@@ -90,6 +90,21 @@ class HandOverTests(unittest.TestCase):
 
 
 class CountTests(unittest.TestCase):
+    def test_gauges_hand_over_their_latest_value(self):
+        m = Metrics()
+        for n in (1, 2, 3, 2):
+            m.cache_entries.set(n)
+        m.introspections_in_flight.set(5)
+        m.introspections_in_flight.set(0)
+        gauge = m.cache_entries.child
+        self.assertEqual(own_value(gauge, "phantomd_cache_entries"), 0.0)
+        self.assertEqual(m.sample("phantomd_cache_entries"), 2)  # flushed
+        self.assertEqual(m.sample("phantomd_introspections_in_flight"), 0)
+        self.assertEqual(own_value(gauge, "phantomd_cache_entries"), 2.0)
+        m.cache_entries.set(7)
+        self.assertIn("phantomd_cache_entries 7.0",
+                      generate_latest(m.registry).decode())
+
     def test_zero_and_negative_increments(self):
         m = Metrics()
         hit = m.lookup["hit"]

@@ -137,6 +137,34 @@ class PendingHistogram:
         self.child._sum.inc(total)
 
 
+class PendingGauge:
+    """A gauge's latest ``set``, handed over by ``flush`` like
+    ``PendingCount``: the cache and the coalescer set theirs on every miss
+    (three prometheus_client sets, each a lock and, with workers, a file
+    write), the hand-over sets each once.  A worker's file is at most a
+    second behind (``Gateway`` flushes every second); a scrape of the
+    process itself always flushes first."""
+
+    __slots__ = ("child", "value", "pending", "dirty")
+
+    def __init__(self, child, dirty: list) -> None:
+        self.child = child
+        self.value = 0.0
+        self.pending = False
+        self.dirty = dirty
+
+    def set(self, value: float) -> None:
+        self.value = value
+        if not self.pending:
+            self.pending = True
+            self.dirty.append(self)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.pending = False
+            self.child.set(self.value)
+
+
 #: Every Metrics alive, so counts still pending at exit are written.
 _LIVE: "weakref.WeakSet[Metrics]" = weakref.WeakSet()
 
@@ -204,13 +232,13 @@ class Metrics:
             "phantomd_request_duration_seconds",
             "Time from a request's head arriving to its response head sent.",
             buckets=_LATENCY_BUCKETS, registry=r))
-        self.cache_entries = Gauge(
+        self.cache_entries = PendingGauge(Gauge(
             "phantomd_cache_entries", "Entries in the token cache.",
-            multiprocess_mode="livesum", registry=r)
-        self.introspections_in_flight = Gauge(
+            multiprocess_mode="livesum", registry=r), self._dirty)
+        self.introspections_in_flight = PendingGauge(Gauge(
             "phantomd_introspections_in_flight",
             "Introspections waiting for the token service.",
-            multiprocess_mode="livesum", registry=r)
+            multiprocess_mode="livesum", registry=r), self._dirty)
         self.connections = Gauge(
             "phantomd_client_connections", "Open client connections.",
             multiprocess_mode="livesum", registry=r)
