@@ -700,6 +700,8 @@ class FrontProtocol(Protocol):
 
     def response_body(self, data: bytes) -> None:
         r = self._req
+        if r is None:
+            return  # cut meanwhile (the upstream is being aborted)
         if r.chunk_out:
             size = b"%x\r\n" % len(data)
             self._out += (size, data, b"\r\n")
