@@ -15,9 +15,18 @@ Timers, one per connection: ``header_timeout`` for a request head (408),
 (408), and a short linger after an answer that closes the connection.
 
 A WebSocket upgrade (DESIGN section 13) is the one request after which
-nothing is parsed: what follows is held (socket paused, ``MAX_HELD`` at
-most) until the upstream's 101, then the connection is in ``State.TUNNEL``
-and its bytes are ``tunnel.Tunnel``'s to relay.
+nothing is parsed: what follows is held (``Input.HELD``: socket paused,
+``MAX_HELD`` at most) until the upstream's 101, then the connection is in
+``State.TUNNEL`` and its bytes are ``tunnel.Tunnel``'s to relay.
+
+The connection's state is two machines (``states.py``): ``State``, where
+the exchange is, and ``Input``, what becomes of the client's bytes.  What
+else it keeps are facts about its transport (TLS, registered as producer,
+the client's send buffer full, why reading is paused), two guards against
+re-entry (``_advancing``, ``_feeding``) and the request in flight, whose
+own fields (``ParsedRequest``) carry its answer's status and framing.
+``admission.admit`` decides what a request gets; ``listener.FrontFactory``
+holds what all connections share.
 """
 
 from __future__ import annotations
