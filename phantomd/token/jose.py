@@ -110,10 +110,6 @@ def _b64decode(part: str, what: str) -> bytes:
         raise JOSEError("%s is not base64url" % what)
 
 
-def _b64encode(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out = dict(pairs)
     if len(out) != len(pairs):
