@@ -26,7 +26,7 @@ from phantomd.token.dpop import ProofChecker, SharedReplays
 from phantomd.token.gate import Gate
 from phantomd.http.listener import FrontFactory
 from phantomd.http.upstream import UpstreamPool
-from phantomd.ops.metrics import Metrics
+from phantomd.ops.metrics import Metrics, files_backed
 from phantomd.ops.sdnotify import where
 
 log = Logger()
@@ -187,8 +187,14 @@ class _IntrospectionStack:
 
 
 #: Seconds between hand-overs of the per-request metric counts
-#: (``Metrics.flush``): how far a worker's series may lag in a scrape.
+#: (``Metrics.flush``) when no request was answered.
 FLUSH_INTERVAL = 1.0
+#: In a worker (values in files the parent reads): how long after an
+#: answer its counts reach the files, at most.  One hand-over serves every
+#: request answered meanwhile; with two workers sharing a core each turn
+#: answers only a few, and a hand-over per turn (a lock, a getpid and a
+#: file write per value) cost several microseconds per request.
+WORKER_FLUSH_DELAY = 0.05
 
 
 class Gateway:
@@ -202,10 +208,12 @@ class Gateway:
         # What the restart-only keys are, whatever reloads come after.
         self._started = config
         self.metrics = metrics if metrics is not None else Metrics()
-        # Hand the per-request counts to prometheus_client (a scrape does
-        # it too, but a worker's are read from its files by the parent):
-        # each turn that answered a request, and each second for the rest.
-        self.metrics.use_clock(reactor)
+        # Hand the per-request counts to prometheus_client: a scrape does
+        # it first, and so does the flusher each second.  A worker's are
+        # read from its files by the parent, so they go there within
+        # WORKER_FLUSH_DELAY of an answer too.
+        if files_backed():
+            self.metrics.use_clock(reactor, WORKER_FLUSH_DELAY)
         self._flusher = task.LoopingCall(self.metrics.flush)
         self._flusher.clock = reactor
         self.readiness = admin.Readiness(reactor)

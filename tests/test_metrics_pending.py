@@ -157,3 +157,49 @@ class AtExitTests(unittest.TestCase):
         metricsmod._flush_at_exit()
         self.assertEqual(own_value(m.requests, "phantomd_requests_total",
                                    {"code": "2xx"}), 1.0)
+
+
+class WorkerHandOverTests(unittest.TestCase):
+    def test_a_delayed_hand_over_serves_every_answer_meanwhile(self):
+        clock, m = Clock(), Metrics()
+        m.use_clock(clock, 0.05)
+        m.request_answered(200)
+        clock.advance(0.01)
+        m.request_answered(200)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        clock.advance(0.039)
+        self.assertEqual(own_value(m.requests, "phantomd_requests_total",
+                                   {"code": "2xx"}), 0.0)
+        clock.advance(0.001)
+        self.assertEqual(own_value(m.requests, "phantomd_requests_total",
+                                   {"code": "2xx"}), 2.0)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_only_a_worker_hands_over_after_answers(self):
+        """In one process a scrape hands the counts over itself: no call
+        per answer.  A worker (values in files) gets the delayed one."""
+        import os
+        import subprocess
+        import sys
+        import tempfile
+        code = ("from twisted.internet.task import Clock\n"
+                "from phantomd import config\n"
+                "from phantomd.app import Gateway\n"
+                "from tests.test_config import MINIMAL\n"
+                "clock = Clock()\n"
+                "gw = Gateway(clock, config.parse(MINIMAL), probe=False)\n"
+                "gw.metrics.request_answered(200)\n"
+                "print(len(clock.getDelayedCalls()))\n")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=root)
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        env.pop("prometheus_multiproc_dir", None)
+        alone = subprocess.run([sys.executable, "-c", code], env=env,
+                               capture_output=True, text=True, check=True)
+        with tempfile.TemporaryDirectory() as d:
+            env["PROMETHEUS_MULTIPROC_DIR"] = d
+            worker = subprocess.run([sys.executable, "-c", code], env=env,
+                                    capture_output=True, text=True,
+                                    check=True)
+        self.assertEqual(int(alone.stdout.split()[-1]), 0)
+        self.assertEqual(int(worker.stdout.split()[-1]), 1)

@@ -165,6 +165,17 @@ class PendingGauge:
             self.child.set(self.value)
 
 
+def files_backed() -> bool:
+    """Whether prometheus_client keeps its values in files (multiprocess
+    mode, a worker's): every value write is then a lock, a ``getpid``
+    system call and a write to a memory-mapped file, and the parent reads
+    the files, so the counts must reach them soon.  In one process a
+    scrape hands them over itself."""
+    from prometheus_client import values
+    mutex = getattr(values, "MutexValue", None)
+    return mutex is None or getattr(values, "ValueClass", mutex) is not mutex
+
+
 #: Every Metrics alive, so counts still pending at exit are written.
 _LIVE: "weakref.WeakSet[Metrics]" = weakref.WeakSet()
 
@@ -204,6 +215,7 @@ class Metrics:
         # What was counted since the last flush(), each child once.
         self._dirty: list = []
         self._clock = None
+        self._delay = 0.0
         self._due = False
         r.register(_FlushFirst(self))
         _LIVE.add(self)
@@ -291,14 +303,16 @@ class Metrics:
             pending.flush()
         dirty.clear()
 
-    def use_clock(self, clock) -> None:
-        """From now on, an answered request's counts are handed over at the
-        end of the reactor turn (``clock.callLater(0, ...)``)."""
+    def use_clock(self, clock, delay: float = 0.0) -> None:
+        """From now on, an answered request's counts are handed over
+        ``delay`` seconds after it (0: at the end of the reactor turn), one
+        hand-over for every request answered meanwhile."""
         self._clock = clock
+        self._delay = delay
 
     def _soon(self) -> None:
         self._due = True
-        self._clock.callLater(0, self._turn_ended)
+        self._clock.callLater(self._delay, self._turn_ended)
 
     def _turn_ended(self) -> None:
         self._due = False
