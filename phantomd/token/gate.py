@@ -252,8 +252,7 @@ class Gate:
                           cache=cache,
                           scheme=binding[0],
                           dpop_algs=self.dpop.algs_text if dpop else None)
-        return Forward(jwt=result.jwt, claims=claims, cache=cache,
-                       token_id=tid)
+        return Forward(result.jwt, claims, cache, tid)
 
     # -- sender constraints (DESIGN section 12) -----------------------------
 

@@ -11,12 +11,17 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Forward:
     """Forward the request upstream with ``Authorization: Bearer <jwt>``.
 
     ``cache`` says how the answer was found (``hit``, ``miss``, ``coalesced``)
     and ``token_id`` is a short digest of the opaque token, for logs.
+
+    Read-only by convention, not frozen: one is made for every request
+    that goes upstream, and a frozen dataclass's ``__init__`` costs four
+    times as much (an ``object.__setattr__`` per field).  Not a tuple
+    either: ``logs`` writes a tuple's items, and this one holds the JWT.
     """
 
     jwt: str
