@@ -21,7 +21,7 @@ from phantomd.http.wire import IRequestLimits, ParsedRequest
 from phantomd.token.tokens import parse_credentials, token_key
 
 
-def peer_host(transport: Any) -> str:
+def _peer_host(transport: Any) -> str:
     return getattr(transport.getPeer(), "host", None) or "-"
 
 
@@ -32,7 +32,7 @@ class AtCapacity(FrontProtocol):
     def connectionMade(self) -> None:
         f = self.factory
         transport = self.transport
-        self._peer = peer_host(transport)
+        self._peer = _peer_host(transport)
         self._tls = ISSLTransport.providedBy(transport)
         self._write = transport.write
         self._end_input()
