@@ -54,14 +54,13 @@ class PendingCount:
     a cache hit.  Here an increment is an addition (and, for the first
     since the last hand-over, a note in ``dirty``).  ``Metrics.flush``
     hands the sums over before every collection (so a scrape, ``sample``
-    and ``generate_latest`` see every count), at the end of the reactor
-    turn in which a request was answered (``Metrics.use_clock``: under
-    load one hand-over serves the dozens of requests a turn answers, and a
-    worker's files, which its parent reads, are never a turn behind), once
-    a second from ``Gateway`` for counts no request made, and when the
-    interpreter exits.  A worker killed with SIGKILL loses at most the
-    counts of the turn it was in.  Bounded: one int per child, and
-    ``dirty`` holds each child at most once."""
+    and ``generate_latest`` see every count), in a worker shortly after a
+    request was answered (``Metrics.use_clock``; ``app.WORKER_FLUSH_DELAY``:
+    one hand-over serves every request answered meanwhile, and the files
+    its parent reads are never further behind), once a second from
+    ``Gateway``, and when the interpreter exits.  A worker killed with
+    SIGKILL loses at most the counts of that delay.  Bounded: one int per
+    child, and ``dirty`` holds each child at most once."""
 
     __slots__ = ("child", "n", "dirty")
 
