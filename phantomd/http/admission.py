@@ -108,14 +108,23 @@ def evidence(proofs: Any, r: ParsedRequest, tls: bool, trusted: bool,
         elif n == b"client-cert":
             certs.append(v)
     cert = header_thumbprint(certs) if trusted else peer_cert()
+    return bound(dpop, cert, r.method, r.target,
+                 b"https" if tls else b"http", r.host,
+                 r.fwd if trusted else None)
+
+
+def bound(dpop: list, cert: Any, method: bytes, target: bytes,
+          scheme: bytes, host: Any, forwarded: Any) -> dict:
+    """The gate's keyword arguments for ``dpop`` proofs and a client
+    certificate thumbprint ``cert`` (empty without either): the proofs must
+    name ``method`` and the URL of ``target`` on ``scheme`` and ``host``,
+    or on what ``forwarded`` (a trusted proxy's ``X-Forwarded-*`` lines;
+    None for any other peer) says the client used.  The front and
+    forward-auth both ask this way."""
     if not dpop and cert is None:
         return {}
     url = None
     if dpop:
-        scheme: Any = b"https" if tls else b"http"
-        host = r.host
-        if r.fwd is not None and trusted:
-            scheme, host = forwarded_origin(r.fwd, scheme, host)
-        url = request_url(scheme, host, r.target)
-    return {"dpop": dpop, "method": r.method, "url": url,
-            "client_cert": cert}
+        scheme, host = forwarded_origin(forwarded, scheme, host)
+        url = request_url(scheme, host, target)
+    return {"dpop": dpop, "method": method, "url": url, "client_cert": cert}

@@ -57,12 +57,11 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from phantomd.http import requestid
+from phantomd.http.admission import bound
 from phantomd.http.answers import Dates, head
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
-from phantomd.http.proxies import forwarded_origin
 from phantomd.http.routes import UnsafePath, claim_lines
-from phantomd.token.dpop import request_url
 from phantomd.token.mtls import header_thumbprint
 from phantomd.token.outcomes import Forward, Reject, error_response
 from phantomd.token.tokens import jwt_shaped
@@ -254,19 +253,18 @@ class Checker:
         dpop = get(b"dpop", ()) if get else ()
         certs = get(b"client-cert", ()) if get else ()
         cert = header_thumbprint(certs) if certs else None
-        if not dpop and cert is None:
-            return self.gate.authorize(authorization, **more)
-        url = None
-        if dpop:
-            fwd = [(n, v) for n in (b"x-forwarded-proto", b"x-forwarded-host")
-                   for v in get(n, ())]
-            own = get(b"host", ())
-            scheme, host = forwarded_origin(
-                fwd, b"http", own[0] if len(own) == 1 else None)
-            url = request_url(scheme, host, original.uri)
-        return self.gate.authorize(authorization, dpop=dpop,
-                                   method=original.method, url=url,
-                                   client_cert=cert, **more)
+        if dpop or cert is not None:
+            fwd: list = []
+            own: Any = ()
+            if dpop:  # only a proof names a URL
+                fwd = [(n, v) for n in (b"x-forwarded-proto",
+                                        b"x-forwarded-host")
+                       for v in get(n, ())]
+                own = get(b"host", ())
+            more.update(bound(dpop, cert, original.method, original.uri,
+                              b"http", own[0] if len(own) == 1 else None,
+                              fwd))
+        return self.gate.authorize(authorization, **more)
 
 
 class _Headers(dict):
