@@ -311,9 +311,9 @@ class Metrics:
 
     def _soon(self) -> None:
         self._due = True
-        self._clock.callLater(self._delay, self._turn_ended)
+        self._clock.callLater(self._delay, self._hand_over)
 
-    def _turn_ended(self) -> None:
+    def _hand_over(self) -> None:
         self._due = False
         self.flush()
 
