@@ -199,17 +199,23 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
-def cpu_seconds(root: int) -> float:
-    """utime+stime of ``root`` and its descendants, in seconds."""
-    ticks = 0
+def cpu_split(root: int) -> tuple[float, float]:
+    """(utime, stime) of ``root`` and its descendants, in seconds."""
+    user = system = 0
     for pid in tree_pids(root):
         try:
             with open("/proc/%d/stat" % pid) as f:
                 fields = f.read().rpartition(")")[2].split()
         except OSError:
             continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime
-    return ticks / CLK_TCK
+        user += int(fields[11])
+        system += int(fields[12])
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def cpu_seconds(root: int) -> float:
+    """utime+stime of ``root`` and its descendants, in seconds."""
+    return sum(cpu_split(root))
 
 
 def rss_bytes(pid: int) -> int:
@@ -520,7 +526,8 @@ def run_wrk(port: int, script: str, duration: float, connections: int,
                       "-d%ds" % max(1, round(duration)), "--latency",
                       "--timeout", "5s", "-s", script,
                       "http://127.0.0.1:%d/" % port]
-    before = cpu_seconds(proxy.pid) if proxy else 0.0
+    before_split = cpu_split(proxy.pid) if proxy else (0.0, 0.0)
+    before = sum(before_split)
     mocks_before = cpu_seconds(mocks) if mocks else 0.0
     busy_before = machine_busy()
     wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -528,7 +535,8 @@ def run_wrk(port: int, script: str, duration: float, connections: int,
     r = subprocess.run(cmd, capture_output=True, text=True,
                        timeout=duration + 60)
     wall = time.monotonic() - t0
-    after = cpu_seconds(proxy.pid) if proxy else 0.0
+    after_split = cpu_split(proxy.pid) if proxy else (0.0, 0.0)
+    after = sum(after_split)
     wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy = machine_busy() - busy_before
     mocks_cpu = cpu_seconds(mocks) - mocks_before if mocks else None
@@ -548,6 +556,11 @@ def run_wrk(port: int, script: str, duration: float, connections: int,
         "socket_errors": errors,
         "cpu_s": after - before,
         "cpu_us_per_req": (after - before) / reqs * 1e6 if reqs else None,
+        # user (the proxy's own code) against system (the kernel's sockets)
+        "user_us_per_req": ((after_split[0] - before_split[0]) / reqs * 1e6
+                            if reqs else None),
+        "sys_us_per_req": ((after_split[1] - before_split[1]) / reqs * 1e6
+                           if reqs else None),
         "wall_s": wall,
         # where else the CPU went: is the reference limited by the machine?
         "wrk_cpu_s": (wrk_after.ru_utime + wrk_after.ru_stime
@@ -855,9 +868,9 @@ def ratio(a, b) -> str:
 
 
 def table(med: dict, runs: list[dict], args) -> str:
-    rows = ["%-44s %-9s %9s %8s %8s %11s %6s %6s" % (
+    rows = ["%-44s %-9s %9s %8s %8s %11s %6s %6s %6s %6s" % (
         "scenario", "proxy", "req/s", "p50 ms", "p99 ms", "CPU us/req",
-        "core%", "errors")]
+        "user", "sys", "core%", "errors")]
     rows.append("-" * len(rows[0]))
     for sc in ("1", "2", "3"):
         if sc not in med:
@@ -872,10 +885,12 @@ def table(med: dict, runs: list[dict], args) -> str:
                        (r.get(sc, {}).get(name, {}).get("socket_errors", 0)
                         or 0) for r in runs)
             use = m.get("proxy_core_use")
-            rows.append("%-44s %-9s %9s %8s %8s %11s %6s %6s" % (
+            rows.append("%-44s %-9s %9s %8s %8s %11s %6s %6s %6s %6s" % (
                 label, name, fmt(m.get("rps"), ".0f"),
                 fmt(m.get("p50_ms"), ".2f"), fmt(m.get("p99_ms"), ".2f"),
                 fmt(m.get("cpu_us_per_req"), ".1f"),
+                fmt(m.get("user_us_per_req"), ".1f"),
+                fmt(m.get("sys_us_per_req"), ".1f"),
                 fmt(use * 100 if use is not None else None, ".0f"), errs))
             label = ""
         if "nginx" in per and "phantomd" in per:
