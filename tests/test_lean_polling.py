@@ -9,7 +9,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
-from phantomd.http.fastio import lean_polling
+from phantomd.http.fastio import lean_polling, writer_for
 
 
 class Echo(protocol.Protocol):
@@ -22,7 +22,9 @@ class Boom(Echo):
         raise RuntimeError("connectionLost went wrong")
 
 
-class LeanPollingTests(unittest.TestCase):
+class EpollCase(unittest.TestCase):
+    """A lean-polled epoll reactor of the test's own, turned by hand."""
+
     def setUp(self):
         self.reactor = epollreactor.EPollReactor()
         self.addCleanup(self._close)
@@ -73,6 +75,8 @@ class LeanPollingTests(unittest.TestCase):
         self.turns(answered)
         return got[0]
 
+
+class LeanPollingTests(EpollCase):
     def test_reads_and_writes_reach_the_protocol(self):
         port = self.listen(Echo)
         c = self.client(port)
@@ -99,3 +103,173 @@ class OtherReactorsTests(unittest.TestCase):
             before = getattr(r, "doIteration", None)
             self.assertFalse(lean_polling(r))
             self.assertEqual(getattr(r, "doIteration", None), before)
+
+
+class Held(protocol.Protocol):
+    """Answers through ``writer_for``; ``script`` says what else it does
+    with the transport in the same event."""
+
+    script = staticmethod(lambda proto, data: proto.w(data.upper()))
+
+    def connectionMade(self):
+        self.w = writer_for(self.transport)
+        self.paused = self.resumed = 0
+
+    def dataReceived(self, data):
+        self.script(self, data)
+
+    def pauseProducing(self):
+        self.paused += 1
+
+    def resumeProducing(self):
+        self.resumed += 1
+
+    def stopProducing(self):
+        pass
+
+
+class CorkTests(EpollCase):
+    """What ``writer_for`` writes while one poll's events are dispatched
+    goes out after the last of them, in order with anything else done to
+    the transport."""
+
+    def serve(self, script):
+        made = []
+
+        class P(Held):
+            def connectionMade(self):
+                Held.connectionMade(self)
+                made.append(self)
+        P.script = staticmethod(script)
+        c = self.client(self.listen(P))
+        self.turns(lambda: made)
+        return c, made[0]
+
+    def read_all(self, sock, until_eof=True, n=10000):
+        got = []
+
+        def done():
+            try:
+                chunk = sock.recv(1 << 20)
+            except BlockingIOError:
+                return False
+            got.append(chunk)
+            return chunk == b"" if until_eof else True
+        self.turns(done, n)
+        return b"".join(got)
+
+    def test_held_until_the_poll_ends(self):
+        peeked = []
+
+        def script(proto, data):
+            proto.w(data.upper())
+            try:  # loopback would have delivered an unheld send by now
+                peeked.append(c.recv(100, socket.MSG_PEEK))
+            except BlockingIOError:
+                peeked.append(None)
+        c, _ = self.serve(script)
+        c.send(b"hello")
+        self.assertEqual(self.answer(c), b"HELLO")
+        self.assertEqual(peeked, [None])
+
+    def test_without_lean_polling_a_write_goes_out_at_once(self):
+        plain = epollreactor.EPollReactor()
+        self.addCleanup(plain._poller.close)
+        peeked = []
+
+        class P(Held):
+            def dataReceived(self, data):
+                self.w(data.upper())
+                peeked.append(c.recv(100, socket.MSG_PEEK))
+        port = plain.listenTCP(0, protocol.Factory.forProtocol(P),
+                               interface="127.0.0.1")
+        self.addCleanup(port.connectionLost, None)
+        c = self.client(port.getHost().port)
+        c.send(b"hello")
+        for _ in range(200):
+            plain.runUntilCurrent()
+            plain.doIteration(0.01)
+            if peeked:
+                break
+        self.assertEqual(peeked, [b"HELLO"])
+        for selectable in plain.removeAll():
+            selectable.socket.close()
+
+    def test_direct_writes_keep_their_place(self):
+        def script(proto, data):
+            proto.w(b"a")
+            proto.transport.write(b"b")
+            proto.w(b"c")
+            proto.transport.writeSequence([b"d", b"e"])
+            proto.w(b"f")
+        c, _ = self.serve(script)
+        c.send(b"x")
+        got = b""
+        while len(got) < 6:
+            got += self.answer(c)
+        self.assertEqual(got, b"abcdef")
+
+    def test_a_close_sends_what_was_held_first(self):
+        def script(proto, data):
+            proto.w(b"goodbye")
+            proto.transport.loseConnection()
+        c, _ = self.serve(script)
+        c.send(b"x")
+        self.assertEqual(self.read_all(c), b"goodbye")
+
+    def test_a_half_close_sends_what_was_held_first(self):
+        got_after = []
+
+        def script(proto, data):
+            if data == b"x":
+                proto.w(b"answer")
+                proto.transport.loseWriteConnection()
+            else:
+                got_after.append(data)  # still reading after the half-close
+        c, _ = self.serve(script)
+        c.send(b"x")
+        self.assertEqual(self.read_all(c), b"answer")
+        c.send(b"more")
+        self.turns(lambda: got_after)
+        self.assertEqual(got_after, [b"more"])
+
+    def test_an_abort_drops_what_was_held(self):
+        def script(proto, data):
+            proto.w(b"never")
+            proto.transport.abortConnection()
+        c, _ = self.serve(script)
+        c.send(b"x")
+        got = []
+
+        def ended():
+            try:
+                got.append(c.recv(100))
+            except BlockingIOError:
+                return False
+            except ConnectionResetError:
+                got.append(b"")
+            return True
+        self.turns(ended)
+        self.assertEqual(got, [b""])
+        self.assertEqual(self.errors, [])
+
+    def test_a_write_outside_a_poll_goes_out_at_once(self):
+        c, proto = self.serve(lambda p, d: None)
+        proto.w(b"now")
+        self.assertEqual(c.recv(100), b"now")
+
+    def test_what_the_kernel_does_not_take_pauses_the_producer(self):
+        big = b"z" * (8 << 20)
+
+        def script(proto, data):
+            proto.transport.registerProducer(proto, True)
+            proto.w(big)
+        c, proto = self.serve(script)
+        c.send(b"x")
+        self.turns(lambda: proto.paused)
+        got = len(self.read_all(c, until_eof=False))
+        while got < len(big):
+            got += len(self.read_all(c, until_eof=False))
+        self.assertEqual(got, len(big))
+        self.turns(lambda: proto.resumed)
+        self.assertEqual((proto.paused, proto.resumed), (1, 1))
