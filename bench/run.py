@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import json
 import os
 import platform
@@ -211,6 +210,21 @@ def cpu_split(root: int) -> tuple[float, float]:
         user += int(fields[11])
         system += int(fields[12])
     return user / CLK_TCK, system / CLK_TCK
+
+
+def context_switches(root: int) -> int:
+    """Voluntary and involuntary context switches of ``root`` and its
+    descendants: how often the proxy gave up (or lost) its CPU."""
+    n = 0
+    for pid in tree_pids(root):
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                for line in f:
+                    if "ctxt_switches:" in line:
+                        n += int(line.split()[1])
+        except OSError:
+            continue
+    return n
 
 
 def cpu_seconds(root: int) -> float:
@@ -528,6 +542,7 @@ def run_wrk(port: int, script: str, duration: float, connections: int,
                       "http://127.0.0.1:%d/" % port]
     before_split = cpu_split(proxy.pid) if proxy else (0.0, 0.0)
     before = sum(before_split)
+    switches_before = context_switches(proxy.pid) if proxy else 0
     mocks_before = cpu_seconds(mocks) if mocks else 0.0
     busy_before = machine_busy()
     wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -537,6 +552,7 @@ def run_wrk(port: int, script: str, duration: float, connections: int,
     wall = time.monotonic() - t0
     after_split = cpu_split(proxy.pid) if proxy else (0.0, 0.0)
     after = sum(after_split)
+    switches = context_switches(proxy.pid) - switches_before if proxy else 0
     wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy = machine_busy() - busy_before
     mocks_cpu = cpu_seconds(mocks) - mocks_before if mocks else None
@@ -561,6 +577,7 @@ def run_wrk(port: int, script: str, duration: float, connections: int,
                             if reqs else None),
         "sys_us_per_req": ((after_split[1] - before_split[1]) / reqs * 1e6
                            if reqs else None),
+        "switches_per_req": switches / reqs if reqs else None,
         "wall_s": wall,
         # where else the CPU went: is the reference limited by the machine?
         "wrk_cpu_s": (wrk_after.ru_utime + wrk_after.ru_stime
