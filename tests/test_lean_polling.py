@@ -133,7 +133,14 @@ class CorkTests(EpollCase):
     goes out after the last of them, in order with anything else done to
     the transport."""
 
+    def listen_script(self, script):
+        class P(Held):
+            pass
+        P.script = staticmethod(script)
+        return self.listen(P)
+
     def serve(self, script):
+        """A client of a ``Held`` running ``script``, and its protocol."""
         made = []
 
         class P(Held):
@@ -143,7 +150,16 @@ class CorkTests(EpollCase):
         P.script = staticmethod(script)
         c = self.client(self.listen(P))
         self.turns(lambda: made)
+        self.companion = self.client(self.listen(Echo))
+        n = len(self.reactor._selectables)
+        self.turns(lambda: len(self.reactor._selectables) > n)
         return c, made[0]
+
+    def kick(self, c, data):
+        """Send ``data`` on ``c`` while the companion sends too, so that
+        the next poll has two events and holds what is written."""
+        c.send(data)
+        self.companion.send(b"-")
 
     def read_all(self, sock, until_eof=True, n=10000):
         got = []
@@ -159,18 +175,38 @@ class CorkTests(EpollCase):
         return b"".join(got)
 
     def test_held_until_the_poll_ends(self):
+        peeked = {}
+        clients = []
+
+        def script(proto, data):
+            proto.w(data.upper())
+            for c in clients:  # loopback delivers an unheld send at once
+                try:
+                    peeked.setdefault(c, []).append(
+                        c.recv(100, socket.MSG_PEEK))
+                except BlockingIOError:
+                    peeked.setdefault(c, []).append(None)
+        port = self.listen_script(script)
+        clients += [self.client(port), self.client(port)]
+        self.turns(lambda: len(self.reactor._selectables) >= 4)
+        for c in clients:  # both readable before the next poll
+            c.send(b"hi")
+        self.assertEqual([self.answer(c) for c in clients], [b"HI", b"HI"])
+        # While the poll's two events were dispatched neither answer had
+        # left: the first was held while the second was handled.
+        self.assertEqual([peeked[c] for c in clients],
+                         [[None, None], [None, None]])
+
+    def test_a_lone_event_is_not_held(self):
         peeked = []
 
         def script(proto, data):
             proto.w(data.upper())
-            try:  # loopback would have delivered an unheld send by now
-                peeked.append(c.recv(100, socket.MSG_PEEK))
-            except BlockingIOError:
-                peeked.append(None)
+            peeked.append(c.recv(100, socket.MSG_PEEK))
         c, _ = self.serve(script)
         c.send(b"hello")
         self.assertEqual(self.answer(c), b"HELLO")
-        self.assertEqual(peeked, [None])
+        self.assertEqual(peeked, [b"HELLO"])
 
     def test_without_lean_polling_a_write_goes_out_at_once(self):
         plain = epollreactor.EPollReactor()
@@ -203,7 +239,7 @@ class CorkTests(EpollCase):
             proto.transport.writeSequence([b"d", b"e"])
             proto.w(b"f")
         c, _ = self.serve(script)
-        c.send(b"x")
+        self.kick(c, b"x")
         got = b""
         while len(got) < 6:
             got += self.answer(c)
@@ -214,7 +250,7 @@ class CorkTests(EpollCase):
             proto.w(b"goodbye")
             proto.transport.loseConnection()
         c, _ = self.serve(script)
-        c.send(b"x")
+        self.kick(c, b"x")
         self.assertEqual(self.read_all(c), b"goodbye")
 
     def test_a_half_close_sends_what_was_held_first(self):
@@ -227,7 +263,7 @@ class CorkTests(EpollCase):
             else:
                 got_after.append(data)  # still reading after the half-close
         c, _ = self.serve(script)
-        c.send(b"x")
+        self.kick(c, b"x")
         self.assertEqual(self.read_all(c), b"answer")
         c.send(b"more")
         self.turns(lambda: got_after)
@@ -238,7 +274,7 @@ class CorkTests(EpollCase):
             proto.w(b"never")
             proto.transport.abortConnection()
         c, _ = self.serve(script)
-        c.send(b"x")
+        self.kick(c, b"x")
         got = []
 
         def ended():
@@ -265,7 +301,7 @@ class CorkTests(EpollCase):
             proto.transport.registerProducer(proto, True)
             proto.w(big)
         c, proto = self.serve(script)
-        c.send(b"x")
+        self.kick(c, b"x")
         self.turns(lambda: proto.paused)
         got = len(self.read_all(c, until_eof=False))
         while got < len(big):

@@ -17,7 +17,7 @@ a host whose process sleeps in ``epoll_wait``) wakes the peer; sent one by
 one between events, each answer to a client or request to an API may wake
 its peer again, which costs the sender a cross-CPU wake-up in the kernel.
 Sent together, one wake-up serves the lot (the same idea as Netty's flush
-consolidation).  What is held is bounded by one poll: each event is one read
+consolidation).  A poll that returned one event holds nothing.  What is held is bounded by one poll: each event is one read
 of at most 64 KiB, and each socket is written by one event's work.  Because
 the bytes sit in Twisted's buffer, anything else that touches the transport
 keeps its order: a ``transport.write`` goes after them, a
@@ -171,7 +171,8 @@ def _lean_do_poll(self: Any, timeout: Any) -> None:
     dispatch = self._doReadOrWrite
     selectables = self._selectables
     cork = _CORKS[self]
-    cork.corked = True
+    # A lone event has no one to share its sends with: they go at once.
+    cork.corked = len(events) > 1
     try:
         for fd, event in events:
             # Looked up per event: an earlier one may have closed this fd.
