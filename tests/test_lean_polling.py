@@ -309,3 +309,11 @@ class CorkTests(EpollCase):
         self.assertEqual(got, len(big))
         self.turns(lambda: proto.resumed)
         self.assertEqual((proto.paused, proto.resumed), (1, 1))
+
+    def test_a_twisted_without_the_expected_buffer_gets_plain_writes(self):
+        c, proto = self.serve(lambda p, d: None)
+        t = proto.transport
+        self.assertIsNot(writer_for(t), t.write)
+        del t._tempDataLen  # as if Twisted kept its buffer otherwise
+        self.addCleanup(setattr, t, "_tempDataLen", 0)
+        self.assertEqual(writer_for(t), t.write)

@@ -17,8 +17,9 @@ a host whose process sleeps in ``epoll_wait``) wakes the peer; sent one by
 one between events, each answer to a client or request to an API may wake
 its peer again, which costs the sender a cross-CPU wake-up in the kernel.
 Sent together, one wake-up serves the lot (the same idea as Netty's flush
-consolidation).  A poll that returned one event holds nothing.  What is held is bounded by one poll: each event is one read
-of at most 64 KiB, and each socket is written by one event's work.  Because
+consolidation).  A poll that returned one event holds nothing.  What is
+held is bounded by one poll: each event is one read of at most 64 KiB, and
+each socket is written by one event's work.  Because
 the bytes sit in Twisted's buffer, anything else that touches the transport
 keeps its order: a ``transport.write`` goes after them, a
 ``loseConnection`` or ``loseWriteConnection`` sends them first (Twisted's
@@ -43,6 +44,12 @@ from twisted.logger import Logger
 log = Logger()
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
+#: The parts of Twisted's write buffer (``abstract.FileDescriptor``, Twisted
+#: 24-26) the writers read and fill.  A transport without all of them (a
+#: later Twisted) gets plain ``transport.write``: slower, never wrong.
+_BUFFER_PARTS = ("dataBuffer", "_tempDataBuffer", "_tempDataLen",
+                 "_writeDisconnected", "_writeDisconnecting", "_aborting",
+                 "writeSomeData", "startWriting")
 
 
 def _no_delay(transport: Any) -> None:
@@ -115,7 +122,8 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
     written while a poll's events are dispatched are held until its
     end (``Cork``)."""
     _no_delay(transport)
-    if type(transport) not in _PLAIN_TCP:
+    if type(transport) not in _PLAIN_TCP or not all(
+            hasattr(transport, part) for part in _BUFFER_PARTS):
         return transport.write
     cork = _CORKS.get(transport.reactor)
     holding = [False]
