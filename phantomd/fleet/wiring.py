@@ -128,7 +128,6 @@ class Fleet:
         self.revoke_resource = (
             RevokeResource(self.revoker, lambda: self._secrets.revocation)
             if secrets.revocation is not None else None)
-        self._subscribed_once = False
 
     @classmethod
     def from_config(cls, reactor, config: Config, cache, metrics
@@ -169,7 +168,6 @@ class Fleet:
         # first time too, as requests may have been served (and answers
         # read from Redis) before this connection subscribed.
         self.revoker.missed_events()
-        self._subscribed_once = True
 
     def wrap(self, introspector: Any) -> Any:
         if self.shared is not None:
