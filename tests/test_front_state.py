@@ -11,11 +11,13 @@ from tests.test_http_server import FrontCase, get
 
 
 class TableTests(unittest.TestCase):
-    def test_every_state_has_its_moves(self) -> None:
-        self.assertEqual(set(TRANSITIONS), set(State))
-
-    def test_closed_is_final(self) -> None:
-        self.assertEqual(TRANSITIONS[State.CLOSED], {State.CLOSED})
+    def test_each_machine_has_every_state_and_ends_in_one(self) -> None:
+        """Both machines (exchange and input) list every state's moves,
+        and their last state (CLOSED, ENDED) goes nowhere else."""
+        for table, states, final in ((TRANSITIONS, State, State.CLOSED),
+                                     (INPUT_TRANSITIONS, Input, Input.ENDED)):
+            self.assertEqual(set(table), set(states), states)
+            self.assertEqual(table[final], {final}, final)
 
     def test_an_answer_comes_before_the_next_request(self) -> None:
         """A request in flight never goes back to IDLE without an answer."""
@@ -28,7 +30,6 @@ class TableTests(unittest.TestCase):
             if state is not State.CONNECT:
                 self.assertNotIn(State.UPSTREAM, moves, state)
 
-
     def test_a_tunnel_comes_only_from_the_upstream_and_ends_closed(self):
         """DESIGN section 13: only the upstream's 101 opens a tunnel, and
         no request follows one on that connection."""
@@ -40,12 +41,6 @@ class TableTests(unittest.TestCase):
 
 
 class InputTableTests(unittest.TestCase):
-    def test_every_input_state_has_its_moves(self) -> None:
-        self.assertEqual(set(INPUT_TRANSITIONS), set(Input))
-
-    def test_ended_input_stays_ended(self) -> None:
-        self.assertEqual(INPUT_TRANSITIONS[Input.ENDED], {Input.ENDED})
-
     def test_held_input_is_never_parsed_again(self) -> None:
         """DESIGN section 13: bytes after an upgrade request are the
         tunnel's; nothing turns them back into requests."""
