@@ -313,9 +313,9 @@ class Procs:
             self.stop(p)
 
 
-def nginx_common(tmp: str, name: str) -> str:
+def nginx_common(tmp: str, name: str, workers: int = 1) -> str:
     return """
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {tmp}/{name}.pid;
 error_log {tmp}/{name}-error.log warn;
@@ -329,14 +329,15 @@ http {{
   scgi_temp_path {tmp}/{name}-scgi;
   keepalive_requests 1000000;
   keepalive_timeout 300s;
-""".format(tmp=tmp, name=name)
+""".format(tmp=tmp, name=name, workers=workers)
 
 
 def start_nginx(procs: Procs, tmp: str, name: str, body: str,
-                ports: list[int], cpu: str | None) -> subprocess.Popen:
+                ports: list[int], cpu: str | None,
+                workers: int = 1) -> subprocess.Popen:
     conf = os.path.join(tmp, name + ".conf")
     with open(conf, "w") as f:
-        f.write(nginx_common(tmp, name) + body + "}\n")
+        f.write(nginx_common(tmp, name, workers) + body + "}\n")
     p = procs.start(pin(cpu) + ["nginx", "-p", tmp, "-c", conf,
                                 "-e", os.path.join(tmp, name + "-error.log")],
                     os.path.join(tmp, name + ".out"))
@@ -391,7 +392,9 @@ class NginxProxy(Proxy):
     name = "nginx"
 
     def __init__(self, procs: Procs, tmp: str, api_port: int,
-                 cpu: str | None) -> None:
+                 cpu: str | None, workers: int = 1) -> None:
+        """``workers``: nginx's ``worker_processes``, each accepting on its
+        own ``SO_REUSEPORT`` socket when there are more than one."""
         self.port = free_port()
         body = """
   upstream api {{
@@ -400,16 +403,17 @@ class NginxProxy(Proxy):
     keepalive_requests 1000000;
   }}
   server {{
-    listen 127.0.0.1:{port} backlog=4096;
+    listen 127.0.0.1:{port} backlog=4096{reuse};
     location / {{
       proxy_pass http://api;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
     }}
   }}
-""".format(ap=api_port, port=self.port)
+""".format(ap=api_port, port=self.port,
+           reuse=" reuseport" if workers > 1 else "")
         self.proc = start_nginx(procs, tmp, "reference", body, [self.port],
-                                cpu)
+                                cpu, workers)
 
 
 class Phantomd(Proxy):
@@ -533,6 +537,14 @@ def machine_busy() -> float:
     return (sum(cols[:8]) - cols[3] - cols[4]) / CLK_TCK  # less idle, iowait
 
 
+def machine_steal() -> float:
+    """CPU seconds the hypervisor gave other guests since boot, all cores
+    (/proc/stat).  While it grows, every process here is charged more CPU
+    per request: the caches it finds are someone else's."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8]) / CLK_TCK
+
+
 def run_wrk(port: int, script: str, duration: float, connections: int,
             cpu: str | None, proxy: Proxy | None = None,
             mocks: int | None = None) -> dict:
@@ -545,6 +557,7 @@ def run_wrk(port: int, script: str, duration: float, connections: int,
     switches_before = context_switches(proxy.pid) if proxy else 0
     mocks_before = cpu_seconds(mocks) if mocks else 0.0
     busy_before = machine_busy()
+    steal_before = machine_steal()
     wrk_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True,
@@ -555,6 +568,7 @@ def run_wrk(port: int, script: str, duration: float, connections: int,
     switches = context_switches(proxy.pid) - switches_before if proxy else 0
     wrk_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy = machine_busy() - busy_before
+    stolen = machine_steal() - steal_before
     mocks_cpu = cpu_seconds(mocks) - mocks_before if mocks else None
     m = re.search(r"^BENCHJSON (.*)$", r.stdout, re.M)
     if r.returncode != 0 or not m:
@@ -584,6 +598,9 @@ def run_wrk(port: int, script: str, duration: float, connections: int,
                       - wrk_before.ru_utime - wrk_before.ru_stime),
         "mocks_cpu_s": mocks_cpu,
         "machine_busy_cores": busy / wall,
+        # share of a core stolen by the hypervisor: above ~0.1 the CPU
+        # figures of this measurement are inflated
+        "steal_cores": stolen / wall,
         "proxy_core_use": (after - before) / (s["duration_us"] / 1e6),
     }
 
@@ -885,9 +902,9 @@ def ratio(a, b) -> str:
 
 
 def table(med: dict, runs: list[dict], args) -> str:
-    rows = ["%-44s %-9s %9s %8s %8s %11s %6s %6s %6s %6s" % (
+    rows = ["%-44s %-9s %9s %8s %8s %11s %6s %6s %6s %6s %6s" % (
         "scenario", "proxy", "req/s", "p50 ms", "p99 ms", "CPU us/req",
-        "user", "sys", "core%", "errors")]
+        "user", "sys", "core%", "steal%", "errors")]
     rows.append("-" * len(rows[0]))
     for sc in ("1", "2", "3"):
         if sc not in med:
@@ -902,13 +919,16 @@ def table(med: dict, runs: list[dict], args) -> str:
                        (r.get(sc, {}).get(name, {}).get("socket_errors", 0)
                         or 0) for r in runs)
             use = m.get("proxy_core_use")
-            rows.append("%-44s %-9s %9s %8s %8s %11s %6s %6s %6s %6s" % (
+            steal = m.get("steal_cores")
+            rows.append("%-44s %-9s %9s %8s %8s %11s %6s %6s %6s %6s %6s" % (
                 label, name, fmt(m.get("rps"), ".0f"),
                 fmt(m.get("p50_ms"), ".2f"), fmt(m.get("p99_ms"), ".2f"),
                 fmt(m.get("cpu_us_per_req"), ".1f"),
                 fmt(m.get("user_us_per_req"), ".1f"),
                 fmt(m.get("sys_us_per_req"), ".1f"),
-                fmt(use * 100 if use is not None else None, ".0f"), errs))
+                fmt(use * 100 if use is not None else None, ".0f"),
+                fmt(steal * 100 if steal is not None else None, ".0f"),
+                errs))
             label = ""
         if "nginx" in per and "phantomd" in per:
             a, b = per["phantomd"], per["nginx"]
