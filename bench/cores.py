@@ -34,7 +34,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 
@@ -102,9 +101,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=64)
     args = p.parse_args()
-    run.ensure_tools(need_phantomd=True, need_pyspy=False)
-    tmp = tempfile.mkdtemp(prefix="phantomd-cores-")
-    procs = run.Procs()
+    tmp, procs = run.side_bench("phantomd-cores-")
     wrk_cpu, proxy_cpu = "0", "1"
     rows: dict[str, list[dict]] = {}
     try:

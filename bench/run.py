@@ -240,6 +240,13 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS for %d" % pid)
 
 
+def side_bench(prefix: str) -> tuple[str, Procs]:
+    """For the scripts beside this one: tools installed, a temporary
+    directory and a ``Procs`` to stop everything started in it."""
+    ensure_tools(need_phantomd=True, need_pyspy=False)
+    return tempfile.mkdtemp(prefix=prefix), Procs()
+
+
 def pin(cpu: str | None) -> list[str]:
     return ["taskset", "-c", cpu] if cpu is not None and shutil.which(
         "taskset") else []

@@ -28,7 +28,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -112,9 +111,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=16)
     args = p.parse_args()
-    run.ensure_tools(need_phantomd=True, need_pyspy=False)
-    tmp = tempfile.mkdtemp(prefix="phantomd-stream-")
-    procs = run.Procs()
+    tmp, procs = run.side_bench("phantomd-stream-")
     wrk_cpu, proxy_cpu = "0", "1"
     results: dict = {"nginx": [], "phantomd": []}
     try:
