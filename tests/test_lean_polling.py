@@ -133,22 +133,21 @@ class CorkTests(EpollCase):
     goes out after the last of them, in order with anything else done to
     the transport."""
 
-    def listen_script(self, script):
+    def listen_script(self, script, made=None):
+        """A port serving ``Held`` running ``script``; each protocol goes
+        into ``made`` when it is connected."""
         class P(Held):
-            pass
+            def connectionMade(self):
+                Held.connectionMade(self)
+                if made is not None:
+                    made.append(self)
         P.script = staticmethod(script)
         return self.listen(P)
 
     def serve(self, script):
         """A client of a ``Held`` running ``script``, and its protocol."""
         made = []
-
-        class P(Held):
-            def connectionMade(self):
-                Held.connectionMade(self)
-                made.append(self)
-        P.script = staticmethod(script)
-        c = self.client(self.listen(P))
+        c = self.client(self.listen_script(script, made))
         self.turns(lambda: made)
         self.companion = self.client(self.listen(Echo))
         n = len(self.reactor._selectables)
