@@ -56,10 +56,7 @@ def measure(proxies: list[run.Proxy], script: str, duration: float,
 
     def wrks(seconds: float) -> list[subprocess.Popen]:
         return [subprocess.Popen(
-            run.pin(cpu) + ["wrk", "-t1", "-c%d" % per,
-                            "-d%ds" % max(1, round(seconds)), "--latency",
-                            "--timeout", "5s", "-s", script,
-                            "http://127.0.0.1:%d/" % p.port],
+            run.wrk_cmd(p.port, script, seconds, per, cpu),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for p in proxies]
 
@@ -74,11 +71,7 @@ def measure(proxies: list[run.Proxy], script: str, duration: float,
     stolen = (run.machine_steal() - stolen) / (time.monotonic() - t0)
     reqs = errors = non_2xx = 0
     for w, (out, err) in zip(started, outs):
-        line = [ln for ln in out.splitlines() if ln.startswith("BENCHJSON ")]
-        if w.returncode != 0 or not line:
-            raise RuntimeError("wrk failed (%s): %s %s"
-                               % (w.returncode, out, err))
-        s = json.loads(line[0].split(" ", 1)[1])
+        s = run.wrk_summary(w.returncode, out, err)
         reqs += s["requests"]
         non_2xx += s["status"]
         errors += s["connect"] + s["read"] + s["write"] + s["timeout"]

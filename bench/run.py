@@ -553,13 +553,27 @@ def machine_steal() -> float:
         return int(f.readline().split()[8]) / CLK_TCK
 
 
+def wrk_cmd(port: int, script: str, duration: float, connections: int,
+            cpu: str | None) -> list[str]:
+    return pin(cpu) + ["wrk", "-t1", "-c%d" % connections,
+                       "-d%ds" % max(1, round(duration)), "--latency",
+                       "--timeout", "5s", "-s", script,
+                       "http://127.0.0.1:%d/" % port]
+
+
+def wrk_summary(returncode: int, stdout: str, stderr: str) -> dict:
+    """The summary ``WRK_DONE`` printed; ``RuntimeError`` if wrk failed."""
+    m = re.search(r"^BENCHJSON (.*)$", stdout, re.M)
+    if returncode != 0 or not m:
+        raise RuntimeError("wrk failed (%s): %s %s" % (returncode, stdout,
+                                                       stderr))
+    return json.loads(m.group(1))
+
+
 def run_wrk(port: int, script: str, duration: float, connections: int,
             cpu: str | None, proxy: Proxy | None = None,
             mocks: int | None = None) -> dict:
-    cmd = pin(cpu) + ["wrk", "-t1", "-c%d" % connections,
-                      "-d%ds" % max(1, round(duration)), "--latency",
-                      "--timeout", "5s", "-s", script,
-                      "http://127.0.0.1:%d/" % port]
+    cmd = wrk_cmd(port, script, duration, connections, cpu)
     before_split = cpu_split(proxy.pid) if proxy else (0.0, 0.0)
     before = sum(before_split)
     switches_before = context_switches(proxy.pid) if proxy else 0
@@ -578,11 +592,7 @@ def run_wrk(port: int, script: str, duration: float, connections: int,
     busy = machine_busy() - busy_before
     stolen = machine_steal() - steal_before
     mocks_cpu = cpu_seconds(mocks) - mocks_before if mocks else None
-    m = re.search(r"^BENCHJSON (.*)$", r.stdout, re.M)
-    if r.returncode != 0 or not m:
-        raise RuntimeError("wrk failed (%s): %s %s" % (r.returncode, r.stdout,
-                                                       r.stderr))
-    s = json.loads(m.group(1))
+    s = wrk_summary(r.returncode, r.stdout, r.stderr)
     reqs = s["requests"]
     errors = s["connect"] + s["read"] + s["write"] + s["timeout"]
     return {
