@@ -301,6 +301,40 @@ class MemoryTests(unittest.TestCase):
             conn.dataReceived(rest)
             self.assertEqual(self.client.pool.idle_count(), 0, arrived)
 
+    def test_request_cancelled_never_calls_done(self) -> None:
+        got: list = []
+        call = self.client.request(b"POST", URL, b"t", None, 100, (200,),
+                                   got.append)
+        conn = self.reactor.tcpClients[-1][2].buildProtocol(None)
+        transport = StringTransport()
+        conn.makeConnection(transport)
+        call.cancel()
+        self.assertTrue(transport.disconnecting)
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        conn.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(got, [])
+        self.assertEqual(self.client.pool.idle_count(), 0)
+
+    def test_request_refused_at_once_gives_no_handle(self) -> None:
+        got: list = []
+        self.assertIsNone(self.client.request(
+            b"POST", "ftp://127.0.0.1/x", b"t", None, 100, (200,),
+            got.append))
+        [f] = got
+        self.assertIsInstance(f, Failure)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_request_answer_delivered_once(self) -> None:
+        got: list = []
+        self.client.request(b"POST", URL, b"t", None, 100, (200,),
+                            got.append)
+        conn = self.reactor.tcpClients[-1][2].buildProtocol(None)
+        conn.makeConnection(StringTransport())
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        conn.connectionLost(Failure(ConnectionDone()))
+        [answer] = got
+        self.assertEqual((answer.code, answer.body), (200, b"ok"))
+
     # -- the pool -------------------------------------------------------------
 
     def test_reuse_and_no_cookies(self) -> None:

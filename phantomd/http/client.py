@@ -4,12 +4,14 @@ The introspector and ``keysource.KeySource`` want answers whole:
 ``fetch(method, url, data, headers, max_body, keep)`` returns a
 ``Deferred`` that fires once, with an ``Answer`` (code, decoded headers,
 bounded body) -- no Response object, body protocol or Twisted ``Headers``
-in between.  Underneath, one ``wire.BareResponseReader`` (httptools) per
-connection, idle connections in a ``pool.IdlePool``, and plain
-method calls replace Agent, hyperlink and ``HTTP11ClientProtocol``: an
-introspection is on the miss path of every new token, so its client must
-cost little.  (The unit tests give the introspector the same ``fetch``
-over treq's ``StubTreq``: ``tests/helpers_fetch.TreqFetcher``.)
+in between; ``request(..., done)`` gives it to a callable instead, for
+the introspector (``phantomd.direct``).  Underneath, one
+``wire.BareResponseReader`` (httptools) per connection, idle connections
+in a ``pool.IdlePool``, and plain method calls replace Agent, hyperlink
+and ``HTTP11ClientProtocol``: an introspection is on the miss path of
+every new token, so its client must cost little.  (The unit tests give
+the introspector the same ``fetch`` over treq's ``StubTreq``:
+``tests/helpers_fetch.TreqFetcher``.)
 
 What it never does: follow redirects (a 3xx is an answer like any other),
 keep or send cookies, pipeline, retry (a POST may not be repeated).
@@ -29,15 +31,15 @@ Bounds:
   bound the map is emptied and refilled (phantomd talks to a handful).
 
 Connections in use are bounded by the callers (the coalescer's
-``max_in_flight``).  Cancelling the Deferred of a request aborts the
-exchange: the connection attempt is cancelled or the connection closed,
-never reused.
+``max_in_flight``).  Cancelling a request (its Deferred, or the call
+``request`` returns) aborts the exchange: the connection attempt is
+cancelled or the connection closed, never reused.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 from urllib.parse import urlsplit
 
 from twisted.internet import defer
@@ -48,6 +50,7 @@ from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
 
+from phantomd.direct import as_deferred
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
 from phantomd.http.pool import IdlePool, endpoint_for
@@ -115,20 +118,20 @@ class _Overflow(Exception):
 
 
 class _Collect:
-    """What a ``fetch`` gathers of an answer once its head is in: the
+    """What a request gathers of an answer once its head is in: the
     connection calls ``_data`` with each piece of the body, then
-    ``_ended`` once, which fires the caller's Deferred."""
+    ``_ended`` once, which tells the caller (``_Call.finish``)."""
 
-    __slots__ = ("code", "headers", "max_body", "keep", "result", "_parts",
+    __slots__ = ("code", "headers", "max_body", "keep", "call", "_parts",
                  "_size")
 
     def __init__(self, code: int, headers: dict[str, list[str]],
-                 max_body: int, keep: bool, result: defer.Deferred) -> None:
+                 max_body: int, keep: bool, call: "_Call") -> None:
         self.code = code
         self.headers = headers
         self.max_body = max_body
         self.keep = keep
-        self.result: Optional[defer.Deferred] = result
+        self.call: Optional[_Call] = call
         self._parts: list[bytes] = []
         self._size = 0
 
@@ -141,35 +144,48 @@ class _Collect:
 
     def _ended(self, error: Optional[BaseException] = None) -> None:
         """The answer is complete, or (``error``) it never will be."""
-        d, self.result = self.result, None
-        if d is None:
+        call, self.call = self.call, None
+        if call is None:
             return
         if error is None:
-            d.callback(Answer(self.code, self.headers,
-                              b"".join(self._parts)))
+            call.finish(Answer(self.code, self.headers,
+                               b"".join(self._parts)))
         elif not isinstance(error, _Overflow):
-            d.errback(BodyFailed(self.code, Failure(error)))
+            call.finish(Failure(BodyFailed(self.code, Failure(error))))
         elif self.keep:
-            d.errback(BodyTooLarge(self.code, self.max_body))
+            call.finish(Failure(BodyTooLarge(self.code, self.max_body)))
         else:
             # A body nobody reads need not be read to its end.
-            d.callback(Answer(self.code, self.headers, b""))
+            call.finish(Answer(self.code, self.headers, b""))
 
 
 class _Call:
-    """One request from ``fetch()`` to its whole answer (or failure); its
-    ``result`` is what the caller holds."""
+    """One request from ``request()`` to its whole answer (or failure),
+    which goes to ``done`` once; the caller's handle (``cancel``)."""
+
+    __slots__ = ("payload", "head_method", "max_body", "keep", "conn",
+                 "_done", "_connecting")
 
     def __init__(self, payload: bytes, head_method: bool, max_body: int,
-                 keep: tuple) -> None:
+                 keep: tuple, done: Callable[[Any], None]) -> None:
         self.payload = payload
         self.head_method = head_method
         self.max_body = max_body
         self.keep = keep
-        self.result: defer.Deferred = defer.Deferred(self._cancel)
         self.conn: Optional[_Connection] = None
+        #: None once the answer was given or the caller cancelled.
+        self._done: Optional[Callable[[Any], None]] = done
         self._connecting: Optional[defer.Deferred] = None
-        self._cancelled = False
+
+    @property
+    def finished(self) -> bool:
+        return self._done is None
+
+    def finish(self, result: Any) -> None:
+        """The answer (or a ``Failure``) for the caller, once."""
+        done, self._done = self._done, None
+        if done is not None:
+            done(result)
 
     def connect(self, endpoint: Any, factory: Factory) -> None:
         d = self._connecting = endpoint.connect(factory)
@@ -177,18 +193,21 @@ class _Call:
 
     def _connected(self, conn: "_Connection") -> None:
         self._connecting = None
-        if self._cancelled:
+        if self._done is None:  # cancelled meanwhile
             conn.close()
         else:
             conn.send(self)
 
     def _not_connected(self, failure: Failure) -> None:
         self._connecting = None
-        if not self._cancelled:
-            self.result.errback(failure)
+        self.finish(failure)
 
-    def _cancel(self, result: defer.Deferred) -> None:
-        self._cancelled = True
+    def cancel(self) -> None:
+        """The caller gave up: drop the attempt or the connection; nothing
+        is delivered after this."""
+        if self._done is None:
+            return
+        self._done = None
         if self._connecting is not None:
             self._connecting.cancel()
         elif self.conn is not None:
@@ -259,11 +278,10 @@ class _Connection(Protocol):
     # -- what the client calls -----------------------------------------------
 
     def send(self, call: _Call) -> None:
-        """Write ``call``'s request; its result fires with the whole
-        answer."""
+        """Write ``call``'s request; it finishes with the whole answer."""
         if self.lost:
-            call.result.errback(ResponseNeverReceived(
-                [Failure(ConnectionDone("the connection closed"))]))
+            call.finish(Failure(ResponseNeverReceived(
+                [Failure(ConnectionDone("the connection closed"))])))
             return
         call.conn = self
         self._call = call
@@ -310,7 +328,7 @@ class _Connection(Protocol):
         self._eof_body = mode == MODE_EOF
         # Nothing fires before the whole answer is in.
         self._collect = _Collect(status, decoded, call.max_body,
-                                 status in call.keep, call.result)
+                                 status in call.keep, call)
 
     def answer_body(self, data: bytes) -> None:
         collect = self._collect
@@ -337,9 +355,9 @@ class _Connection(Protocol):
         self.abort()
         if collect is not None:
             collect._ended(e)
-        elif call is not None and not call.result.called:
+        elif call is not None and not call.finished:
             kind = ResponseFailed if self._received else ResponseNeverReceived
-            call.result.errback(kind([Failure(e)]))
+            call.finish(Failure(kind([Failure(e)])))
 
     def went_idle(self) -> None:
         """Kept by the pool: closed after ``idle_timeout`` unless taken.
@@ -407,7 +425,19 @@ class HTTPClient:
               data: Optional[bytes] = None, headers: Any = None,
               max_body: int = 65536, keep: tuple = (200,)
               ) -> defer.Deferred:
-        """``Deferred[Answer]``: the whole answer, once it is all in.
+        """``Deferred[Answer]``: the whole answer, once it is all in
+        (``request`` with a Deferred; cancelling it cancels the call)."""
+        return as_deferred(lambda done: self.request(
+            method, url, data, headers, max_body, keep, done))
+
+    def request(self, method: Union[str, bytes], url: str,
+                data: Optional[bytes], headers: Any, max_body: int,
+                keep: tuple, done: Callable[[Any], None]
+                ) -> Optional[_Call]:
+        """Send a request; ``done`` gets the whole answer (an ``Answer``)
+        or a ``Failure``, once (``phantomd.direct``).  Returns the call,
+        whose ``cancel()`` drops the connection, or None when ``done``
+        was already given a failure.
 
         The body of a status in ``keep`` is kept, up to ``max_body`` bytes:
         past that the connection is dropped and the result fails with
@@ -425,14 +455,16 @@ class HTTPClient:
                 method = method.encode("ascii")
             payload = _request_bytes(method, target, headers, data)
         except Exception:
-            return defer.fail()
-        call = _Call(payload, method == b"HEAD", max(max_body, 0), keep)
+            done(Failure())
+            return None
+        call = _Call(payload, method == b"HEAD", max(max_body, 0), keep,
+                     done)
         conn = self.pool.take(target.key)
         if conn is not None:
             conn.send(call)
         else:
             call.connect(target.endpoint, target.factory)
-        return call.result
+        return call
 
     def close(self) -> defer.Deferred:
         """Close every idle connection; fires when they are closed.
