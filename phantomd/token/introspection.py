@@ -27,7 +27,7 @@ above decide that.
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import quote_plus, urlencode
 
 from OpenSSL import SSL
@@ -40,6 +40,7 @@ from phantomd.token import cachecontrol, readers, tokens
 from phantomd.token.readers import ACCEPT
 
 from phantomd import config
+from phantomd.direct import as_deferred
 
 from phantomd.ops import logs
 from phantomd.token.clientauth import ClientAuth
@@ -151,6 +152,9 @@ class Introspector:
         # which count only when empty (so they must be seen, bounded).
         self._keep = (200,) + tuple(sorted(self._inactive_statuses))
         self._url = settings.url
+        # The lean client's ``request`` calls back directly; any other
+        # client (treq's StubTreq in unit tests) is asked with ``fetch``.
+        self._send = getattr(http_client, "request", None)
         self._fetch = http_client.fetch
         self._static_form: Optional[tuple[bytes, Any]] = None
         if self._auth.static:
@@ -162,7 +166,13 @@ class Introspector:
     def introspect(self, token: str) -> Deferred:
         """Deferred firing ``Active`` or ``Inactive``, or failing with
         ``IntrospectionFailed``; cancelling it aborts the exchange."""
-        return _Exchange(self, token).start()
+        return as_deferred(lambda done: self.introspect_to(token, done))
+
+    def introspect_to(self, token: str, done: Callable[[Any], None]) -> Any:
+        """``introspect`` without a Deferred (``phantomd.direct``): ``done``
+        gets the ``Active``, ``Inactive`` or ``Failure``; returns the
+        exchange, whose ``cancel()`` aborts it."""
+        return _Exchange(self, token, done).start()
 
     # -- used by _Exchange ---------------------------------------------------
 
@@ -178,13 +188,21 @@ class Introspector:
         headers[b"Content-Type"] = [b"application/x-www-form-urlencoded"]
         return (b"&" + tail if tail else b""), headers
 
-    def _request(self, token: str) -> Deferred:
+    def _request(self, token: str, done: Callable[[Any], None]) -> Any:
+        """Send the request; ``done`` gets the ``Answer`` or a Failure.
+        Returns what cancels it (or None)."""
         tail, headers = self._static_form or self._form()
         if _FORM_SAFE(token) is None:
             token = quote_plus(token, safe="")
         body = b"token=%s%s" % (token.encode("ascii"), tail)
-        return self._fetch("POST", self._url, body, headers,
-                           self._settings.max_response_bytes, self._keep)
+        if self._send is not None:
+            return self._send(b"POST", self._url, body, headers,
+                              self._settings.max_response_bytes, self._keep,
+                              done)
+        d = self._fetch("POST", self._url, body, headers,
+                        self._settings.max_response_bytes, self._keep)
+        d.addBoth(done)
+        return d
 
     def _answer(self, status: int, headers: dict[str, list[str]],
                 body: bytes) -> Any:
@@ -263,24 +281,23 @@ class _Exchange:
     its connection) and the result fails with ``timeout``.
     """
 
-    def __init__(self, introspector: Introspector, token: str) -> None:
+    def __init__(self, introspector: Introspector, token: str,
+                 done: Callable[[Any], None]) -> None:
         self._intro = introspector
         self._token = token
+        self._done = done
         self._status: Optional[int] = None
-        self._request: Optional[Deferred] = None
+        self._request: Any = None
         self._finished = False
-        self.result: Deferred = Deferred(self._cancel)
         self._timer = introspector._clock.callLater(
             introspector._settings.timeout, self._timed_out)
 
-    def start(self) -> Deferred:
+    def start(self) -> "_Exchange":
         try:
-            self._request = self._intro._request(self._token)
+            self._request = self._intro._request(self._token, self._ended)
         except Exception:
             self._finish(Failure())
-            return self.result
-        self._request.addBoth(self._ended)
-        return self.result
+        return self
 
     def _ended(self, result: Any) -> None:
         """The request's outcome (one callback, not three: this is on the
@@ -349,7 +366,8 @@ class _Exchange:
         if self._request is not None:
             self._request.cancel()
 
-    def _cancel(self, result: Deferred) -> None:
+    def cancel(self) -> None:
+        """The caller gave up: abort, and deliver nothing."""
         if self._finished:
             return
         self._finished = True
@@ -372,10 +390,9 @@ class _Exchange:
                                          "introspecting"))
             elif result.check(IntrospectionFailed):
                 intro._log_failure(self._token, result, self._status)
-            self.result.errback(result)
         else:
             intro.last_success = intro._clock.seconds()
-            self.result.callback(result)
+        self._done(result)
 
 
 def make_http_client(reactor: Any, settings: Any) -> HTTPClient:
