@@ -197,3 +197,69 @@ class ShedTests(CoalescerTestCase):
 
     def test_bad_bound_refused(self):
         self.assertRaises(ValueError, self.coalescer, max_in_flight=0)
+
+
+class JoinTests(CoalescerTestCase):
+    """``join``: the coalescer without Deferreds, as the gate's miss path
+    uses it."""
+
+    def start(self, finish):
+        self.finishes.append(finish)
+
+    def setUp(self):
+        super().setUp()
+        self.finishes = []
+
+    def test_every_waiter_gets_the_result_once(self):
+        c = self.coalescer()
+        got = []
+        handles = [c.join(b"k", self.start, got.append) for _ in range(3)]
+        self.assertEqual(len(self.finishes), 1)
+        self.assertNotIn(None, handles)
+        self.finishes[0](ANSWER)
+        self.assertEqual(got, [ANSWER] * 3)
+        self.assertEqual(len(c), 0)
+
+    def test_a_waiter_that_raises_does_not_starve_the_others(self):
+        c = self.coalescer()
+        got = []
+
+        def broken(result):
+            raise ZeroDivisionError("a caller's bug")
+
+        c.join(b"k", self.start, got.append)
+        c.join(b"k", self.start, broken)
+        c.join(b"k", self.start, got.append)
+        self.finishes[0](ANSWER)
+        self.assertEqual(got, [ANSWER, ANSWER])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+    def test_start_that_raises_fails_every_waiter_and_frees_the_key(self):
+        c = self.coalescer()
+        got = []
+
+        def broken(finish):
+            raise RuntimeError("work could not start")
+
+        c.join(b"k", broken, got.append)
+        [f] = got
+        self.assertTrue(f.check(RuntimeError))
+        self.assertEqual((len(c), self.in_flight()), (0, 0))
+        c.join(b"k", self.start, got.append)
+        self.assertEqual(len(self.finishes), 1)
+
+    def test_cancelled_waiter_never_called(self):
+        c = self.coalescer()
+        got, other = [], []
+        c.join(b"k", self.start, got.append).cancel()
+        c.join(b"k", self.start, other.append)
+        self.finishes[0](ANSWER)
+        self.assertEqual((got, other), ([], [ANSWER]))
+
+    def test_shed_gives_no_handle(self):
+        c = self.coalescer(max_in_flight=1)
+        c.join(b"k1", self.start, lambda r: None)
+        got = []
+        self.assertIsNone(c.join(b"k2", self.start, got.append))
+        self.assertTrue(got[0].check(Shed))
+        self.assertEqual(len(self.finishes), 1)

@@ -221,6 +221,73 @@ class IntrospectionRows(GateTestsMixin, SynchronousTestCase):
         self.assertIsInstance(self.only(results), Forward)
 
 
+
+class DirectIntrospector:
+    """An introspector with ``introspect_to``, as the real one has."""
+
+    def __init__(self):
+        self.calls = []  # (token, done)
+        self.cancelled = 0
+
+    def introspect_to(self, token, done):
+        self.calls.append((token, done))
+        return self
+
+    def cancel(self):
+        self.cancelled += 1
+
+
+class DirectRows(GateTestsMixin, SynchronousTestCase):
+    """``authorize_to``, the front's way in: a decision at once for a hit,
+    a handle while a miss waits, nothing after that handle's cancel()."""
+
+    def setUp(self):
+        super().setUp()
+        self.direct = DirectIntrospector()
+        self.gate.reconfigure(introspector=self.direct)
+
+    def test_miss_then_hit(self):
+        got = []
+        self.assertIsNotNone(self.gate.authorize_to(got.append, bearer("t")))
+        self.assertEqual(got, [])
+        self.direct.calls[0][1](self.active())
+        self.assertEqual([(type(f), f.cache) for f in got],
+                         [(Forward, "miss")])
+        got = []
+        self.assertIsNone(self.gate.authorize_to(got.append, bearer("t")))
+        self.assertEqual([(type(f), f.cache) for f in got],
+                         [(Forward, "hit")])
+
+    def test_refusal_is_at_once(self):
+        got = []
+        self.assertIsNone(self.gate.authorize_to(got.append, []))
+        self.assertEqual(self.only(got).status, 401)
+
+    def test_cancelled_caller_is_never_called_and_the_rest_are(self):
+        first, second = [], []
+        self.gate.authorize_to(first.append, bearer("t")).cancel()
+        self.gate.authorize_to(second.append, bearer("t"))
+        self.assertEqual(len(self.direct.calls), 1)
+        self.direct.calls[0][1](self.active())
+        self.assertEqual(first, [])
+        self.assertIsInstance(self.only(second), Forward)
+        self.assertEqual(self.direct.cancelled, 0, "the shared work was "
+                         "cancelled for the others")
+
+    def test_introspector_that_raises_is_502_and_frees_the_token(self):
+        class Raising:
+            def introspect_to(self, token, done):
+                raise RuntimeError("bug")
+
+        self.gate.reconfigure(introspector=Raising())
+        got = []
+        self.gate.authorize_to(got.append, bearer("t"))
+        self.assertEqual(self.only(got).status, 502)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(len(self.coalescer), 0)
+        self.assertEqual(self.metrics.sample(
+            "phantomd_introspections_total", {"outcome": "error"}), 1)
+
 class ScopeRows(GateTestsMixin, SynchronousTestCase):
     required_scopes = ("read", "admin")
 

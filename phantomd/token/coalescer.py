@@ -8,16 +8,31 @@ introspection the others are waiting for.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Optional
 
-from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from phantomd.direct import as_deferred, then
 from phantomd.token.outcomes import Shed
 
 __all__ = ["Coalescer"]
+
+
+class _Waiter:
+    """One caller's place in a flight: ``cancel()`` leaves it."""
+
+    __slots__ = ("flight", "done")
+
+    def __init__(self, flight: "_Flight", done: Callable[[Any], None]
+                 ) -> None:
+        self.flight = flight
+        self.done: Optional[Callable[[Any], None]] = done
+
+    def cancel(self) -> None:
+        self.done = None
+        self.flight.waiters.pop(self, None)
 
 
 class _Flight:
@@ -26,7 +41,7 @@ class _Flight:
     __slots__ = ("waiters",)
 
     def __init__(self) -> None:
-        self.waiters: dict[Deferred, None] = {}
+        self.waiters: dict[_Waiter, None] = {}
 
 
 class Coalescer:
@@ -67,32 +82,46 @@ class Coalescer:
         ``work`` may return a Deferred or a plain value, or raise; it is
         called only when no work for ``key`` is in flight.  Its result or
         failure reaches every waiter in the same reactor turn, and the key
-        is free again before any waiter's callbacks run.
+        is free again before any waiter's callbacks run.  Cancelling the
+        Deferred detaches this caller only.
         """
+        def start(finish: Callable[[Any], None]) -> None:
+            try:
+                shared = work()
+            except BaseException:
+                shared = Failure()
+            then(shared, finish)
+
+        return as_deferred(lambda done: self.join(key, start, done))
+
+    def join(self, key: Hashable, start: Callable[[Callable[[Any], None]],
+                                                  Any],
+             done: Callable[[Any], None]) -> Optional[_Waiter]:
+        """``run`` without Deferreds (``phantomd.direct``): ``done`` gets
+        the shared result or ``Failure``; ``start(finish)`` is called only
+        when no work for ``key`` is in flight, and must call ``finish``
+        once with the result (if it raises, that failure is the result).
+        Returns the caller's handle (``cancel()`` detaches it), or None
+        when shed (``done`` already has the ``Shed`` failure)."""
         flight = self._flights.get(key)
         if flight is not None:
             self._metrics.coalesced.inc()
-            return self._wait(flight)
+            waiter = _Waiter(flight, done)
+            flight.waiters[waiter] = None
+            return waiter
         if len(self._flights) >= self.max_in_flight:
-            return defer.fail(Shed())
+            done(Failure(Shed()))
+            return None
         flight = self._flights[key] = _Flight()
         self._update_gauge()
-        waiter = self._wait(flight)
-        try:
-            shared = work()
-        except BaseException:
-            shared = defer.fail()
-        if not isinstance(shared, Deferred):
-            shared = defer.succeed(shared)
-        shared.addBoth(self._finished, key, flight)
-        return waiter
-
-    def _wait(self, flight: _Flight) -> Deferred:
-        def detach(waiter: Deferred) -> None:
-            flight.waiters.pop(waiter, None)
-
-        waiter: Deferred = Deferred(canceller=detach)
+        waiter = _Waiter(flight, done)
         flight.waiters[waiter] = None
+        try:
+            start(lambda result: self._finished(result, key, flight))
+        except BaseException:
+            # A broken ``start`` must not hold the key forever; a second
+            # ``_finished`` (had it called ``finish`` first) finds no one.
+            self._finished(Failure(), key, flight)
         return waiter
 
     def _finished(self, result: Any, key: Hashable,
@@ -106,12 +135,14 @@ class Coalescer:
             self.log.debug("shared work failed with no caller left: {error}",
                            error=result.getErrorMessage())
         for waiter in waiters:
-            if waiter.called:  # cancelled by an earlier waiter's callback
+            done, waiter.done = waiter.done, None
+            if done is None:  # cancelled by an earlier waiter's callback
                 continue
-            if isinstance(result, Failure):
-                waiter.errback(result)
-            else:
-                waiter.callback(result)
+            try:
+                done(result)
+            except Exception:
+                # One caller's bug must not keep the others waiting.
+                self.log.failure("a waiter failed on its result")
 
     def _update_gauge(self) -> None:
         self._metrics.introspections_in_flight.set(len(self._flights))

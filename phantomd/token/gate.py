@@ -12,13 +12,15 @@ are known.  The cache key stays the token.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import (Any, Callable, Iterable, Mapping, Optional, Sequence,
+                    Union)
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.python.failure import Failure
 
+from phantomd.direct import as_deferred, then
 from phantomd.http.interfaces import IGate
 from phantomd.token.cache import scope_text
 from phantomd.token.dpop import (
@@ -75,12 +77,25 @@ class Gate:
             self.introspector = introspector
 
     def authorize(self, authorization: Sequence[bytes],
-                  dpop: Sequence[bytes] = (), method: bytes = b"GET",
-                  url: Optional[str] = None,
-                  client_cert: Optional[str] = None,
-                  required_scopes: Optional[Iterable[str]] = None
-                  ) -> "Deferred[Decision]":
-        """The decision for a request's ``Authorization`` values.
+                  **evidence: Any) -> "Deferred[Decision]":
+        """``authorize_to`` with a Deferred: cancelling it detaches the
+        caller (it fails with ``CancelledError``)."""
+        return as_deferred(lambda done: self.authorize_to(
+            done, authorization, **evidence))
+
+    def authorize_to(self, done: Callable[[Any], None],
+                     authorization: Sequence[bytes],
+                     dpop: Sequence[bytes] = (), method: bytes = b"GET",
+                     url: Optional[str] = None,
+                     client_cert: Optional[str] = None,
+                     required_scopes: Optional[Iterable[str]] = None
+                     ) -> Any:
+        """The decision for a request's ``Authorization`` values, given to
+        ``done`` (``phantomd.direct``): at once for a cache hit or a
+        refusal, when the introspection ends for a miss.  Returns None when
+        ``done`` has its decision already, else a handle whose ``cancel()``
+        detaches the caller (``done`` is then never called).  ``done``
+        gets a ``Failure`` only for a bug.
 
         ``required_scopes``: the scopes this request needs (a route's,
         DESIGN section 8), checked on cache hits too; None: the gate's.
@@ -92,7 +107,8 @@ class Gate:
         none of them gets sender-constrained tokens refused."""
         parsed = parse_credentials(authorization)
         if isinstance(parsed, Reject):
-            return succeed(parsed)
+            done(parsed)
+            return None
         scheme, token = parsed
         scopes = self._scopes if required_scopes is None else (
             frozenset(required_scopes))
@@ -105,82 +121,105 @@ class Gate:
             try:
                 proof = self.dpop.check(dpop, method, url, token)
             except ProofError as e:
-                return succeed(self._refuse_proof(e, tid))
+                done(self._refuse_proof(e, tid))
+                return None
             binding = (scheme, proof, client_cert)
         cached = self.cache.get(key)
         if cached is not None:
             if isinstance(cached, Active):
                 self.metrics.lookup["hit"].inc()
-                decision = self._decide(cached, "hit", tid, binding, scopes)
-                if isinstance(decision, Deferred):
-                    return decision  # the fleet's replay check (DPoP)
-                return succeed(decision)
+                # A Deferred for the fleet's replay check (DPoP).
+                return then(self._decide(cached, "hit", tid, binding,
+                                         scopes), done)
             self.metrics.lookup["negative_hit"].inc()
-            return succeed(self._inactive(tid, "negative_hit", binding))
+            done(self._inactive(tid, "negative_hit", binding))
+            return None
         self.metrics.lookup["miss"].inc()
         # Flights are per introspector as well as per token: a request
         # arriving after a reload that replaced the token service's client
         # must not join an introspection still running against the old one.
         introspector = self.introspector
-        d = self.coalescer.run(
+
+        def answered(result: Any) -> None:
+            try:
+                if isinstance(result, Failure):
+                    decision = self._failed(result, tid)
+                else:
+                    decision = self._answered(result, tid, binding, scopes)
+            except Exception:
+                decision = Failure()
+            then(decision, done)
+
+        return self.coalescer.join(
             (introspector, key),
-            lambda: self._introspect(introspector, token, key, tid))
-        d.addCallbacks(self._answered, self._failed,
-                       callbackArgs=(tid, binding, scopes),
-                       errbackArgs=(tid,))
-        return d
+            lambda finish: self._introspect(introspector, token, key, tid,
+                                            finish),
+            answered)
 
     # -- the shared introspection (one per token at a time) ----------------
 
-    def _introspect(self, introspector, token: str, key: bytes,
-                    tid: str) -> Deferred:
+    def _introspect(self, introspector, token: str, key: bytes, tid: str,
+                    finish: Callable[[Any], None]) -> None:
         start = self.clock.seconds()
-        d = introspector.introspect(token)
 
-        def answered(result):
+        def ended(result: Any) -> None:
             self.metrics.introspection_duration.observe(
                 self.clock.seconds() - start)
-            if isinstance(result, Active):
-                self.metrics.outcome["active"].inc()
-            elif isinstance(result, Inactive):
-                self.metrics.outcome["inactive"].inc()
-            else:
-                raise IntrospectionFailed(
-                    "error", "introspector gave %r" % type(result).__name__)
-            if self.readiness is not None:
-                self.readiness.token_service_ok()
-            if introspector is self.introspector:
-                # Not replaced by a reload meanwhile: a reload that changed
-                # the token service emptied the cache, and an answer from
-                # the old one must not slip back in.
-                self.cache.put(key, result)
-            return result
+            try:
+                if isinstance(result, Failure):
+                    result = self._not_introspected(result, tid)
+                else:
+                    result = self._introspected(introspector, key, result)
+            except Exception:
+                result = self._not_introspected(Failure(), tid)
+            finish(result)
 
-        def failed(f: Failure):
-            self.metrics.introspection_duration.observe(
-                self.clock.seconds() - start)
-            if f.check(IntrospectionFailed):
-                # The introspector logs failures, throttled: an outage
-                # under load must not become one warning per request.
-                kind = f.value.kind
-                self.log.debug(
-                    "introspection failed for {token_id}: {kind}: "
-                    "{description}", token_id=tid, kind=kind,
-                    description=f.value.description)
-            else:
-                kind = "error"
-                self.log.failure("introspection crashed for {token_id}", f,
-                                 token_id=tid)
-                f = Failure(IntrospectionFailed(
-                    "error", "internal error during introspection"))
-            self.metrics.outcome[
-                "timeout" if kind == "timeout" else "error"].inc()
-            if self.readiness is not None:
-                self.readiness.token_service_failed()
-            return f
+        try:
+            introspect_to = getattr(introspector, "introspect_to", None)
+            if introspect_to is not None:
+                introspect_to(token, ended)
+            else:  # a fleet tier's wrapper
+                introspector.introspect(token).addBoth(ended)
+        except Exception:
+            ended(Failure())
 
-        d.addCallbacks(answered, failed)
-        return d
+    def _introspected(self, introspector, key: bytes, result: Any) -> Any:
+        if isinstance(result, Active):
+            self.metrics.outcome["active"].inc()
+        elif isinstance(result, Inactive):
+            self.metrics.outcome["inactive"].inc()
+        else:
+            raise IntrospectionFailed(
+                "error", "introspector gave %r" % type(result).__name__)
+        if self.readiness is not None:
+            self.readiness.token_service_ok()
+        if introspector is self.introspector:
+            # Not replaced by a reload meanwhile: a reload that changed
+            # the token service emptied the cache, and an answer from
+            # the old one must not slip back in.
+            self.cache.put(key, result)
+        return result
+
+    def _not_introspected(self, f: Failure, tid: str) -> Failure:
+        if f.check(IntrospectionFailed):
+            # The introspector logs failures, throttled: an outage
+            # under load must not become one warning per request.
+            kind = f.value.kind
+            self.log.debug(
+                "introspection failed for {token_id}: {kind}: "
+                "{description}", token_id=tid, kind=kind,
+                description=f.value.description)
+        else:
+            kind = "error"
+            self.log.failure("introspection crashed for {token_id}", f,
+                             token_id=tid)
+            f = Failure(IntrospectionFailed(
+                "error", "internal error during introspection"))
+        self.metrics.outcome[
+            "timeout" if kind == "timeout" else "error"].inc()
+        if self.readiness is not None:
+            self.readiness.token_service_failed()
+        return f
 
     # -- per request --------------------------------------------------------
 
