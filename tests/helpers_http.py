@@ -8,6 +8,7 @@ import httptools
 from twisted.internet import defer, protocol
 
 from phantomd import config
+from phantomd.direct import then
 from phantomd.token.outcomes import Forward, Reject
 
 OPAQUE = "opaque-token-0123456789"
@@ -53,6 +54,11 @@ class FakeGate:
             self.pending.append((d, authorization))
             return d
         return defer.succeed(self.decide(authorization))
+
+    def authorize_to(self, done: Callable[[Any], None], authorization: list,
+                     **evidence: Any) -> Any:
+        """The real gate's contract, over ``authorize``."""
+        return then(self.authorize(authorization, **evidence), done)
 
     def release(self) -> None:
         pending, self.pending = self.pending, []

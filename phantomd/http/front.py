@@ -32,12 +32,14 @@ holds what all connections share.
 from __future__ import annotations
 
 from collections import deque
+from functools import partial
 from typing import TYPE_CHECKING, Any, Optional
 
 from twisted.internet import defer
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from phantomd.http.admission import (
@@ -57,7 +59,7 @@ from phantomd.http.forwarding import (
     upstream_target)
 from phantomd.token.mtls import peer_thumbprint
 from phantomd.http.wire import MODE_CHUNKED, MODE_EOF, MODE_LENGTH
-from phantomd.token.outcomes import Forward, Reject, error_response
+from phantomd.token.outcomes import Forward, error_response
 from phantomd.token.tokens import jwt_shaped
 from phantomd.http.cors import without_cors
 from phantomd.http.routes import claim_lines
@@ -66,9 +68,6 @@ if TYPE_CHECKING:
     from phantomd.http.listener import FrontFactory
 
 log = Logger()
-
-
-_OUTCOMES = (Forward, Reject)
 
 
 _IDLE, _GATE, _CONNECT, _UPSTREAM, _RESPONSE, _TUNNEL, _CLOSED = (
@@ -452,25 +451,21 @@ class FrontProtocol(Protocol):
         self._to(_GATE)
         auth, proofs = what
         scopes = r.route.required_scopes
+        done = partial(self._gate_done, r)
         if proofs is None and not self._tls:
             if scopes is None:
-                d = f.gate.authorize(auth)
+                waiting = f.gate.authorize_to(done, auth)
             else:
-                d = f.gate.authorize(auth, required_scopes=scopes)
+                waiting = f.gate.authorize_to(done, auth,
+                                              required_scopes=scopes)
         else:
             more = evidence(proofs or (), r, self._tls, self._trusted(),
                             self._peer_cert)
             if scopes is not None:
                 more["required_scopes"] = scopes
-            d = f.gate.authorize(auth, **more)
-        result = getattr(d, "result", None)
-        if d.called and type(result) in _OUTCOMES:
-            # Already decided (a cache hit): skip the callback machinery.
-            self._authorized(result, r)
-        else:
-            self._gate_d = d
-            d.addCallbacks(self._authorized, self._gate_failed,
-                           callbackArgs=(r,), errbackArgs=(r,))
+            waiting = f.gate.authorize_to(done, auth, **more)
+        if waiting is not None and self._req is r and self.state is _GATE:
+            self._gate_d = waiting  # cancelled if the client goes away
 
     def _peer_cert(self) -> Any:
         """The thumbprint of the certificate the client presented on this
@@ -487,6 +482,12 @@ class FrontProtocol(Protocol):
             self._proxies = proxies
             self._peer_trusted = proxies.trusts(self._peer)
         return self._peer_trusted
+
+    def _gate_done(self, r: ParsedRequest, result: Any) -> None:
+        if isinstance(result, Failure):
+            self._gate_failed(result, r)
+        else:
+            self._authorized(result, r)
 
     def _gate_failed(self, failure: Any, r: ParsedRequest) -> None:
         if failure.check(defer.CancelledError) or r is not self._req:

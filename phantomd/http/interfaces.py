@@ -22,6 +22,12 @@ class IGate(Interface):
         evidence of DESIGN section 12 (``dpop``, ``method``, ``url``,
         ``client_cert``)."""
 
+    def authorize_to(done, authorization):
+        """``authorize`` without a Deferred (``phantomd.direct``), the
+        front's way: ``done(Forward | Reject)`` once, at once for a cache
+        hit; returns None once ``done`` has it, else a handle whose
+        ``cancel()`` detaches the caller.  The same keywords."""
+
 
 class IUpstreamPool(Interface):
     """Persistent connections to one upstream URL."""
