@@ -257,7 +257,6 @@ class FirstSubscriptionTests(SynchronousTestCase):
         """The command connection can be up (answers read from Redis and
         cached) before the pub/sub one: revocations published until it
         subscribes were never heard, the first time as any other."""
-        from twisted.internet import defer
         from twisted.internet.task import Clock
         from phantomd.ops.metrics import Metrics
         from phantomd.token.tokens import token_key

@@ -19,7 +19,6 @@ from zope.interface import directlyProvides
 
 from phantomd.ops.admin import make_admin_site
 from phantomd.ops.metrics import REJECT_REASONS, Metrics
-from phantomd.token.outcomes import Forward
 from tests.helpers_http import JWT, RawClient
 from tests.test_http_e2e import ProxyCase
 from tests.test_http_server import AUTH, FrontCase, get

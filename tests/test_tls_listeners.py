@@ -12,7 +12,6 @@ token is its own answer, proof that HTTP went through the TLS connection.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 
