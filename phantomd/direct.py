@@ -4,14 +4,16 @@ A new token's request goes client connection -> gate -> coalescer ->
 introspector -> HTTP client and back.  Each hop used to hand the next a
 ``Deferred``: three of them, five callbacks, about 5 us of the miss path
 on this project's bench machine (``bench/missloop.py``).  Those hops now
-take a ``done`` callable instead (the ``*_to`` methods) and return a
-*handle*: ``handle.cancel()`` means "I no longer want it", after which
+take a ``done`` callable instead (``Gate.authorize_to``,
+``Coalescer.join``, ``Introspector.introspect_to``,
+``HTTPClient.request``) and return a *handle*: ``handle.cancel()`` means "I no longer want it", after which
 ``done`` is never called.  ``done`` is called exactly once otherwise,
 with the result or a ``Failure``.
 
-The Deferred methods (``fetch``, ``introspect``, ``run``, ``authorize``)
-stay, built on the ``*_to`` ones by ``as_deferred``, for callers off the
-hot path (forward-auth, the key set, a wrapped introspector) and tests.
+The Deferred methods (``fetch``, ``introspect``, ``authorize``) stay,
+built on the direct ones by ``as_deferred``, for callers off the hot path
+(forward-auth, the key set, a fleet tier's wrapped introspector); the
+coalescer has only ``join``, the gate being its one caller.
 """
 
 from __future__ import annotations

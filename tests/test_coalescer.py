@@ -1,7 +1,14 @@
-"""The coalescer: one work per key, a Deferred per caller, Shed at a bound."""
+"""The coalescer: one work per key, an answer per caller, Shed at a bound.
+
+Most rows ask through ``Runner.run``, a Deferred over ``Coalescer.join``,
+so each caller's answer is easy to hold; ``JoinTests`` use ``join`` bare,
+as the gate does."""
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+
+from phantomd.direct import as_deferred, then
 
 from phantomd.token.coalescer import Coalescer
 from phantomd.ops.metrics import Metrics
@@ -22,13 +29,39 @@ class FakeIntrospector:
         return d
 
 
+class Runner:
+    """A coalescer asked with Deferreds: ``run(key, work)`` gives a new
+    Deferred of the shared ``work()``, which may return a Deferred or a
+    value, or raise."""
+
+    def __init__(self, coalescer):
+        self.coalescer = coalescer
+
+    def __len__(self):
+        return len(self.coalescer)
+
+    def reconfigure(self, max_in_flight):
+        self.coalescer.reconfigure(max_in_flight)
+
+    def run(self, key, work):
+        def start(finish):
+            try:
+                shared = work()
+            except BaseException:
+                shared = Failure()
+            then(shared, finish)
+
+        return as_deferred(lambda done: self.coalescer.join(key, start,
+                                                            done))
+
+
 class CoalescerTestCase(SynchronousTestCase):
     def setUp(self):
         self.metrics = Metrics()
         self.fake = FakeIntrospector()
 
     def coalescer(self, max_in_flight=10):
-        return Coalescer(self.metrics, max_in_flight)
+        return Runner(Coalescer(self.metrics, max_in_flight))
 
     def coalesced(self):
         return self.metrics.sample("phantomd_coalesced_requests_total")
@@ -202,6 +235,9 @@ class ShedTests(CoalescerTestCase):
 class JoinTests(CoalescerTestCase):
     """``join``: the coalescer without Deferreds, as the gate's miss path
     uses it."""
+
+    def coalescer(self, max_in_flight=10):
+        return Coalescer(self.metrics, max_in_flight)
 
     def start(self, finish):
         self.finishes.append(finish)

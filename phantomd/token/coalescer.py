@@ -1,7 +1,7 @@
 """One introspection per token at a time, however many requests want it.
 
-Shaped like ``DeferredLock``/``DeferredSemaphore``: every caller gets a
-``Deferred`` of its own, fed from the one shared work, so cancelling one
+Every caller joins with a ``done`` callable of its own and gets a handle
+(``phantomd.direct``), fed from the one shared work, so cancelling one
 caller (a client that went away) detaches only that caller and never the
 introspection the others are waiting for.
 """
@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, Hashable, Optional
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from phantomd.direct import as_deferred, then
 from phantomd.token.outcomes import Shed
 
 __all__ = ["Coalescer"]
@@ -76,31 +74,15 @@ class Coalescer:
     def __len__(self) -> int:
         return len(self._flights)
 
-    def run(self, key: Hashable, work: Callable[[], Any]) -> Deferred:
-        """A new ``Deferred`` with the result of the (shared) ``work()``.
-
-        ``work`` may return a Deferred or a plain value, or raise; it is
-        called only when no work for ``key`` is in flight.  Its result or
-        failure reaches every waiter in the same reactor turn, and the key
-        is free again before any waiter's callbacks run.  Cancelling the
-        Deferred detaches this caller only.
-        """
-        def start(finish: Callable[[Any], None]) -> None:
-            try:
-                shared = work()
-            except BaseException:
-                shared = Failure()
-            then(shared, finish)
-
-        return as_deferred(lambda done: self.join(key, start, done))
-
     def join(self, key: Hashable, start: Callable[[Callable[[Any], None]],
                                                   Any],
              done: Callable[[Any], None]) -> Optional[_Waiter]:
-        """``run`` without Deferreds (``phantomd.direct``): ``done`` gets
-        the shared result or ``Failure``; ``start(finish)`` is called only
-        when no work for ``key`` is in flight, and must call ``finish``
-        once with the result (if it raises, that failure is the result).
+        """Join the work for ``key``, starting it if none is in flight:
+        ``done`` gets the shared result or ``Failure``, in the same reactor
+        turn as every other waiter, after the key is free again.
+        ``start(finish)`` is called only when no work for ``key`` is in
+        flight, and must call ``finish`` once with the result (if it
+        raises, that failure is the result).
         Returns the caller's handle (``cancel()`` detaches it), or None
         when shed (``done`` already has the ``Shed`` failure)."""
         flight = self._flights.get(key)
