@@ -191,6 +191,33 @@ class SharedReplayTests(BindingTests):
                          (503, "temporarily_unavailable", 1))
         self.assertEqual(self.failures("unavailable"), 1)
 
+    def test_caller_gone_during_the_replay_check_gets_nothing(self):
+        """A miss whose caller leaves while Redis is claiming the proof's
+        jti: the caller is told nothing afterwards (no decision reaches a
+        cancelled request, and its Deferred is not fired twice)."""
+        from twisted.internet.defer import CancelledError, Deferred
+        pending = []
+        self.redis.call = lambda *args: pending.append(Deferred()) or \
+            pending[-1]
+        got = []
+        handle = self.gate.authorize_to(
+            got.append, [b"DPoP " + TOKEN.encode()],
+            dpop=[make_proof(iat=self.clock.seconds(), jti="a")],
+            method=b"GET", url=URL)
+        d = self.gate.authorize(
+            [b"DPoP " + TOKEN.encode()],
+            dpop=[make_proof(iat=self.clock.seconds(), jti="b")],
+            method=b"GET", url=URL)
+        self.answer(self.active(cnf={"jkt": JKT}))
+        self.assertEqual((len(pending), got), (2, []))
+        handle.cancel()
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        for claim in pending:
+            self.assertTrue(claim.called, "the Redis claim was not "
+                            "cancelled with its caller")
+        self.assertEqual(got, [])
+
     def test_replay_cache_full_is_503(self):
         self.gate.dpop.replays.max_entries = 1
         results = self.dpop(jti="a")

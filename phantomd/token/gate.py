@@ -49,6 +49,23 @@ def granted_scopes(claims: Mapping[str, Any]) -> frozenset:
     return frozenset((scope_text(claims) or "").split())
 
 
+class _Miss:
+    """A miss's handle: the caller's place in the coalescer's flight until
+    the answer, then the fleet's replay check (DPoP) if one runs;
+    ``cancel()`` leaves whichever it is, and nothing is delivered."""
+
+    __slots__ = ("waiting", "answered")
+
+    def __init__(self) -> None:
+        self.waiting: Any = None
+        self.answered = False
+
+    def cancel(self) -> None:
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            waiting.cancel()
+
+
 @implementer(IGate)
 class Gate:
     log = Logger()
@@ -139,8 +156,10 @@ class Gate:
         # arriving after a reload that replaced the token service's client
         # must not join an introspection still running against the old one.
         introspector = self.introspector
+        miss = _Miss()
 
         def answered(result: Any) -> None:
+            miss.answered = True
             try:
                 if isinstance(result, Failure):
                     decision = self._failed(result, tid)
@@ -148,13 +167,16 @@ class Gate:
                     decision = self._answered(result, tid, binding, scopes)
             except Exception:
                 decision = Failure()
-            then(decision, done)
+            miss.waiting = then(decision, done)
 
-        return self.coalescer.join(
+        waiter = self.coalescer.join(
             (introspector, key),
             lambda finish: self._introspect(introspector, token, key, tid,
                                             finish),
             answered)
+        if not miss.answered:
+            miss.waiting = waiter
+        return miss if miss.waiting is not None else None
 
     # -- the shared introspection (one per token at a time) ----------------
 
