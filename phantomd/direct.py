@@ -6,8 +6,8 @@ introspector -> HTTP client and back.  Each hop used to hand the next a
 on this project's bench machine (``bench/missloop.py``).  Those hops now
 take a ``done`` callable instead (``Gate.authorize_to``,
 ``Coalescer.join``, ``Introspector.introspect_to``,
-``HTTPClient.request``) and return a *handle*: ``handle.cancel()`` means "I no longer want it", after which
-``done`` is never called.  ``done`` is called exactly once otherwise,
+``HTTPClient.request``) and return a *handle*: ``handle.cancel()``
+means "I no longer want it", after which ``done`` is never called.  ``done`` is called exactly once otherwise,
 with the result or a ``Failure``.
 
 The Deferred methods (``fetch``, ``introspect``, ``authorize``) stay,
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 
@@ -51,7 +51,10 @@ def as_deferred(start: Callable[[Callable[[Any], None]], Any]) -> Deferred:
 
 class _Detach:
     """The handle ``then`` gives for a Deferred still waiting: cancelling
-    it cancels the Deferred and drops ``done``, which is not called."""
+    it cancels the Deferred and drops ``done``, which is not called.  What
+    the Deferred ends with then has no one to go to and is dropped: not
+    always ``CancelledError`` (treq's request fails with
+    ``ResponseNeverReceived([CancelledError])``)."""
 
     __slots__ = ("d", "done")
 
@@ -64,8 +67,6 @@ class _Detach:
         done, self.done = self.done, None
         if done is not None:
             done(result)
-        elif isinstance(result, Failure):
-            result.trap(CancelledError)
 
     def cancel(self) -> None:
         self.done = None

@@ -45,6 +45,13 @@ class ThenTests(SynchronousTestCase):
         self.assertEqual(got, [])
         self.assertTrue(d.called)  # and its CancelledError was consumed
 
+    def test_cancel_drops_whatever_failure_the_deferred_ends_with(self):
+        got = []
+        d = Deferred(lambda d: d.errback(ValueError("cancelled its way")))
+        then(d, got.append).cancel()
+        self.assertEqual(got, [])
+        self.assertIsNone(self.successResultOf(d))  # consumed, not unhandled
+
     def test_cancel_after_it_fired_delivers_it_once(self):
         got, d = [], Deferred()
         handle = then(d, got.append)
