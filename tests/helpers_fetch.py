@@ -19,13 +19,15 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from phantomd.direct import then
 from phantomd.http.client import (Answer, BodyFailed, BodyTooLarge,
                                   EncodedHeaders)
 
 
 class TreqFetcher:
-    """``fetch`` as ``HTTPClient`` has it, through ``http`` (treq's
-    interface: ``StubTreq``, or any object with ``request``)."""
+    """``fetch`` and ``request`` as ``HTTPClient`` has them, through
+    ``http`` (treq's interface: ``StubTreq``, or any object with
+    ``request``)."""
 
     def __init__(self, http: Any) -> None:
         self.http = http
@@ -35,6 +37,15 @@ class TreqFetcher:
               keep: tuple = (200,)) -> Deferred:
         return _via_treq(self.http, method, url, data, _plain(headers),
                          max_body, keep)
+
+    def request(self, method: Any, url: str, data: Optional[bytes],
+                headers: Any, max_body: int, keep: tuple,
+                done: Callable[[Any], None]) -> Any:
+        """``fetch`` with a callable (``phantomd.direct``)."""
+        if isinstance(method, bytes):
+            method = method.decode("ascii")
+        return then(self.fetch(method, url, data, headers, max_body, keep),
+                    done)
 
 
 def _plain(headers: Any) -> Any:

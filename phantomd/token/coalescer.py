@@ -82,9 +82,9 @@ class Coalescer:
         turn as every other waiter, after the key is free again.
         ``start(finish)`` is called only when no work for ``key`` is in
         flight, and must call ``finish`` once with the result (if it
-        raises, that failure is the result).
-        Returns the caller's handle (``cancel()`` detaches it), or None
-        when shed (``done`` already has the ``Shed`` failure)."""
+        raises, that failure is the result).  Returns the caller's handle
+        (``cancel()`` detaches it), or None when shed (``done`` already
+        has the ``Shed`` failure)."""
         flight = self._flights.get(key)
         if flight is not None:
             self._metrics.coalesced.inc()

@@ -152,10 +152,7 @@ class Introspector:
         # which count only when empty (so they must be seen, bounded).
         self._keep = (200,) + tuple(sorted(self._inactive_statuses))
         self._url = settings.url
-        # The lean client's ``request`` calls back directly; any other
-        # client (treq's StubTreq in unit tests) is asked with ``fetch``.
-        self._send = getattr(http_client, "request", None)
-        self._fetch = http_client.fetch
+        self._send = http_client.request
         self._static_form: Optional[tuple[bytes, Any]] = None
         if self._auth.static:
             tail, headers = self._form()
@@ -195,14 +192,8 @@ class Introspector:
         if _FORM_SAFE(token) is None:
             token = quote_plus(token, safe="")
         body = b"token=%s%s" % (token.encode("ascii"), tail)
-        if self._send is not None:
-            return self._send(b"POST", self._url, body, headers,
-                              self._settings.max_response_bytes, self._keep,
-                              done)
-        d = self._fetch("POST", self._url, body, headers,
-                        self._settings.max_response_bytes, self._keep)
-        d.addBoth(done)
-        return d
+        return self._send(b"POST", self._url, body, headers,
+                          self._settings.max_response_bytes, self._keep, done)
 
     def _answer(self, status: int, headers: dict[str, list[str]],
                 body: bytes) -> Any:
