@@ -2,8 +2,9 @@
 a log context per event, over real loopback sockets."""
 
 import socket
+import struct
 
-from twisted.internet import epollreactor, protocol
+from twisted.internet import epollreactor, error, protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
@@ -95,6 +96,81 @@ class LeanPollingTests(EpollCase):
         self.assertIn("connectionLost went wrong",
                       str(self.errors[0]["log_failure"].value))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+class Recorder(protocol.Protocol):
+    """Keeps what it reads and how its connection ended."""
+
+    instances: list = []
+    fail_on = None
+
+    def connectionMade(self):
+        self.got = []
+        self.reason = None
+        Recorder.instances.append(self)
+
+    def dataReceived(self, data):
+        self.got.append(data)
+        if self.fail_on is not None and self.fail_on in data:
+            raise RuntimeError("dataReceived went wrong")
+
+    def connectionLost(self, reason):
+        self.reason = reason
+
+
+class Failing(Recorder):
+    fail_on = b"boom"
+
+
+class ReadTests(EpollCase):
+    """A plain TCP connection's input, read by the lean poll itself, ends
+    the way Twisted's own doRead ends it."""
+
+    def setUp(self):
+        super().setUp()
+        Recorder.instances = []
+
+    def connected(self, proto):
+        c = self.client(self.listen(proto))
+        self.turns(lambda: Recorder.instances)
+        return c, Recorder.instances[-1]
+
+    def test_bytes_arrive_in_order(self):
+        c, server = self.connected(Recorder)
+        c.send(b"one ")
+        self.turns(lambda: server.got)
+        c.send(b"two")
+        self.turns(lambda: b"".join(server.got) == b"one two")
+        self.assertIsNone(server.reason)
+
+    def test_the_end_of_input_is_a_clean_close(self):
+        c, server = self.connected(Recorder)
+        c.send(b"last words")
+        c.shutdown(socket.SHUT_WR)
+        self.turns(lambda: server.reason is not None)
+        self.assertEqual(b"".join(server.got), b"last words")
+        self.assertTrue(server.reason.check(error.ConnectionDone))
+
+    def test_a_reset_is_a_lost_connection(self):
+        c, server = self.connected(Recorder)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                     struct.pack("ii", 1, 0))
+        c.close()  # with SO_LINGER 0: a reset
+        self.turns(lambda: server.reason is not None)
+        self.assertTrue(server.reason.check(error.ConnectionLost))
+
+    def test_a_protocol_error_drops_only_its_connection(self):
+        bad, failing = self.connected(Failing)
+        good, fine = self.connected(Recorder)
+        bad.send(b"boom")
+        good.send(b"still read")
+        self.turns(lambda: failing.reason is not None and fine.got)
+        self.assertTrue(failing.reason.check(RuntimeError))
+        self.assertEqual(fine.got, [b"still read"])
+        self.assertIsNone(fine.reason)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertIn("dataReceived went wrong",
+                      str(self.errors[0]["log_failure"].value))
 
 
 class OtherReactorsTests(unittest.TestCase):

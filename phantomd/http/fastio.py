@@ -38,7 +38,10 @@ import types
 import weakref
 from typing import Any, Callable
 
+from select import EPOLLIN
+
 from twisted.internet import tcp
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.logger import Logger
 
 log = Logger()
@@ -86,15 +89,28 @@ class Cork:
                 log.failure("while sending held bytes")
 
 
+_SEND_LIMIT = tcp.Connection.SEND_LIMIT
 _CORKS: "weakref.WeakKeyDictionary[Any, Cork]" = weakref.WeakKeyDictionary()
 
 
 def _send_now(t: Any, data: bytes) -> None:
-    """Give ``data`` to the kernel; queue in Twisted what it did not take."""
-    sent = t.writeSomeData(data)
-    if type(sent) is not int:
-        t.write(data)  # the error shows again, the usual way
-    elif sent < len(data):
+    """Give ``data`` to the kernel; queue in Twisted what it did not take.
+    Up to Twisted's ``SEND_LIMIT``, straight to the socket: ``writeSomeData``
+    would add a memoryview and two calls around the same ``send``."""
+    if len(data) <= _SEND_LIMIT:
+        try:
+            sent = t.socket.send(data)
+        except OSError:
+            # EAGAIN: all of it waits; any other error shows again, the
+            # usual way, when Twisted tries to send it.
+            t.write(data)
+            return
+    else:
+        sent = t.writeSomeData(data)
+        if type(sent) is not int:
+            t.write(data)  # the error shows again, the usual way
+            return
+    if sent < len(data):
         t.write(data[sent:])
 
 
@@ -156,10 +172,36 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
     return write
 
 
+def _read(t: Any, lost: Callable[..., None]) -> None:
+    """Twisted's ``tcp.Connection.doRead`` and what ``_doReadOrWrite`` does
+    with its answer, in one call: ``recv``, then the protocol's
+    ``dataReceived``; the end of input, a socket error or an exception
+    from the protocol disconnect ``t`` (``lost``: the reactor's
+    ``_disconnectSelectable``)."""
+    try:
+        data = t.socket.recv(t.bufferSize)
+    except OSError as e:
+        if e.args[0] != errno.EAGAIN:
+            lost(t, CONNECTION_LOST, True)
+        return
+    if not data:
+        lost(t, CONNECTION_DONE, True)
+        return
+    try:
+        t.protocol.dataReceived(data)
+    except BaseException as e:
+        log.failure("while reading {selectable!r}", selectable=t)
+        lost(t, e, True)
+
+
 def _lean_do_poll(self: Any, timeout: Any) -> None:
-    """``EPollReactor.doPoll`` (Twisted 22-25), but each event goes straight
+    """``EPollReactor.doPoll`` (Twisted 22-26), but each event goes straight
     to ``_doReadOrWrite`` instead of through ``log.callWithLogger``, and
-    the writes of all the events go out after the last (``Cork``).
+    the writes of all the events go out after the last (``Cork``).  A
+    plain TCP connection with only input waiting is read here, as its
+    ``doRead`` would (``recv``, then ``dataReceived``; end of input,
+    an error or an exception from the protocol disconnect it as
+    ``_doReadOrWrite`` would), without four Python calls around it.
 
     That wrapper pushes a legacy-log context ("system": the transport's
     log prefix) around every read and write: eight Python calls and a dict
@@ -177,6 +219,7 @@ def _lean_do_poll(self: Any, timeout: Any) -> None:
             return
         raise
     dispatch = self._doReadOrWrite
+    lost = self._disconnectSelectable
     selectables = self._selectables
     cork = _CORKS[self]
     # A lone event has no one to share its sends with: they go at once.
@@ -185,12 +228,16 @@ def _lean_do_poll(self: Any, timeout: Any) -> None:
         for fd, event in events:
             # Looked up per event: an earlier one may have closed this fd.
             selectable = selectables.get(fd)
-            if selectable is not None:
-                try:
+            if selectable is None:
+                continue
+            try:
+                if event == EPOLLIN and type(selectable) in _PLAIN_TCP:
+                    _read(selectable, lost)
+                else:
                     dispatch(selectable, fd, event)
-                except BaseException:
-                    log.failure("while handling an event on {selectable!r}",
-                                selectable=selectable)
+            except BaseException:
+                log.failure("while handling an event on {selectable!r}",
+                            selectable=selectable)
     finally:
         cork.release()
 
