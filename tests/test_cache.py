@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from phantomd.token.cache import TokenCache
+from phantomd.token.cache import TokenCache, scope_text
 from phantomd.ops.metrics import Metrics
 from phantomd.token.outcomes import Active, Inactive
 
@@ -49,16 +49,31 @@ class CacheTestCase(SynchronousTestCase):
 
 
 class TTLTests(CacheTestCase):
-    def test_hit_returns_the_jwt_and_the_claims_the_gate_needs(self):
+    def test_hit_returns_the_jwt_and_its_claims(self):
+        """A hit's claims are what the miss's were (its JWT's payload):
+        a route's claim headers and a tunnel's exp and sub need them."""
         c = self.cache()
-        c.put(key("t"), active(lifetime=60, scope="read",
-                               exp=self.clock.seconds() + 600))
+        stored = active(lifetime=60, scope="read", tenant="t1",
+                        exp=self.clock.seconds() + 600)
+        c.put(key("t"), stored)
         got = c.get(key("t"))
         self.assertIsInstance(got, Active)
-        self.assertEqual(got.claims, {"scope": "read"})
+        self.assertEqual(dict(got.claims), stored.claims)
+        self.assertEqual(got.claims["tenant"], "t1")
+        self.assertEqual(got.claims.get("exp"), self.clock.seconds() + 600)
+        self.assertNotIn("nope", got.claims)
         self.assertEqual(got.lifetime, 60)
-        self.assertEqual(got.jwt, active(
-            scope="read", exp=self.clock.seconds() + 600).jwt)
+        self.assertEqual(got.jwt, stored.jwt)
+
+    def test_the_gates_questions_need_no_decoding(self):
+        """Scopes and cnf come from the entry itself: a JWT that would not
+        decode still gets them (the payload is decoded only on demand)."""
+        c = self.cache()
+        c.put(key("t"), Active(jwt="not.a-jwt", claims={
+            "scope": "r", "cnf": {"jkt": "abc"}}, lifetime=60))
+        claims = c.get(key("t")).claims
+        self.assertEqual(scope_text(claims), "r")
+        self.assertEqual(claims.cnf, {"jkt": "abc"})
 
     def test_expires_exactly_at_put_time_plus_ttl(self):
         c = self.cache()
@@ -135,9 +150,9 @@ class TTLTests(CacheTestCase):
                           ("u", {"scp": ["read", "write"]}),
                           ("v", {"scp": "read write"})):
             c.put(key(k), Active(jwt="j", claims=claims, lifetime=60))
-            self.assertEqual(c.get(key(k)).claims, {"scope": "read write"})
+            self.assertEqual(scope_text(c.get(key(k)).claims), "read write")
         c.put(key("w"), Active(jwt="j", claims={"sub": "a"}, lifetime=60))
-        self.assertEqual(c.get(key("w")).claims, {})
+        self.assertIsNone(scope_text(c.get(key("w")).claims))
 
     def test_cnf_kept_for_hits(self):
         """A hit must still show what the token is bound to, or a stolen
@@ -145,10 +160,10 @@ class TTLTests(CacheTestCase):
         cached (DESIGN section 12)."""
         c = self.cache()
         cnf = {"jkt": "abc"}
-        c.put(key("t"), Active(jwt="j", claims={"scope": "r", "cnf": cnf},
-                               lifetime=60))
-        self.assertEqual(c.get(key("t")).claims,
-                         {"scope": "r", "cnf": cnf})
+        c.put(key("t"), active(lifetime=60, scope="r", cnf=cnf))
+        claims = c.get(key("t")).claims
+        self.assertEqual(claims.cnf, cnf)
+        self.assertEqual(claims["cnf"], cnf)
 
     def test_equal_scope_strings_are_stored_once(self):
         c = self.cache()
@@ -156,7 +171,7 @@ class TTLTests(CacheTestCase):
             c.put(key("t%d" % i), Active(
                 jwt="j", claims={"scope": "".join(["read ", "write"])},
                 lifetime=60))
-        scopes = {id(c.get(key("t%d" % i)).claims["scope"])
+        scopes = {id(scope_text(c.get(key("t%d" % i)).claims))
                   for i in range(3)}
         self.assertEqual(len(scopes), 1)
 

@@ -82,6 +82,21 @@ class RoutesE2E(GatewayCase):
                                   {"code": "4xx"}), 3)
 
     @async_test
+    async def test_claim_headers_are_sent_on_cache_hits_too(self):
+        s = await self.scene()
+        token, _ = s.good_token(sub="alice", tenant="t1", roles=["a", "b"],
+                                scope="orders")
+        for _ in range(3):
+            r = await self.send("GET", "/orders/7", token,
+                                headers=[("X-User-Id", "mallory")])
+            self.assertEqual(r.status, 200, r.body)
+            got = self.orders.requests[-1]
+            self.assertEqual(got.header(b"x-user-id"), [b"alice"])
+            self.assertEqual(got.header(b"x-tenant"), [b"t1"])
+            self.assertEqual(got.header(b"x-roles"), [b"a b"])
+        self.assertEqual(len(s.ts.requests), 1)  # two of them were hits
+
+    @async_test
     async def test_public_and_optional_routes_never_forward_a_token(self):
         s = await self.scene()
         r = await self.send("GET", "/public/page", "opaque-secret-token",

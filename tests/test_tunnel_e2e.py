@@ -150,6 +150,23 @@ class TunnelE2E(unittest.TestCase):
                                        lambda: self.server.get("closed"), 5))
         self.assertEqual(self.gauge(scene), 0)
 
+    @async_test
+    async def test_a_tunnel_opened_on_a_cache_hit_still_ends_at_exp(self):
+        """The token's exp is read from the cached JWT: a tunnel opened by
+        a cache hit must not outlive the token."""
+        from tests.robustness.fakes import one_request
+        scene = await self.scene()
+        token = new_token()
+        scene.ts.activate(token, jwt=make_jwt(lifetime=3))
+        await one_request(reactor, scene.front, request_bytes(
+            "GET", "/plain", token, close=True))
+        self.assertEqual(len(scene.ts.requests), 1)
+        c = self.client(scene, "chatty", token)
+        self.assertEqual(await c.first("echo"), "hello")
+        self.assertEqual(len(scene.ts.requests), 1)  # the tunnel: a hit
+        await c.first("closed", timeout=15)
+        self.assertTrue(await wait_for(reactor,
+                                       lambda: self.gauge(scene) == 0, 5))
 
     @async_test
     async def test_revoking_the_token_closes_its_tunnel(self):

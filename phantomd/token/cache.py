@@ -12,6 +12,7 @@ import math
 from collections import OrderedDict
 from typing import Any, Mapping, Optional, Union
 
+from phantomd.token import jose
 from phantomd.token.outcomes import Active, Inactive
 
 __all__ = ["TokenCache"]
@@ -37,9 +38,10 @@ class TokenCache:
     space-separated string shared between entries through a bounded table
     of distinct scope strings.  Its ``exp`` need not be kept, since an entry
     never outlives it.  So an entry costs its JWT plus a small tuple, and a
-    hit decodes nothing; a hit's ``claims`` are ``{"scope": ...}`` (empty
-    when the token has no scopes) and ``cnf`` if the token had one, not
-    the whole payload.
+    hit decodes nothing it does not need: a hit's ``claims`` are a
+    ``CachedClaims``, which answers the gate (scopes, ``cnf``) from the
+    entry and decodes the JWT's payload only when something else is asked
+    for (a route's ``claim_headers``, a tunnel's ``exp`` and ``sub``).
 
     A value returned by ``get`` carries as ``lifetime`` the seconds it has
     left in the cache, not the lifetime it was stored with.
@@ -93,10 +95,9 @@ class TokenCache:
         self._entries.move_to_end(key)
         if len(entry) == 1:
             return Inactive(lifetime=expiry - now)
-        jwt, scope = entry[1], entry[2]
-        claims = {} if scope is None else {"scope": scope}
-        if len(entry) == 4:
-            claims["cnf"] = entry[3]
+        jwt = entry[1]
+        claims = CachedClaims(jwt, entry[2],
+                              entry[3] if len(entry) == 4 else None)
         return Active(jwt=jwt, claims=claims, lifetime=expiry - now)
 
     def put(self, key: bytes, result: Result) -> None:
@@ -227,9 +228,44 @@ class TokenCache:
         self._metrics.cache_entries.set(len(self._entries))
 
 
+class CachedClaims(Mapping):
+    """A cache hit's claims: what the JWT it forwards says, as on the miss
+    that stored it (every ``Active``'s claims are its JWT's payload).
+
+    ``scope`` (``scope_text`` of the claims) and ``cnf`` are the entry's
+    own, for the gate's checks on every hit; looking up any claim decodes
+    the JWT's payload, once per hit that needs it: a route's
+    ``claim_headers``, a WebSocket tunnel's ``exp`` and ``sub``."""
+
+    __slots__ = ("jwt", "scope", "cnf", "_payload")
+
+    def __init__(self, jwt: str, scope: Optional[str], cnf: Any) -> None:
+        self.jwt = jwt
+        self.scope = scope
+        self.cnf = cnf
+        self._payload: Optional[dict] = None
+
+    def _all(self) -> dict:
+        payload = self._payload
+        if payload is None:
+            payload = self._payload = jose.payload_of(self.jwt)
+        return payload
+
+    def __getitem__(self, name: str) -> Any:
+        return self._all()[name]
+
+    def __iter__(self) -> Any:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
 def scope_text(claims: Mapping[str, Any]) -> Optional[str]:
     """The granted scopes as one space-separated string, from ``scope``
     (RFC 9068: a string; some servers send a list) or ``scp``."""
+    if type(claims) is CachedClaims:
+        return claims.scope
     for name in ("scope", "scp"):
         value = claims.get(name)
         if isinstance(value, str):

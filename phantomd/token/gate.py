@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 
 from phantomd.direct import as_deferred, then
 from phantomd.http.interfaces import IGate
-from phantomd.token.cache import scope_text
+from phantomd.token.cache import CachedClaims, scope_text
 from phantomd.token.dpop import (
     ProofChecker, ProofError, ReplayCacheFull, thumbprints_equal)
 from phantomd.token.outcomes import (
@@ -288,10 +288,14 @@ class Gate:
         if scopes is None:
             scopes = self._scopes
         claims = result.claims
-        exp = claims.get("exp")
-        if isinstance(exp, (int, float)) and exp <= self.clock.seconds():
-            return self._inactive(tid, cache, binding)
-        cnf = claims.get("cnf")
+        if type(claims) is CachedClaims:
+            # A cache entry never outlives the token's exp.
+            cnf = claims.cnf
+        else:
+            exp = claims.get("exp")
+            if isinstance(exp, (int, float)) and exp <= self.clock.seconds():
+                return self._inactive(tid, cache, binding)
+            cnf = claims.get("cnf")
         if cnf is not None or binding[1] is not None:
             refused = self._bound(cnf, binding, tid, cache)
             if refused is not None:
