@@ -110,12 +110,19 @@ class UpstreamConnection(Protocol):
             reader.feed(data)
         except BadResponse as e:
             self._garbled("the upstream sent %s" % e)
-        if reader.complete and self.front is front:
-            # Only now, with this read parsed to its end: finishing inside
-            # feed_data would pool the connection while llhttp still hands
-            # the rest of the read -- a smuggled second response -- to the
-            # next request.
-            self._finished(front, reuse=reader.keep_alive)
+        if self.front is front:
+            if reader.complete:
+                # Only now, with this read parsed to its end: finishing
+                # inside feed_data would pool the connection while llhttp
+                # still hands the rest of the read -- a smuggled second
+                # response -- to the next request.
+                self._finished(front, reuse=reader.keep_alive)
+            elif reader.head_done:
+                # Progress on the answer (its head, some body): the
+                # upstream has upstream_timeout again.  Not armed for a
+                # read that ends the answer: the deadline is left for the
+                # next exchange (_finished).
+                self._touch()
         front.flush_output()
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -267,7 +274,6 @@ class UpstreamConnection(Protocol):
             kept.append((b"Content-Length", length))
         duration = self.pool.reactor.seconds() - self._sent_at
         self.pool.metrics.upstream_duration.observe(duration)
-        self._touch()
         front = self.front
         if front is not None:
             front.response_head(status, reason, kept, mode,
@@ -279,7 +285,6 @@ class UpstreamConnection(Protocol):
         if front is None:
             self._broken = True
             return
-        self._deadline.arm(self.pool.timeout)
         front.response_body(data)
 
     # -- internals -----------------------------------------------------------
