@@ -77,7 +77,9 @@ def then(result: Any, done: Callable[[Any], None]) -> Any:
     """Give ``done`` a result that may still be a Deferred: at once for a
     plain value, a ``Failure`` or a Deferred that has fired, when it fires
     otherwise.  Returns a handle while it is waiting, else None."""
-    if isinstance(result, Deferred):
+    # Not isinstance: Deferred is an ABC (collections.abc.Awaitable), whose
+    # isinstance check is a Python call for every plain decision.
+    if Deferred in type(result).__mro__:
         if result.called:
             result.addBoth(done)
             return None

@@ -451,7 +451,7 @@ class FrontProtocol(Protocol):
         self._to(_GATE)
         auth, proofs = what
         scopes = r.route.required_scopes
-        done = partial(self._gate_done, r)
+        done = partial(self._authorized, r)
         if proofs is None and not self._tls:
             if scopes is None:
                 waiting = f.gate.authorize_to(done, auth)
@@ -483,12 +483,6 @@ class FrontProtocol(Protocol):
             self._peer_trusted = proxies.trusts(self._peer)
         return self._peer_trusted
 
-    def _gate_done(self, r: ParsedRequest, result: Any) -> None:
-        if isinstance(result, Failure):
-            self._gate_failed(result, r)
-        else:
-            self._authorized(result, r)
-
     def _gate_failed(self, failure: Any, r: ParsedRequest) -> None:
         if failure.check(defer.CancelledError) or r is not self._req:
             return
@@ -497,7 +491,11 @@ class FrontProtocol(Protocol):
         self._answer_error(r, 500, "server_error", "internal error",
                            close=not r.complete)
 
-    def _authorized(self, outcome: Any, r: ParsedRequest) -> None:
+    def _authorized(self, r: ParsedRequest, outcome: Any) -> None:
+        """The gate's decision for ``r`` (a ``Failure`` only for a bug)."""
+        if isinstance(outcome, Failure):
+            self._gate_failed(outcome, r)
+            return
         if r is not self._req:
             return
         self._gate_d = None
@@ -554,7 +552,9 @@ class FrontProtocol(Protocol):
         r.kept = []
         r.fwd = None
         self._to(_CONNECT)
-        self.upstream_connecting(pool.connect(self))
+        d = pool.connect(self)
+        if d is not None:  # None: connected from the pool at once
+            self.upstream_connecting(d)
 
     # -- what the upstream pool and connection call --------------------------
 
@@ -588,8 +588,11 @@ class FrontProtocol(Protocol):
             for chunk in body:
                 self._send_body(r, chunk)
         if r.complete:
-            self._end_body(r)
-        self._advance()
+            if r.chunked:
+                conn.write(b"0\r\n\r\n")
+            conn.request_sent()
+        if not self._advancing:  # else its caller updates the reading
+            self._advance()
 
     def upstream_switched(self, upstream: Any, headers: list,
                           rest: bytes) -> Any:

@@ -35,7 +35,8 @@ from phantomd.http.fastio import writer_for
 from phantomd.http.pool import IdlePool, endpoint_for
 from phantomd.http.tunnel import hand_over
 from phantomd.http.interfaces import IUpstreamConnection, IUpstreamPool
-from phantomd.http.headers import drop_connection_options
+from phantomd.http.headers import (
+    PLAIN_CONNECTION_OPTIONS, drop_connection_options)
 from phantomd.http.headers import RESPONSE_DROP
 from phantomd.http.wire import (
     MODE_EOF, MODE_NONE, BadResponse,
@@ -195,9 +196,11 @@ class UpstreamConnection(Protocol):
 
     def request_sent(self) -> None:
         """The whole request (head and body) has been written: from now on
-        the upstream has ``upstream_timeout`` for its response head."""
+        the upstream has ``upstream_timeout`` for its response head (as
+        ``send`` armed it, unless the body took time)."""
         self._request_sent = True
-        self._touch()
+        if self.pool.reactor.seconds() != self._sent_at:
+            self._touch()
 
     def pause_reading(self) -> None:
         if not self._read_paused:
@@ -268,7 +271,8 @@ class UpstreamConnection(Protocol):
                     connection: Optional[list]) -> None:
         kept = [item for item in headers
                 if item[0].lower() not in RESPONSE_DROP]
-        if connection:
+        if connection and (len(connection) > 1 or connection[0].strip()
+                           .lower() not in PLAIN_CONNECTION_OPTIONS):
             kept = drop_connection_options(kept, connection)
         if mode == MODE_NONE and status != 204 and length is not None:
             kept.append((b"Content-Length", length))
