@@ -49,7 +49,7 @@ class FakeConn:
     def write_sequence(self, parts: list) -> None:
         self.body += b"".join(parts)
 
-    def request_sent(self) -> None:
+    def request_sent(self, with_head: bool = False) -> None:
         self.sent = True
 
     def pause_reading(self) -> None:

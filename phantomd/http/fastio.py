@@ -247,8 +247,9 @@ def lean_polling(reactor: Any) -> bool:
     epoll reactor (twistd's default on Linux); say whether it did.  Any
     other reactor (``twistd --reactor``, a test's fake) is left alone."""
     from twisted.internet.epollreactor import EPollReactor
-    if type(reactor) is not EPollReactor or not hasattr(
-            reactor, "_doReadOrWrite") or not hasattr(reactor, "_poller"):
+    if type(reactor) is not EPollReactor or not all(
+            hasattr(reactor, part) for part in (
+                "_doReadOrWrite", "_poller", "_disconnectSelectable")):
         return False
     _CORKS[reactor] = Cork()
     reactor.doIteration = types.MethodType(_lean_do_poll, reactor)

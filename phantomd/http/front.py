@@ -590,7 +590,7 @@ class FrontProtocol(Protocol):
         if r.complete:
             if r.chunked:
                 conn.write(b"0\r\n\r\n")
-            conn.request_sent()
+            conn.request_sent(with_head=True)
         if not self._advancing:  # else its caller updates the reading
             self._advance()
 

@@ -57,8 +57,10 @@ class IUpstreamConnection(Interface):
     def write_sequence(parts):
         """Write several pieces of request body at once."""
 
-    def request_sent():
-        """The request (with its body) is complete."""
+    def request_sent(with_head=False):
+        """The request (with its body) is complete; ``with_head``: all of
+        it went in the same turn as its head (the response's time limit,
+        which ``send`` started, needs no restart)."""
 
     def pause_reading():
         """The client cannot take more: stop reading the answer."""

@@ -194,12 +194,12 @@ class UpstreamConnection(Protocol):
     def write_sequence(self, parts: list) -> None:
         self._write(b"".join(parts))
 
-    def request_sent(self) -> None:
+    def request_sent(self, with_head: bool = False) -> None:
         """The whole request (head and body) has been written: from now on
         the upstream has ``upstream_timeout`` for its response head (as
-        ``send`` armed it, unless the body took time)."""
+        ``send`` started it, when the body went ``with_head``)."""
         self._request_sent = True
-        if self.pool.reactor.seconds() != self._sent_at:
+        if not with_head:
             self._touch()
 
     def pause_reading(self) -> None:
