@@ -84,24 +84,74 @@ def measure(proxies: list[run.Proxy], script: str, duration: float,
             "steal_cores": stolen}
 
 
-def main() -> None:
+def rounds(layouts: list, pairs: int, procs: "run.Procs", token: str,
+           script: str, duration: float, connections: int,
+           wrk_cpu: str) -> dict[str, list[dict]]:
+    """Each round, every layout in turn: its proxies started (``start()``
+    gives a list), checked, measured at once, stopped.  The rows by
+    layout name, one per round."""
+    rows: dict[str, list[dict]] = {}
+    for rnd in range(1, pairs + 1):
+        for name, start in layouts:
+            run.log("round %d/%d: %s" % (rnd, pairs, name))
+            proxies = start()
+            try:
+                for proxy in proxies:
+                    run.check_ok(proxy, token)
+                r = measure(proxies, script, duration, connections, wrk_cpu)
+            finally:
+                for proxy in proxies:
+                    procs.stop(proxy.proc, signal.SIGQUIT
+                               if proxy.name == "nginx" else signal.SIGTERM)
+            rows.setdefault(name, []).append(r)
+            run.log("  %.1f us/req (user %.1f, sys %.1f), %d errors, "
+                    "%.0f %% of a core stolen"
+                    % (r["cpu_us_per_req"], r["user_us_per_req"],
+                       r["sys_us_per_req"], r["errors"],
+                       r["steal_cores"] * 100))
+    return rows
+
+
+def save(args: argparse.Namespace, rows: dict, suffix: str) -> None:
+    """Print the error count if any, write the rows as JSON."""
+    errors = sum(r["errors"] for rs in rows.values() for r in rs)
+    if errors:
+        print("errors (non-2xx and socket errors): %d" % errors)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    os.makedirs(run.RESULTS, exist_ok=True)
+    path = os.path.join(run.RESULTS, "%s-%s.json" % (stamp, suffix))
+    with open(path, "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    print("results: %s" % path)
+
+
+def options(doc: str) -> argparse.Namespace:
+    """``--pairs``, ``--duration``, ``--connections``; help from ``doc``."""
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
+        description=doc.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--pairs", type=int, default=3,
-                   help="rounds of all five rows")
+        epilog=doc.split("\n\n", 1)[1])
+    p.add_argument("--pairs", type=int, default=3, help="rounds of all rows")
     p.add_argument("--duration", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=64)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def one_token(procs: "run.Procs", tmp: str, name: str) -> tuple:
+    """The nginx mocks, the introspection URL, a token and the wrk script
+    that sends it on every request (scenario 1)."""
+    mocks = run.Mocks(procs, tmp, run.make_jwt(700), run.make_jwt(1024))
+    url = "http://127.0.0.1:%d/introspect" % mocks.token_port
+    token = "%s-%s" % (name, uuid.uuid4().hex[:16])
+    return mocks, url, token, run.wrk_script(tmp, name, "one", token)
+
+
+def main() -> None:
+    args = options(__doc__)
     tmp, procs = run.side_bench("phantomd-cores-")
     wrk_cpu, proxy_cpu = "0", "1"
-    rows: dict[str, list[dict]] = {}
     try:
-        mocks = run.Mocks(procs, tmp, run.make_jwt(700), run.make_jwt(1024))
-        url = "http://127.0.0.1:%d/introspect" % mocks.token_port
-        token = "cores-%s" % uuid.uuid4().hex[:16]
-        script = run.wrk_script(tmp, "cores", "one", token)
+        mocks, url, token, script = one_token(procs, tmp, "cores")
 
         def phantomd(tag: str, workers: int) -> run.Phantomd:
             return run.Phantomd(procs, tmp, tag, url, mocks.api_port,
@@ -118,26 +168,8 @@ def main() -> None:
             ("nginx w1", lambda: [nginx(1)]),
             ("nginx w2", lambda: [nginx(2)]),
         ]
-        for rnd in range(1, args.pairs + 1):
-            for name, start in layouts:
-                run.log("round %d/%d: %s" % (rnd, args.pairs, name))
-                proxies = start()
-                try:
-                    for proxy in proxies:
-                        run.check_ok(proxy, token)
-                    r = measure(proxies, script, args.duration,
-                                args.connections, wrk_cpu)
-                finally:
-                    for proxy in proxies:
-                        procs.stop(proxy.proc, signal.SIGQUIT
-                                   if proxy.name == "nginx"
-                                   else signal.SIGTERM)
-                rows.setdefault(name, []).append(r)
-                run.log("  %.1f us/req (user %.1f, sys %.1f), %d errors, "
-                        "%.0f %% of a core stolen"
-                        % (r["cpu_us_per_req"], r["user_us_per_req"],
-                           r["sys_us_per_req"], r["errors"],
-                           r["steal_cores"] * 100))
+        rows = rounds(layouts, args.pairs, procs, token, script,
+                      args.duration, args.connections, wrk_cpu)
     finally:
         procs.stop_all()
     # Each round's ratio to its own w1 row, taken a minute apart at most:
@@ -166,15 +198,7 @@ def main() -> None:
             name, med["cpu_us_per_req"], med["user_us_per_req"],
             med["sys_us_per_req"], run.median(ratios),
             " ".join("%.2f" % x for x in ratios)))
-    errors = sum(r["errors"] for rs in rows.values() for r in rs)
-    if errors:
-        print("errors (non-2xx and socket errors): %d" % errors)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    os.makedirs(run.RESULTS, exist_ok=True)
-    path = os.path.join(run.RESULTS, stamp + "-cores.json")
-    with open(path, "w") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=1)
-    print("results: %s" % path)
+    save(args, rows, "cores")
 
 
 if __name__ == "__main__":

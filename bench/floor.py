@@ -28,13 +28,8 @@ rounds in which less than 10 % of a core was stolen.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import signal
 import sys
-import time
-import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,49 +124,23 @@ def main() -> None:
         relay(int(sys.argv[2]), int(sys.argv[3]), run.make_jwt(700).encode(),
               "--fastio" in sys.argv)
         return
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--pairs", type=int, default=3, help="rounds of all rows")
-    p.add_argument("--duration", type=float, default=5.0)
-    p.add_argument("--connections", type=int, default=64)
-    args = p.parse_args()
+    args = cores.options(__doc__)
     tmp, procs = run.side_bench("phantomd-floor-")
     wrk_cpu, proxy_cpu = "0", "1"
-    rows: dict[str, list[dict]] = {}
     try:
-        mocks = run.Mocks(procs, tmp, run.make_jwt(700), run.make_jwt(1024))
-        url = "http://127.0.0.1:%d/introspect" % mocks.token_port
-        token = "floor-%s" % uuid.uuid4().hex[:16]
-        script = run.wrk_script(tmp, "floor", "one", token)
+        mocks, url, token, script = cores.one_token(procs, tmp, "floor")
         layouts = [
-            ("nginx", lambda: run.NginxProxy(procs, tmp, mocks.api_port,
-                                             proxy_cpu)),
-            ("relay", lambda: Relay(procs, tmp, mocks.api_port, proxy_cpu,
-                                    fastio=False)),
-            ("relay+fastio", lambda: Relay(procs, tmp, mocks.api_port,
-                                           proxy_cpu, fastio=True)),
-            ("phantomd", lambda: run.Phantomd(procs, tmp, "floor", url,
-                                              mocks.api_port, proxy_cpu)),
+            ("nginx", lambda: [run.NginxProxy(procs, tmp, mocks.api_port,
+                                              proxy_cpu)]),
+            ("relay", lambda: [Relay(procs, tmp, mocks.api_port, proxy_cpu,
+                                     fastio=False)]),
+            ("relay+fastio", lambda: [Relay(procs, tmp, mocks.api_port,
+                                            proxy_cpu, fastio=True)]),
+            ("phantomd", lambda: [run.Phantomd(procs, tmp, "floor", url,
+                                               mocks.api_port, proxy_cpu)]),
         ]
-        for rnd in range(1, args.pairs + 1):
-            for name, start in layouts:
-                run.log("round %d/%d: %s" % (rnd, args.pairs, name))
-                proxy = start()
-                try:
-                    run.check_ok(proxy, token)
-                    r = cores.measure([proxy], script, args.duration,
-                                      args.connections, wrk_cpu)
-                finally:
-                    procs.stop(proxy.proc, signal.SIGQUIT
-                               if name == "nginx" else signal.SIGTERM)
-                rows.setdefault(name, []).append(r)
-                run.log("  %.1f us/req (user %.1f, sys %.1f), %d errors, "
-                        "%.0f %% of a core stolen"
-                        % (r["cpu_us_per_req"], r["user_us_per_req"],
-                           r["sys_us_per_req"], r["errors"],
-                           r["steal_cores"] * 100))
+        rows = cores.rounds(layouts, args.pairs, procs, token, script,
+                            args.duration, args.connections, wrk_cpu)
     finally:
         procs.stop_all()
     calm = [i for i in range(args.pairs)
@@ -193,15 +162,7 @@ def main() -> None:
     if len(calm) < args.pairs:
         print("rounds left out (more than %d %% of a core stolen): %d"
               % (cores.STEAL_LIMIT * 100, args.pairs - len(calm)))
-    errors = sum(r["errors"] for rs in rows.values() for r in rs)
-    if errors:
-        print("errors (non-2xx and socket errors): %d" % errors)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    os.makedirs(run.RESULTS, exist_ok=True)
-    path = os.path.join(run.RESULTS, stamp + "-floor.json")
-    with open(path, "w") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=1)
-    print("results: %s" % path)
+    cores.save(args, rows, "floor")
 
 
 if __name__ == "__main__":
