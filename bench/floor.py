@@ -12,9 +12,10 @@ hits; the proxy on one CPU, wrk and the nginx mocks on the other):
   relay           a relay with no HTTP in it (``relay`` below): it waits
                   for a request head, sends one fixed request with a JWT on
                   an idle upstream connection, and relays the answer once
-                  its Content-Length is in.  Stock Twisted: every event
-                  through ``_doReadOrWrite``, every write through
-                  ``transport.write`` on the next reactor turn.
+                  its Content-Length is in (no error handling: the mocks
+                  keep connections open for a million requests).  Stock
+                  Twisted: every event through ``_doReadOrWrite``, every
+                  write through ``transport.write`` on the next turn.
   relay+fastio    the same relay on phantomd's I/O (``fastio``: the lean
                   poll, writes sent at once or once per poll)
   phantomd        phantomd itself, ``workers = 1``
