@@ -51,6 +51,7 @@ class FakeConn:
 
     def request_sent(self, with_head: bool = False) -> None:
         self.sent = True
+        self.sent_with_head = with_head
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -316,6 +317,9 @@ class ForwardingTests(FrontCase):
             b"X-Forwarded-Proto: http\r\n"
             b"X-Forwarded-Host: front.example\r\n\r\n"))
         self.assertTrue(conn.sent)
+        # All of it went with the head: the upstream's time limit, started
+        # by send, runs on.
+        self.assertTrue(conn.sent_with_head)
         self.assertTrue(conn.retryable)
 
     def test_only_safe_bodiless_requests_may_be_resent(self) -> None:
@@ -373,6 +377,8 @@ class ForwardingTests(FrontCase):
         proto.dataReceived(b"56789")
         self.assertEqual(bytes(conn.body), b"0123456789")
         self.assertTrue(conn.sent)
+        # The body ended later: the upstream's time limit starts again.
+        self.assertFalse(conn.sent_with_head)
         # The next pipelined request stops reading until this one is done.
         self.assertEqual(transport.producerState, "producing")
         proto.dataReceived(b"GET /next HT")

@@ -10,7 +10,7 @@ the introspector (``phantomd.direct``).  Underneath, one
 in a ``pool.IdlePool``, and plain method calls replace Agent, hyperlink
 and ``HTTP11ClientProtocol``: an introspection is on the miss path of
 every new token, so its client must cost little.  (The unit tests give
-the introspector the same ``fetch`` over treq's ``StubTreq``:
+the introspector the same ``request`` over treq's ``StubTreq``:
 ``tests/helpers_fetch.TreqFetcher``.)
 
 What it never does: follow redirects (a 3xx is an answer like any other),

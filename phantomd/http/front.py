@@ -341,6 +341,7 @@ class FrontProtocol(Protocol):
     def request_complete(self, r: ParsedRequest) -> None:
         if r is self._req and self._upstream is not None:
             self._end_body(r)
+            self._update_reading()
 
     def request_refused(self, r: ParsedRequest, queued: bool) -> None:
         self._end_input()
@@ -588,9 +589,7 @@ class FrontProtocol(Protocol):
             for chunk in body:
                 self._send_body(r, chunk)
         if r.complete:
-            if r.chunked:
-                conn.write(b"0\r\n\r\n")
-            conn.request_sent(with_head=True)
+            self._end_body(r, with_head=True)
         if not self._advancing:  # else its caller updates the reading
             self._advance()
 
@@ -659,11 +658,12 @@ class FrontProtocol(Protocol):
         else:
             self._upstream.write(data)
 
-    def _end_body(self, r: ParsedRequest) -> None:
+    def _end_body(self, r: ParsedRequest, with_head: bool = False) -> None:
+        """The request is all written (``with_head``: in the same turn as
+        its head)."""
         if r.chunked:
             self._upstream.write(b"0\r\n\r\n")
-        self._upstream.request_sent()
-        self._update_reading()
+        self._upstream.request_sent(with_head)
 
     def upstream_failed(self, status: int, error: str,
                         description: str) -> None:
