@@ -98,6 +98,19 @@ CLAIM_ROWS = [
     (b64json(HS) + ".!!!!.c2ln", "payload is not base64url"),
     (b64json(HS) + "." + b64json(GOOD) + ".c2l+", "signature is not base64url"),
     (b64json(HS) + "." + b64json(GOOD) + ".c2lnb", "signature is not base64url"),
+    (b64json(HS) + "." + b64json(GOOD) + ".c2l\u00e9", "signature is not base64url"),
+    (b64json(HS) + "." + b64json(GOOD) + ".c2l=", "signature is not base64url"),
+    # base64's own alphabet, padding, a stray length or a space inside a
+    # segment: each refused, where a lax decoder would skip or accept it.
+    (b64json(HS) + "." + b64json(GOOD)[:-1] + "+.c2ln", "payload is not base64url"),
+    (b64json(HS) + "." + b64json(GOOD)[:-1] + "/.c2ln", "payload is not base64url"),
+    (b64json(HS) + "." + b64(b'{"exp": 1}') + "==.c2ln", "payload is not base64url"),
+    (b64json(HS) + "." + b64json(GOOD) + "A" * ((1 - len(b64json(GOOD))) % 4)
+     + ".c2ln", "payload is not base64url"),
+    (b64json(HS) + "." + b64json(GOOD)[:8] + " " + b64json(GOOD)[8:] + ".c2ln",
+     "payload is not base64url"),
+    (b64json(HS) + "." + b64json(GOOD)[:8] + "\u00e9" + b64json(GOOD)[8:] + ".c2ln",
+     "payload is not base64url"),
     (b64json(HS) + "." + b64(b"\xff\xfe") + ".c2ln", "payload is not JSON"),
     (b64json(HS) + "." + b64(b'{"exp": NaN}') + ".c2ln",
      "NaN is not valid JSON"),
