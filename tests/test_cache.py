@@ -3,6 +3,7 @@
 import base64
 import hashlib
 import json
+from dataclasses import FrozenInstanceError
 
 from hypothesis import given, settings, strategies as st
 from twisted.internet.task import Clock
@@ -90,6 +91,20 @@ class TTLTests(CacheTestCase):
         c.put(key("t"), active(lifetime=60))
         self.clock.advance(20)
         self.assertEqual(c.get(key("t")).lifetime, 40)
+
+    def test_a_hit_cannot_be_changed_by_whoever_got_it(self):
+        """Every waiter on a flight shares one answer: none may rewrite
+        the JWT the others forward.  Equal answers compare equal whatever
+        their ``floorable``."""
+        c = self.cache()
+        c.put(key("t"), active(lifetime=60))
+        got = c.get(key("t"))
+        for name in ("jwt", "claims", "lifetime", "floorable"):
+            self.assertRaises(FrozenInstanceError, setattr, got, name, None)
+        self.assertEqual(got.jwt, c.get(key("t")).jwt)
+        self.assertEqual(Active("j", {}, 1.0, True), Active("j", {}, 1.0))
+        self.assertNotEqual(Active("j", {}, 1.0), Active("k", {}, 1.0))
+        self.assertEqual(Active("j", {}, 1.0, floorable=True).floorable, True)
 
     def test_ttl_table(self):
         # (description, result, seconds the entry is kept; 0 = not stored)

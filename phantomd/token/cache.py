@@ -98,7 +98,7 @@ class TokenCache:
         jwt = entry[1]
         claims = CachedClaims(jwt, entry[2],
                               entry[3] if len(entry) == 4 else None)
-        return Active(jwt=jwt, claims=claims, lifetime=expiry - now)
+        return Active(jwt, claims, expiry - now)
 
     def put(self, key: bytes, result: Result) -> None:
         """Store ``result`` for as long as DESIGN section 4 allows.

@@ -129,7 +129,7 @@ def error_response(status: int, error: str, description: str) -> Reject:
 
 # -- what the introspector answers (before the gate decides) -----------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Active:
     """The token is active; ``jwt`` goes upstream, ``claims`` are its
     payload (for scopes and ``exp``), ``lifetime`` the token service's
@@ -142,6 +142,16 @@ class Active:
     claims: Mapping[str, Any]
     lifetime: Optional[float]
     floorable: bool = field(default=False, compare=False)
+
+    def __init__(self, jwt: str, claims: Mapping[str, Any],
+                 lifetime: Optional[float], floorable: bool = False) -> None:
+        # What the generated one does, minus an object.__setattr__ call per
+        # field: one of these is made on every cache hit and every miss.
+        fields = self.__dict__
+        fields["jwt"] = jwt
+        fields["claims"] = claims
+        fields["lifetime"] = lifetime
+        fields["floorable"] = floorable
 
 
 @dataclass(frozen=True)
