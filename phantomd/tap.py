@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from phantomd import config as configmod
-from phantomd.ops import logs, workers
+from phantomd.ops import heap, logs, workers
 from phantomd.ops.sdnotify import Notifier, NotifyService, where
 
 log = Logger()
@@ -112,6 +112,9 @@ class GatewayService(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        # Once bound and started: what startup built lives as long as the
+        # process, and full collections need not walk it (ops/heap.py).
+        self.reactor.addSystemEventTrigger("after", "startup", heap.settle)
         if hasattr(signal, "SIGHUP"):
             self.reactor.addSystemEventTrigger(
                 "after", "startup", self._install_sighup)
@@ -148,6 +151,7 @@ class GatewayService(service.Service):
         self.config = new
         if self.logging is not None:
             self.logging.reconfigure(new.log)
+        heap.settle()  # the old configuration's cycles go now
 
     def stopService(self):
         super().stopService()
