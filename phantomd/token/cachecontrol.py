@@ -130,14 +130,17 @@ def _lifetime_from(directives: Mapping[str, Any],
             date_at = parsed
         lifetime = expires_at - date_at
 
-    age = _single(_values(headers, "age"))
-    if age is not None:
-        lifetime -= _delta_seconds(age)
+    if headers.get("age"):  # seldom sent by a token service
+        age = _single(_values(headers, "age"))
+        if age is not None:
+            lifetime -= _delta_seconds(age)
     return max(0.0, float(lifetime))
 
 
 def _values(headers: Mapping[str, HeaderValues], name: str) -> list[str]:
     raw = headers.get(name) or ()
+    if type(raw) is list and len(raw) == 1 and type(raw[0]) is str:
+        return raw  # as the HTTP client gives one line: nothing to decode
     if isinstance(raw, (str, bytes)):
         raw = (raw,)
     return [v.decode("latin-1") if isinstance(v, bytes) else str(v)
