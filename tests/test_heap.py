@@ -11,18 +11,11 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from phantomd import config, tap
 from phantomd.ops import heap
+from tests.test_tap import BASE
 
-INI = """\
-[phantomd]
-listen = tcp:0
-upstream = http://127.0.0.1:3000
-[introspection]
-url = http://127.0.0.1:1/introspect
-client_id = gw
-client_secret = s3cret
-[metrics]
-listen =
-"""
+INI = BASE.format(upstream="http://127.0.0.1:3000",
+                  url="http://127.0.0.1:1/introspect",
+                  phantomd="listen = tcp:0", introspection="", extra="")
 
 
 class Node:
@@ -34,6 +27,17 @@ def cycle() -> "weakref.ref[Node]":
     node = Node()
     node.me = node
     return weakref.ref(node)
+
+
+def frozen_cycle() -> "weakref.ref[Node]":
+    """A cycle frozen while alive, then dropped: garbage that collections
+    skip until the next ``settle``."""
+    node = Node()
+    node.me = node
+    watch = weakref.ref(node)
+    heap.settle()
+    del node
+    return watch
 
 
 def tracked(obj) -> bool:
@@ -85,11 +89,7 @@ class SettleTests(HeapTestCase):
         self.assertIsNone(watch())
 
     def test_a_frozen_cycle_goes_at_the_next_settle(self):
-        node = Node()
-        node.me = node
-        watch = weakref.ref(node)
-        heap.settle()
-        del node
+        watch = frozen_cycle()
         gc.collect()
         self.assertIsNotNone(watch(), "frozen: skipped by collections")
         heap.settle()
@@ -128,11 +128,7 @@ class GatewayServiceTests(HeapTestCase):
 
     def test_a_reload_gives_the_old_cycles_back(self):
         self.started()
-        node = Node()
-        node.me = node
-        watch = weakref.ref(node)
-        heap.settle()
-        del node
+        watch = frozen_cycle()
         self.next_ini = INI + "[cache]\nmax_entries = 5\n"
         self.service.reload()
         self.assertEqual(len(self.service.gateway.reloaded), 1)
@@ -140,11 +136,7 @@ class GatewayServiceTests(HeapTestCase):
 
     def test_a_refused_reload_changes_nothing(self):
         self.started()
-        node = Node()
-        node.me = node
-        watch = weakref.ref(node)
-        heap.settle()
-        del node
+        watch = frozen_cycle()
         self.next_ini = INI + "[cache]\nmax_entries = none\n"
         self.service.reload()
         self.assertEqual(self.service.gateway.reloaded, [])
