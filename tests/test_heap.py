@@ -73,7 +73,6 @@ class HeapTestCase(SynchronousTestCase):
 
 
 class SettleTests(HeapTestCase):
-
     def test_what_is_alive_is_left_out_of_collections(self):
         kept = Node()
         kept.me = kept
