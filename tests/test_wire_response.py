@@ -97,6 +97,23 @@ BAD = [
     ("gzip in capitals", OK + b"TRANSFER-ENCODING: GZIP\r\n\r\n", 4096),
     ("two lengths", OK + b"Content-Length: 3\r\nContent-Length: 4\r\n\r\n",
      4096),
+    # No 1xx has a body (RFC 9112 section 6.3); llhttp reads one after a
+    # 1xx it does not know, which would reach the client before the real
+    # answer's head: a whole second answer, smuggled in.
+    ("a 1xx with a length", b"HTTP/1.1 150 X\r\nContent-Length: 5\r\n\r\n"
+     b"HELLO" + OK + b"Content-Length: 2\r\n\r\nok", 4096),
+    ("a 1xx with an answer inside",
+     b"HTTP/1.1 199 X\r\nContent-Length: 38\r\n\r\n" + OK +
+     b"Content-Length: 4\r\n\r\nFAKE" + OK + b"Content-Length: 0\r\n\r\n",
+     4096),
+    ("a chunked 1xx", b"HTTP/1.1 150 X\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"3\r\nRAW\r\n0\r\n\r\n" + OK + b"Content-Length: 0\r\n\r\n", 4096),
+    ("a gzip 1xx", b"HTTP/1.1 150 X\r\nTransfer-Encoding: gzip\r\n\r\nRAW",
+     4096),
+    # RFC 9110 section 15: status codes are 100-599.
+    ("status 099", b"HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n", 4096),
+    ("status 000", b"HTTP/1.1 000 X\r\nContent-Length: 0\r\n\r\n", 4096),
+    ("status 600", b"HTTP/1.1 600 X\r\nContent-Length: 0\r\n\r\n", 4096),
 ]
 
 # Past the bound: counted read by read (the read that crosses it is parsed,
@@ -162,8 +179,25 @@ class ResponseReaderTests(unittest.TestCase):
     def test_bad_answers(self) -> None:
         for name, wire, max_head in BAD:
             for pieces in (False, True):
+                sink = Sink()
+                reader = ResponseReader(sink, max_head)
+                reader.start(False)
                 with self.assertRaises(BadResponse, msg=name):
-                    read(wire, max_head=max_head, pieces=pieces)
+                    for piece in ([wire[i:i + 1] for i in range(len(wire))]
+                                  if pieces else [wire]):
+                        reader.feed(piece)
+                # Nothing of it reached the sink as an answer's.
+                self.assertEqual((sink.heads, bytes(sink.body)), ([], b""),
+                                 (name, pieces))
+
+    def test_an_empty_1xx_body_is_no_body(self) -> None:
+        wire = (b"HTTP/1.1 150 X\r\nContent-Length: 0\r\n\r\n" + OK +
+                b"Content-Length: 2\r\n\r\nok")
+        for pieces in (False, True):
+            reader, sink = read(wire, pieces=pieces)
+            self.assertEqual(sink.interim, [150])
+            self.assertEqual(bytes(sink.body), b"ok")
+            self.assertTrue(reader.complete)
 
     def test_a_101_taken_over_hands_its_headers_and_the_rest(self) -> None:
         sink = Sink()

@@ -450,6 +450,9 @@ class BareResponseReader:
         status = parser.get_status_code()
         headers, self._headers = self._headers, []
         reason, self._reason = self._reason, b""
+        if status < 100 or status > 599:
+            # RFC 9110 section 15: llhttp reads any three digits.
+            raise BadResponse("status %03d, outside 100-599" % status)
         if status < 200:
             if status == 101:
                 self._switch = headers  # llhttp stops after it
@@ -495,6 +498,12 @@ class BareResponseReader:
         if self.complete:
             self.broken = True
             return
+        if not self.head_done:
+            # llhttp reads a body after a 1xx it does not know (only 100,
+            # 102 and 103 are bodiless to it): no 1xx has one (RFC 9112
+            # section 6.3), and handed on it would reach the client before
+            # the real answer's head -- a second answer smuggled in.
+            raise BadResponse("a body on an interim (1xx) answer")
         self._sink.answer_body(data)
 
     def on_message_complete(self) -> None:
