@@ -392,6 +392,12 @@ class MemoryTests(unittest.TestCase):
             [b"HTTP/1.1 204 No Content\r\n\r\n"])
         conn.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
         self.assertTrue(transport.disconnecting)
+        # Out of the pool before its connectionLost (a turn later): an
+        # introspection meanwhile gets a new connection, not this one.
+        self.assertEqual(self.client.pool.idle_count(), 0)
+        clients = len(self.reactor.tcpClients)
+        self.client.fetch("POST", URL, data=b"t")
+        self.assertEqual(len(self.reactor.tcpClients), clients + 1)
         conn.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.client.pool.idle_count(), 0)
 

@@ -201,10 +201,17 @@ class ResponseTests(PoolCase):
                     b"HTTP/1.1 101 Switching\r\nUpgrade: x\r\n"
                     b"Connection: upgrade\r\n\r\n",
                     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked"
-                    b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"):
+                    b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+                    # A 1xx with a body: it would reach the client ahead of
+                    # the real head (here a whole fake answer).
+                    b"HTTP/1.1 150 X\r\nContent-Length: 38\r\n\r\n"
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nFAKE"
+                    b"HTTP/1.1 204 No Content\r\n\r\n",
+                    b"HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n"):
             front, conn = self.request()
             conn.dataReceived(raw)
             self.assertEqual(front.events[-1], ("failed", 502), raw)
+            self.assertEqual(bytes(front.body), b"", raw)
             self.assertTrue(conn.transport.disconnected, raw)
 
     def test_endless_response_head_is_502(self) -> None:
@@ -230,6 +237,22 @@ class ResponseTests(PoolCase):
         self.assertTrue(conn.transport.disconnected)
         conn.connectionLost(Failure(error.ConnectionLost()))
         self.assertEqual(self.pool.idle_count(), 0)
+
+    def test_an_idle_connection_gone_bad_is_never_handed_out(self) -> None:
+        """A server's 408 on an idle connection: the abort's connectionLost
+        comes a reactor turn later, and a request meanwhile (a POST, which
+        is never retried) must get a new connection, not a 502."""
+        front, conn = self.request()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        conn.dataReceived(b"HTTP/1.1 408 Request Timeout\r\n"
+                          b"Connection: close\r\n\r\n")
+        self.assertEqual(self.pool.idle_count(), 0)
+        clients = len(self.reactor.tcpClients)
+        post, fresh = self.request(FakeFront(retryable=False))
+        self.assertEqual(len(self.reactor.tcpClients), clients + 1)
+        self.assertIsNot(fresh, conn)
+        conn.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(post.events, ["ready"])
 
 
 class TimeoutTests(PoolCase):

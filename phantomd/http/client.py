@@ -245,8 +245,11 @@ class _Connection(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._call is None and self._collect is None:
-            # Bytes nobody asked for: never reuse this connection.
+            # Bytes nobody asked for: never reuse this connection, and out
+            # of the pool now -- the abort's connectionLost comes a turn
+            # later, and a request meanwhile must not be given it.
             self._broken = True
+            self.client.pool.discard(self)
             self.transport.abortConnection()
             return
         self._received += len(data)

@@ -100,8 +100,11 @@ class UpstreamConnection(Protocol):
                 self._tunnel.from_upstream(data)
                 return
             # Bytes on an idle connection: the server is not speaking
-            # HTTP/1.1 as we understand it, so never reuse it.
+            # HTTP/1.1 as we understand it, so never reuse it, and out of
+            # the pool now -- the abort's connectionLost comes a turn
+            # later, and a request meanwhile must not be given it.
             self._broken = True
+            self.pool._unusable(self)
             self.transport.abortConnection()
             return
         self._got_bytes = True
@@ -454,6 +457,10 @@ class UpstreamPool:
 
     def _lost(self, conn: UpstreamConnection) -> None:
         self._idle.lost(conn)
+
+    def _unusable(self, conn: UpstreamConnection) -> None:
+        """``conn`` may not be handed out again, though not yet lost."""
+        self._idle.discard(conn)
 
     def idle_count(self) -> int:
         return self._idle.idle_count()
