@@ -234,6 +234,8 @@ class Hostile(GatewayCase):
                 [("X-Forwarded-Uri", "/a\x00b")],
                 [("X-Forwarded-Uri", "/a b")],
                 [("X-Forwarded-Uri", "/a\x7fb")],
+                [("X-Forwarded-Uri", "/admin#x")],
+                [("X-Original-URI", "/admin#/public")],
                 [("X-Forwarded-Uri", "/" + "a" * MAX_ORIGINAL_URI)],
                 [("X-Forwarded-Method", "G(ET")],
                 [("X-Forwarded-Uri", "/public"),

@@ -107,6 +107,8 @@ class MatchTests(SynchronousTestCase):
         b"/public/%c0%ae%c0%ae/admin",  # overlong UTF-8 '.'
         b"/public/%e0%80%ae/admin",
         b"/public/%ff",
+        # A fragment: an upstream that cuts it off reads another path.
+        b"/admin#x", b"/public#/../admin", b"/public?a#b", b"/#",
     ]
 
     def test_unsafe_paths_refused_before_any_route(self):

@@ -197,6 +197,11 @@ class RouteTable:
         if target == b"*":
             return (Match(self.default, target)
                     if self.default is not None else None)
+        if b"#" in target:
+            # No target has a fragment (RFC 9112 section 3.2), and an API
+            # that cuts one off would see /admin in /admin#x, which would
+            # match no route here.
+            raise UnsafePath("the request target contains a fragment (#)")
         q = target.find(b"?")
         path = target if q < 0 else target[:q]
         if self._empty:
