@@ -35,6 +35,26 @@ class SortHeadersTests(unittest.TestCase):
                  (b"X-Secret", b"2"), (b"X-Other", b"3"))
         self.assertEqual(h.kept, [(b"X-Other", b"3")])
 
+    def test_what_proxies_report_is_set_apart(self) -> None:
+        """Only a trusted proxy's are forwarded (``forwarded_lines``), so
+        they must never land in ``kept``: any X-Forwarded-* spelling, and
+        the client-address and original-URL headers frameworks read."""
+        reported = [(b"X-Forwarded-Port", b"1"), (b"x_forwarded_prefix", b"/p"),
+                    (b"X-Forwarded-Uri", b"/u"), (b"X-Original-URL", b"/o"),
+                    (b"X_Rewrite_Url", b"/r"), (b"True-Client-IP", b"6"),
+                    (b"X-Client-IP", b"6"), (b"CF-Connecting-IP", b"6"),
+                    (b"Fastly-Client-IP", b"6")]
+        h = sort((b"Accept", b"*/*"), (b"X-Forwarded-For", b"1.2.3.4"),
+                 (b"X-Forwardedness", b"kept"), (b"Client-IP-Hint", b"k"),
+                 *reported)
+        self.assertEqual(h.kept, [(b"Accept", b"*/*"),
+                                  (b"X-Forwardedness", b"kept"),
+                                  (b"Client-IP-Hint", b"k")])
+        self.assertEqual(h.fwd, [(b"X-Forwarded-For", b"1.2.3.4")] + reported)
+
+    def test_host_loses_trailing_whitespace(self) -> None:
+        self.assertEqual(sort((b"Host", b"api:80 \t")).host, b"api:80")
+
     def test_request_id(self) -> None:
         self.assertEqual(sort((b"X-Request-Id", b"abc")).rid, b"abc")
         for lines in ([], [(b"X-Request-Id", b"a"), (b"X-Request-Id", b"b")],
@@ -57,7 +77,21 @@ class HeadProblemTests(unittest.TestCase):
             (b"CONNECT", "1.1", [host], 501),
             (b"POST", "1.1", [host, (b"Transfer-Encoding", b" Chunked ")],
              None),
+            # RFC 9112 section 6.1: TE in HTTP/1.0 is faulty framing.
+            (b"POST", "1.0", [host, (b"Transfer-Encoding", b"chunked")], 400),
+            (b"POST", "1.0", [host, (b"Transfer-Encoding", b"gzip")], 400),
         ]
+        # A Host phantomd would vouch for in X-Forwarded-Host, or a 400.
+        for value, status in ((b"api.example", None), (b"api:8443", None),
+                              (b"api:", None), (b"10.1.2.3", None),
+                              (b"[2001:db8::1]:80", None), (b"my_host", None),
+                              (b"a, b", 400), (b"a,b", 400), (b"a@b", 400),
+                              (b"a/b", 400), (b"a?b", 400), (b"a#b", 400),
+                              (b"", 400), (b"a b", 400), (b"a:1:2", 400),
+                              (b"a:123456", 400), (b"[::1", 400),
+                              (b"a%2fb", 400), (b"\xff", 400)):
+            rows.append((b"GET", "1.1", [(b"Host", value)], status))
+            rows.append((b"GET", "1.0", [(b"Host", value)], status))
         for method, version, lines, status in rows:
             problem = fw.head_problem(method, version, fw.sort_headers(lines))
             self.assertEqual(problem and problem[0], status,
@@ -73,6 +107,10 @@ class TargetTests(unittest.TestCase):
             (b"GET", b"http://h/p?q", b"/p?q"),
             (b"GET", b"HTTPS://h:8443?q", b"/?q"),
             (b"GET", b"http://h", b"/"),
+            # RFC 9112 section 3.2.4: an OPTIONS of no path is of "*".
+            (b"OPTIONS", b"http://h", b"*"),
+            (b"OPTIONS", b"http://h:80?q", b"/?q"),
+            (b"OPTIONS", b"http://h/", b"/"),
             (b"GET", b"ftp://h/p", None),
             (b"GET", b"p", None),
         ]
@@ -101,6 +139,30 @@ class ForwardedTests(unittest.TestCase):
         lines = fw.forwarded_lines([(b"X-Forwarded-For", b"6.6.6.6")], False,
                                    "10.0.0.1", False, b"api", own)
         self.assertEqual(lines, own + b"X-Forwarded-Host: api\r\n")
+
+    def test_what_an_untrusted_peer_reports_is_dropped(self) -> None:
+        own = fw.own_forwarded("10.0.0.1", tls=False)
+        h = sort((b"X-Forwarded-Prefix", b"/evil"),
+                 (b"X-Original-URL", b"/admin"))
+        self.assertEqual(fw.forwarded_lines(h.fwd, False, "10.0.0.1", False,
+                                            b"api", own),
+                         own + b"X-Forwarded-Host: api\r\n")
+
+    def test_what_a_trusted_proxy_reports_goes_on(self) -> None:
+        """As the proxy wrote it, after phantomd's own three; a route's
+        claim header names are never taken from it."""
+        h = sort((b"X-Forwarded-Prefix", b"/app"),
+                 (b"X-Forwarded-For", b"1.2.3.4"),
+                 (b"X-Forwarded-User", b"mallory"),
+                 (b"X_Forwarded_User", b"mallory"),
+                 (b"True-Client-IP", b"1.2.3.4"))
+        lines = fw.forwarded_lines(h.fwd, True, "10.0.0.1", True, b"api",
+                                   b"unused", frozenset((b"x-forwarded-user",)))
+        self.assertEqual(lines, b"X-Forwarded-For: 1.2.3.4, 10.0.0.1\r\n"
+                                b"X-Forwarded-Proto: https\r\n"
+                                b"X-Forwarded-Host: api\r\n"
+                                b"X-Forwarded-Prefix: /app\r\n"
+                                b"True-Client-IP: 1.2.3.4\r\n")
 
     def test_a_trusted_proxys_lines_are_extended(self) -> None:
         lines = fw.forwarded_lines([(b"X-Forwarded-For", b"1.2.3.4")], True,

@@ -265,6 +265,23 @@ class AccessLogHoleTests(EdgeCase):
                              len(transport.value()))
         self.assertEqual(len(self.access), len(rows))
 
+    def test_requests_behind_a_refused_one_are_never_started(self) -> None:
+        """A head refused after parsing (two Host lines, a bad Host) with
+        more requests behind it in the same read: one 400, then closed.
+        Starting the next one on the closed connection used to raise, so
+        the client got a reset instead of its 400."""
+        for refused in (get(b"/a", b"Host: other.example\r\n"),
+                        b"GET /a HTTP/1.1\r\nHost: a b\r\n" + AUTH + b"\r\n",
+                        b"POST /a HTTP/1.0\r\nHost: h\r\n" + AUTH +
+                        b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"):
+            status, headers, _, transport = self.answer(
+                refused + get(b"/b") + get(b"/c"))
+            self.assertEqual(status, 400, refused)
+            self.assertEqual(headers[b"connection"], b"close")
+            self.assertTrue(transport.disconnecting)
+            self.assertEqual(self.gate.calls, [], refused)
+            self.assertEqual(self.pool.conns, [], refused)
+
     def test_408_with_nothing_read_has_no_invented_method(self) -> None:
         proto, transport = self.connect()
         self.reactor.advance(6)

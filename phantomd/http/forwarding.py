@@ -14,10 +14,12 @@ answer gets are decided by the front per request (``cors.py``).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 from phantomd.http.headers import (
-    FORWARDING, REQUEST_DROP, SENDER_PROOF, drop_connection_options)
+    FORWARDING, REQUEST_DROP, SENDER_PROOF, drop_connection_options,
+    proxy_reported)
 from phantomd.http.proxies import forwarded_by_proxy
 from phantomd.http.requestid import (
     acceptable as _acceptable_id, new_request_id)
@@ -31,6 +33,16 @@ RETRYABLE_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE"))
 #: The hop-by-hop lines of a WebSocket upgrade (DESIGN section 13), in the
 #: request sent upstream and in the 101 sent back.
 WEBSOCKET_LINES = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+#: First letters of the ``headers.proxy_reported`` names: any other
+#: header is kept without asking.
+_REPORTED_FIRST = frozenset((b"x", b"t", b"c", b"f"))
+#: A Host value phantomd accepts and vouches for in X-Forwarded-Host: a
+#: name or IPv4 address, or a bracketed IPv6 one, and an optional port.
+#: Stricter than RFC 3986's reg-name (no sub-delims, no escapes): a comma
+#: makes a list of hosts of it, ``@`` or ``/`` another URL, for whatever
+#: builds URLs from it upstream.
+_VALID_HOST = re.compile(
+    rb"(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{0,5})?\Z").match
 
 
 class SortedHeaders:
@@ -40,8 +52,8 @@ class SortedHeaders:
     Connection-named lines gone); ``auth``: the Authorization values, for
     the gate; ``host`` and ``hosts`` (how many Host lines); ``length``: the
     Content-Length value; ``te``: every Transfer-Encoding line joined;
-    ``fwd``: the client's X-Forwarded-* lines (believed only from a trusted
-    proxy); ``proofs``: DPoP/Client-Cert lines, for the gate only; ``rid``:
+    ``fwd``: the client's X-Forwarded-* and other ``proxy_reported`` lines
+    (believed, and forwarded, only from a trusted proxy); ``proofs``: DPoP/Client-Cert lines, for the gate only; ``rid``:
     the request id (the client's single acceptable one, else a new one)."""
 
     __slots__ = ("kept", "auth", "host", "hosts", "length", "te", "fwd",
@@ -81,7 +93,7 @@ def sort_headers(headers: list) -> SortedHeaders:
             if name == b"authorization":
                 auth.append(item[1])
             elif name == b"host":
-                host = item[1]
+                host = item[1].rstrip(b" \t")  # llhttp keeps trailing OWS
                 hosts += 1
             elif name == b"content-length":
                 length = item[1]
@@ -97,6 +109,10 @@ def sort_headers(headers: list) -> SortedHeaders:
                 rids += 1
             elif name in SENDER_PROOF:
                 proofs = [item] if proofs is None else proofs + [item]
+            continue
+        if name[:1] in _REPORTED_FIRST and proxy_reported(name):
+            # Forwarded only for a trusted proxy (forwarded_lines).
+            fwd = [item] if fwd is None else fwd + [item]
             continue
         kept.append(item)
     if connection:
@@ -119,10 +135,19 @@ def head_problem(method: bytes, version: str,
     hosts = sorted_.hosts
     if hosts > 1 or (hosts == 0 and version == "1.1"):
         return (400, "invalid_request", "exactly one Host header is required")
+    if hosts and _VALID_HOST(sorted_.host) is None:
+        # RFC 9112 section 3.2: a Host that is no host (and port) is a 400.
+        return (400, "invalid_request", "the Host header is not a host name")
     te = sorted_.te
-    if te is not None and te.strip().lower() != b"chunked":
-        return (501, "not_implemented",
-                "only the chunked transfer coding is supported")
+    if te is not None:
+        if version == "1.0":
+            # RFC 9112 section 6.1: an HTTP/1.0 hop in front may have
+            # framed this body by Content-Length or by the close instead.
+            return (400, "invalid_request",
+                    "Transfer-Encoding in an HTTP/1.0 request")
+        if te.strip().lower() != b"chunked":
+            return (501, "not_implemented",
+                    "only the chunked transfer coding is supported")
     if method == b"CONNECT":
         return (501, "not_implemented", "CONNECT is not supported")
     return None
@@ -131,7 +156,8 @@ def head_problem(method: bytes, version: str,
 def target_of(method: bytes, url: bytes) -> Optional[bytes]:
     """The origin-form target of a request line's ``url``: itself when it
     starts with ``/``, ``*`` for ``OPTIONS *``, the path (and query) of an
-    absolute ``http(s)://`` URL; None for anything else."""
+    absolute ``http(s)://`` URL (``*`` for an ``OPTIONS`` of none, RFC 9112
+    section 3.2.4); None for anything else."""
     if url[:1] == b"/":
         return url
     if url == b"*" and method == b"OPTIONS":
@@ -146,6 +172,8 @@ def target_of(method: bytes, url: bytes) -> Optional[bytes]:
                 cut = i
         path = rest[cut:]
         if path[:1] != b"/":
+            if not path and method == b"OPTIONS":
+                return b"*"
             path = b"/" + path
         return path
     return None
@@ -169,12 +197,15 @@ def own_forwarded(peer: Optional[str], tls: bool) -> bytes:
 
 
 def forwarded_lines(fwd: Optional[list], trusted: bool, peer: str,
-                    tls: bool, host: Optional[bytes], own: bytes) -> bytes:
+                    tls: bool, host: Optional[bytes], own: bytes,
+                    drop: Any = None) -> bytes:
     """The X-Forwarded-* lines of a request: a trusted proxy's extended
-    with this hop, else ``own`` (``own_forwarded``) and the Host."""
+    with this hop (and its other ``proxy_reported`` lines, less the
+    route's ``drop`` names), else ``own`` (``own_forwarded``) and the
+    Host."""
     if fwd is not None and trusted:
         return forwarded_by_proxy(fwd, peer.encode("ascii"),
-                                  b"https" if tls else b"http", host)
+                                  b"https" if tls else b"http", host, drop)
     if host is not None:
         return own + b"X-Forwarded-Host: " + host + b"\r\n"
     return own

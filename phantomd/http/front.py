@@ -379,8 +379,10 @@ class FrontProtocol(Protocol):
             return
         self._advancing = True
         try:
+            # Not after a close (a refusal): requests parsed behind the
+            # refused one in the same read are never started.
             while self._req is None and self._queue and \
-                    not self.factory.draining:
+                    self.state is not _CLOSED and not self.factory.draining:
                 r = self._queue.popleft()
                 self._req = r
                 self._start(r)
@@ -548,7 +550,8 @@ class FrontProtocol(Protocol):
             r.method, upstream_target(pool.base_path, r.sent), pool.authority,
             jwt, r.rid, r.kept, route.drop, claimed,
             forwarded_lines(r.fwd, r.fwd is not None and self._trusted(),
-                            self._peer, self._tls, r.host, self._fwd),
+                            self._peer, self._tls, r.host, self._fwd,
+                            route.drop),
             r.chunked, r.length, websocket=r.upgrade)
         r.kept = []
         r.fwd = None

@@ -33,6 +33,17 @@ FORWARDING = frozenset((
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
 ))
 
+# Other headers through which a proxy tells an API about the client or the
+# URL it asked for (with every ``X-Forwarded-*``: Port, Prefix, Server,
+# Scheme, Ssl, Uri...): Spring, Werkzeug's ProxyFix, IIS rewrite and
+# Symfony read some of them.  Passed on as sent from a trusted proxy, never
+# from anyone else (as Traefik does); phantomd writes none of them itself.
+PROXY_REPORTED_NAMES = frozenset((
+    b"x-original-url", b"x-original-uri", b"x-rewrite-url",
+    b"x-original-host", b"true-client-ip", b"x-client-ip",
+    b"x-cluster-client-ip", b"cf-connecting-ip", b"fastly-client-ip",
+))
+
 
 # Sender-constraint evidence (DESIGN section 12): the gate checks it, the API
 # never sees it (a Client-Cert from a client is never believed either).
@@ -60,6 +71,16 @@ _GUARDED = HOP_BY_HOP | SET_BY_PROXY | NEVER_FORWARDED | frozenset((
 
 REQUEST_DROP = HOP_BY_HOP | SET_BY_PROXY | NEVER_FORWARDED | SENDER_PROOF | \
     _underscore_spellings(_GUARDED)
+PROXY_REPORTED = PROXY_REPORTED_NAMES | _underscore_spellings(
+    PROXY_REPORTED_NAMES)
+
+
+def proxy_reported(name: bytes) -> bool:
+    """Whether lower-cased ``name`` is a ``PROXY_REPORTED`` header or any
+    spelling of an ``X-Forwarded-*`` one phantomd does not set."""
+    return name in PROXY_REPORTED or (
+        name[:12].replace(b"_", b"-") == b"x-forwarded-"
+        and name not in REQUEST_DROP)
 RESPONSE_DROP = HOP_BY_HOP | frozenset((b"content-length",))
 
 

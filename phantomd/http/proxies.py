@@ -16,7 +16,7 @@ address it is, and so is a configured ``::ffff:10.0.0.0/104``.
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -88,7 +88,7 @@ def _items(value: bytes) -> list:
 
 
 def forwarded_by_proxy(received: list, peer: bytes, proto: bytes,
-                       host: Optional[bytes]) -> bytes:
+                       host: Optional[bytes], drop: Any = None) -> bytes:
     """The ``X-Forwarded-*`` head lines for a request that came through a
     trusted proxy.
 
@@ -99,18 +99,25 @@ def forwarded_by_proxy(received: list, peer: bytes, proto: bytes,
     than one (the one the nearest hop wrote: what a client put in front of
     it comes first), else ``proto`` and ``host`` as phantomd saw them.
     Exactly one line of each goes out; their size is bounded by the
-    request head's (``max_header_bytes``)."""
+    request head's (``max_header_bytes``).  The other lines of
+    ``received`` (``headers.proxy_reported``) go on as the proxy wrote
+    them, but for names in ``drop`` (a route's claim headers, as
+    ``routes.drop_name`` spells them): the API gets those from the token
+    only."""
     chain: list = []
     protos: list = []
     hosts: list = []
+    reported: list = []
     for name, value in received:
         n = name.lower()
         if n == b"x-forwarded-for":
             chain += _items(value)
         elif n == b"x-forwarded-proto":
             protos += _items(value)
-        else:
+        elif n == b"x-forwarded-host":
             hosts += _items(value)
+        elif not drop or n.replace(b"_", b"-") not in drop:
+            reported += (name, b": ", value, b"\r\n")
     chain.append(peer)
     out = [b"X-Forwarded-For: ", b", ".join(chain),
            b"\r\nX-Forwarded-Proto: ", protos[-1] if protos else proto,
@@ -118,7 +125,7 @@ def forwarded_by_proxy(received: list, peer: bytes, proto: bytes,
     host = hosts[-1] if hosts else host
     if host is not None:
         out += (b"X-Forwarded-Host: ", host, b"\r\n")
-    return b"".join(out)
+    return b"".join(out + reported)
 
 
 def forwarded_origin(received: Optional[list], proto: bytes,

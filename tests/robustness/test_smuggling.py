@@ -194,6 +194,13 @@ class Framing(Suite):
                 req(b"POST /a HTTP/1.1", b"Content_Length: 99",
                     b"Content-Length: 5", body=b"hello"), [b"/a"],
                 body=b"hello"),
+            row("HTTP/1.0 with Transfer-Encoding",
+                req(b"POST /a HTTP/1.0", b"Transfer-Encoding: chunked",
+                    body=CHUNKED_HIDDEN), REFUSED),
+            row("HTTP/1.0 keep-alive with Transfer-Encoding",
+                req(b"POST /a HTTP/1.0", b"Connection: keep-alive",
+                    b"Transfer-Encoding: chunked", close=False,
+                    body=b"0\r\n\r\n") + HIDDEN, REFUSED),
             row("Transfer_Encoding is not a Transfer-Encoding",
                 req(b"POST /a HTTP/1.1", b"Transfer_Encoding: chunked",
                     b"Content-Length: %d" % len(CHUNKED_HIDDEN),
@@ -355,7 +362,25 @@ class Headers(Suite):
                           b"X_Real_IP: 6.6.6.6",
                           b"x-real_ip: 6.6.6.6",
                           b"X_Request_Id: spoofed",
-                          b"Proxy_Authorization: Basic spoofed")]
+                          b"Proxy_Authorization: Basic spoofed",
+                          # What other proxies report, which frameworks
+                          # believe (Spring, ProxyFix, IIS rewrite).
+                          b"X-Forwarded-Port: 6.6.6.6",
+                          b"X-Forwarded-Prefix: /spoofed",
+                          b"X_Forwarded_Prefix: /spoofed",
+                          b"X-Forwarded-Server: spoof.example",
+                          b"X-Forwarded-Uri: /spoofed",
+                          b"X-Forwarded-Scheme: spoofed",
+                          b"X-Forwarded-Ssl: spoofed",
+                          b"X-Original-URL: /spoofed",
+                          b"X_Original_URL: /spoofed",
+                          b"X-Rewrite-URL: /spoofed",
+                          b"X-Original-Host: spoof.example",
+                          b"True-Client-IP: 6.6.6.6",
+                          b"X-Client-IP: 6.6.6.6",
+                          b"X-Cluster-Client-IP: 6.6.6.6",
+                          b"CF-Connecting-IP: 6.6.6.6",
+                          b"Fastly-Client-IP: 6.6.6.6")]
         await self.run_rows(rows)
 
     @async_test
@@ -449,4 +474,51 @@ class Targets(Suite):
                 b"Connection: close\r\n\r\n", REFUSED),
             row("Host folded", req(b"GET /a HTTP/1.1", b" spoof.example"),
                 REFUSED),
+        ])
+
+    @async_test
+    async def test_host_values(self):
+        def with_host(value: bytes) -> bytes:
+            return (b"GET /a HTTP/1.1\r\nHost: " + value +
+                    b"\r\nAuthorization: Bearer {token}\r\n"
+                    b"Connection: close\r\n\r\n")
+        # Each would go on as the X-Forwarded-Host phantomd vouches for: a
+        # list of hosts, another URL's userinfo or path, or nothing.
+        await self.run_rows([
+            row(repr(v), with_host(v), REFUSED)
+            for v in (b"api.example.test, spoof.example",
+                      b"api.example.test,spoof.example",
+                      b"spoof.example@api.example.test",
+                      b"api.example.test/spoofed", b"api.example.test?x",
+                      b"api example", b"", b"api.example.test:80:80",
+                      b"api.\xffexample", b"[::1]x")])
+        self.assertEqual(len(self.s.api.requests), 0)
+
+    @async_test
+    async def test_host_values_that_go_on(self):
+        for value, forwarded in ((HOST + b":8443", HOST + b":8443"),
+                                 (HOST + b" \t", HOST),
+                                 (b"[2001:db8::1]:8080", b"[2001:db8::1]:8080"),
+                                 (b"10.0.0.1", b"10.0.0.1")):
+            s = await Scene.build(self, reactor)
+            token, _ = s.good_token()
+            client = await exchange(reactor, s.front, (
+                b"GET /a HTTP/1.1\r\nHost: " + value +
+                b"\r\nAuthorization: Bearer " + token.encode() +
+                b"\r\nConnection: close\r\n\r\n"), 3.0)
+            self.assertEqual(client.responses()[0].status, 200, value)
+            self.assertEqual(s.api.requests[-1].header(b"x-forwarded-host"),
+                             [forwarded], value)
+
+    @async_test
+    async def test_fragment_in_the_target(self):
+        # An API that cuts the fragment off serves /admin for /admin#x:
+        # matched here as another path, it would dodge /admin's route.
+        await self.run_rows([
+            row("fragment", req(b"GET /a#x HTTP/1.1"), REFUSED),
+            row("fragment then path", req(b"GET /a#/b?c HTTP/1.1"), REFUSED),
+            row("fragment in the query", req(b"GET /a?b#c HTTP/1.1"),
+                REFUSED),
+            row("fragment in absolute-form",
+                req(b"GET http://spoof.example/a#x HTTP/1.1"), REFUSED),
         ])
