@@ -53,8 +53,9 @@ class SortedHeaders:
     the gate; ``host`` and ``hosts`` (how many Host lines); ``length``: the
     Content-Length value; ``te``: every Transfer-Encoding line joined;
     ``fwd``: the client's X-Forwarded-* and other ``proxy_reported`` lines
-    (believed, and forwarded, only from a trusted proxy); ``proofs``: DPoP/Client-Cert lines, for the gate only; ``rid``:
-    the request id (the client's single acceptable one, else a new one)."""
+    (believed, and forwarded, only from a trusted proxy); ``proofs``:
+    DPoP/Client-Cert lines, for the gate only; ``rid``: the request id
+    (the client's single acceptable one, else a new one)."""
 
     __slots__ = ("kept", "auth", "host", "hosts", "length", "te", "fwd",
                  "proofs", "rid")

@@ -74,6 +74,8 @@ REQUEST_DROP = HOP_BY_HOP | SET_BY_PROXY | NEVER_FORWARDED | SENDER_PROOF | \
 PROXY_REPORTED = PROXY_REPORTED_NAMES | _underscore_spellings(
     PROXY_REPORTED_NAMES)
 
+RESPONSE_DROP = HOP_BY_HOP | frozenset((b"content-length",))
+
 
 def proxy_reported(name: bytes) -> bool:
     """Whether lower-cased ``name`` is a ``PROXY_REPORTED`` header or any
@@ -81,7 +83,6 @@ def proxy_reported(name: bytes) -> bool:
     return name in PROXY_REPORTED or (
         name[:12].replace(b"_", b"-") == b"x-forwarded-"
         and name not in REQUEST_DROP)
-RESPONSE_DROP = HOP_BY_HOP | frozenset((b"content-length",))
 
 
 # Connection options that name no header: nothing more to drop for them.
