@@ -297,6 +297,8 @@ class OriginalRequestTable(unittest.TestCase):
              OriginalRequest(b"GET", b"/p?q")),
             ([(b"X-Original-URI", b"https://h.example?q")],
              OriginalRequest(b"GET", b"/?q")),
+            ([(b"X-Forwarded-Method", b"options"), (b"X-Forwarded-Uri", b"*")],
+             OriginalRequest(b"OPTIONS", b"*")),
         ]
         for headers, want in rows:
             self.assertEqual(self.row(headers), want, headers)
@@ -308,7 +310,16 @@ class OriginalRequestTable(unittest.TestCase):
                         [(b"X-Forwarded-Uri", b"/\x00")],
                         [(b"X-Forwarded-Uri", b"/a\nb")],
                         [(b"X-Forwarded-Method", b"")],
-                        [(b"X-Forwarded-Method", b"A" * 33)]):
+                        [(b"X-Forwarded-Method", b"A" * 33)],
+                        # Only OPTIONS has the target * (RFC 9112 3.2.4):
+                        # another method would take the default route.
+                        [(b"X-Forwarded-Method", b"DELETE"),
+                         (b"X-Forwarded-Uri", b"*")],
+                        [(b"X-Forwarded-Uri", b"*")],
+                        # A fragment ends the authority (RFC 3986 3.2):
+                        # this is /, not /public.
+                        [(b"X-Original-URI", b"http://api.example#/public")],
+                        [(b"X-Original-URI", b"/public#x")]):
             r = self.row(headers)
             self.assertIsInstance(r, Reject, headers)
             self.assertEqual(r.status, 400)

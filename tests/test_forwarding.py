@@ -111,6 +111,10 @@ class TargetTests(unittest.TestCase):
             (b"OPTIONS", b"http://h", b"*"),
             (b"OPTIONS", b"http://h:80?q", b"/?q"),
             (b"OPTIONS", b"http://h/", b"/"),
+            # A fragment ends the authority (RFC 3986 section 3.2): /, not
+            # /public; refused rather than guessed.
+            (b"GET", b"http://h#/public", None),
+            (b"GET", b"http://h/a#x", None),
             (b"GET", b"ftp://h/p", None),
             (b"GET", b"p", None),
         ]

@@ -152,6 +152,10 @@ def original_request(headers, own_method: bytes, own_uri: bytes
                     % MAX_ORIGINAL_URI)
     if _URI(uri) is None:
         return _bad("the original URI has characters a URI cannot have")
+    if b"#" in uri:
+        # No request target has a fragment (RFC 9112 section 3.2); cut at
+        # the wrong place it would name another path than the proxy's.
+        return _bad("the original URI contains a fragment (#)")
     lowered = uri[:8].lower()
     if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
         rest = uri[uri.index(b"//") + 2:]
@@ -162,7 +166,11 @@ def original_request(headers, own_method: bytes, own_uri: bytes
             uri = b"/" + uri
     elif uri[:1] != b"/" and uri != b"*":
         return _bad("the original URI is not a path")
-    return OriginalRequest(method.upper(), uri)
+    method = method.upper()
+    if uri == b"*" and method != b"OPTIONS":
+        # RFC 9112 section 3.2.4; the front refuses it the same way.
+        return _bad("only OPTIONS may have the target *")
+    return OriginalRequest(method, uri)
 
 
 def read_secret(path: Optional[str]) -> Optional[bytes]:

@@ -164,7 +164,8 @@ def target_of(method: bytes, url: bytes) -> Optional[bytes]:
     if url == b"*" and method == b"OPTIONS":
         return b"*"
     lowered = url[:8].lower()
-    if lowered.startswith(b"http://") or lowered.startswith(b"https://"):
+    if (lowered.startswith(b"http://") or lowered.startswith(b"https://")) \
+            and b"#" not in url:  # a fragment could end the authority
         rest = url[url.index(b"//") + 2:]
         cut = len(rest)
         for sep in (b"/", b"?"):
