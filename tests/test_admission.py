@@ -105,6 +105,32 @@ class AdmitTests(SynchronousTestCase):
         self.assertEqual(admit(r, table(), CORS), (OPEN, None))
         self.assertIsNone(r.cors)
 
+    def test_a_preflight_takes_the_route_of_the_method_it_asks_about(self):
+        """A route that lists its methods: OPTIONS is not among them, yet
+        its preflights are its own (here cors = no: forwarded to its API,
+        not answered by phantomd for the default route)."""
+        t = RouteTable([
+            Route("internal", prefixes=(parse(b"/internal"),),
+                  methods=frozenset((b"GET", b"DELETE")), cors=False),
+            Route("reports", prefixes=(parse(b"/admin/reports"),),
+                  methods=frozenset((b"GET",))),
+            Route("admin", prefixes=(parse(b"/admin"),), cors=False),
+        ], Route("default"))
+        ask = (b"Access-Control-Request-Method", b"DELETE")
+        r = req(b"OPTIONS", b"/internal/x", [ORIGIN, ask])
+        self.assertEqual(admit(r, t, CORS), (OPEN, None))
+        self.assertEqual(r.route.name, "internal")
+        # The other way round: a GET route under a cors = no prefix gets
+        # its preflight answered, as its GET gets CORS headers.
+        ask = (b"Access-Control-Request-Method", b"GET")
+        r = req(b"OPTIONS", b"/admin/reports", [ORIGIN, ask])
+        self.assertEqual(admit(r, t, CORS)[0], PREFLIGHT)
+        self.assertEqual(r.route.name, "reports")
+        # Two methods asked, or none: routed as the OPTIONS it is.
+        r = req(b"OPTIONS", b"/internal/x", [ORIGIN, ask, ask])
+        admit(r, t, CORS)
+        self.assertEqual(r.route.name, "default")
+
     def test_cors_headers_for_an_allowed_origin_only(self):
         r = req(headers=[ORIGIN, TOKEN])
         admit(r, table(), CORS)

@@ -629,6 +629,32 @@ class ClaimHeaders(GatewayCase):
         self.assertEqual(r.header(b"x-tenant"), [b""])
         self.assertEqual(scene.ts.requests, [])
 
+    @async_test
+    async def test_a_preflight_passes_without_a_token(self):
+        """A browser sends no token on a CORS preflight (DESIGN section 9):
+        the check lets it through with no Authorization, as the front
+        forwards one without [cors].  An OPTIONS that is not a preflight
+        still needs a token, and a preflight does not get the JWT of one
+        it carries."""
+        scene = await build_fa(self, **ROUTES)
+        token, _ = scene.good_token(sub="alice")
+        preflight = [("X-Forwarded-Method", "OPTIONS"),
+                     ("X-Forwarded-Uri", "/orders/1"),
+                     ("Origin", "https://app.example"),
+                     ("Access-Control-Request-Method", "DELETE"),
+                     ("X-User-Id", "root")]
+        for sent in (None, token):
+            r = await get(reactor, scene.fa, sent, headers=preflight)
+            self.assertEqual(r.status, 200, r.body)
+            self.assertEqual(r.header(b"authorization"), [b""])
+            self.assertEqual(r.header(b"x-user-id"), [b""])
+        self.assertEqual(scene.ts.requests, [])
+        for not_preflight in (preflight[:2], preflight[:3],
+                              [("X-Forwarded-Method", "DELETE")]
+                              + preflight[1:]):
+            r = await get(reactor, scene.fa, None, headers=not_preflight)
+            self.assertError(r, 401, challenge=None)
+
 
 class AccessLog(GatewayCase):
 

@@ -467,7 +467,9 @@ class Snippets(unittest.TestCase):
         self.assertIs(fa["trustForwardHeader"], False)
         # Else Traefik copies all the client's headers, a forged
         # Client-Cert among them, to the check.
-        self.assertEqual(fa["authRequestHeaders"], ["Authorization", "DPoP"])
+        self.assertEqual(fa["authRequestHeaders"],
+                         ["Authorization", "DPoP", "Origin",
+                          "Access-Control-Request-Method"])
         self.assertEqual(fa["authResponseHeaders"],
                          ["Authorization", "X-User-Id"])
         self.assertEqual(doc["http"]["routers"]["api"]["middlewares"],
@@ -491,6 +493,9 @@ class Snippets(unittest.TestCase):
         self.assertIn("x-forwarded-proto", allowed)
         self.assertNotIn("x-forwarded-host", allowed)
         self.assertNotIn("client-cert", allowed)
+        # A preflight's two, so that its check needs no token.
+        self.assertIn("origin", allowed)
+        self.assertIn("access-control-request-method", allowed)
         response = http["authorization_response"]
         self.assertEqual([p["exact"] for p in
                           response["allowed_upstream_headers"]["patterns"]],

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from phantomd.http.cors import request_origin
+from phantomd.http.cors import request_origin, requested_method
 from phantomd.http.forwarding import (
     canonical_length, head_problem, sort_headers, target_of)
 from phantomd.http.proxies import forwarded_origin
@@ -60,7 +60,11 @@ def admit(r: ParsedRequest, routes: Any, cors: Any) -> tuple:
     if problem is not None:
         return REFUSE, problem
     try:
-        match = routes.match(r.method, r.target)
+        # A preflight takes the route of the request it asks about: a
+        # route that lists methods (and cors = no, say) must not see its
+        # preflights answered by another.
+        match = routes.match(requested_method(kept) if preflight
+                             else r.method, r.target)
     except UnsafePath as e:
         return REFUSE, (400, "invalid_request", str(e))
     r.chunked = h.te is not None

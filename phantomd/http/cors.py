@@ -106,6 +106,16 @@ def request_origin(headers) -> tuple:
     return origin, preflight and origins > 0
 
 
+def requested_method(headers) -> bytes:
+    """The method a preflight asks about (its one
+    ``Access-Control-Request-Method``), or ``OPTIONS`` when it names none
+    or more than one: the route a preflight takes is the route of the
+    request it stands for (Fetch section 4.8)."""
+    asked = [v.strip() for n, v in headers
+             if n.lower() == b"access-control-request-method"]
+    return asked[0] if len(asked) == 1 and asked[0] else b"OPTIONS"
+
+
 def without_cors(headers: list) -> list:
     """An upstream's response headers minus its ``Access-Control-*``."""
     return [h for h in headers if not h[0].lower().startswith(PREFIX)]

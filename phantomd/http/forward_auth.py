@@ -61,6 +61,7 @@ from phantomd.http.admission import bound
 from phantomd.http.answers import Dates, head
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
+from phantomd.http.cors import requested_method
 from phantomd.http.routes import UnsafePath, claim_lines
 from phantomd.token.mtls import header_thumbprint
 from phantomd.token.outcomes import Forward, Reject, error_response
@@ -171,6 +172,20 @@ def original_request(headers, own_method: bytes, own_uri: bytes
         # RFC 9112 section 3.2.4; the front refuses it the same way.
         return _bad("only OPTIONS may have the target *")
     return OriginalRequest(method, uri)
+
+
+def preflight_method(original: OriginalRequest, headers: Any
+                     ) -> Optional[bytes]:
+    """For a check of a CORS preflight (an ``OPTIONS`` with ``Origin`` and
+    ``Access-Control-Request-Method``, as the front tells one), the method
+    it asks about, which chooses its route; else None."""
+    if original.method != b"OPTIONS":
+        return None
+    asked = headers.getRawHeaders(b"access-control-request-method", ())
+    if not asked or not headers.getRawHeaders(b"origin", ()):
+        return None
+    return requested_method([(b"access-control-request-method", v)
+                             for v in asked])
 
 
 def read_secret(path: Optional[str]) -> Optional[bytes]:
@@ -288,7 +303,8 @@ class _Headers(dict):
 #: The only header lines a check reads.
 _READ = frozenset(_FORWARDED + _FORWARDED_URI + (
     b"authorization", b"x-request-id", SECRET_HEADER, b"dpop",
-    b"client-cert", b"x-forwarded-proto", b"x-forwarded-host", b"host"))
+    b"client-cert", b"x-forwarded-proto", b"x-forwarded-host", b"host",
+    b"origin", b"access-control-request-method"))
 
 
 #: Pipelined checks waiting for an answer on one connection; beyond it the
@@ -419,13 +435,20 @@ class CheckProtocol(Protocol):
             return self._answer(slot, ctx, original)
         ctx[4] = original.method
         ctx[5] = original.uri
-        route = checker.route(original)
+        asked = preflight_method(original, headers)
+        route = checker.route(original if asked is None
+                              else OriginalRequest(asked, original.uri))
         if type(route) is Reject:
             return self._answer(slot, ctx, route)
         ctx[6] = route
-        d = checker.authorize(original, route,
-                              headers.getRawHeaders(b"authorization", []),
-                              headers)
+        if asked is not None:
+            # A browser sends no token on a preflight (DESIGN section 9):
+            # through, without one, as the front forwards it without [cors].
+            d = defer.succeed(PUBLIC)
+        else:
+            d = checker.authorize(original, route,
+                                  headers.getRawHeaders(b"authorization", []),
+                                  headers)
         result = getattr(d, "result", None)
         if d.called and type(result) in (Forward, Reject):
             # Decided already (a cache hit): no callback machinery.
