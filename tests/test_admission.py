@@ -138,7 +138,10 @@ class AdmitTests(SynchronousTestCase):
                        b"https://app.example"), r.cors)
         r = req(headers=[(b"Origin", b"https://evil.example"), TOKEN])
         admit(r, table(), CORS)
-        self.assertEqual(r.cors, [])
+        self.assertEqual(r.cors, [(b"Vary", b"Origin")])
+        r = req(headers=[TOKEN])  # no Origin: the answer still varies by it
+        admit(r, table(), CORS)
+        self.assertEqual(r.cors, [(b"Vary", b"Origin")])
 
     def test_proof_lines_go_to_the_gate(self):
         proof = (b"DPoP", b"eyJ.proof.sig")

@@ -37,7 +37,9 @@ class PolicyTests(SynchronousTestCase):
                         b"https://evil.test/https://app.example.com",
                         b"https://app.example.com/", b"", None):
             self.assertFalse(p.allowed(hostile), hostile)
-            self.assertEqual(p.answer_headers(hostile), [])
+            # No CORS header, but Vary: a cache must not hand this answer
+            # to an allowed origin's fetch.
+            self.assertEqual(p.answer_headers(hostile), [(b"Vary", b"Origin")])
 
     def test_two_origins_are_none(self):
         self.assertEqual(cors.request_origin(

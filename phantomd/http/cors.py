@@ -71,9 +71,12 @@ class Policy:
 
     def answer_headers(self, origin: Optional[bytes]) -> list:
         """The headers to add to any other answer (upstream's or
-        phantomd's own); empty when the origin is not allowed."""
+        phantomd's own); only ``Vary: Origin`` when the origin is not
+        allowed or there is none: the answer still depends on it, and a
+        cache must not give it to an allowed origin's fetch (Fetch
+        section 3.2.5)."""
         if not self.allowed(origin):
-            return []
+            return [(b"Vary", b"Origin")]
         return self._allow(origin) + self._answer  # type: ignore[arg-type]
 
 
