@@ -170,6 +170,21 @@ class Answers(GatewayCase):
         self.assertEqual([r.status for r in rs], [200, 200, 200])
         self.assertNotIn(token.encode(), client.received)
 
+    @async_test
+    async def test_nothing_is_answered_after_a_closing_check(self):
+        """RFC 9112 section 9.6: a check pipelined behind one that asked to
+        close is neither checked nor answered (it was a stray 400)."""
+        scene = await build_fa(self)
+        token, _ = scene.good_token()
+        one = ("GET /auth HTTP/1.1\r\nHost: fa\r\nAuthorization: Bearer %s"
+               "\r\n\r\n" % token).encode()
+        # Cached first: the closing check is answered within the read.
+        await exchange(reactor, scene.fa, one)
+        client = await exchange(reactor, scene.fa, one.replace(
+            b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") + one)
+        self.assertEqual([r.status for r in client.responses()], [200])
+        self.assertEqual(client.received.count(b"HTTP/1.1 "), 1)
+
 
 class Hostile(GatewayCase):
 

@@ -372,6 +372,11 @@ class CheckProtocol(Protocol):
             if not self._slots:
                 self.transport.loseConnection()
         except HttpParserError as e:
+            if self._closing:
+                # After a check that asked to close (llhttp refuses what
+                # follows it): nothing more is read or answered (RFC 9112
+                # section 9.6).
+                return
             too_large = isinstance(e.__context__, _TooLarge)
             self._fail(431 if too_large else 400)
 
@@ -409,8 +414,11 @@ class CheckProtocol(Protocol):
         if len(self._slots) >= MAX_PIPELINE and not self._paused:
             self._paused = True
             self.transport.pauseProducing()
+        keep_alive = p.should_keep_alive()
+        if not keep_alive:
+            self._closing = True  # its answer is the connection's last
         self._check(slot, p.get_method(), self._url, self._headers,
-                    p.should_keep_alive())
+                    keep_alive)
 
     # -- checking -------------------------------------------------------------
 
