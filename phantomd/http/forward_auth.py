@@ -59,9 +59,9 @@ from twisted.logger import Logger
 from phantomd.http import requestid
 from phantomd.http.admission import bound
 from phantomd.http.answers import Dates, head
+from phantomd.http.cors import requested_method
 from phantomd.http.deadline import Deadline
 from phantomd.http.fastio import writer_for
-from phantomd.http.cors import requested_method
 from phantomd.http.routes import UnsafePath, claim_lines
 from phantomd.token.mtls import header_thumbprint
 from phantomd.token.outcomes import Forward, Reject, error_response
